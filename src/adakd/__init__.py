@@ -1,0 +1,25 @@
+"""adakd: token-adaptive knowledge distillation for large language models (AdaKD, AAAI-26).
+
+The public Python API. The math lives in :mod:`adakd.divergences` and :mod:`adakd.adaptive` (torch only);
+:mod:`adakd.loss` composes them into :class:`AdaKDLoss`.
+"""
+
+from .adaptive import INDICATORS, LATF, RatioSchedule, difficulty_scores, idts_temperatures
+from .divergences import DIVERGENCES, divergence, hellinger_distance
+from .loss import AdaKDLoss, align_vocab
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DIVERGENCES",
+    "INDICATORS",
+    "LATF",
+    "AdaKDLoss",
+    "RatioSchedule",
+    "__version__",
+    "align_vocab",
+    "difficulty_scores",
+    "divergence",
+    "hellinger_distance",
+    "idts_temperatures",
+]
