@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .divergences import _hellinger, _jsd, _kl, compute_dtype, log_probs
+from .divergences import _jsd, _kl, compute_dtype, log_probs
 
 __all__ = [
     "INDICATORS",
@@ -29,7 +29,16 @@ __all__ = [
 ]
 
 # (student_log_probs [N, V], teacher_log_probs [N, V], labels [N] | None) -> scores [N]; higher = harder.
+# Called without gradient on scratch log-probabilities, which an indicator may overwrite.
 ScoreFn = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+
+
+def _hellinger_inplace(lq: Tensor, lp: Tensor, labels: Tensor | None) -> Tensor:
+    # The same value as divergences._hellinger, (1/√2)‖√p − √q‖₂, but in place on the scratch log-probs: the
+    # score pass runs over every valid token, and this keeps its peak memory at the two [N, V] inputs.
+    d = lq.mul_(0.5).exp_().sub_(lp.mul_(0.5).exp_()).square_()
+    return d.sum(-1).mul_(0.5).clamp_(max=1.0).sqrt_()
+
 
 NMTKD_TOP_K = 5
 
@@ -58,7 +67,7 @@ def _nmtkd(lq: Tensor, lp: Tensor, labels: Tensor | None, k: int = NMTKD_TOP_K) 
 
 
 INDICATORS: dict[str, ScoreFn] = {
-    "hellinger": lambda lq, lp, y: _hellinger(lq, lp),
+    "hellinger": _hellinger_inplace,
     "fkl": lambda lq, lp, y: _kl(lp, lq),
     "rkl": lambda lq, lp, y: _kl(lq, lp),
     "jsd": lambda lq, lp, y: _jsd(lq, lp, 0.5),

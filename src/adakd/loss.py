@@ -256,8 +256,9 @@ class AdaKDLoss(nn.Module):
         vocab = student_logits.shape[-1]
         student = student_logits.reshape(-1, vocab)
         teacher = teacher_logits.detach().reshape(-1, vocab)
+        flat_labels = labels.reshape(-1)
         dtype = compute_dtype(student, teacher)
-        rows = (labels.reshape(-1) != self.ignore_index).nonzero().squeeze(1)
+        rows = (flat_labels != self.ignore_index).nonzero().squeeze(1)
         n = rows.numel()
         ratio = self.ratio
         if n == 0:
@@ -265,18 +266,23 @@ class AdaKDLoss(nn.Module):
             loss = student[:0].sum().to(dtype)
             self._record(ratio, 0, 0, self.tau_base, None, loss)
             return loss
-        student, teacher = student.index_select(0, rows), teacher.index_select(0, rows)
-        targets = labels.reshape(-1).index_select(0, rows)
 
         k = n if self.controller is None else keep_count(n, ratio)
         scores = None
         if k < n or self.temperature != "fixed":
-            # Plain KD (keep all, one τ) needs no scores: skip the extra softmax pass over both vocabularies.
+            # Plain KD (keep all, one τ) needs no scores: it skips this extra softmax pass over both vocabularies.
             with torch.no_grad():
-                scores = self.score(log_probs(student.detach(), 1.0, dtype), log_probs(teacher, 1.0, dtype), targets)
+                scores = self.score(
+                    log_probs(student.detach().index_select(0, rows), 1.0, dtype),
+                    log_probs(teacher.index_select(0, rows), 1.0, dtype),
+                    flat_labels.index_select(0, rows),
+                )
         if k < n:
             kept = scores.topk(k, sorted=False).indices
-            student, teacher, scores = student.index_select(0, kept), teacher.index_select(0, kept), scores[kept]
+            rows, scores = rows[kept], scores[kept]
+        # One gather of the rows that take loss, straight from the inputs (no intermediate copy of all valid rows).
+        if n < student.shape[0] or k < n:
+            student, teacher = student.index_select(0, rows), teacher.index_select(0, rows)
 
         tau = self.temperatures(scores)
         per_token = self.div(log_probs(student, tau, dtype), log_probs(teacher, tau, dtype))
