@@ -4,31 +4,24 @@
     python bench/loss_bench.py --tokens 16384 --vocab 151936 --device cuda --dtype bfloat16
 
 Each variant runs forward + backward on the same random logits ``[tokens, vocab]`` (10% of the labels masked).
-Times are the median of ``--repeats`` runs after ``--warmup`` runs. Extra peak memory is what the loss needs
-beyond its inputs: on CUDA ``max_memory_allocated`` minus the allocation before the call; on CPU each variant runs
-in a fresh subprocess and reports the growth of its peak resident set (``ru_maxrss``) over the peak reached while
-building the inputs, so variants cannot see each other's freed memory. Ratios are against ``plain-kd`` of the
-same device in the same run; record results with the machine in bench/RESULTS.md.
+See bench/harness.py for how time and memory are measured. Ratios are against ``plain-kd`` of the same device in
+the same run; record results with the machine in bench/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
-import statistics
-import subprocess
 import sys
-import time
+from pathlib import Path
 
 import torch
 
-import adakd
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import adakd  # noqa: E402
+import harness  # noqa: E402
 
 VARIANTS = {
-    # name: (description, factory(args) -> loss(student, teacher, labels))
     "plain-kd": "masked mean of the base divergence (adakd.divergence), τ = 1",
     "adakd-all": "AdaKDLoss(selection='all', temperature='fixed'): plain KD through the module",
     "adakd": "AdaKDLoss(selection='fixed', ratio=R, temperature='inverse'): scores, top-k, IDTS",
@@ -48,65 +41,27 @@ def make_loss(variant: str, args: argparse.Namespace):
     return adakd.AdaKDLoss(args.base, selection="fixed", ratio=args.ratio, temperature="inverse")
 
 
-def make_inputs(args: argparse.Namespace, device: str):
+def run_variant(variant: str, args: argparse.Namespace, device: str, prime: bool = True) -> dict:
+    if prime:  # load lazily imported code on a tiny problem first, so it does not count as the call's memory
+        run_variant(variant, argparse.Namespace(**{**vars(args), "tokens": 8, "vocab": 16}), device, prime=False)
     dtype = getattr(torch, args.dtype)
     g = torch.Generator(device=device).manual_seed(0)
     # Drawn directly in the target dtype so that building the inputs leaves no large temporaries behind.
-    s = torch.randn(args.tokens, args.vocab, generator=g, device=device, dtype=dtype).mul_(2.0)
+    s = torch.randn(args.tokens, args.vocab, generator=g, device=device, dtype=dtype).mul_(2.0).requires_grad_(True)
     t = torch.randn(args.tokens, args.vocab, generator=g, device=device, dtype=dtype).mul_(2.0)
     y = torch.randint(0, args.vocab, (args.tokens,), generator=g, device=device)
     y[torch.rand(args.tokens, generator=g, device=device) < 0.1] = -100
-    return s.requires_grad_(True), t, y
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def run_variant(variant: str, args: argparse.Namespace, device: str) -> dict:
-    """Measure one variant in this process (call in a fresh process on CPU)."""
-    s, t, y = make_inputs(args, device)
     loss_fn = make_loss(variant, args)
-    cuda = device.startswith("cuda")
 
     def once() -> None:
-        loss = loss_fn(s, t, y)
-        loss.backward()
+        loss_fn(s, t, y).backward()
         s.grad = None
 
-    # The peak is measured on the first call, before anything else runs in this process.
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        once()
-        torch.cuda.synchronize()
-        extra = torch.cuda.max_memory_allocated() - before
-    else:
-        before = _peak_rss_bytes()
-        once()
-        extra = _peak_rss_bytes() - before
-    for _ in range(args.warmup):
-        once()
-    times = []
-    for _ in range(args.repeats):
-        _sync(device)
-        start = time.perf_counter()
-        once()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return {"variant": variant, "device": device, "ms": 1e3 * statistics.median(times), "extra_bytes": extra}
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    return {
+        "variant": variant,
+        "device": device,
+        **harness.measure(once, device, args.repeats, args.warmup, args.measure),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,10 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--measure", default="both", choices=["both", "memory", "time"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.worker:  # one CPU measurement in a fresh process
-        args.dtype = args.dtype or "float32"
         print(json.dumps(run_variant(args.worker, args, "cpu")))
         return 0
 
@@ -136,39 +91,28 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"--variants: unknown {', '.join(sorted(unknown))}; valid: {', '.join(VARIANTS)}")
     results = []
+    requested_dtype = args.dtype
     for device in devices:
-        dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+        args.dtype = requested_dtype or ("bfloat16" if device == "cuda" else "float32")
         print(
-            f"\n{device} ({device_name(device)}), {dtype}, tokens={args.tokens}, vocab={args.vocab}, "
+            f"\n{device} ({harness.device_name(device)}), {args.dtype}, tokens={args.tokens}, vocab={args.vocab}, "
             f"base={args.base}, ratio={args.ratio}, torch {torch.__version__}"
         )
         rows = []
         for variant in variants:
             if device == "cpu":
-                cmd = [sys.executable, __file__, "--worker", variant, "--dtype", dtype]
-                for key in ("tokens", "vocab", "base", "ratio", "repeats", "warmup"):
-                    cmd += [f"--{key}", str(getattr(args, key))]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                row = json.loads(out.strip().splitlines()[-1])
+                flags = ["--worker", variant]
+                for key in ("tokens", "vocab", "base", "ratio", "repeats", "warmup", "dtype"):
+                    flags += [f"--{key}", str(getattr(args, key))]
+                row = harness.cpu_row(__file__, flags)
             else:
-                args.dtype = dtype
-                row = run_variant(variant, args, device)
-                torch.cuda.empty_cache()
-            row.update(dtype=dtype, device_name=device_name(device))
+                row = harness.cuda_row(lambda v=variant, d=device: run_variant(v, args, d), variant)
+            row.update(dtype=args.dtype, device_name=harness.device_name(device))
             rows.append(row)
-        base = next((r for r in rows if r["variant"] == "plain-kd"), rows[0])
-        print(f"{'variant':<11} {'time (ms)':>10} {'extra peak (MB)':>16} {'time ×':>8} {'memory ×':>9}  what")
-        for r in rows:
-            r["time_ratio"] = r["ms"] / base["ms"]
-            r["memory_ratio"] = r["extra_bytes"] / max(base["extra_bytes"], 1)
-            print(
-                f"{r['variant']:<11} {r['ms']:>10.1f} {r['extra_bytes'] / 2**20:>16.0f} {r['time_ratio']:>8.2f} "
-                f"{r['memory_ratio']:>9.2f}  {VARIANTS[r['variant']]}"
-            )
+        harness.print_table(rows, "plain-kd", VARIANTS)
         results += rows
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
 
 

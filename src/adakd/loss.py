@@ -14,6 +14,7 @@ This module imports only torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 
 from .adaptive import LATF, RatioSchedule, idts_temperatures, keep_count, score_fn
 from .divergences import compute_dtype, divergence_fn, log_probs
+from .fused import IMPLS, FusedKeptLoss, chunk_loss_fn, chunked_scores, default_chunk_size
 
 __all__ = ["AdaKDLoss", "align_vocab"]
 
@@ -38,6 +40,20 @@ STAT_KEYS = (
     "score_threshold",
     "loss",
 )
+
+
+def check_vocab_sizes(v_student: int, v_teacher: int, vocab_size: int | None = None) -> None:
+    """Raise unless the teacher's V_t ≥ V_s rows can be cropped to the student's without losing a real token."""
+    if v_student > v_teacher:
+        raise ValueError(
+            f"the student's vocabulary ({v_student}) is larger than the teacher's ({v_teacher}); only the teacher "
+            "may carry padding rows"
+        )
+    if vocab_size is not None and vocab_size > v_student:
+        raise ValueError(
+            f"the tokenizer has {vocab_size} tokens but the student logits only {v_student}: cropping the teacher "
+            f"from {v_teacher} to {v_student} would drop real tokens"
+        )
 
 
 def align_vocab(student_logits: Tensor, teacher_logits: Tensor, vocab_size: int | None = None) -> tuple[Tensor, Tensor]:
@@ -64,16 +80,7 @@ def align_vocab(student_logits: Tensor, teacher_logits: Tensor, vocab_size: int 
             f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
             "must agree on every dimension but the vocabulary"
         )
-    if v_s > v_t:
-        raise ValueError(
-            f"the student's vocabulary ({v_s}) is larger than the teacher's ({v_t}); only the teacher may "
-            "carry padding rows"
-        )
-    if vocab_size is not None and vocab_size > v_s:
-        raise ValueError(
-            f"the tokenizer has {vocab_size} tokens but the student logits only {v_s}: cropping the teacher "
-            f"from {v_t} to {v_s} would drop real tokens"
-        )
+    check_vocab_sizes(v_s, v_t, vocab_size)
     if v_t > v_s:
         teacher_logits = teacher_logits[..., :v_s]
     return student_logits, teacher_logits
@@ -97,6 +104,7 @@ class AdaKDLoss(nn.Module):
         ignore_index: the label of positions that take no loss.
         reduction: ``mean`` over kept tokens (the spec's L_t) or ``sum`` (for a caller that normalises by a
             global kept-token count).
+        impl: the default implementation of :meth:`forward_hidden`: ``torch`` or ``compile``.
         **latf_kwargs: :class:`adakd.LATF` arguments (``ema_decay``, ``tolerance``, ``step``, ``min_ratio``,
             ``max_ratio``, ``warmup_steps``); only with ``selection="latf"``.
 
@@ -119,6 +127,7 @@ class AdaKDLoss(nn.Module):
         vocab_size: int | None = None,
         ignore_index: int = -100,
         reduction: str = "mean",
+        impl: str = "torch",
         **latf_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -133,6 +142,8 @@ class AdaKDLoss(nn.Module):
             raise ValueError(f"unknown temperature {temperature!r}; valid: {', '.join(TEMPERATURES)}")
         if reduction not in REDUCTIONS:
             raise ValueError(f"unknown reduction {reduction!r}; valid: {', '.join(REDUCTIONS)}")
+        if impl not in IMPLS:
+            raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
         if not (math.isfinite(c) and c >= 0):
             raise ValueError(f"c must be a finite number >= 0, got {c}")
         if not (math.isfinite(tau_base) and tau_base > 0):
@@ -159,6 +170,8 @@ class AdaKDLoss(nn.Module):
             self.controller = None
         else:
             self.controller = RatioSchedule(selection, ratio=ratio, total_steps=total_steps)
+        self.impl = impl
+        self._chunk_fns: dict[tuple[torch.dtype, str], Any] = {}
         self.stats: dict[str, float] = {}
         self._pending_loss = 0.0
         self._pending_count = 0
@@ -237,8 +250,25 @@ class AdaKDLoss(nn.Module):
         self._pending_loss += self.stats["loss"]
         self._pending_count += 1
 
+    def _select(
+        self, n: int, score_pass: Callable[[], Tensor]
+    ) -> tuple[float, int, Tensor | None, Tensor | None, Tensor | float]:
+        """Selection and temperatures for n valid tokens (spec Eqs. 4-10), shared by both paths.
+
+        ``score_pass()`` returns the ``[n]`` difficulty scores; it is not called in plain-KD mode (keep all, one τ),
+        which needs none. Returns ``(ratio, k, kept [k] | None (None: keep all), kept_scores [k] | None, tau)``.
+        """
+        ratio = self.ratio
+        k = n if self.controller is None else keep_count(n, ratio)
+        scores = score_pass() if (k < n or self.temperature != "fixed") else None
+        kept = None
+        if k < n:
+            kept = scores.topk(k, sorted=False).indices
+            scores = scores[kept]
+        return ratio, k, kept, scores, self.temperatures(scores)
+
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> Tensor:
-        """The AdaKD loss of one micro-batch.
+        """The AdaKD loss of one micro-batch, on materialised logits (the reference path).
 
         Args:
             student_logits: ``[..., V_s]``; position i predicts ``labels[i]`` (the caller shifts).
@@ -260,33 +290,155 @@ class AdaKDLoss(nn.Module):
         dtype = compute_dtype(student, teacher)
         rows = (flat_labels != self.ignore_index).nonzero().squeeze(1)
         n = rows.numel()
-        ratio = self.ratio
         if n == 0:
             # An empty sum keeps the graph (backward gives zeros), even if the logits hold -inf.
             loss = student[:0].sum().to(dtype)
-            self._record(ratio, 0, 0, self.tau_base, None, loss)
+            self._record(self.ratio, 0, 0, self.tau_base, None, loss)
             return loss
 
-        k = n if self.controller is None else keep_count(n, ratio)
-        scores = None
-        if k < n or self.temperature != "fixed":
-            # Plain KD (keep all, one τ) needs no scores: it skips this extra softmax pass over both vocabularies.
-            with torch.no_grad():
-                scores = self.score(
-                    log_probs(student.detach().index_select(0, rows), 1.0, dtype),
-                    log_probs(teacher.index_select(0, rows), 1.0, dtype),
-                    flat_labels.index_select(0, rows),
-                )
-        if k < n:
-            kept = scores.topk(k, sorted=False).indices
-            rows, scores = rows[kept], scores[kept]
-        # One gather of the rows that take loss, straight from the inputs (no intermediate copy of all valid rows).
-        if n < student.shape[0] or k < n:
-            student, teacher = student.index_select(0, rows), teacher.index_select(0, rows)
+        @torch.no_grad()
+        def score_pass() -> Tensor:
+            return self.score(
+                log_probs(student.detach().index_select(0, rows), 1.0, dtype),
+                log_probs(teacher.index_select(0, rows), 1.0, dtype),
+                flat_labels.index_select(0, rows),
+            )
 
-        tau = self.temperatures(scores)
+        ratio, k, kept, scores, tau = self._select(n, score_pass)
+        if kept is not None:
+            rows = rows[kept]
+        # One gather of the rows that take loss, straight from the inputs (no intermediate copy of all valid rows).
+        if rows.numel() < student.shape[0]:
+            student, teacher = student.index_select(0, rows), teacher.index_select(0, rows)
         per_token = self.div(log_probs(student, tau, dtype), log_probs(teacher, tau, dtype))
         per_token = per_token * (tau * tau)
         loss = per_token.mean() if self.reduction == "mean" else per_token.sum()
         self._record(ratio, n, k, tau, scores, loss if self.reduction == "mean" else per_token.mean())
         return loss
+
+    def forward_hidden(
+        self,
+        student_hidden: Tensor,
+        student_weight: Tensor,
+        teacher_hidden: Tensor,
+        teacher_weight: Tensor,
+        labels: Tensor,
+        *,
+        student_bias: Tensor | None = None,
+        teacher_bias: Tensor | None = None,
+        chunk_size: int | None = None,
+        impl: str | None = None,
+    ) -> Tensor:
+        """The same loss as :meth:`forward` on ``student_hidden @ student_weight.T``, without materialising it.
+
+        Chunked and fused with the lm_head products (:mod:`adakd.fused`): pass 1 scores every valid token chunk by
+        chunk without gradient; the global top-k, median and temperatures follow; pass 2 computes the loss and the
+        gradients of the kept tokens chunk by chunk. Peak extra memory is O(chunk_size × V), not O(N × V). The
+        selection, temperatures, ``stats`` and LATF state are those of :meth:`forward`.
+
+        Args:
+            student_hidden: ``[N, H_s]`` (or ``[..., H_s]``), the student's final hidden states.
+            student_weight: ``[V_s, H_s]``, the student's lm_head weight.
+            teacher_hidden: ``[N, H_t]`` (or ``[..., H_t]``, the same leading shape). No gradient flows to it.
+            teacher_weight: ``[V_t, H_t]``, V_t ≥ V_s; rows beyond V_s are padding and are cropped.
+            labels: ``[N]`` (or ``[...]``) target ids; ``ignore_index`` marks positions without loss.
+            student_bias: ``[V_s]`` or None.
+            teacher_bias: ``[V_t]`` or None (-inf entries give those tokens probability 0).
+            chunk_size: rows per chunk; default :func:`adakd.fused.default_chunk_size` (~2^23 logits on a CPU).
+            impl: ``torch`` (eager, the reference, always available) or ``compile`` (``torch.compile`` on the
+                per-chunk softmax/divergence/gradient); default ``self.impl``.
+
+        Returns:
+            A float32 scalar (float64 for float64 inputs), with gradients into ``student_hidden``,
+            ``student_weight`` and ``student_bias`` where they require grad.
+        """
+        impl = impl or self.impl
+        h_s, h_t = student_hidden.shape[-1], teacher_hidden.shape[-1]
+        lead = student_hidden.shape[:-1]
+        if teacher_hidden.shape[:-1] != lead or labels.shape != lead:
+            raise ValueError(
+                f"student_hidden {tuple(student_hidden.shape)}, teacher_hidden {tuple(teacher_hidden.shape)} and "
+                f"labels {tuple(labels.shape)} must share their leading shape"
+            )
+        if student_weight.dim() != 2 or student_weight.shape[1] != h_s:
+            raise ValueError(f"student_weight {tuple(student_weight.shape)} must be [V_s, {h_s}]")
+        if teacher_weight.dim() != 2 or teacher_weight.shape[1] != h_t:
+            raise ValueError(f"teacher_weight {tuple(teacher_weight.shape)} must be [V_t, {h_t}]")
+        v_s = student_weight.shape[0]
+        check_vocab_sizes(v_s, teacher_weight.shape[0], self.vocab_size)
+        for name, bias, rows_ in (("student_bias", student_bias, v_s), ("teacher_bias", teacher_bias, None)):
+            if bias is not None and (bias.dim() != 1 or bias.shape[0] != (rows_ or teacher_weight.shape[0])):
+                raise ValueError(f"{name} {tuple(bias.shape)} must be a vector over the vocabulary")
+        for name, t, ref in (
+            ("student_weight", student_weight, student_hidden),
+            ("student_bias", student_bias, student_hidden),
+            ("teacher_weight", teacher_weight, teacher_hidden),
+            ("teacher_bias", teacher_bias, teacher_hidden),
+        ):
+            if t is not None and t.dtype != ref.dtype:
+                raise ValueError(f"{name} is {t.dtype} but its hidden states are {ref.dtype}; cast one of them")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
+
+        hs = student_hidden.reshape(-1, h_s)
+        ht = teacher_hidden.detach().reshape(-1, h_t)
+        wt = teacher_weight.detach()[:v_s]
+        bt = None if teacher_bias is None else teacher_bias.detach()[:v_s]
+        flat_labels = labels.reshape(-1)
+        dtype = compute_dtype(hs, ht)
+        chunk_size = chunk_size or default_chunk_size(v_s, hs.device)
+        rows = (flat_labels != self.ignore_index).nonzero().squeeze(1)
+        n = rows.numel()
+        if n == 0:
+            # Empty sums keep every student input in the graph with a zero gradient.
+            loss = hs[:0].sum().to(dtype) + student_weight[:0].sum().to(dtype)
+            if student_bias is not None:
+                loss = loss + student_bias[:0].sum().to(dtype)
+            self._record(self.ratio, 0, 0, self.tau_base, None, loss)
+            return loss
+
+        bs_detached = None if student_bias is None else student_bias.detach()
+
+        def score_pass() -> Tensor:
+            targets = flat_labels.index_select(0, rows)
+            return chunked_scores(
+                self.score,
+                hs.detach(),
+                student_weight.detach(),
+                bs_detached,
+                ht,
+                wt,
+                bt,
+                rows,
+                targets,
+                chunk_size,
+                dtype,
+            )
+
+        ratio, k, kept, scores, tau = self._select(n, score_pass)
+        if kept is not None:
+            rows = rows[kept]
+        scale = 1.0 / k if self.reduction == "mean" else 1.0
+        loss = FusedKeptLoss.apply(
+            hs,
+            student_weight,
+            student_bias,
+            ht,
+            wt,
+            bt,
+            rows,
+            tau,
+            scale,
+            self._chunk_fn(dtype, impl),
+            chunk_size,
+            dtype,
+        )
+        mean_loss = loss.detach() if self.reduction == "mean" else loss.detach() / k
+        self._record(ratio, n, k, tau, scores, mean_loss)
+        return loss
+
+    def _chunk_fn(self, dtype: torch.dtype, impl: str):
+        key = (dtype, impl)
+        if key not in self._chunk_fns:
+            self._chunk_fns[key] = chunk_loss_fn(self.div, dtype, impl)
+        return self._chunk_fns[key]

@@ -1,0 +1,181 @@
+"""The AdaKD loss from hidden states and lm_head weights, in chunks: never the tokens × vocabulary logits.
+
+Exact AdaKD must know every token's difficulty before it can pick tokens and temperatures, so this is two passes
+over row chunks (``docs/ADAKD_SPEC.md``; the same semantics as :meth:`adakd.AdaKDLoss.forward`):
+
+1. **scores** (no grad): for chunks of the valid rows, logits = hidden @ weightᵀ (+ bias) for both models, then
+   the difficulty indicator; only the ``[N]`` scores are kept. The caller then takes the global top-k, the
+   median and the temperatures.
+2. **loss and gradients** (:class:`FusedKeptLoss`): for chunks of the kept rows, the logits again, the per-token
+   τ²·D and its gradient with respect to the student logits (``torch.func.grad_and_value`` on the chunk), and at
+   once the gradients of the student hidden states, weight and bias. Like Liger-Kernel's chunked losses the
+   gradients are computed inside the forward, so the backward only scales them.
+
+Peak extra memory is O(chunk × V) for the logits of one chunk, plus the float32 weight-gradient accumulator.
+
+``impl="torch"`` runs the chunk math eagerly (always available, the reference); ``impl="compile"`` runs the
+logit-level part of a chunk (softmaxes, divergence, its gradient) through ``torch.compile``.
+
+This module imports only torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .adaptive import ScoreFn
+from .divergences import DivergenceFn, log_probs
+
+__all__ = ["IMPLS", "FusedKeptLoss", "chunk_loss_fn", "chunked_scores", "default_chunk_size", "linear"]
+
+IMPLS = ("torch", "compile")
+
+# (student_logits [c, V], teacher_logits [c, V], tau [c] | float) -> (Σ τ²·D over the chunk, d/d student_logits)
+ChunkFn = Callable[[Tensor, Tensor, "Tensor | float"], tuple[Tensor, Tensor]]
+
+
+def default_chunk_size(vocab: int, device: torch.device) -> int:
+    """Rows per chunk: about 2^23 logits per chunk on a CPU (cache-sized, ~32 MB in float32) and 2^25 on an
+    accelerator (large enough for efficient matrix products, ~128 MB per float32 [chunk, V] buffer)."""
+    budget = 2**25 if device.type == "cuda" else 2**23
+    return max(1, budget // vocab)
+
+
+def linear(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``hidden [c, H] @ weight[V, H]ᵀ (+ bias [V])`` → logits ``[c, V]`` in the inputs' dtype."""
+    if bias is None:
+        return hidden @ weight.t()
+    return torch.addmm(bias, hidden, weight.t())
+
+
+@torch.no_grad()
+def chunked_scores(
+    score: ScoreFn,
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    student_bias: Tensor | None,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    teacher_bias: Tensor | None,
+    rows: Tensor,
+    targets: Tensor,
+    chunk_size: int,
+    dtype: torch.dtype,
+) -> Tensor:
+    """Pass 1: the difficulty score of each given row, one chunk of logits at a time.
+
+    Args:
+        score: an indicator from :func:`adakd.adaptive.score_fn`.
+        student_hidden: ``[N, H_s]``; student_weight ``[V, H_s]``; student_bias ``[V]`` or None.
+        teacher_hidden: ``[N, H_t]``; teacher_weight ``[V, H_t]`` (already cropped to V); teacher_bias ``[V]``.
+        rows: ``[n]`` row indices to score (the valid positions).
+        targets: ``[n]`` the rows' labels (for the ``ce`` indicator).
+        chunk_size: rows per chunk.
+        dtype: the computation dtype of the probabilities (float32 or float64).
+
+    Returns:
+        ``[n]`` scores in ``dtype``.
+    """
+    n = rows.numel()
+    out = torch.empty(n, dtype=dtype, device=student_hidden.device)
+    for start in range(0, n, chunk_size):
+        r = rows[start : start + chunk_size]
+        lq = log_probs(linear(student_hidden.index_select(0, r), student_weight, student_bias), 1.0, dtype)
+        lp = log_probs(linear(teacher_hidden.index_select(0, r), teacher_weight, teacher_bias), 1.0, dtype)
+        out[start : start + r.numel()] = score(lq, lp, targets[start : start + chunk_size])
+    return out
+
+
+def chunk_loss_fn(div: DivergenceFn, dtype: torch.dtype, impl: str = "torch") -> ChunkFn:
+    """Build the per-chunk ``(Σ τ²·D, ∂/∂ student logits)`` function for a divergence.
+
+    The gradient is taken with ``torch.func.grad_and_value`` on the logits of the chunk only, so every divergence
+    of the library works here without a hand-written gradient; the matrix products stay outside.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
+
+    def value(student_logits: Tensor, teacher_logits: Tensor, tau: Tensor | float) -> Tensor:
+        per_token = div(log_probs(student_logits, tau, dtype), log_probs(teacher_logits, tau, dtype))
+        return (per_token * (tau * tau)).sum()
+
+    grad_and_value = torch.func.grad_and_value(value)
+
+    def chunk(student_logits: Tensor, teacher_logits: Tensor, tau: Tensor | float) -> tuple[Tensor, Tensor]:
+        grad, loss = grad_and_value(student_logits.to(dtype), teacher_logits, tau)
+        return loss, grad
+
+    if impl == "compile":
+        return torch.compile(chunk, dynamic=True)
+    return chunk
+
+
+class FusedKeptLoss(torch.autograd.Function):
+    """Pass 2: ``scale · Σ_kept τ_i²·D(p^τi, q^τi)`` with its gradients computed chunk by chunk in the forward.
+
+    Inputs: ``student_hidden [N, H_s]``, ``student_weight [V, H_s]``, ``student_bias [V] | None`` (these may
+    require grad), ``teacher_hidden [N, H_t]``, ``teacher_weight [V, H_t]``, ``teacher_bias [V] | None``
+    (detached), ``rows [k]`` (kept row indices, unique), ``tau`` (``[k]`` aligned with ``rows``, or a float),
+    ``scale`` (1/k for a mean), ``chunk`` (a :data:`ChunkFn`), ``chunk_size``, ``dtype``.
+    Output: the float scalar loss; the backward multiplies the stored gradients by its incoming gradient.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        student_hidden: Tensor,
+        student_weight: Tensor,
+        student_bias: Tensor | None,
+        teacher_hidden: Tensor,
+        teacher_weight: Tensor,
+        teacher_bias: Tensor | None,
+        rows: Tensor,
+        tau: Tensor | float,
+        scale: float,
+        chunk: ChunkFn,
+        chunk_size: int,
+        dtype: torch.dtype,
+    ) -> Tensor:
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        device = student_hidden.device
+        # Gradients accumulate in float32 (or float64): summing many bf16 chunk products would lose precision.
+        grad_h = torch.zeros_like(student_hidden) if need_h else None
+        grad_w = torch.zeros(student_weight.shape, dtype=dtype, device=device) if need_w else None
+        grad_b = torch.zeros(student_bias.shape, dtype=dtype, device=device) if need_b else None
+        total = torch.zeros((), dtype=dtype, device=device)
+        for start in range(0, rows.numel(), chunk_size):
+            r = rows[start : start + chunk_size]
+            h = student_hidden.index_select(0, r)
+            z_s = linear(h, student_weight, student_bias)
+            z_t = linear(teacher_hidden.index_select(0, r), teacher_weight, teacher_bias)
+            tau_c = tau[start : start + chunk_size] if isinstance(tau, Tensor) else tau
+            loss_c, g = chunk(z_s, z_t, tau_c)
+            total += loss_c
+            if not (need_h or need_w or need_b):
+                continue
+            g = g * scale
+            if need_b:
+                grad_b += g.sum(0)
+            g_in = g.to(student_weight.dtype)  # the matrix products run in the model's dtype, like the naive path
+            if need_h:
+                grad_h.index_copy_(0, r, (g_in @ student_weight).to(grad_h.dtype))
+            if need_w:
+                if g_in.dtype == grad_w.dtype:
+                    grad_w.addmm_(g_in.t(), h.to(g_in.dtype))
+                else:
+                    grad_w += g_in.t() @ h
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.param_dtypes = (student_weight.dtype, None if student_bias is None else student_bias.dtype)
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.param_dtypes
+        out_h = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
+        out_w = None if grad_w is None else (grad_w * grad_out).to(w_dtype)
+        out_b = None if grad_b is None else (grad_b * grad_out).to(b_dtype)
+        return (out_h, out_w, out_b) + (None,) * 9

@@ -1,0 +1,263 @@
+"""forward_hidden (chunked, fused with the lm_head) against forward on materialised logits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import adakd
+
+N, H_S, H_T, V_REAL, V_S, V_T = 37, 13, 19, 45, 50, 56  # odd shapes; padded rows beyond V_REAL, teacher larger
+
+
+def _inputs(seed: int = 0, dtype=torch.float32, bias: bool = True, pad: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randn(N, H_S, generator=g)
+    ws = torch.randn(V_S, H_S, generator=g) * 0.6
+    ht = torch.randn(N, H_T, generator=g)
+    wt = torch.randn(V_T, H_T, generator=g) * 0.6
+    bs = torch.randn(V_S, generator=g) * 0.5 if bias else None
+    bt = torch.randn(V_T, generator=g) * 0.5 if bias else None
+    if pad:  # padded vocabulary rows: -inf biases give those tokens probability 0 in both models
+        bs = torch.zeros(V_S) if bs is None else bs
+        bt = torch.zeros(V_T) if bt is None else bt
+        bs[V_REAL:] = -math.inf
+        bt[V_REAL:] = -math.inf
+    labels = torch.randint(0, V_REAL, (N,), generator=g)
+    labels[:6] = -100
+    labels[20:23] = -100
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return cast(hs), cast(ws), cast(bs), cast(ht), cast(wt), cast(bt), labels
+
+
+def _logits(hs, ws, bs, ht, wt, bt):
+    zs = hs @ ws.t() if bs is None else torch.addmm(bs, hs, ws.t())
+    zt = ht @ wt.t() if bt is None else torch.addmm(bt, ht, wt.t())
+    return zs, zt
+
+
+def _both(kwargs, inputs, chunk_size, impl="torch"):
+    """(loss, grads, stats) of forward on materialised logits and of forward_hidden, from fresh modules."""
+    hs, ws, bs, ht, wt, bt, labels = inputs
+    params = [t.clone().requires_grad_(True) for t in (hs, ws) + ((bs,) if bs is not None else ())]
+    out = []
+    for fused in (False, True):
+        loss_fn = adakd.AdaKDLoss(**kwargs)
+        p = [t.detach().clone().requires_grad_(True) for t in params]
+        b = p[2] if bs is not None else None
+        if fused:
+            loss = loss_fn.forward_hidden(
+                p[0], p[1], ht, wt, labels, student_bias=b, teacher_bias=bt, chunk_size=chunk_size, impl=impl
+            )
+        else:
+            zs, zt = _logits(p[0], p[1], b, ht, wt, bt)
+            loss = loss_fn(zs, zt, labels)
+        grads = torch.autograd.grad(loss, p)
+        out.append((loss, grads, loss_fn.stats))
+    return out
+
+
+def _assert_parity(ref, got, rtol=1e-5):
+    (l0, g0, s0), (l1, g1, s1) = ref, got
+    torch.testing.assert_close(l1, l0, rtol=rtol, atol=1e-7)
+    for a, b in zip(g1, g0, strict=True):
+        # Relative to the gradient's scale: entries near 0 carry the rounding of the large ones.
+        assert (a - b).abs().max() <= rtol * 10 * b.abs().max() + 1e-8
+    assert s1.keys() == s0.keys()
+    for key in s0:
+        if math.isnan(s0[key]):
+            assert math.isnan(s1[key]), key
+        else:
+            assert s1[key] == pytest.approx(s0[key], rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, N, 1000])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"selection": "fixed", "ratio": 0.6},
+        {"selection": "fixed", "ratio": 0.6, "temperature": "reverse"},
+        {"selection": "all", "temperature": "fixed"},
+        {"selection": "all", "temperature": "fixed", "tau_base": 2.0},
+        {"selection": "latf"},
+        {"selection": "linear", "ratio": 0.3, "total_steps": 1, "temperature": "fixed", "tau_base": 1.5},
+    ],
+    ids=["fixed-inverse", "fixed-reverse", "plain-kd", "hinton-tau2", "latf", "linear-fixed-tau"],
+)
+def test_parity_chunk_sizes_and_modes(chunk_size, kwargs):
+    _assert_parity(*_both(kwargs, _inputs(0), chunk_size))
+
+
+@pytest.mark.parametrize("base", list(adakd.DIVERGENCES))
+def test_parity_every_base_divergence(base):
+    _assert_parity(*_both({"base": base, "selection": "fixed", "ratio": 0.7, "c": 0.8}, _inputs(1), 7))
+
+
+@pytest.mark.parametrize("indicator", list(adakd.INDICATORS))
+def test_parity_every_indicator(indicator):
+    _assert_parity(*_both({"indicator": indicator, "selection": "fixed", "ratio": 0.5}, _inputs(2), 5))
+
+
+@pytest.mark.parametrize(("bias", "pad"), [(False, False), (True, False), (False, True)])
+def test_parity_with_and_without_biases(bias, pad):
+    _assert_parity(*_both({"selection": "fixed", "ratio": 0.75}, _inputs(3, bias=bias, pad=pad), 8))
+
+
+def test_parity_sum_reduction_and_float64():
+    _assert_parity(*_both({"selection": "fixed", "ratio": 0.5, "reduction": "sum"}, _inputs(4), 6))
+    ref, got = _both({"selection": "fixed", "ratio": 0.5}, _inputs(4, dtype=torch.float64), 6)
+    assert got[0].dtype == torch.float64
+    _assert_parity(ref, got, rtol=1e-12)
+
+
+def test_latf_state_evolves_identically():
+    hs, ws, bs, ht, wt, bt, labels = _inputs(5)
+    kwargs = dict(ema_decay=0.0, tolerance=0.0, step=0.3, min_ratio=0.2)
+    a, b = adakd.AdaKDLoss(**kwargs), adakd.AdaKDLoss(**kwargs)
+    ratios = []
+    for scale in (1.0, 0.5, 0.25, 0.6, 2.0):
+        zs, zt = _logits(hs * scale, ws, bs, ht, wt, bt)
+        a(zs, zt, labels)
+        b.forward_hidden(hs * scale, ws, ht, wt, labels, student_bias=bs, teacher_bias=bt, chunk_size=9)
+        assert a.stats["kept_tokens"] == b.stats["kept_tokens"]
+        ratios.append(a.step())
+        assert ratios[-1] == b.step()
+    assert min(ratios) < 1.0  # LATF moved
+    assert a.controller.state_dict() == pytest.approx(b.controller.state_dict())
+
+
+def test_leading_dimensions_and_no_teacher_gradient():
+    hs, ws, bs, ht, wt, bt, labels = _inputs(6)
+    hs = hs[:36].reshape(4, 9, H_S).requires_grad_(True)
+    ht = ht[:36].reshape(4, 9, H_T).requires_grad_(True)
+    wt = wt.clone().requires_grad_(True)
+    loss = adakd.AdaKDLoss(selection="fixed", ratio=0.5).forward_hidden(
+        hs, ws, ht, wt, labels[:36].reshape(4, 9), student_bias=bs, teacher_bias=bt
+    )
+    loss.backward()
+    assert hs.grad.shape == hs.shape and hs.grad.abs().sum() > 0
+    assert ht.grad is None and wt.grad is None
+
+
+def test_all_masked_is_zero_with_zero_gradients():
+    hs, ws, bs, ht, wt, bt, labels = _inputs(7)
+    p = [t.clone().requires_grad_(True) for t in (hs, ws, bs)]
+    loss = adakd.AdaKDLoss().forward_hidden(
+        p[0], p[1], ht, wt, torch.full_like(labels, -100), student_bias=p[2], teacher_bias=bt
+    )
+    loss.backward()
+    assert loss.item() == 0.0
+    for t in p:
+        assert t.grad is not None and torch.isfinite(t.grad).all() and (t.grad == 0).all()
+
+
+def test_eval_without_grad_gives_the_same_loss():
+    hs, ws, bs, ht, wt, bt, labels = _inputs(8)
+    loss_fn = adakd.AdaKDLoss(selection="fixed", ratio=0.5)
+    with_grad = loss_fn.forward_hidden(hs.requires_grad_(True), ws, ht, wt, labels, student_bias=bs, teacher_bias=bt)
+    with torch.no_grad():
+        no_grad = loss_fn.forward_hidden(hs, ws, ht, wt, labels, student_bias=bs, teacher_bias=bt)
+    torch.testing.assert_close(no_grad, with_grad.detach())
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an operator produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_never_materialises_the_token_by_vocabulary_logits():
+    n, h, v, chunk = 512, 8, 128, 16
+    g = torch.Generator().manual_seed(9)
+    hs = torch.randn(n, h, generator=g, requires_grad=True)
+    ws = torch.randn(v, h, generator=g, requires_grad=True)
+    ht, wt = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g)
+    labels = torch.randint(0, v, (n,), generator=g)
+    loss_fn = adakd.AdaKDLoss(selection="fixed", ratio=0.75)
+    with _LargestTensor() as mode:
+        loss_fn.forward_hidden(hs, ws, ht, wt, labels, chunk_size=chunk).backward()
+    # The largest tensors are one chunk's logits, the [N, H] gradient and the [V, H] weight: nothing near N × V.
+    assert mode.largest <= max(chunk * v, n * h, v * h) * 2
+    assert mode.largest < n * v / 8
+    with _LargestTensor() as naive:
+        loss_fn(hs @ ws.t(), ht @ wt.t(), labels).backward()
+    assert naive.largest >= n * v * 0.75  # the check above can fail: the naive path does materialise them
+
+
+def _bf16_errors(fused: bool):
+    hs, ws, bs, ht, wt, bt, labels = _inputs(10, pad=False)
+    lp = [t.bfloat16() for t in (hs, ws, bs, ht, wt, bt)]
+    exact_in = [t.double() for t in lp]  # the same (rounded) inputs, in float64
+    loss64, g64 = None, None
+    ref_fn = adakd.AdaKDLoss(selection="fixed", ratio=0.6)
+    p64 = [t.clone().requires_grad_(True) for t in exact_in[:3]]
+    zs, zt = _logits(p64[0], p64[1], p64[2], *exact_in[3:])
+    loss64 = ref_fn(zs, zt, labels)
+    g64 = torch.autograd.grad(loss64, p64)
+
+    loss_fn = adakd.AdaKDLoss(selection="fixed", ratio=0.6)
+    p = [t.clone().requires_grad_(True) for t in lp[:3]]
+    if fused:
+        loss = loss_fn.forward_hidden(
+            p[0], p[1], lp[3], lp[4], labels, student_bias=p[2], teacher_bias=lp[5], chunk_size=7
+        )
+    else:
+        zs, zt = _logits(p[0], p[1], p[2], *lp[3:])
+        loss = loss_fn(zs, zt, labels)
+    grads = torch.autograd.grad(loss, p)
+    loss_err = abs(loss.double().item() - loss64.item())
+    grad_errs = [((a.double() - b).abs().max() / b.abs().max()).item() for a, b in zip(grads, g64, strict=True)]
+    return loss_err, grad_errs
+
+
+def test_bf16_no_worse_than_naive_bf16():
+    naive_loss, naive_grads = _bf16_errors(fused=False)
+    fused_loss, fused_grads = _bf16_errors(fused=True)
+    # Both are dominated by the bf16 rounding of the logits (~2e-3 on the loss here); the fused path may not add
+    # more than a tenth on top of it.
+    assert fused_loss <= 1.1 * naive_loss + 1e-5
+    for f, nv in zip(fused_grads, naive_grads, strict=True):
+        assert f <= 1.1 * nv + 1e-3
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda a: {**a, "ws": a["ws"][:, :-1]}, "student_weight"),
+        (lambda a: {**a, "wt": a["wt"][:40]}, "larger than the teacher"),
+        (lambda a: {**a, "labels": a["labels"][:-1]}, "leading shape"),
+        (lambda a: {**a, "bs": a["bs"][:-1]}, "student_bias"),
+        (lambda a: {**a, "ws": a["ws"].double()}, "cast one of them"),
+        (lambda a: {**a, "chunk_size": 0}, "chunk_size"),
+        (lambda a: {**a, "impl": "triton"}, "unknown impl"),
+    ],
+)
+def test_errors(change, match):
+    hs, ws, bs, ht, wt, bt, labels = _inputs(11)
+    a = change(dict(hs=hs, ws=ws, bs=bs, ht=ht, wt=wt, bt=bt, labels=labels, chunk_size=None, impl=None))
+    with pytest.raises(ValueError, match=match):
+        adakd.AdaKDLoss().forward_hidden(
+            a["hs"], a["ws"], a["ht"], a["wt"], a["labels"], student_bias=a["bs"], teacher_bias=a["bt"],
+            chunk_size=a["chunk_size"], impl=a["impl"],
+        )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_compile_impl_matches_eager():
+    # torch.compile on the CPU builds C++ kernels: a few tens of seconds the first time.
+    kwargs = {"selection": "fixed", "ratio": 0.6}
+    ref, _ = _both(kwargs, _inputs(12), 8)
+    _, got = _both(kwargs, _inputs(12), 8, impl="compile")
+    _assert_parity(ref, got)
