@@ -1,13 +1,17 @@
 """Shared measurement for the benchmark scripts: time and extra peak memory, side by side in one run.
 
-Extra peak memory is what a call needs beyond its inputs. On CUDA: ``max_memory_allocated`` during the first call
-minus the allocation before it. On a CPU there is no allocator counter, so each variant runs in a fresh
-subprocess (:func:`cpu_row`) that reports the growth of its peak resident set (``ru_maxrss``) during the first
-call over the peak reached while building the inputs, with glibc's mmap threshold fixed at 64 KiB
-(``MALLOC_MMAP_THRESHOLD_``): every buffer above it is mapped on allocation and unmapped on free, so the resident
-set follows the live tensors instead of the heap's high-water mark. That setting costs page faults, so the time is
-measured in a second fresh subprocess with the default allocator. Times are the median of ``repeats`` calls after
-``warmup`` calls.
+Every variant is called once before anything is measured (lazy initialisation, compilation, state such as the
+one-pass thresholds). Extra peak memory is what one further call needs beyond what is allocated before it:
+
+- CUDA: ``max_memory_allocated`` during the call minus ``memory_allocated`` before it.
+- CPU: there is no allocator counter, so each variant runs in a fresh subprocess (:func:`cpu_row`) with glibc's
+  mmap threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_``): every buffer above it is mapped on allocation and
+  unmapped on free, so the resident set follows the live tensors rather than the heap's high-water mark. The peak
+  resident set (VmHWM) is reset through ``/proc/self/clear_refs`` just before the call and compared with the
+  resident set (VmRSS) at that moment. That allocator setting costs page faults, so the time is measured in a
+  second fresh subprocess with the default allocator.
+
+Times are the median of ``repeats`` calls after ``warmup`` further calls.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,31 +34,39 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def _proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def measure(once: Callable[[], None], device: str, repeats: int, warmup: int, what: str = "both") -> dict:
-    """Extra peak memory of the first call of ``once`` (inputs already built), then its median time.
-
-    ``what``: ``both``, ``memory`` (one call) or ``time`` (the first call is a warm-up).
-    """
-    result: dict = {}
-    if what == "time":
-        once()
-    elif device.startswith("cuda"):
+def extra_peak_bytes(once: Callable[[], None], device: str) -> int:
+    """Peak memory of one call of ``once`` beyond what is allocated before it (see the module docstring)."""
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         once()
         torch.cuda.synchronize()
-        extra = torch.cuda.max_memory_allocated() - before
-    else:
-        before = _peak_rss_bytes()
-        once()
-        extra = _peak_rss_bytes() - before
+        return torch.cuda.max_memory_allocated() - before
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident set (Linux >= 4.0)
+    before = _proc_status_bytes("VmRSS")
+    once()
+    return _proc_status_bytes("VmHWM") - before
+
+
+def measure(once: Callable[[], None], device: str, repeats: int, warmup: int, what: str = "both") -> dict:
+    """Extra peak memory and median time of ``once`` (inputs already built), after one unmeasured call.
+
+    ``what``: ``both``, ``memory`` or ``time``.
+    """
+    once()
+    result: dict = {}
     if what != "time":
-        result["extra_bytes"] = extra
+        result["extra_bytes"] = extra_peak_bytes(once, device)
     if what == "memory":
         return result
     for _ in range(warmup):

@@ -41,9 +41,7 @@ def make_loss(variant: str, args: argparse.Namespace):
     return adakd.AdaKDLoss(args.base, selection="fixed", ratio=args.ratio, temperature="inverse")
 
 
-def run_variant(variant: str, args: argparse.Namespace, device: str, prime: bool = True) -> dict:
-    if prime:  # load lazily imported code on a tiny problem first, so it does not count as the call's memory
-        run_variant(variant, argparse.Namespace(**{**vars(args), "tokens": 8, "vocab": 16}), device, prime=False)
+def run_variant(variant: str, args: argparse.Namespace, device: str) -> dict:
     dtype = getattr(torch, args.dtype)
     g = torch.Generator(device=device).manual_seed(0)
     # Drawn directly in the target dtype so that building the inputs leaves no large temporaries behind.

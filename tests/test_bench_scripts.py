@@ -45,7 +45,7 @@ def test_gpu_check_reports_a_failure():
     [
         ("loss_bench", ["--tokens", "64", "--vocab", "128", "--device", "cpu"], {"plain-kd", "adakd-all", "adakd"}),
         ("fused_bench", ["--tokens", "64", "--vocab", "128", "--h-student", "8", "--h-teacher", "16", "--no-liger"],
-         {"naive", "fused"}),
+         {"naive", "fused", "fused-one-pass"}),
     ],
 )  # fmt: skip
 def test_benchmarks_run(tmp_path, script, args, variants):

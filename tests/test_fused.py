@@ -261,3 +261,90 @@ def test_compile_impl_matches_eager():
     ref, _ = _both(kwargs, _inputs(12), 8)
     _, got = _both(kwargs, _inputs(12), 8, impl="compile")
     _assert_parity(ref, got)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The one-pass approximation
+# --------------------------------------------------------------------------------------------------------------
+
+ONE_PASS_MODES = [
+    {"selection": "fixed", "ratio": 0.6},
+    {"selection": "fixed", "ratio": 0.6, "temperature": "fixed"},
+    {"selection": "all"},
+    {"selection": "fixed", "ratio": 0.3, "temperature": "reverse", "reduction": "sum"},
+    {"selection": "latf"},
+]
+
+
+@pytest.mark.parametrize("kwargs", ONE_PASS_MODES, ids=lambda k: "-".join(f"{a}={b}" for a, b in k.items()))
+def test_one_pass_is_exact_on_a_repeated_batch(kwargs):
+    # The previous batch is this batch: its k-th score and kept median are this batch's own, so the approximation
+    # must reproduce the exact loss; the first call has no previous batch and runs the exact passes.
+    inputs = _inputs(13)
+    hs, ws, bs, ht, wt, bt, labels = inputs
+    exact_fn, one_fn = adakd.AdaKDLoss(**kwargs), adakd.AdaKDLoss(one_pass=True, **kwargs)
+    for _ in range(2):
+        out = []
+        for loss_fn in (exact_fn, one_fn):
+            p = [t.clone().requires_grad_(True) for t in (hs, ws, bs)]
+            loss = loss_fn.forward_hidden(p[0], p[1], ht, wt, labels, student_bias=p[2], teacher_bias=bt, chunk_size=6)
+            out.append((loss, torch.autograd.grad(loss, p), loss_fn.stats))
+        _assert_parity(*out)
+
+
+def test_one_pass_uses_the_previous_threshold_and_median():
+    hs, ws, bs, ht, wt, bt, labels = _inputs(14, pad=False)
+    hs2 = torch.randn(hs.shape, generator=torch.Generator().manual_seed(99))  # a different micro-batch
+    loss_fn = adakd.AdaKDLoss(selection="fixed", ratio=0.5, one_pass=True)
+    loss_fn.forward_hidden(hs, ws, ht, wt, labels, student_bias=bs, teacher_bias=bt)
+    x = hs2.clone().requires_grad_(True)
+    got = loss_fn.forward_hidden(x, ws, ht, wt, labels, student_bias=bs, teacher_bias=bt, chunk_size=5)
+    (g,) = torch.autograd.grad(got, x)
+
+    # Reference, from materialised logits: threshold = the previous batch's k-th score, median = the lower median of
+    # the previous batch's kept scores; keep this batch's tokens at or above the threshold.
+    mask = labels != -100
+    zs1, zt = _logits(hs, ws, bs, ht, wt, bt)
+    zt = zt[:, :V_S]
+    prev = adakd.difficulty_scores("hellinger", zs1, zt)[mask]
+    top = prev.topk(math.floor(prev.numel() * 0.5)).values
+    threshold, median = top[-1], top.median()
+    y = hs2.clone().requires_grad_(True)
+    zs2, _ = _logits(y, ws, bs, ht, wt, bt)
+    scores = adakd.difficulty_scores("hellinger", zs2, zt)
+    keep = mask & (scores >= threshold)
+    tau = adakd.adaptive.idts_from_median(scores[keep], median)
+    per_token = adakd.divergence("rkl", zs2[keep], zt[keep], temperature=tau) * tau**2
+    want = per_token.mean()
+    (g_want,) = torch.autograd.grad(want, y)
+    assert loss_fn.stats["kept_tokens"] == int(keep.sum()) != math.floor(int(mask.sum()) * 0.5)
+    assert loss_fn.stats["score_threshold"] == pytest.approx(scores[keep].min().item())  # this batch's kept set
+    assert loss_fn.stats["score_median"] == pytest.approx(scores[keep].median().item())
+    assert loss_fn.stats["tau_mean"] == pytest.approx(tau.mean().item())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g, g_want, rtol=1e-4, atol=1e-7)
+
+
+def test_one_pass_falls_back_to_exact_when_nothing_passes():
+    hs, ws, bs, ht, wt, bt, labels = _inputs(15, pad=False)
+    kwargs = {"selection": "fixed", "ratio": 0.5}
+    one_fn = adakd.AdaKDLoss(one_pass=True, **kwargs)
+    one_fn.forward_hidden(hs * 3, ws, ht * 3, wt, labels, student_bias=bs, teacher_bias=bt)  # hard: high scores
+    easy = (hs * 0.01, ws, ht * 0.01, wt, labels)  # near-uniform distributions: every score far below
+    got = one_fn.forward_hidden(*easy, student_bias=bs * 0.01, teacher_bias=bt * 0.01)
+    want = adakd.AdaKDLoss(**kwargs).forward_hidden(*easy, student_bias=bs * 0.01, teacher_bias=bt * 0.01)
+    torch.testing.assert_close(got, want)
+    assert one_fn.stats["kept_tokens"] == math.floor(int((labels != -100).sum()) * 0.5)
+
+
+def test_one_pass_state_is_checkpointed():
+    hs, ws, bs, ht, wt, bt, labels = _inputs(16)
+    a = adakd.AdaKDLoss(selection="fixed", ratio=0.5, one_pass=True)
+    a.forward_hidden(hs, ws, ht, wt, labels, student_bias=bs, teacher_bias=bt)
+    b = adakd.AdaKDLoss(selection="fixed", ratio=0.5, one_pass=True)
+    b.load_state_dict(a.state_dict())
+    hs2 = hs.flip(0)
+    la = a.forward_hidden(hs2, ws, ht, wt, labels, student_bias=bs, teacher_bias=bt)
+    lb = b.forward_hidden(hs2, ws, ht, wt, labels, student_bias=bs, teacher_bias=bt)
+    torch.testing.assert_close(la, lb)
+    assert a.stats == b.stats

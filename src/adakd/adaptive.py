@@ -23,6 +23,7 @@ __all__ = [
     "LATF",
     "RatioSchedule",
     "difficulty_scores",
+    "idts_from_median",
     "idts_temperatures",
     "keep_count",
     "score_fn",
@@ -128,7 +129,23 @@ def idts_temperatures(scores: Tensor, *, c: float = 0.5, tau_base: float = 1.0, 
     s = scores.detach().to(compute_dtype(scores))
     if s.numel() == 0:
         return s.clone()
-    m = s.median()
+    return idts_from_median(s, s.median(), c=c, tau_base=tau_base, reverse=reverse)
+
+
+@torch.no_grad()
+def idts_from_median(
+    scores: Tensor, median: Tensor | float, *, c: float = 0.5, tau_base: float = 1.0, reverse: bool = False
+) -> Tensor:
+    """Eq. 9-10 with a given median m (the one-pass fused mode takes it from the previous micro-batch).
+
+    Args:
+        scores: ``[...]`` scores; median: m (a float or a 0-d tensor); others as :func:`idts_temperatures`.
+
+    Returns:
+        ``[...]`` temperatures in the scores' dtype (at least float32).
+    """
+    s = scores.detach().to(compute_dtype(scores))
+    m = torch.as_tensor(median, dtype=s.dtype, device=s.device)
     safe_m = torch.where(m > 0, m, torch.ones_like(m))
     s_hat = torch.tanh(torch.log((s / safe_m).clamp_min(1e-8)))
     s_hat = torch.where(m > 0, s_hat, torch.zeros_like(s_hat))

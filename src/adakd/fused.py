@@ -16,20 +16,33 @@ Peak extra memory is O(chunk × V) for the logits of one chunk, plus the float32
 ``impl="torch"`` runs the chunk math eagerly (always available, the reference); ``impl="compile"`` runs the
 logit-level part of a chunk (softmaxes, divergence, its gradient) through ``torch.compile``.
 
+:class:`FusedOnePassLoss` is the optional approximation: one pass that scores, selects and differentiates each
+chunk at once, with the score threshold and the IDTS median taken from the previous micro-batch. It does each
+logit product once instead of up to twice.
+
 This module imports only torch.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from .adaptive import ScoreFn
+from .adaptive import ScoreFn, idts_from_median
 from .divergences import DivergenceFn, log_probs
 
-__all__ = ["IMPLS", "FusedKeptLoss", "chunk_loss_fn", "chunked_scores", "default_chunk_size", "linear"]
+__all__ = [
+    "IMPLS",
+    "FusedKeptLoss",
+    "FusedOnePassLoss",
+    "chunk_loss_fn",
+    "chunked_scores",
+    "default_chunk_size",
+    "linear",
+]
 
 IMPLS = ("torch", "compile")
 
@@ -139,13 +152,9 @@ class FusedKeptLoss(torch.autograd.Function):
         chunk_size: int,
         dtype: torch.dtype,
     ) -> Tensor:
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        device = student_hidden.device
         # Gradients accumulate in float32 (or float64): summing many bf16 chunk products would lose precision.
-        grad_h = torch.zeros_like(student_hidden) if need_h else None
-        grad_w = torch.zeros(student_weight.shape, dtype=dtype, device=device) if need_w else None
-        grad_b = torch.zeros(student_bias.shape, dtype=dtype, device=device) if need_b else None
-        total = torch.zeros((), dtype=dtype, device=device)
+        grads = _GradBuffers(ctx.needs_input_grad[:3], student_hidden, student_weight, student_bias, dtype)
+        total = torch.zeros((), dtype=dtype, device=student_hidden.device)
         for start in range(0, rows.numel(), chunk_size):
             r = rows[start : start + chunk_size]
             h = student_hidden.index_select(0, r)
@@ -154,28 +163,143 @@ class FusedKeptLoss(torch.autograd.Function):
             tau_c = tau[start : start + chunk_size] if isinstance(tau, Tensor) else tau
             loss_c, g = chunk(z_s, z_t, tau_c)
             total += loss_c
-            if not (need_h or need_w or need_b):
-                continue
-            g = g * scale
-            if need_b:
-                grad_b += g.sum(0)
-            g_in = g.to(student_weight.dtype)  # the matrix products run in the model's dtype, like the naive path
-            if need_h:
-                grad_h.index_copy_(0, r, (g_in @ student_weight).to(grad_h.dtype))
-            if need_w:
-                if g_in.dtype == grad_w.dtype:
-                    grad_w.addmm_(g_in.t(), h.to(g_in.dtype))
-                else:
-                    grad_w += g_in.t() @ h
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
+            if grads.any:
+                grads.add(r, h, g * scale)
+        ctx.save_for_backward(grads.h, grads.w, grads.b)
         ctx.param_dtypes = (student_weight.dtype, None if student_bias is None else student_bias.dtype)
         return total * scale
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        w_dtype, b_dtype = ctx.param_dtypes
-        out_h = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
-        out_w = None if grad_w is None else (grad_w * grad_out).to(w_dtype)
-        out_b = None if grad_b is None else (grad_b * grad_out).to(b_dtype)
-        return (out_h, out_w, out_b) + (None,) * 9
+        return _scaled_grads(ctx, grad_out) + (None,) * 9
+
+
+def _scaled_grads(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The gradients stored by a forward, times the incoming gradient, in the parameters' dtypes."""
+    grad_h, grad_w, grad_b = ctx.saved_tensors
+    w_dtype, b_dtype = ctx.param_dtypes
+    out_h = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
+    out_w = None if grad_w is None else (grad_w * grad_out).to(w_dtype)
+    out_b = None if grad_b is None else (grad_b * grad_out).to(b_dtype)
+    return out_h, out_w, out_b
+
+
+class _GradBuffers:
+    """Float32 (or float64) gradient accumulators for the student's hidden states, weight and bias."""
+
+    def __init__(self, needs: tuple[bool, bool, bool], hidden: Tensor, weight: Tensor, bias: Tensor | None, dtype):
+        need_h, need_w, need_b = needs
+        self.h = torch.zeros_like(hidden) if need_h else None
+        self.w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
+        self.b = torch.zeros(bias.shape, dtype=dtype, device=weight.device) if need_b else None
+        self.weight = weight
+
+    @property
+    def any(self) -> bool:
+        return self.h is not None or self.w is not None or self.b is not None
+
+    def add(self, rows: Tensor, hidden: Tensor, grad_logits: Tensor) -> None:
+        """Accumulate ∂/∂(hidden, weight, bias) for ``rows`` (unique) from ∂loss/∂logits ``[c, V]``."""
+        if self.b is not None:
+            self.b += grad_logits.sum(0)
+        g_in = grad_logits.to(self.weight.dtype)  # products in the model's dtype, like the naive path
+        if self.h is not None:
+            self.h.index_copy_(0, rows, (g_in @ self.weight).to(self.h.dtype))
+        if self.w is not None:
+            if g_in.dtype == self.w.dtype:
+                self.w.addmm_(g_in.t(), hidden.to(g_in.dtype))
+            else:
+                self.w += g_in.t() @ hidden
+
+    def scale_(self, factor: float) -> None:
+        for t in (self.h, self.w, self.b):
+            if t is not None:
+                t.mul_(factor)
+
+
+class FusedOnePassLoss(torch.autograd.Function):
+    """One pass: score, select by a given threshold, and differentiate each chunk of valid rows at once.
+
+    An approximation of exact AdaKD: the kept set is ``score ≥ threshold`` and the IDTS median is ``median``,
+    both from the previous micro-batch, instead of this micro-batch's top-k and its median. Each logit product is
+    done once. The loss is ``Σ_kept τ²·D`` divided by the kept count (``mean``) or not (``sum``).
+
+    Inputs: the student's ``hidden [N, H_s]``, ``weight [V, H_s]``, ``bias [V] | None`` (may require grad);
+    the teacher's (detached, cropped to V); ``rows [n]`` (the valid rows), ``targets [n]``, ``threshold``
+    (float; -inf keeps every row), ``median`` (float, or None for the fixed temperature ``tau_base``), ``c``,
+    ``tau_base``, ``reverse``, ``mean`` (bool), ``score`` (an indicator), ``chunk`` (a :data:`ChunkFn`),
+    ``chunk_size``, ``dtype``.
+    Outputs: the loss; the ``[n]`` scores (no gradient); ``[4]`` = (kept count, Σ τ, min τ, max τ).
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        student_hidden: Tensor,
+        student_weight: Tensor,
+        student_bias: Tensor | None,
+        teacher_hidden: Tensor,
+        teacher_weight: Tensor,
+        teacher_bias: Tensor | None,
+        rows: Tensor,
+        targets: Tensor,
+        threshold: float,
+        median: float | None,
+        c: float,
+        tau_base: float,
+        reverse: bool,
+        mean: bool,
+        score: ScoreFn,
+        chunk: ChunkFn,
+        chunk_size: int,
+        dtype: torch.dtype,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        device = student_hidden.device
+        grads = _GradBuffers(ctx.needs_input_grad[:3], student_hidden, student_weight, student_bias, dtype)
+        n = rows.numel()
+        scores = torch.empty(n, dtype=dtype, device=device)
+        total = torch.zeros((), dtype=dtype, device=device)
+        tau_sum = torch.zeros((), dtype=dtype, device=device)
+        tau_min = torch.full((), math.inf, dtype=dtype, device=device)
+        tau_max = torch.full((), -math.inf, dtype=dtype, device=device)
+        count = 0
+        for start in range(0, n, chunk_size):
+            r = rows[start : start + chunk_size]
+            h = student_hidden.index_select(0, r)
+            z_s = linear(h, student_weight, student_bias)
+            z_t = linear(teacher_hidden.index_select(0, r), teacher_weight, teacher_bias)
+            s = score(log_probs(z_s, 1.0, dtype), log_probs(z_t, 1.0, dtype), targets[start : start + chunk_size])
+            scores[start : start + r.numel()] = s
+            keep = (s >= threshold).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                continue
+            count += keep.numel()
+            if keep.numel() < r.numel():
+                r, h, s = r.index_select(0, keep), h.index_select(0, keep), s.index_select(0, keep)
+                z_s, z_t = z_s.index_select(0, keep), z_t.index_select(0, keep)
+            if median is None:
+                tau: Tensor | float = tau_base
+                tau_sum += tau_base * keep.numel()
+                tau_min.clamp_(max=tau_base)
+                tau_max.clamp_(min=tau_base)
+            else:
+                tau = idts_from_median(s, median, c=c, tau_base=tau_base, reverse=reverse)
+                tau_sum += tau.sum()
+                tau_min = torch.minimum(tau_min, tau.min())
+                tau_max = torch.maximum(tau_max, tau.max())
+            loss_c, g = chunk(z_s, z_t, tau)
+            total += loss_c
+            if grads.any:
+                grads.add(r, h, g)
+        scale = 1.0 / max(count, 1) if mean else 1.0
+        grads.scale_(scale)
+        ctx.save_for_backward(grads.h, grads.w, grads.b)
+        ctx.param_dtypes = (student_weight.dtype, None if student_bias is None else student_bias.dtype)
+        ctx.mark_non_differentiable(scores)
+        info = torch.stack([torch.tensor(float(count), dtype=dtype, device=device), tau_sum, tau_min, tau_max])
+        ctx.mark_non_differentiable(info)
+        return total * scale, scores, info
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, *unused: Tensor):
+        return _scaled_grads(ctx, grad_out) + (None,) * 15

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .adaptive import LATF, RatioSchedule, idts_temperatures, keep_count, score_fn
 from .divergences import compute_dtype, divergence_fn, log_probs
-from .fused import IMPLS, FusedKeptLoss, chunk_loss_fn, chunked_scores, default_chunk_size
+from .fused import IMPLS, FusedKeptLoss, FusedOnePassLoss, chunk_loss_fn, chunked_scores, default_chunk_size
 
 __all__ = ["AdaKDLoss", "align_vocab"]
 
@@ -105,6 +105,7 @@ class AdaKDLoss(nn.Module):
         reduction: ``mean`` over kept tokens (the spec's L_t) or ``sum`` (for a caller that normalises by a
             global kept-token count).
         impl: the default implementation of :meth:`forward_hidden`: ``torch`` or ``compile``.
+        one_pass: the default of :meth:`forward_hidden`'s approximate one-pass mode.
         **latf_kwargs: :class:`adakd.LATF` arguments (``ema_decay``, ``tolerance``, ``step``, ``min_ratio``,
             ``max_ratio``, ``warmup_steps``); only with ``selection="latf"``.
 
@@ -128,6 +129,7 @@ class AdaKDLoss(nn.Module):
         ignore_index: int = -100,
         reduction: str = "mean",
         impl: str = "torch",
+        one_pass: bool = False,
         **latf_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -171,6 +173,8 @@ class AdaKDLoss(nn.Module):
         else:
             self.controller = RatioSchedule(selection, ratio=ratio, total_steps=total_steps)
         self.impl = impl
+        self.one_pass = bool(one_pass)
+        self._prev_scores: Tensor | None = None  # the last micro-batch's scores, for the one-pass mode
         self._chunk_fns: dict[tuple[torch.dtype, str], Any] = {}
         self.stats: dict[str, float] = {}
         self._pending_loss = 0.0
@@ -200,10 +204,15 @@ class AdaKDLoss(nn.Module):
         return self.ratio
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"controller": None if self.controller is None else self.controller.state_dict()}
+        return {
+            "controller": None if self.controller is None else self.controller.state_dict(),
+            "one_pass_scores": None if self._prev_scores is None else self._prev_scores.cpu(),
+        }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         ctrl = state.get("controller") if isinstance(state, dict) else None
+        if isinstance(state, dict) and state.get("one_pass_scores") is not None:
+            self._prev_scores = state["one_pass_scores"]
         if self.controller is not None:
             if ctrl is None:
                 raise ValueError(f"AdaKDLoss state has no {self.selection!r} controller state")
@@ -250,6 +259,11 @@ class AdaKDLoss(nn.Module):
         self._pending_loss += self.stats["loss"]
         self._pending_count += 1
 
+    def _needs_scores(self, n: int) -> bool:
+        """Whether n valid tokens need difficulty scores: not in plain-KD mode (keep all, one τ)."""
+        keeps_all = self.controller is None or keep_count(n, self.ratio) == n
+        return not (keeps_all and self.temperature == "fixed")
+
     def _select(
         self, n: int, score_pass: Callable[[], Tensor]
     ) -> tuple[float, int, Tensor | None, Tensor | None, Tensor | float]:
@@ -260,7 +274,7 @@ class AdaKDLoss(nn.Module):
         """
         ratio = self.ratio
         k = n if self.controller is None else keep_count(n, ratio)
-        scores = score_pass() if (k < n or self.temperature != "fixed") else None
+        scores = score_pass() if self._needs_scores(n) else None
         kept = None
         if k < n:
             kept = scores.topk(k, sorted=False).indices
@@ -328,6 +342,7 @@ class AdaKDLoss(nn.Module):
         teacher_bias: Tensor | None = None,
         chunk_size: int | None = None,
         impl: str | None = None,
+        one_pass: bool | None = None,
     ) -> Tensor:
         """The same loss as :meth:`forward` on ``student_hidden @ student_weight.T``, without materialising it.
 
@@ -347,6 +362,10 @@ class AdaKDLoss(nn.Module):
             chunk_size: rows per chunk; default :func:`adakd.fused.default_chunk_size` (~2^23 logits on a CPU).
             impl: ``torch`` (eager, the reference, always available) or ``compile`` (``torch.compile`` on the
                 per-chunk softmax/divergence/gradient); default ``self.impl``.
+            one_pass: an approximation that does each logit product once: the kept set is the tokens scoring at
+                least the previous micro-batch's k-th score (k from the current ratio) and the IDTS median is that
+                of the previous micro-batch's kept scores. The first micro-batch (or one where no token passes)
+                runs the exact passes. Default ``self.one_pass``. See the README for its measured effect.
 
         Returns:
             A float32 scalar (float64 for float64 inputs), with gradients into ``student_hidden``,
@@ -398,10 +417,16 @@ class AdaKDLoss(nn.Module):
             return loss
 
         bs_detached = None if student_bias is None else student_bias.detach()
+        targets = flat_labels.index_select(0, rows)
+        chunk_fn = self._chunk_fn(dtype, impl)
+        one_pass = self.one_pass if one_pass is None else one_pass
+        if one_pass and self._needs_scores(n) and self._prev_scores is not None:
+            loss = self._one_pass(hs, student_weight, student_bias, ht, wt, bt, rows, targets, chunk_fn, chunk_size)
+            if loss is not None:
+                return loss
 
         def score_pass() -> Tensor:
-            targets = flat_labels.index_select(0, rows)
-            return chunked_scores(
+            scores = chunked_scores(
                 self.score,
                 hs.detach(),
                 student_weight.detach(),
@@ -414,6 +439,9 @@ class AdaKDLoss(nn.Module):
                 chunk_size,
                 dtype,
             )
+            if one_pass:
+                self._prev_scores = scores
+            return scores
 
         ratio, k, kept, scores, tau = self._select(n, score_pass)
         if kept is not None:
@@ -429,12 +457,37 @@ class AdaKDLoss(nn.Module):
             rows,
             tau,
             scale,
-            self._chunk_fn(dtype, impl),
+            chunk_fn,
             chunk_size,
             dtype,
         )
         mean_loss = loss.detach() if self.reduction == "mean" else loss.detach() / k
         self._record(ratio, n, k, tau, scores, mean_loss)
+        return loss
+
+    def _one_pass(self, hs, ws, bs, ht, wt, bt, rows, targets, chunk_fn, chunk_size) -> Tensor | None:
+        """forward_hidden's one-pass approximation; None when no token reaches the threshold (run the exact path)."""
+        prev, n, ratio = self._prev_scores.to(hs.device), rows.numel(), self.ratio
+        k_prev = prev.numel() if self.controller is None else keep_count(prev.numel(), ratio)
+        top = prev.topk(k_prev).values  # descending: the last is the k-th score
+        threshold = top[-1].item() if k_prev < prev.numel() else -math.inf
+        median = None if self.temperature == "fixed" else top.median().item()
+        dtype = compute_dtype(hs, ht)
+        loss, scores, info = FusedOnePassLoss.apply(
+            hs, ws, bs, ht, wt, bt, rows, targets, threshold, median, self.c, self.tau_base,
+            self.temperature == "reverse", self.reduction == "mean", self.score, chunk_fn, chunk_size, dtype,
+        )  # fmt: skip
+        count, tau_sum, tau_min, tau_max = info.tolist()
+        self._prev_scores = scores
+        if count == 0:
+            return None
+        mean_loss = loss.item() if self.reduction == "mean" else loss.item() / count
+        kept = scores[scores >= threshold]  # the same statistics as the exact path: of this batch's kept scores
+        values = [ratio, float(n), count, tau_sum / count, tau_min, tau_max]
+        values += [*torch.stack([kept.median(), kept.min()]).tolist(), mean_loss]
+        self.stats = dict(zip(STAT_KEYS, values, strict=True))
+        self._pending_loss += mean_loss
+        self._pending_count += 1
         return loss
 
     def _chunk_fn(self, dtype: torch.dtype, impl: str):
