@@ -84,8 +84,9 @@ def _assert_parity(ref, got, rtol=1e-5):
         {"selection": "all", "temperature": "fixed", "tau_base": 2.0},
         {"selection": "latf"},
         {"selection": "linear", "ratio": 0.3, "total_steps": 1, "temperature": "fixed", "tau_base": 1.5},
+        {"selection": "cosine", "ratio": 0.4, "total_steps": 1, "temperature": "reverse", "c": 0.9},
     ],
-    ids=["fixed-inverse", "fixed-reverse", "plain-kd", "hinton-tau2", "latf", "linear-fixed-tau"],
+    ids=["fixed-inverse", "fixed-reverse", "plain-kd", "hinton-tau2", "latf", "linear-fixed-tau", "cosine-reverse"],
 )
 def test_parity_chunk_sizes_and_modes(chunk_size, kwargs):
     _assert_parity(*_both(kwargs, _inputs(0), chunk_size))
