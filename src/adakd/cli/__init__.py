@@ -1,0 +1,42 @@
+"""The ``adakd`` command line: one entry point, one small module per subcommand.
+
+    adakd train CONFIG.yaml [key.sub=value ...] [--resume [CHECKPOINT]]
+    python -m adakd train ...
+
+Bad input ends with one line, ``adakd: error: ...`` naming the file, key or flag, and exit status 2; never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import train as train_cmd
+
+__all__ = ["main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adakd", description="Token-adaptive knowledge distillation (AdaKD).")
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"adakd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    train_cmd.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("adakd: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, OSError) as e:
+        # ConfigError is a ValueError: its message already names the file and the key.
+        message = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        print(f"adakd: error: {message}", file=sys.stderr)
+        return 2

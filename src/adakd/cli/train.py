@@ -1,0 +1,37 @@
+"""``adakd train CONFIG.yaml [key=value ...]``: distil (or SFT) as the config says."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a student from a YAML config",
+        description="Train a student from a YAML config; key.sub=value arguments override config entries.",
+    )
+    p.add_argument("config", help="the run's YAML file (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="e.g. training.max_steps=10 loss.ratio=0.5")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CHECKPOINT",
+        help="resume from CHECKPOINT, or from the last checkpoint in output_dir when no path is given",
+    )
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train import load_config
+    from ..train import run as run_training
+
+    config = load_config(args.config, args.overrides)
+    summary = run_training(config, resume=args.resume)
+    # Every rank reports, so that a multi-process run shows each rank's final ratio.
+    print(f"[adakd] rank {summary['rank']}: " + json.dumps(summary), file=sys.stderr, flush=True)
+    return 0

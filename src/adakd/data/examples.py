@@ -1,0 +1,183 @@
+"""Records -> training examples (MiniLLM's length policy), batch collation, and tokenizer loading.
+
+An example is ``{"input_ids": [...], "labels": [...]}`` of equal length: labels are -100 on prompt tokens and equal
+to ``input_ids`` on response tokens and the eos. Labels are NOT shifted; the trainer shifts them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .readers import Record, TokenRecord
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = ["IGNORE_INDEX", "DistillCollator", "build_examples", "byte_tokenizer", "tokenizer_for"]
+
+IGNORE_INDEX = -100
+_EOS = "<|endoftext|>"
+
+
+def _token_ids(records: Sequence[Record | TokenRecord], tokenizer: Any) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids without eos) per record; text is tokenized in two batched calls."""
+    texts = [i for i, r in enumerate(records) if isinstance(r, Record)]
+    prompts: list[list[int]] = []
+    responses: list[list[int]] = []
+    if texts:
+        # Prompt and response are tokenized separately, as MiniLLM does: the label boundary is exact, and on the
+        # shared dolly shard this reproduces MiniLLM's GPT-2 ids for all 1000 dev records.
+        prompts = tokenizer([records[i].prompt for i in texts], add_special_tokens=False)["input_ids"]
+        responses = tokenizer([records[i].response for i in texts], add_special_tokens=False)["input_ids"]
+    text_ids = dict(zip(texts, zip(prompts, responses, strict=True), strict=True))
+    out = []
+    for i, r in enumerate(records):
+        if isinstance(r, TokenRecord):
+            out.append((list(r.prompt_ids), list(r.response_ids)))
+        elif isinstance(r, Record):
+            out.append(text_ids[i])
+        else:
+            raise ValueError(f"record {i}: expected Record or TokenRecord, got {type(r).__name__}")
+    return out
+
+
+def build_examples(
+    records: Sequence[Record | TokenRecord],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int = 512,
+    max_prompt_length: int = 256,
+) -> tuple[list[dict[str, list[int]]], dict[str, int]]:
+    """Tokenize records into training examples with MiniLLM's length policy.
+
+    ``Record``: prompt and response are tokenized without special tokens; ``TokenRecord`` ids are used as they are.
+    Both get ``tokenizer.eos_token_id`` appended to the response. Then an example is
+      - skipped if its prompt is longer than ``max_prompt_length`` tokens (``skipped_long_prompt``);
+      - cut to ``max_length`` tokens if prompt + response + eos is longer (``truncated``; the eos is lost);
+      - skipped if that cut leaves no response token (``skipped_empty_response``; not counted as truncated).
+
+    Returns:
+        ``(examples, counts)``: examples are ``{"input_ids": list[int], "labels": list[int]}`` of equal length
+        (labels -100 on the prompt, unshifted); ``counts`` has ``kept``, ``skipped_long_prompt``, ``truncated``,
+        ``skipped_empty_response``.
+    """
+    if max_length < 1 or max_prompt_length < 0:
+        raise ValueError(f"need max_length >= 1 and max_prompt_length >= 0, got {max_length}, {max_prompt_length}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("tokenizer has no eos_token_id; load it with adakd.data.tokenizer_for or set eos_token")
+    counts = {"kept": 0, "skipped_long_prompt": 0, "truncated": 0, "skipped_empty_response": 0}
+    examples = []
+    for prompt, response in _token_ids(records, tokenizer):
+        if len(prompt) > max_prompt_length:
+            counts["skipped_long_prompt"] += 1
+            continue
+        input_ids = prompt + response + [eos]
+        if len(input_ids) > max_length:
+            if len(prompt) >= max_length:
+                counts["skipped_empty_response"] += 1
+                continue
+            input_ids = input_ids[:max_length]
+            counts["truncated"] += 1
+        labels = [IGNORE_INDEX] * len(prompt) + input_ids[len(prompt) :]
+        examples.append({"input_ids": input_ids, "labels": labels})
+        counts["kept"] += 1
+    return examples, counts
+
+
+class DistillCollator:
+    """Right-pad examples into a batch: ``input_ids`` and ``labels`` [B, T], ``attention_mask`` [B, T], int64.
+
+    T is the longest example, rounded up to ``pad_to_multiple_of`` when given. Padding is ``pad_token_id`` in
+    ``input_ids``, 0 in ``attention_mask`` and -100 in ``labels``. Other keys of the features are ignored.
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be None or >= 1, got {pad_to_multiple_of}")
+        self.pad_token_id = int(pad_token_id)
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Collate ``features`` (each with ``input_ids`` and ``labels``, lists or 1-D tensors of equal length)."""
+        if not features:
+            raise ValueError("cannot collate an empty list of features")
+        rows = [self._row(f, i) for i, f in enumerate(features)]
+        width = max(len(ids) for ids, _ in rows)
+        m = self.pad_to_multiple_of
+        if m:
+            width = -(-width // m) * m
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.int64)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.int64)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.int64)
+        for b, (ids, lab) in enumerate(rows):
+            input_ids[b, : len(ids)] = torch.as_tensor(ids, dtype=torch.int64)
+            labels[b, : len(lab)] = torch.as_tensor(lab, dtype=torch.int64)
+            attention_mask[b, : len(ids)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    @staticmethod
+    def _row(feature: dict[str, Any], i: int) -> tuple[Any, Any]:
+        for key in ("input_ids", "labels"):
+            if key not in feature:
+                raise ValueError(f"feature {i}: missing key {key!r}")
+        ids, lab = feature["input_ids"], feature["labels"]
+        if len(ids) != len(lab):
+            raise ValueError(f"feature {i}: input_ids has {len(ids)} tokens but labels has {len(lab)}")
+        return ids, lab
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable-character map, the alphabet of the ``tokenizers`` ByteLevel pre-tokenizer."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {b: chr(b) for b in printable}
+    shifted = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + shifted)
+            shifted += 1
+    return mapping
+
+
+def byte_tokenizer() -> PreTrainedTokenizerBase:
+    """A file-free byte-level tokenizer: id ``b`` is byte ``b`` (0..255), id 256 is ``<|endoftext|>`` (eos/bos/pad).
+
+    A BPE model with no merges over the ByteLevel alphabet, so any UTF-8 text round-trips; ``len()`` is 257.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {char: b for b, char in _bytes_to_unicode().items()}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    # No regex split: without merges it would not change the ids, only cost time.
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens([AddedToken(_EOS, special=True)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token=_EOS,
+        bos_token=_EOS,
+        pad_token=_EOS,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def tokenizer_for(name_or_path: str) -> PreTrainedTokenizerBase:
+    """``"byte"`` -> :func:`byte_tokenizer`; anything else -> ``AutoTokenizer.from_pretrained(name_or_path)``.
+
+    A tokenizer without an eos gets ``<|endoftext|>`` when its vocabulary has it (GPT-2 loaded from bare
+    ``tokenizer.json``/``vocab.json`` files has no eos under transformers 5). A tokenizer without a pad token gets
+    pad = eos.
+    """
+    if name_or_path == "byte":
+        return byte_tokenizer()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name_or_path)
+    if tok.eos_token is None and _EOS in tok.get_vocab():
+        tok.eos_token = _EOS
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok

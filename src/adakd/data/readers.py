@@ -1,0 +1,351 @@
+"""Record sources: MiniLLM eval JSONL, raw dolly-style JSONL, MiniLLM token shards, Hugging Face datasets, synthetic.
+
+Text readers return :class:`Record` (a formatted prompt plus references); the token-shard reader returns
+:class:`TokenRecord` (already tokenized ids). :func:`adakd.data.build_examples` turns either into training examples.
+Every text source goes through :func:`record_from_row`, so a JSONL line and a ``datasets`` row with the same fields
+give the same record.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import struct
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .templates import format_prompt
+
+__all__ = [
+    "Record",
+    "TokenRecord",
+    "instruction_record",
+    "load_hf_dataset",
+    "minillm_record",
+    "read_instruction_jsonl",
+    "read_minillm_jsonl",
+    "read_token_shards",
+    "record_from_row",
+    "synthetic_instructions",
+]
+
+
+@dataclass(frozen=True)
+class Record:
+    """One text example: ``prompt`` (already formatted), ``response`` (the first reference), all ``references``."""
+
+    prompt: str
+    response: str
+    references: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """One pre-tokenized example: prompt ids and response ids, the response WITHOUT a trailing eos."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+
+
+# ---------------------------------------------------------------------------------------------- row mapping
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and (not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be None or a non-negative int, got {limit!r}")
+
+
+def _str_field(row: Mapping[str, Any], keys: tuple[str, ...], where: str, required: bool = True) -> str | None:
+    """The first of ``keys`` present in ``row``, checked to be a str (``None`` counts as absent)."""
+    for key in keys:
+        value = row.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: key {key!r} must be a str, got {type(value).__name__}")
+        return value
+    if required:
+        raise ValueError(f"{where}: missing key {_names(keys)}")
+    return None
+
+
+def _references(row: Mapping[str, Any], keys: tuple[str, ...], where: str) -> tuple[str, ...]:
+    """The first of ``keys`` present in ``row`` as a tuple of references: a str, or a non-empty list of str."""
+    for key in keys:
+        value = row.get(key)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ValueError(f"{where}: key {key!r} must be a str or a non-empty list of str, got {_describe(value)}")
+    raise ValueError(f"{where}: missing key {_names(keys)}")
+
+
+def _names(keys: tuple[str, ...]) -> str:
+    return " or ".join(repr(k) for k in keys)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, list):
+        return "an empty list" if not value else "a list with non-str items"
+    return type(value).__name__
+
+
+def minillm_record(row: Mapping[str, Any], where: str) -> Record:
+    """A MiniLLM-format row (``prompt``: formatted str; ``output``: str or list of str) as a :class:`Record`.
+
+    ``where`` (e.g. ``"path:lineno"``) starts every error message.
+    """
+    prompt = _str_field(row, ("prompt",), where)
+    refs = _references(row, ("output",), where)
+    return Record(prompt=prompt, response=refs[0], references=refs)
+
+
+def instruction_record(row: Mapping[str, Any], template: str, where: str) -> Record:
+    """A raw dolly-style row as a :class:`Record`, its prompt built by :func:`format_prompt`.
+
+    Keys: ``instruction``; optional context ``context`` or ``input`` (str or null); response ``response`` or
+    ``output`` (str, or a non-empty list of str as in MiniLLM's sinst).
+    """
+    instruction = _str_field(row, ("instruction",), where)
+    context = _str_field(row, ("context", "input"), where, required=False)
+    refs = _references(row, ("response", "output"), where)
+    try:
+        prompt = format_prompt(instruction, context, template)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    return Record(prompt=prompt, response=refs[0], references=refs)
+
+
+def record_from_row(row: Mapping[str, Any], template: str, where: str) -> Record:
+    """Map a row of either style: raw fields (``instruction``) are formatted with ``template``; a row with only a
+    preformatted ``prompt`` is taken as is, which is valid only for the ``"minillm"`` template it was made with.
+    """
+    if "instruction" in row:
+        return instruction_record(row, template, where)
+    if "prompt" in row:
+        if template != "minillm":
+            raise ValueError(f"{where}: only a preformatted 'prompt' (minillm), cannot apply template {template!r}")
+        return minillm_record(row, where)
+    raise ValueError(f"{where}: missing key 'instruction' or 'prompt'")
+
+
+# ---------------------------------------------------------------------------------------------- JSONL
+
+
+def _iter_jsonl(path: Path, limit: int | None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ``("path:lineno", object)`` for each non-blank line, at most ``limit`` of them."""
+    count = 0
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if limit is not None and count >= limit:
+                return
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            count += 1
+            yield where, row
+
+
+def read_minillm_jsonl(path: str | Path, limit: int | None = None) -> list[Record]:
+    """Read a MiniLLM eval file (one JSON object a line with ``prompt`` and ``output``); blank lines are skipped.
+
+    Returns at most ``limit`` records, in file order.
+    """
+    _check_limit(limit)
+    return [minillm_record(row, where) for where, row in _iter_jsonl(Path(path), limit)]
+
+
+def read_instruction_jsonl(path: str | Path, template: str = "minillm", limit: int | None = None) -> list[Record]:
+    """Read raw dolly-style JSONL (``instruction``, ``context``/``input``, ``response``/``output``) and format it.
+
+    Returns at most ``limit`` records, in file order.
+    """
+    _check_limit(limit)
+    return [instruction_record(row, template, where) for where, row in _iter_jsonl(Path(path), limit)]
+
+
+# ---------------------------------------------------------------------------------------------- token shards
+
+_MMIDIDX_MAGIC = b"MMIDIDX\x00\x00"
+# magic, version (u64), dtype code (u8), item count (u64), doc count (u64): 34 bytes, little-endian, unpadded.
+_MMIDIDX_HEADER = struct.Struct("<9sQBQQ")
+# Megatron dtype code -> (dtype, separator). MiniLLM writes the prompt/response separator as -1, which the uint16
+# shards of small-vocabulary tokenizers (GPT-2) store as 65535; int32 shards are used for larger vocabularies.
+_SHARD_DTYPES: dict[int, tuple[np.dtype, int]] = {4: (np.dtype("<i4"), -1), 8: (np.dtype("<u2"), 65535)}
+
+
+def _read_mmidx_index(idx_path: Path) -> tuple[np.dtype, int, np.ndarray, np.ndarray]:
+    """Parse an MMIDIDX ``.idx``: (token dtype, separator, sizes int32 [count], byte pointers int64 [count])."""
+    raw = idx_path.read_bytes()
+    if len(raw) < _MMIDIDX_HEADER.size:
+        raise ValueError(f"{idx_path}: {len(raw)} bytes, too short for the {_MMIDIDX_HEADER.size}-byte MMIDIDX header")
+    magic, version, code, count, _doc_count = _MMIDIDX_HEADER.unpack_from(raw)
+    if magic != _MMIDIDX_MAGIC:
+        raise ValueError(f"{idx_path}: bad magic {magic!r}, expected {_MMIDIDX_MAGIC!r} (not an MMIDIDX index)")
+    if version != 1:
+        raise ValueError(f"{idx_path}: unsupported MMIDIDX version {version}, expected 1")
+    if code not in _SHARD_DTYPES:
+        raise ValueError(f"{idx_path}: unsupported dtype code {code}, expected one of {sorted(_SHARD_DTYPES)}")
+    need = _MMIDIDX_HEADER.size + 12 * count
+    if len(raw) < need:
+        raise ValueError(f"{idx_path}: {len(raw)} bytes, but {count} items need at least {need}")
+    dtype, sep = _SHARD_DTYPES[code]
+    sizes = np.frombuffer(raw, dtype="<i4", count=count, offset=_MMIDIDX_HEADER.size)
+    pointers = np.frombuffer(raw, dtype="<i8", count=count, offset=_MMIDIDX_HEADER.size + 4 * count)
+    # doc_idx (document boundaries) is not needed: every item is one prompt/response pair.
+    return dtype, sep, sizes, pointers
+
+
+def read_token_shards(prefix: str | Path, limit: int | None = None) -> list[TokenRecord]:
+    """Read a MiniLLM/Megatron MMIDIDX token shard pair ``prefix + ".idx"`` / ``prefix + ".bin"``.
+
+    Each item is ``prompt ids, separator, response ids, eos``. The separator is 65535 in uint16 shards and -1 in
+    int32 shards. The final token (the writer's eos) is dropped from ``response_ids``;
+    :func:`adakd.data.build_examples` appends the tokenizer's eos instead.
+
+    Returns at most ``limit`` :class:`TokenRecord`, in shard order. Only the ``.bin`` bytes those items need are read.
+    """
+    _check_limit(limit)
+    prefix = str(prefix)
+    idx_path, bin_path = Path(prefix + ".idx"), Path(prefix + ".bin")
+    dtype, sep, sizes, pointers = _read_mmidx_index(idx_path)
+    n = len(sizes) if limit is None else min(limit, len(sizes))
+    if n == 0:
+        return []
+    sizes, pointers = sizes[:n].astype(np.int64), pointers[:n]
+    if (pointers % dtype.itemsize).any() or (sizes < 0).any() or (pointers < 0).any():
+        raise ValueError(f"{idx_path}: negative or misaligned sizes/pointers for {dtype} tokens")
+    end = int((pointers + sizes * dtype.itemsize).max())
+    available = bin_path.stat().st_size
+    if end > available:
+        raise ValueError(f"{bin_path}: {available} bytes, but the index points up to byte {end}")
+    tokens = np.fromfile(bin_path, dtype=dtype, count=end // dtype.itemsize)
+    starts, stops = (pointers // dtype.itemsize).tolist(), (pointers // dtype.itemsize + sizes).tolist()
+    return [_split_item(tokens[starts[i] : stops[i]], sep, bin_path, i) for i in range(n)]
+
+
+def _split_item(item: np.ndarray, sep: int, bin_path: Path, i: int) -> TokenRecord:
+    hits = np.flatnonzero(item == sep)
+    if hits.size == 0:
+        raise ValueError(f"{bin_path}: item {i} has no separator {sep}")
+    k = int(hits[0])
+    if k + 1 >= len(item):
+        raise ValueError(f"{bin_path}: item {i} ends at the separator (expected response tokens and an eos)")
+    return TokenRecord(prompt_ids=item[:k].tolist(), response_ids=item[k + 1 : -1].tolist())
+
+
+# ---------------------------------------------------------------------------------------------- Hugging Face
+
+# "json:<path>" style names load local files through these packaged ``datasets`` builders (no hub access).
+_LOCAL_BUILDERS = ("json", "csv", "parquet")
+
+
+def load_hf_dataset(
+    name: str, split: str = "train", template: str = "minillm", limit: int | None = None
+) -> list[Record]:
+    """Load a Hugging Face dataset and map its rows like the JSONL readers (see :func:`record_from_row`).
+
+    ``name`` is a hub id (e.g. ``"databricks/databricks-dolly-15k"``) or ``"json:<path>"``, ``"csv:<path>"``,
+    ``"parquet:<path>"`` for local files (their split is ``"train"``). Returns at most ``limit`` records.
+    """
+    _check_limit(limit)
+    import datasets  # heavy (about a second); only this reader needs it
+
+    builder, colon, files = name.partition(":")
+    if colon and builder in _LOCAL_BUILDERS:
+        ds = datasets.load_dataset(builder, data_files=files, split=split)
+    else:
+        ds = datasets.load_dataset(name, split=split)
+    rows = itertools.islice(ds, limit)
+    return [record_from_row(row, template, f"{name} ({split}) row {i}") for i, row in enumerate(rows)]
+
+
+# ---------------------------------------------------------------------------------------------- synthetic
+
+_WORDS = (
+    "apple", "river", "stone", "cloud", "green", "quick", "music", "light", "table", "tiger",
+    "paper", "ocean", "happy", "dream", "forest", "silver", "garden", "window", "rocket", "candle",
+)  # fmt: skip
+_CAPITALS = (
+    ("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Canada", "Ottawa"), ("Egypt", "Cairo"),
+    ("Kenya", "Nairobi"), ("Peru", "Lima"), ("Norway", "Oslo"), ("Spain", "Madrid"), ("India", "New Delhi"),
+    ("Brazil", "Brasília"), ("Australia", "Canberra"),
+)  # fmt: skip
+
+# rng -> (instruction, input or None, response)
+_Task = Callable[[random.Random], tuple[str, "str | None", str]]
+
+
+def _task_reverse(rng: random.Random) -> tuple[str, str | None, str]:
+    words = rng.sample(_WORDS, rng.randint(3, 6))
+    return "Reverse the order of the words in the input.", " ".join(words), " ".join(reversed(words))
+
+
+def _task_add(rng: random.Random) -> tuple[str, str | None, str]:
+    a, b = rng.randint(0, 999), rng.randint(0, 999)
+    return f"Add the numbers {a} and {b}.", None, f"{a} + {b} = {a + b}"
+
+
+def _task_repeat(rng: random.Random) -> tuple[str, str | None, str]:
+    word = rng.choice(_WORDS)
+    return f"Repeat the word '{word}' three times.", None, " ".join([word] * 3)
+
+
+def _task_sort_letters(rng: random.Random) -> tuple[str, str | None, str]:
+    letters = rng.sample("abcdefghijklmnopqrstuvwxyz", rng.randint(4, 8))
+    return "Sort these letters alphabetically.", " ".join(letters), " ".join(sorted(letters))
+
+
+def _task_capital(rng: random.Random) -> tuple[str, str | None, str]:
+    country, capital = rng.choice(_CAPITALS)
+    return f"What is the capital of {country}?", None, f"The capital of {country} is {capital}."
+
+
+def _task_count_words(rng: random.Random) -> tuple[str, str | None, str]:
+    words = [rng.choice(_WORDS) for _ in range(rng.randint(2, 9))]
+    return "How many words are in the input?", " ".join(words), f"There are {len(words)} words."
+
+
+def _task_uppercase(rng: random.Random) -> tuple[str, str | None, str]:
+    text = " ".join(rng.sample(_WORDS, rng.randint(2, 5)))
+    return "Rewrite the input in uppercase letters.", text, text.upper()
+
+
+_TASKS: tuple[_Task, ...] = (
+    _task_reverse,
+    _task_add,
+    _task_repeat,
+    _task_sort_letters,
+    _task_capital,
+    _task_count_words,
+    _task_uppercase,
+)
+
+
+def synthetic_instructions(n: int = 256, seed: int = 0) -> list[Record]:
+    """``n`` short, deterministic instruction/response pairs (seven task kinds) in the MiniLLM template.
+
+    The same ``(n, seed)`` always gives the same records; responses are at most about a dozen words.
+    """
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        instruction, context, response = rng.choice(_TASKS)(rng)
+        records.append(Record(prompt=format_prompt(instruction, context), response=response, references=(response,)))
+    return records

@@ -1,0 +1,377 @@
+"""DistillConfig: the typed run configuration, loaded from YAML with dotted ``key=value`` overrides.
+
+Every field is checked when the config is built, and every error names the file and the dotted key
+(``configs/run.yaml: loss.selection: unknown selection 'topk'; valid: latf, fixed, linear, cosine, all``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "DataSection",
+    "DistillConfig",
+    "LoraSection",
+    "LossSection",
+    "ModelSection",
+    "apply_overrides",
+    "load_config",
+]
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+DATA_SOURCES = ("synthetic", "minillm_jsonl", "instructions", "shards", "hf")
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message names the file (when known) and the dotted key."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. YAML 1.1 also reads yes/no/on/off as booleans, which turns
+    ``save_strategy: no`` into False."""
+
+
+_REPLACED = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _REPLACED]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+# YAML 1.2 floats: "1e-3" is a number (YAML 1.1 wants "1.0e-3").
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+@dataclass
+class LoraSection:
+    """LoRA adapters on the student (the paper: r = 16, α = 64, dropout 0.1 on every linear layer)."""
+
+    r: int = 16
+    alpha: int = 64
+    dropout: float = 0.1
+    target_modules: list[str] | str = "all-linear"
+
+
+@dataclass
+class ModelSection:
+    """A model: a hub id or local path, or an inline transformers config for a randomly initialised model."""
+
+    name_or_path: str | None = None
+    config: dict[str, Any] | None = None  # {"model_type": "qwen2", "hidden_size": 64, ...}
+    tokenizer: str | None = None  # defaults to name_or_path; "byte" is the built-in byte-level tokenizer
+    dtype: str = "float32"
+    seed: int = 0  # initialisation seed of an inline config
+    lora: LoraSection | None = None  # the student's adapters; None trains every weight
+
+
+@dataclass
+class DataSection:
+    """Training data: a built-in synthetic source, MiniLLM JSONL, raw instruction JSONL, token shards or a hub set."""
+
+    source: str = "synthetic"
+    path: str | None = None  # file, shard prefix (".../train_0") or dataset name
+    split: str = "train"  # for source "hf"
+    template: str = "minillm"  # prompt template of raw instruction records
+    max_length: int = 512
+    max_prompt_length: int = 256
+    limit: int | None = None  # use the first N records
+    synthetic_size: int = 256
+    seed: int = 0
+
+
+@dataclass
+class LossSection:
+    """Every AdaKDLoss option, plus the CE mix and the fused path."""
+
+    base: str = "rkl"
+    base_params: dict[str, float] = field(default_factory=dict)
+    indicator: str = "hellinger"
+    selection: str = "latf"
+    ratio: float = 1.0
+    temperature: str = "inverse"
+    c: float = 0.5
+    tau_base: float = 1.0
+    ema_decay: float = 0.99
+    tolerance: float = 0.05
+    step: float = 0.05
+    min_ratio: float = 0.1
+    max_ratio: float = 1.0
+    warmup_ratio: float = 0.05  # LATF warm-up as a fraction of all optimizer steps (the authors' 5%)
+    warmup_steps: int | None = None  # overrides warmup_ratio
+    kd_ratio: float = 1.0  # loss = (1 − kd_ratio)·CE + kd_ratio·AdaKD
+    fused: bool = False  # AdaKDLoss.forward_hidden: never materialise tokens × vocabulary logits
+    chunk_size: int | None = None
+    impl: str = "torch"
+    one_pass: bool = False
+
+
+@dataclass
+class DistillConfig:
+    """A whole distillation run. ``training`` is passed to ``transformers.TrainingArguments``."""
+
+    student: ModelSection
+    teacher: ModelSection | None = None
+    data: DataSection = field(default_factory=DataSection)
+    loss: LossSection = field(default_factory=LossSection)
+    training: dict[str, Any] = field(default_factory=dict)
+    origin: str | None = field(default=None, repr=False)  # the YAML file it came from, for messages
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.origin + ': ' if self.origin else ''}{key}: {message}")
+
+    def validate(self) -> DistillConfig:
+        """Check every section; raises ConfigError naming the key."""
+        for name, model in (("student", self.student), ("teacher", self.teacher)):
+            if model is None:
+                continue
+            if (model.name_or_path is None) == (model.config is None):
+                raise self.error(name, "give exactly one of name_or_path (hub id or path) and config (inline)")
+            if model.config is not None and "model_type" not in model.config:
+                raise self.error(f"{name}.config", "an inline config needs model_type (e.g. qwen2)")
+            if model.dtype not in DTYPES:
+                raise self.error(f"{name}.dtype", f"unknown dtype {model.dtype!r}; valid: {', '.join(DTYPES)}")
+            if model.name_or_path is None and model.tokenizer is None:
+                raise self.error(f"{name}.tokenizer", "an inline model needs a tokenizer (a path, or 'byte')")
+        if self.teacher is not None and self.teacher.lora is not None:
+            raise self.error("teacher.lora", "the teacher is frozen; LoRA applies to the student only")
+        lora = self.student.lora
+        if lora is not None:
+            if lora.r < 1 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
+                raise self.error("student.lora", f"need r >= 1, alpha > 0, 0 <= dropout < 1, got {lora}")
+        d = self.data
+        if d.source not in DATA_SOURCES:
+            raise self.error("data.source", f"unknown source {d.source!r}; valid: {', '.join(DATA_SOURCES)}")
+        if d.source != "synthetic" and not d.path:
+            raise self.error("data.path", f"source {d.source!r} needs a path")
+        if d.max_prompt_length < 1 or d.max_length <= d.max_prompt_length:
+            raise self.error("data.max_length", "need max_length > max_prompt_length >= 1")
+        loss = self.loss
+        if not 0.0 <= loss.kd_ratio <= 1.0:
+            raise self.error("loss.kd_ratio", f"must be in [0, 1], got {loss.kd_ratio}")
+        if self.teacher is None and loss.kd_ratio > 0:
+            raise self.error("teacher", "no teacher: set loss.kd_ratio: 0 for plain SFT, or give a teacher")
+        if not 0.0 <= loss.warmup_ratio <= 1.0:
+            raise self.error("loss.warmup_ratio", f"must be in [0, 1], got {loss.warmup_ratio}")
+        try:
+            self.build_loss(total_steps=1)
+        except ValueError as e:
+            raise self.error("loss", str(e)) from None
+        if not self.training.get("output_dir"):
+            raise self.error("training.output_dir", "is required")
+        from transformers import TrainingArguments
+
+        known = {f.name for f in dataclasses.fields(TrainingArguments)}
+        for key in self.training:
+            if key not in known:
+                raise self.error(f"training.{key}", "unknown transformers.TrainingArguments field")
+        return self
+
+    def build_loss(self, total_steps: int, vocab_size: int | None = None):
+        """The run's :class:`adakd.AdaKDLoss` (``reduction="sum"``: the trainer normalises over the window)."""
+        from .. import AdaKDLoss
+
+        loss = self.loss
+        kwargs: dict[str, Any] = {}
+        if loss.selection == "latf":
+            warmup = loss.warmup_steps
+            if warmup is None:
+                warmup = math.floor(loss.warmup_ratio * total_steps)
+            kwargs = dict(
+                ema_decay=loss.ema_decay,
+                tolerance=loss.tolerance,
+                step=loss.step,
+                min_ratio=loss.min_ratio,
+                max_ratio=loss.max_ratio,
+                warmup_steps=warmup,
+            )
+        elif loss.selection in ("linear", "cosine"):
+            kwargs["total_steps"] = max(1, total_steps)
+        return AdaKDLoss(
+            loss.base,
+            base_params=loss.base_params,
+            indicator=loss.indicator,
+            selection=loss.selection,
+            ratio=loss.ratio,
+            temperature=loss.temperature,
+            c=loss.c,
+            tau_base=loss.tau_base,
+            vocab_size=vocab_size,
+            reduction="sum",
+            impl=loss.impl,
+            one_pass=loss.one_pass,
+            **kwargs,
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check (and lightly coerce) a YAML value against a dataclass field type; raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: expected {' or '.join(map(_type_name, args))}")
+    if dataclasses.is_dataclass(tp):
+        if value is True and tp is LoraSection:  # "lora: true" switches LoRA on with the paper's defaults
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")  # a bug in the schema, not in the YAML
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "origin"}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"{where}{unknown[0]}: unknown key; valid: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{key}: is required")
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML: ``3`` is an int, ``null`` is None)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        try:
+            value = _yaml(raw) if raw else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: {e.__class__.__name__}: {str(e).splitlines()[0]}") from None
+        _set_dotted(data, key, value)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, data: dict | None = None):
+    """Load and validate a :class:`DistillConfig` from a YAML file (or a dict), then ``overrides``.
+
+    Raises:
+        ConfigError: unreadable file, bad YAML (with its line), unknown key, wrong type or invalid value; the
+            message names the file and the dotted key.
+    """
+    source = str(path) if path is not None else None
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+        try:
+            data = _yaml(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+    data = dict(data or {})
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    apply_overrides(data, list(overrides or []))
+    try:
+        config = _build(DistillConfig, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}" if source else str(e)) from None
+    config.origin = source
+    _expand_paths(config)
+    return config.validate()
+
+
+def _expand_paths(config: DistillConfig) -> None:
+    """``$VAR`` / ``${VAR}`` in paths (e.g. ``${ADAKD_DATA}/dolly``) come from the environment."""
+    import os
+
+    for model in (config.student, config.teacher):
+        if model is not None:
+            for name in ("name_or_path", "tokenizer"):
+                value = getattr(model, name)
+                if value:
+                    setattr(model, name, os.path.expandvars(value))
+    if config.data.path:
+        config.data.path = os.path.expandvars(config.data.path)
+    if config.training.get("output_dir"):
+        config.training["output_dir"] = os.path.expandvars(str(config.training["output_dir"]))

@@ -1,0 +1,117 @@
+"""Loading the student and the teacher: hub ids, local paths or inline configs; LoRA; distributed teachers."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from .config import ConfigError, ModelSection
+
+__all__ = ["apply_lora", "load_model", "output_layer", "prepare_teacher", "torch_dtype"]
+
+
+def torch_dtype(name: str) -> torch.dtype | str:
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def load_model(section: ModelSection, role: str):
+    """A causal LM from ``section``: ``from_pretrained`` for a hub id or local path (the hub is only contacted when
+    the path is not local), ``from_config`` with a fixed seed for an inline config (tiny random models)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = torch_dtype(section.dtype)
+    if section.config is not None:
+        cfg = dict(section.config)
+        model_type = cfg.pop("model_type")
+        try:
+            config = AutoConfig.for_model(model_type, **cfg)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{role}.config: {e}") from None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(section.seed)
+            model = AutoModelForCausalLM.from_config(config)
+        return model.to(torch.float32 if dtype == "auto" else dtype)
+    try:
+        return AutoModelForCausalLM.from_pretrained(section.name_or_path, dtype=dtype)
+    except OSError as e:
+        raise ConfigError(
+            f"{role}.name_or_path: cannot load {section.name_or_path!r} ({str(e).splitlines()[0]})"
+        ) from None
+
+
+def apply_lora(model, section: ModelSection):
+    """Wrap the student in PEFT LoRA adapters when ``section.lora`` is set (else train every weight)."""
+    if section.lora is None:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = section.lora
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def output_layer(model) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor | None]:
+    """(decoder, lm_head weight [V, H], lm_head bias [V] | None) of a causal LM, through PEFT and DDP wrappers.
+
+    The fused loss needs the final hidden states and the output projection separately. LoRA layers live inside
+    the decoder's modules, so calling the decoder of the unwrapped base model still applies them.
+    """
+    inner = model
+    while hasattr(inner, "module") and not hasattr(inner, "get_output_embeddings"):
+        inner = inner.module  # DDP
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()  # PEFT
+    head = inner.get_output_embeddings()
+    decoder = inner.get_decoder()
+    if head is None or decoder is None:
+        raise ConfigError(f"loss.fused: {type(inner).__name__} exposes no decoder / output embeddings")
+    return decoder, head.weight, getattr(head, "bias", None)
+
+
+def prepare_teacher(teacher, accelerator) -> Any:
+    """Place the frozen teacher for the run's distributed setup.
+
+    - DeepSpeed ZeRO-3: an inference engine sharded like the student (a 7B teacher does not fit next to the
+      student on every rank otherwise); other DeepSpeed stages keep a full replica (stage 0).
+    - FSDP: wrapped with the same plugin as the student, so its parameters are sharded too.
+    - Otherwise (one device, DDP): moved to the device; it needs no wrapper since it takes no gradient.
+    """
+    from accelerate.utils import DistributedType
+
+    teacher.eval()
+    teacher.requires_grad_(False)
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        import deepspeed
+
+        ds_config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+        stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        # No optimizer: drop the training-only blocks, which DeepSpeed would otherwise try to build.
+        for key in ("optimizer", "scheduler"):
+            ds_config.pop(key, None)
+        ds_config.setdefault("zero_optimization", {}).pop("offload_optimizer", None)
+        if stage != 3:
+            ds_config["zero_optimization"]["stage"] = 0
+        hidden = getattr(teacher.config, "hidden_size", None)
+        if stage == 3 and hidden:
+            ds_config["zero_optimization"].update(
+                {
+                    "reduce_bucket_size": hidden * hidden,
+                    "stage3_param_persistence_threshold": 10 * hidden,
+                    "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+                }
+            )
+        engine, *_ = deepspeed.initialize(model=teacher, config=ds_config)
+        engine.eval()
+        return engine
+    if kind == DistributedType.FSDP:
+        return accelerator.prepare_model(teacher, evaluation_mode=False).eval()
+    return teacher.to(accelerator.device)

@@ -1,0 +1,130 @@
+"""Building and running a distillation from a DistillConfig: data, models, loss, trainer, final save."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..loss import check_vocab_sizes
+from .config import ConfigError, DistillConfig
+from .models import apply_lora, load_model
+from .trainer import AdaKDTrainer, save_loss_state
+
+__all__ = ["ExampleDataset", "build_trainer", "load_records", "run"]
+
+
+class ExampleDataset(torch.utils.data.Dataset):
+    """Tokenised examples (``input_ids``, ``labels`` lists) for the Trainer's data loader."""
+
+    def __init__(self, examples: list[dict[str, list[int]]]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return self.examples[i]
+
+
+def load_records(config: DistillConfig) -> list[Any]:
+    """The configured data source's records (text records, or token records for MiniLLM shards)."""
+    from .. import data
+
+    d = config.data
+    try:
+        if d.source == "synthetic":
+            return data.synthetic_instructions(d.synthetic_size, seed=d.seed)
+        if d.source == "minillm_jsonl":
+            return data.read_minillm_jsonl(d.path, limit=d.limit)
+        if d.source == "instructions":
+            return data.read_instruction_jsonl(d.path, template=d.template, limit=d.limit)
+        if d.source == "shards":
+            return data.read_token_shards(d.path, limit=d.limit)
+        return data.load_hf_dataset(d.path, split=d.split, template=d.template, limit=d.limit)
+    except FileNotFoundError as e:
+        raise ConfigError(f"data.path: {e.filename or d.path}: no such file") from None
+
+
+def _log(trainer_args, message: str) -> None:
+    if trainer_args.process_index == 0:
+        print(f"[adakd] {message}", flush=True)
+
+
+def build_trainer(config: DistillConfig) -> AdaKDTrainer:
+    """Everything a run needs, checked before any training step: tokenizer, data, models, vocabularies, loss."""
+    from transformers import TrainingArguments
+
+    from ..data import DistillCollator, build_examples, tokenizer_for
+
+    try:
+        args = TrainingArguments(**config.training)
+    except (ValueError, TypeError) as e:
+        raise config.error("training", str(e).splitlines()[0]) from None
+    student_cfg = config.student
+    tokenizer = tokenizer_for(student_cfg.tokenizer or student_cfg.name_or_path)
+    examples, counts = build_examples(
+        load_records(config),
+        tokenizer,
+        max_length=config.data.max_length,
+        max_prompt_length=config.data.max_prompt_length,
+    )
+    _log(args, "data: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if not examples:
+        raise ConfigError(f"data: no example left after tokenisation ({counts})")
+
+    student = load_model(student_cfg, "student")
+    v_s = student.get_output_embeddings().weight.shape[0]
+    if len(tokenizer) > v_s:
+        raise ConfigError(f"student: its vocabulary ({v_s}) is smaller than the tokenizer's ({len(tokenizer)})")
+    teacher = None
+    if config.teacher is not None and config.loss.kd_ratio > 0:
+        teacher = load_model(config.teacher, "teacher")
+        try:
+            check_vocab_sizes(v_s, teacher.get_output_embeddings().weight.shape[0], len(tokenizer))
+        except ValueError as e:
+            raise ConfigError(f"teacher: {e}") from None
+    student = apply_lora(student, student_cfg)
+    if student_cfg.lora is not None and args.process_index == 0:
+        trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in student.parameters())
+        _log(args, f"LoRA: {trainable:,} trainable of {total:,} parameters")
+
+    world = max(1, args.world_size)
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+    total_steps = (
+        args.max_steps if args.max_steps > 0 else math.ceil(len(examples) / per_step) * math.ceil(args.num_train_epochs)
+    )
+    loss_fn = config.build_loss(total_steps=total_steps, vocab_size=len(tokenizer))
+    return AdaKDTrainer(
+        student,
+        teacher,
+        loss_fn=loss_fn,
+        kd_ratio=config.loss.kd_ratio,
+        fused=config.loss.fused,
+        chunk_size=config.loss.chunk_size,
+        args=args,
+        train_dataset=ExampleDataset(examples),
+        data_collator=DistillCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+    )
+
+
+def run(config: DistillConfig, resume: str | bool | None = None) -> dict[str, Any]:
+    """Train, then save the final model (or LoRA adapter), the tokenizer and the loss state in ``output_dir/final``."""
+    trainer = build_trainer(config)
+    result = trainer.train(resume_from_checkpoint=resume)
+    final = Path(trainer.args.output_dir) / "final"
+    trainer.save_model(str(final))  # the adapter only, for a PEFT student
+    if trainer.is_world_process_zero():
+        save_loss_state(trainer.loss_fn, final)
+    summary = {
+        "global_step": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "ratio": trainer.loss_fn.ratio,
+        "final": str(final),
+        "rank": trainer.args.process_index,
+    }
+    return summary

@@ -1,0 +1,247 @@
+"""AdaKDTrainer: a transformers.Trainer that distils a frozen teacher into the student with the AdaKD loss.
+
+The training step, spelled out (``compute_loss``):
+
+1. student forward (logits, or final hidden states for the fused loss), teacher forward under no_grad;
+2. shift: position i predicts label i + 1; prompt and padding labels are -100;
+3. CE = Σ_valid −log q(y) and KD = Σ_kept τ²·D (``AdaKDLoss(reduction="sum")``), both normalised over the whole
+   gradient-accumulation window (and all data-parallel ranks): CE by the window's valid-token count
+   ``num_items_in_batch``, KD by its kept-token count ≈ r·``num_items_in_batch``; so with ``selection: all`` the
+   loss and gradients do not depend on how a batch is split into micro-batches;
+4. loss = (1 − kd_ratio)·CE + kd_ratio·KD.
+
+After each optimizer step, ``AdaKDLoss.step`` receives L_t (the micro-steps' mean kept-token loss) averaged over
+the micro-steps and all ranks, so every rank holds the same ratio. The loss state (LATF) is saved in every
+checkpoint (``adakd_state.pt``) and restored on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers import Trainer, TrainerCallback
+
+from .. import AdaKDLoss
+from .models import output_layer
+
+__all__ = ["STATE_FILE", "AdaKDTrainer", "save_loss_state"]
+
+STATE_FILE = "adakd_state.pt"
+LOGGED = ("ratio", "kept_tokens", "valid_tokens", "tau_mean", "tau_min", "tau_max")
+
+
+def save_loss_state(loss_fn: AdaKDLoss, folder: str | os.PathLike) -> Path:
+    """Write the loss state atomically (a crash mid-write leaves the previous file intact)."""
+    path = Path(folder) / STATE_FILE
+    tmp = path.with_suffix(".tmp")
+    torch.save(loss_fn.state_dict(), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _chunked_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, bias, labels: torch.Tensor, chunk: int):
+    """Σ CE over the valid rows of ``hidden [N, H]`` without keeping ``[N, V]`` logits: each chunk's logits are
+    recomputed in the backward (activation checkpointing)."""
+
+    def ce(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(h, weight, bias).float()
+        return F.cross_entropy(logits, y, ignore_index=-100, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk):
+        total = total + checkpoint(
+            ce, hidden[start : start + chunk], labels[start : start + chunk], use_reentrant=False
+        )
+    return total
+
+
+class _LossStateCallback(TrainerCallback):
+    """Steps LATF after every optimizer step, saves its state with every checkpoint, writes metrics.jsonl."""
+
+    def __init__(self, trainer: AdaKDTrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._end_optimizer_step()
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                save_loss_state(self.trainer.loss_fn, folder)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            with open(Path(args.output_dir) / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+class AdaKDTrainer(Trainer):
+    """``transformers.Trainer`` with a frozen teacher and the AdaKD loss.
+
+    Args:
+        model: the student (optionally PEFT-wrapped).
+        teacher_model: the teacher, or None for plain SFT (``kd_ratio`` must then be 0).
+        loss_fn: an :class:`adakd.AdaKDLoss` built with ``reduction="sum"``.
+        kd_ratio: loss = (1 − kd_ratio)·CE + kd_ratio·AdaKD.
+        fused: use ``AdaKDLoss.forward_hidden`` (never materialise the logits).
+        chunk_size: rows per chunk of the fused path.
+        **kwargs: ``transformers.Trainer`` arguments (``args``, ``train_dataset``, ``data_collator``, ...).
+    """
+
+    def __init__(
+        self,
+        model,
+        teacher_model=None,
+        *,
+        loss_fn: AdaKDLoss,
+        kd_ratio: float = 1.0,
+        fused: bool = False,
+        chunk_size: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if loss_fn.reduction != "sum":
+            raise ValueError("AdaKDTrainer needs AdaKDLoss(reduction='sum'): it normalises over the whole window")
+        if teacher_model is None and kd_ratio > 0:
+            raise ValueError("no teacher: kd_ratio must be 0 (plain SFT)")
+        super().__init__(model=model, **kwargs)
+        self.loss_fn = loss_fn
+        self.kd_ratio = float(kd_ratio)
+        self.fused = fused
+        self.chunk_size = chunk_size
+        # Our compute_loss normalises by num_items_in_batch itself: have the Trainer count it, and not divide again.
+        self.model_accepts_loss_kwargs = True
+        self.loss_is_scaled_for_ga = True
+        self.teacher = None
+        if teacher_model is not None:
+            from .models import prepare_teacher
+
+            self.teacher = prepare_teacher(teacher_model, self.accelerator)
+        self._micro: list[float] = []  # L_t of each micro-step since the last optimizer step
+        self._window: dict[str, float] = {}  # sums for logging since the last log
+        self.add_callback(_LossStateCallback(self))
+
+    # ----------------------------------------------------------------------------------------------------------
+    def _forward(self, model, inputs: dict[str, torch.Tensor]):
+        """Student logits ``[B, T−1, V]`` or hidden states ``[B, T−1, H]`` with (weight, bias); teacher likewise."""
+        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        if not self.fused:
+            student = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+            teacher = None
+            if self.teacher is not None and self.kd_ratio > 0:
+                with torch.no_grad():
+                    teacher = self.teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
+            return student, teacher
+        decoder, weight, bias = output_layer(model)
+        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+        teacher = None
+        if self.teacher is not None and self.kd_ratio > 0:
+            t_decoder, t_weight, t_bias = output_layer(self.teacher)
+            with torch.no_grad():
+                t_hidden = t_decoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+            teacher = (t_hidden, t_weight, t_bias)
+        return (hidden, weight, bias), teacher
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"][:, 1:]
+        student, teacher = self._forward(model, inputs)
+        valid = (labels != -100).sum()
+        if num_items_in_batch is None:  # evaluation, or a caller outside the Trainer loop: this batch alone
+            denom, scale = valid.clamp_min(1).to(torch.float32), 1.0
+        else:
+            denom = torch.as_tensor(num_items_in_batch, device=labels.device, dtype=torch.float32).clamp_min(1)
+            # num_items_in_batch counts every rank's tokens; DDP averages gradients over ranks, so scale back up.
+            scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1.0
+
+        ce = kd = None
+        if self.kd_ratio < 1:
+            if self.fused:
+                hidden, weight, bias = student
+                chunk = self.chunk_size or 1024
+                ce = _chunked_ce_sum(hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), chunk)
+            else:
+                ce = F.cross_entropy(
+                    student.reshape(-1, student.shape[-1]).float(),
+                    labels.reshape(-1),
+                    ignore_index=-100,
+                    reduction="sum",
+                )
+            ce = ce / denom
+        if self.kd_ratio > 0:
+            if self.fused:
+                (hidden, weight, bias), (t_hidden, t_weight, t_bias) = student, teacher
+                kd_sum = self.loss_fn.forward_hidden(
+                    hidden, weight, t_hidden, t_weight, labels, student_bias=bias, teacher_bias=t_bias,
+                    chunk_size=self.chunk_size,
+                )  # fmt: skip
+            else:
+                kd_sum = self.loss_fn(student, teacher, labels)
+            # The window's kept count: r·(valid tokens); exactly the valid count when every token is kept.
+            kept_fraction = 1.0 if self.loss_fn.controller is None else self.loss_fn.stats["ratio"]
+            kd = kd_sum / (denom * kept_fraction)
+            self._micro.append(self.loss_fn.stats["loss"])
+        loss = sum(w * term for w, term in ((1 - self.kd_ratio, ce), (self.kd_ratio, kd)) if term is not None)
+        self._accumulate(ce, kd, scale)
+        loss = loss * scale
+        return (loss, None) if return_outputs else loss
+
+    # ----------------------------------------------------------------------------------------------------------
+    def _accumulate(self, ce, kd, scale: float) -> None:
+        # Scaled like the returned loss, so that (1 − kd_ratio)·ce_loss + kd_ratio·kd_loss = loss on one process.
+        w = self._window
+        w["n"] = w.get("n", 0) + 1
+        if ce is not None:
+            w["ce_loss"] = w.get("ce_loss", 0.0) + ce.item() * scale
+        if kd is not None:
+            w["kd_loss"] = w.get("kd_loss", 0.0) + kd.item() * scale
+            for key in LOGGED:
+                w[key] = w.get(key, 0.0) + self.loss_fn.stats[key]
+
+    def _end_optimizer_step(self) -> None:
+        """LATF advances on L_t averaged over this step's micro-steps and over all ranks (one all-reduce)."""
+        if not self._micro:
+            return
+        total = torch.tensor([sum(self._micro), len(self._micro)], dtype=torch.float64, device=self.args.device)
+        if self.accelerator.num_processes > 1:
+            total = self.accelerator.reduce(total, reduction="sum")
+        self._micro.clear()
+        self.loss_fn.step(float(total[0] / total[1]))
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        w, self._window = self._window, {}
+        n = w.pop("n", 0)
+        if "loss" in logs and n:
+            # ce_loss / kd_loss are per-micro-step window-normalised terms: summed over micro-steps they make the
+            # step's loss; averaged over the logged steps like "loss".
+            steps = max(1, n / max(1, self.args.gradient_accumulation_steps))
+            for key in ("ce_loss", "kd_loss"):
+                if key in w:
+                    logs[key] = w.pop(key) / steps
+            for key in LOGGED:
+                if key in w:
+                    logs[f"adakd/{key}"] = w[key] / n
+        super().log(logs, *args, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """``Trainer.train``; on resume, the AdaKD loss state is restored from the checkpoint first."""
+        if resume_from_checkpoint:
+            if resume_from_checkpoint is True:
+                from transformers.trainer_utils import get_last_checkpoint
+
+                resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+                if resume_from_checkpoint is None:
+                    raise ValueError(f"no checkpoint to resume from in {self.args.output_dir}")
+            state = Path(resume_from_checkpoint) / STATE_FILE
+            if state.is_file():
+                self.loss_fn.load_state_dict(torch.load(state, map_location="cpu", weights_only=False))
+            elif self.kd_ratio > 0:
+                raise ValueError(f"{resume_from_checkpoint}: no {STATE_FILE}; cannot resume the AdaKD loss state")
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)

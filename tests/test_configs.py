@@ -1,0 +1,179 @@
+"""Every shipped config loads: run configs through ``load_config``, accelerate configs through accelerate's parser.
+
+The paper's runs (``configs/paper/<pair>/<run>.yaml``) are also checked against the spec: LoRA r 16 / α 64 /
+dropout 0.1, AdaKD runs with LATF + inverse temperatures, plain KD with every token at τ 1, SFT with no teacher,
+a global batch of 128 on 8 GPUs, and a header that opens with the file's own launch command.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from adakd.train.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+ACCELERATE = CONFIGS / "accelerate"
+PAPER = CONFIGS / "paper"
+
+RUN_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if ACCELERATE not in p.parents)
+PAPER_CONFIGS = sorted(PAPER.rglob("*.yaml"))
+ACCELERATE_CONFIGS = sorted(ACCELERATE.glob("*.yaml"))
+
+PAIRS = {"qwen2": True, "openllama2": True, "gpt2": False}  # pair -> student uses LoRA
+BASES = ("fkl", "rkl", "abkd")
+RUNS = ("sft-teacher", "sft", *BASES, *(f"{b}-adakd" for b in BASES))
+GPUS = 8  # the paper configs' batch assumes 8 data-parallel ranks
+
+# file -> (distributed_type, num_processes, DeepSpeed zero_stage or None)
+ACCELERATE_EXPECTED = {
+    "ddp.yaml": ("MULTI_GPU", 8, None),
+    "fsdp.yaml": ("FSDP", 8, None),
+    "zero2.yaml": ("DEEPSPEED", 8, 2),
+    "zero3.yaml": ("DEEPSPEED", 8, 3),
+    "cpu-2proc.yaml": ("MULTI_GPU", 2, None),
+}
+
+
+def _id(path: Path) -> str:
+    return path.relative_to(CONFIGS).as_posix()
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch) -> dict[str, Path]:
+    """ADAKD_DATA and ADAKD_OUTPUTS pointing into tmp_path (load_config expands ${VAR} in paths)."""
+    paths = {"ADAKD_DATA": tmp_path / "data", "ADAKD_OUTPUTS": tmp_path / "outputs"}
+    for name, value in paths.items():
+        monkeypatch.setenv(name, str(value))
+    return paths
+
+
+def test_the_paper_set_is_complete():
+    expected = {f"paper/{pair}/{run}.yaml" for pair in PAIRS for run in RUNS}
+    assert {_id(p) for p in PAPER_CONFIGS} == expected
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=_id)
+def test_run_config_loads(path, env):
+    config = load_config(path)
+    for value in (config.data.path, config.training["output_dir"], config.teacher and config.teacher.name_or_path):
+        assert "${" not in str(value or ""), f"{value!r}: an env var was left unexpanded"
+    # The values, not just the key names, must be acceptable to TrainingArguments (use_cpu: bf16 needs a device).
+    from transformers import TrainingArguments
+
+    TrainingArguments(**{**config.training, "use_cpu": True})
+
+
+@pytest.mark.parametrize("path", PAPER_CONFIGS, ids=_id)
+def test_paper_config_follows_the_spec(path, env):
+    rel = path.relative_to(REPO).as_posix()
+    pair, run = path.parent.name, path.stem
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("#") and f"adakd train {rel}" in lines[0], lines[0]
+    launch = next((line for line in lines[:5] if "accelerate launch" in line), None)
+    assert launch is not None and launch.rstrip().endswith(f"-m adakd train {rel}"), launch
+    accel = re.search(r"--config_file (\S+)", launch).group(1)
+    assert (REPO / accel).is_file(), f"{rel}: {accel} does not exist"
+    assert any(line.startswith("# Not in the spec") for line in lines), f"{rel}: no note on the unstated choices"
+
+    config = load_config(path)
+    outputs = env["ADAKD_OUTPUTS"]
+    assert Path(config.training["output_dir"]) == outputs / pair / run
+
+    # Model and LoRA
+    lora = config.student.lora
+    if PAIRS[pair]:
+        assert lora is not None, f"{rel}: the {pair} runs use LoRA"
+        assert (lora.r, lora.alpha, lora.dropout) == (16, 64, 0.1)
+        assert config.student.dtype == "bfloat16" and config.training["bf16"] is True
+    else:
+        assert lora is None, f"{rel}: GPT-2 is fully fine-tuned"
+        assert config.student.tokenizer == "gpt2"
+        assert config.data.source == "shards"
+        assert Path(config.data.path) == env["ADAKD_DATA"] / "dolly-train-gpt2-tokens" / "train_0"
+    if pair == "qwen2":
+        assert config.loss.fused is True, f"{rel}: the 151,936-token vocabulary needs the fused loss"
+
+    # Loss per kind of run
+    loss = config.loss
+    if run in ("sft-teacher", "sft"):
+        assert config.teacher is None and loss.kd_ratio == 0.0
+    else:
+        assert config.teacher is not None
+        assert Path(config.teacher.name_or_path) == outputs / pair / "sft-teacher" / "final"
+        assert loss.kd_ratio == 1.0
+        base = run.removesuffix("-adakd")
+        assert loss.base == base
+        if base == "abkd":
+            assert loss.base_params == {"alpha": 0.2, "beta": 0.7}
+        if run.endswith("-adakd"):
+            assert (loss.selection, loss.temperature, loss.indicator) == ("latf", "inverse", "hellinger")
+            assert (loss.c, loss.tau_base, loss.ratio) == (0.5, 1.0, 1.0)
+            assert (loss.ema_decay, loss.tolerance, loss.step) == (0.99, 0.05, 0.05)
+            assert (loss.min_ratio, loss.max_ratio, loss.warmup_ratio) == (0.1, 1.0, 0.05)
+        else:
+            assert (loss.selection, loss.temperature, loss.tau_base) == ("all", "fixed", 1.0)
+
+    # The shared protocol: batch 128 on 8 GPUs, cosine, 5% LR warm-up, weight decay 0.01, clip 1.0, 512 / 256.
+    t = config.training
+    assert t["per_device_train_batch_size"] * t["gradient_accumulation_steps"] * GPUS == 128
+    assert t["lr_scheduler_type"] == "cosine" and t["warmup_steps"] == 0.05
+    assert (t["weight_decay"], t["max_grad_norm"]) == (0.01, 1.0)
+    assert isinstance(t["learning_rate"], float), f"{rel}: learning_rate {t['learning_rate']!r} is not a number"
+    if pair == "gpt2" and run != "sft-teacher":
+        assert t["learning_rate"] == 5e-4 and t["num_train_epochs"] == 20
+    assert (config.data.max_length, config.data.max_prompt_length) == (512, 256)
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=_id)
+def test_accelerate_config_loads(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    assert path.name in ACCELERATE_EXPECTED, f"{path.name}: add it to ACCELERATE_EXPECTED"
+    kind, processes, stage = ACCELERATE_EXPECTED[path.name]
+    config = load_config_from_file(str(path))
+    assert config.distributed_type.value == kind
+    assert config.num_processes == processes
+    assert config.deepspeed_config.get("zero_stage") == stage
+    if kind == "DEEPSPEED":
+        ds = config.deepspeed_config
+        assert ds["offload_optimizer_device"] == ds["offload_param_device"] == "none"
+        assert ds["zero3_init_flag"] is (stage == 3)
+    if kind == "FSDP":
+        fsdp = config.fsdp_config
+        assert fsdp["fsdp_reshard_after_forward"] == "FULL_SHARD"
+        assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+        assert fsdp["fsdp_use_orig_params"] is True
+        assert fsdp["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+    if path.name == "cpu-2proc.yaml":
+        assert config.use_cpu is True and config.mixed_precision == "no"
+    else:
+        assert config.use_cpu is False and config.mixed_precision == "bf16"
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("#") and f"accelerate launch --config_file {path.relative_to(REPO).as_posix()}" in first
+
+
+def test_every_accelerate_config_is_expected():
+    assert sorted(p.name for p in ACCELERATE_CONFIGS) == sorted(ACCELERATE_EXPECTED)
+
+
+@pytest.mark.parametrize(
+    ("good", "bad", "dotted"),
+    [
+        ("  selection: latf", "  selecton: latf", "loss.selecton"),
+        ("  learning_rate: 5.0e-4", "  learning_rte: 5.0e-4", "training.learning_rte"),
+        ("    alpha: 64", "    alpah: 64", "student.lora.alpah"),
+    ],
+)
+def test_misspelled_key_names_file_and_key(good, bad, dotted, env, tmp_path):
+    text = (PAPER / "qwen2" / "rkl-adakd.yaml").read_text()
+    assert text.count(good + "\n") == 1
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(text.replace(good + "\n", bad + "\n"))
+    with pytest.raises(ConfigError) as info:
+        load_config(broken)
+    message = str(info.value)
+    assert str(broken) in message and dotted in message, message

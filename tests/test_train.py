@@ -1,0 +1,230 @@
+"""The trainer end to end on tiny models built from configs: runs, resume, invariances, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from transformers import TrainerCallback  # noqa: E402
+
+from adakd.train import build_trainer, load_config, run  # noqa: E402
+from adakd.train.trainer import STATE_FILE  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny-cpu.yaml"
+
+
+def _config(tmp_path: Path, *overrides: str, name: str = "run"):
+    base = [
+        f"training.output_dir={tmp_path / name}",
+        "training.logging_steps=1",
+        "training.disable_tqdm=true",
+        "data.synthetic_size=96",
+    ]
+    return load_config(TINY, [*base, *overrides])
+
+
+def _metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_run_end_to_end(tmp_path):
+    config = _config(tmp_path, "training.max_steps=6", "training.save_steps=3")
+    summary = run(config)
+    out = tmp_path / "run"
+    assert summary["global_step"] == 6
+    assert (out / "final" / "config.json").is_file() and (out / "final" / STATE_FILE).is_file()
+    assert (out / "final" / "tokenizer.json").is_file()
+    assert (out / "checkpoint-3" / STATE_FILE).is_file()
+    rows = [r for r in _metrics(out) if "loss" in r]
+    assert len(rows) == 6
+    for r in rows:
+        for key in ("loss", "kd_loss", "adakd/ratio", "adakd/kept_tokens", "adakd/valid_tokens", "adakd/tau_mean"):
+            assert key in r, key
+        assert r["adakd/tau_min"] <= r["adakd/tau_mean"] <= r["adakd/tau_max"]
+        assert r["loss"] == pytest.approx(r["kd_loss"], rel=1e-4)  # kd_ratio 1: the loss is the KD term
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+LATF_MOVES = [  # LATF that reacts at every step, so that a wrong resume shows in the ratio trajectory
+    "loss.ema_decay=0.0",
+    "loss.tolerance=0.0",
+    "loss.step=0.2",
+    "loss.warmup_steps=1",
+    "loss.min_ratio=0.2",
+]
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(tmp_path):
+    common = ["training.max_steps=10", "training.save_steps=5", *LATF_MOVES]
+    straight = build_trainer(_config(tmp_path, *common, name="straight"))
+    straight.train()
+
+    first = build_trainer(_config(tmp_path, *common, name="resumed"))
+    first.add_callback(_StopAt(5))
+    first.train()
+    assert (tmp_path / "resumed" / "checkpoint-5" / STATE_FILE).is_file()
+    second = build_trainer(_config(tmp_path, *common, name="resumed"))
+    second.train(resume_from_checkpoint=True)
+
+    a = [r for r in _metrics(tmp_path / "straight") if "loss" in r]
+    b = [r for r in _metrics(tmp_path / "resumed") if "loss" in r]
+    assert [r["step"] for r in b] == list(range(1, 11))
+    ratios = [r["adakd/ratio"] for r in a]
+    assert len(set(ratios)) > 2, ratios  # the controller did move
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["adakd/ratio"] == pytest.approx(ra["adakd/ratio"], rel=1e-9), ra["step"]
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5), ra["step"]
+    assert second.loss_fn.controller.state_dict() == pytest.approx(straight.loss_fn.controller.state_dict())
+
+
+def _one_step_weights(tmp_path, name, batch, accumulation, *extra):
+    config = _config(
+        tmp_path,
+        "training.max_steps=1",
+        f"training.per_device_train_batch_size={batch}",
+        f"training.gradient_accumulation_steps={accumulation}",
+        "training.optim=sgd",
+        "training.learning_rate=0.5",
+        "training.warmup_steps=0",
+        "training.lr_scheduler_type=constant",
+        "training.max_grad_norm=0",
+        "training.save_strategy=no",
+        "loss.selection=all",
+        "loss.temperature=fixed",
+        *extra,
+        name=name,
+    )
+    trainer = build_trainer(config)
+    before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    trainer.train()
+    logged = [r for r in _metrics(tmp_path / name) if "loss" in r][0]
+    return before, dict(trainer.model.named_parameters()), logged
+
+
+@pytest.mark.parametrize("kd_ratio", [1.0, 0.5])
+def test_gradient_accumulation_invariance(tmp_path, kd_ratio):
+    # One optimizer step on the same 4 sequences, as 1 micro-batch of 4 or as 4 micro-batches of 1.
+    b0, one, log_one = _one_step_weights(tmp_path, "one", 4, 1, f"loss.kd_ratio={kd_ratio}")
+    b1, four, log_four = _one_step_weights(tmp_path, "four", 1, 4, f"loss.kd_ratio={kd_ratio}")
+    assert log_one["loss"] == pytest.approx(log_four["loss"], rel=1e-5)
+    moved = 0.0
+    for name, p in one.items():
+        torch.testing.assert_close(b0[name], b1[name])  # the same initial weights
+        torch.testing.assert_close(four[name], p, rtol=1e-4, atol=1e-6, msg=name)
+        moved = max(moved, (p - b0[name]).abs().max().item())
+    assert moved > 1e-4  # the step did change the weights
+
+
+def test_fused_and_logits_paths_give_the_same_loss(tmp_path):
+    results = []
+    for fused in ("false", "true"):
+        trainer = build_trainer(_config(tmp_path, f"loss.fused={fused}", "loss.kd_ratio=0.7", "loss.chunk_size=7"))
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        grads = [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
+        results.append((loss.detach(), grads, dict(trainer.loss_fn.stats)))
+    (l0, g0, s0), (l1, g1, s1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    assert len(g0) == len(g1)
+    for a, b in zip(g1, g0, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert s0["kept_tokens"] == s1["kept_tokens"]
+
+
+def test_sft_mode_is_the_models_own_cross_entropy(tmp_path):
+    config = _config(tmp_path, "loss.kd_ratio=0")
+    config.teacher = None
+    trainer = build_trainer(config.validate())
+    assert trainer.teacher is None
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    ours = trainer.compute_loss(trainer.model, batch)
+    theirs = trainer.model(**batch).loss  # transformers' shifted, token-averaged cross-entropy
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    trainer.train_dataset.examples = trainer.train_dataset.examples[:16]
+    trainer.args.max_steps = 2
+    trainer.train()
+    assert trainer.state.global_step == 2
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_lora_and_full_fine_tuning_both_train(tmp_path, lora):
+    overrides = ["training.max_steps=3", "training.save_strategy=no"]
+    if lora:
+        overrides += ["student.lora={r: 4, alpha: 16, dropout: 0.0}"]
+    trainer = build_trainer(_config(tmp_path, *overrides))
+    before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    trainer.train()
+    changed = {k for k, v in trainer.model.named_parameters() if not torch.equal(v, before[k])}
+    if lora:
+        assert changed and all("lora_" in k for k in changed)  # only the adapters move
+    else:
+        assert len(changed) == len(before)  # every weight moves
+    run_dir = tmp_path / "run"
+    trainer.save_model(str(run_dir / "final"))
+    assert (run_dir / "final" / ("adapter_config.json" if lora else "config.json")).is_file()
+
+
+def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "adakd", *args], capture_output=True, text=True, cwd=cwd, env=env)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY.read_text().replace("selection: latf", "selekton: latf"))
+    proc = _cli("train", str(bad))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert str(bad) in proc.stderr and "loss.selekton: unknown key" in proc.stderr
+    proc = _cli("train", str(TINY), "loss.ratio=two")
+    assert proc.returncode == 2 and "loss.ratio: expected a number" in proc.stderr
+    proc = _cli("train", str(tmp_path / "missing.yaml"))
+    assert proc.returncode == 2 and "missing.yaml: cannot read" in proc.stderr
+
+
+@pytest.mark.slow
+def test_cli_trains(tmp_path):
+    proc = _cli("train", str(TINY), f"training.output_dir={tmp_path / 'cli'}", "training.max_steps=4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "cli" / "final" / STATE_FILE).is_file()
+    assert "rank 0:" in proc.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_hold_the_same_ratio(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [
+        str(torchrun), "--nproc_per_node=2", "--master_port=29517", "-m", "adakd", "train", str(TINY),
+        f"training.output_dir={tmp_path / 'ddp'}", "training.max_steps=8", "training.ddp_backend=gloo",
+        "training.disable_tqdm=true", *LATF_MOVES,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = {}
+    for line in proc.stderr.splitlines():
+        if "[adakd] rank " in line:
+            rank, _, payload = line.partition("[adakd] rank ")[2].partition(": ")
+            reports[int(rank)] = json.loads(payload)
+    assert set(reports) == {0, 1}
+    assert reports[0]["global_step"] == reports[1]["global_step"] == 8
+    assert reports[0]["ratio"] == reports[1]["ratio"] < 1.0
