@@ -228,3 +228,15 @@ def test_torchrun_two_processes_hold_the_same_ratio(tmp_path):
     assert set(reports) == {0, 1}
     assert reports[0]["global_step"] == reports[1]["global_step"] == 8
     assert reports[0]["ratio"] == reports[1]["ratio"] < 1.0
+
+
+def test_evaluation_batches_do_not_move_latf(tmp_path):
+    trainer = build_trainer(_config(tmp_path))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    trainer.model.eval()
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, batch)
+    assert trainer._micro == [] and trainer._window == {}
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, batch)
+    assert len(trainer._micro) == 1

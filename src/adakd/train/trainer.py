@@ -186,9 +186,11 @@ class AdaKDTrainer(Trainer):
             # The window's kept count: r·(valid tokens); exactly the valid count when every token is kept.
             kept_fraction = 1.0 if self.loss_fn.controller is None else self.loss_fn.stats["ratio"]
             kd = kd_sum / (denom * kept_fraction)
-            self._micro.append(self.loss_fn.stats["loss"])
         loss = sum(w * term for w, term in ((1 - self.kd_ratio, ce), (self.kd_ratio, kd)) if term is not None)
-        self._accumulate(ce, kd, scale)
+        if model.training:  # evaluation batches must not move LATF nor the training logs
+            if kd is not None:
+                self._micro.append(self.loss_fn.stats["loss"])
+            self._accumulate(ce, kd, scale)
         loss = loss * scale
         return (loss, None) if return_outputs else loss
 
