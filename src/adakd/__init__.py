@@ -8,6 +8,14 @@ from .adaptive import INDICATORS, LATF, RatioSchedule, difficulty_scores, idts_t
 from .divergences import DIVERGENCES, divergence, hellinger_distance
 from .loss import AdaKDLoss, align_vocab
 
+
+def rouge_l(prediction: str, references: str | list[str]) -> float:
+    """ROUGE-L F-measure × 100, maximum over references: MiniLLM's metric (needs the ``eval`` extra)."""
+    from .eval.rouge import rouge_l as _rouge_l
+
+    return _rouge_l(prediction, references)
+
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -22,4 +30,5 @@ __all__ = [
     "divergence",
     "hellinger_distance",
     "idts_temperatures",
+    "rouge_l",
 ]

@@ -1,6 +1,8 @@
 """The ``adakd`` command line: one entry point, one small module per subcommand.
 
     adakd train CONFIG.yaml [key.sub=value ...] [--resume [CHECKPOINT]]
+    adakd eval --model PATH --data-dir DIR --output results.json [...]
+    adakd compare results_a.json results_b.json ... [--plot chart.png]
     python -m adakd train ...
 
 Bad input ends with one line, ``adakd: error: ...`` naming the file, key or flag, and exit status 2; never a
@@ -12,6 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import compare as compare_cmd
+from . import eval as eval_cmd
 from . import train as train_cmd
 
 __all__ = ["main"]
@@ -24,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"adakd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train_cmd.add_parser(sub)
+    eval_cmd.add_parser(sub)
+    compare_cmd.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,99 @@
+"""``adakd eval``: the paper's evaluation protocol in one command (generation + ROUGE-L over seeds)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _ints(flag: str):
+    def parse(text: str) -> list[int]:
+        try:
+            return [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+    return parse
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="generate and score ROUGE-L on the paper's evaluation sets",
+        description="Sample answers for the evaluation sets with each seed and report ROUGE-L (mean ± std).",
+    )
+    p.add_argument("--model", required=True, help="a model directory (or hub id), or a LoRA adapter with --base-model")
+    p.add_argument("--base-model", default=None, help="the base model of a LoRA adapter given as --model")
+    p.add_argument("--tokenizer", default=None, help="defaults to --model ('byte': the built-in byte tokenizer)")
+    p.add_argument(
+        "--data-dir",
+        default=os.environ.get("ADAKD_EVAL_DATA"),
+        help="MiniLLM's layout: dolly/valid.jsonl, sinst/11_/valid.jsonl, ... (default: $ADAKD_EVAL_DATA)",
+    )
+    p.add_argument("--datasets", default="dolly,self-inst,vicuna,sinst,uinst", help="names, or name=path pairs")
+    p.add_argument("--seeds", type=_ints("--seeds"), default=[10, 20, 30, 40, 50])
+    p.add_argument("--limit", type=int, default=None, help="the first N examples of each set")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=512, help="prompt + answer tokens")
+    p.add_argument("--max-prompt-length", type=int, default=256, help="longer prompts keep their last tokens")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0: off")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    p.add_argument("--backend", default="hf", help="hf (default) or vllm")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    p.add_argument("--output", required=True, help="results JSON; predictions go to <stem>.predictions/")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=run)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..eval.generate import GenerationConfig, load_backend
+    from ..eval.run import evaluate, format_table, predictions_dir
+    from ..eval.sets import load_eval_set, resolve_eval_sets
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not 0 < args.max_prompt_length < args.max_length:
+        raise ValueError("--max-prompt-length must be positive and below --max-length")
+    if not args.seeds:
+        raise ValueError("--seeds: give at least one seed")
+    paths = resolve_eval_sets(args.data_dir, [x for x in args.datasets.split(",") if x])
+    sets = [load_eval_set(name, path, limit=args.limit) for name, path in paths.items()]
+    for s in sets:
+        print(f"[adakd] {s.name}: {len(s.records)} examples from {s.path}", file=sys.stderr)
+    config = GenerationConfig(
+        max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        greedy=args.greedy,
+        batch_size=args.batch_size,
+    )
+    backend = load_backend(
+        args.backend,
+        args.model,
+        base_model=args.base_model,
+        tokenizer=args.tokenizer,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    results = evaluate(backend, sets, args.seeds, config, args.output, args.model, show_progress=not args.quiet)
+    gen = results["generation"]
+    print(format_table(results))
+    print(
+        f"[adakd] {gen['generated_tokens']} tokens generated at {gen['tokens_per_second']:.1f} tokens/s; "
+        f"scoring {gen['scoring_seconds']:.2f} s; results in {args.output}, "
+        f"predictions in {predictions_dir(args.output)}",
+        file=sys.stderr,
+    )
+    return 0

@@ -1,0 +1,9 @@
+"""Evaluation: ROUGE-L (MiniLLM's metric), the five evaluation sets, generation backends, the protocol runner.
+
+Needs the ``eval`` extra (rouge-score, matplotlib) and, for generation, the ``train`` extra (transformers).
+"""
+
+from .rouge import lcs_length, rouge_l
+from .sets import EVAL_SETS, load_eval_set, resolve_eval_sets
+
+__all__ = ["EVAL_SETS", "lcs_length", "load_eval_set", "resolve_eval_sets", "rouge_l"]

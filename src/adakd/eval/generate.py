@@ -1,0 +1,164 @@
+"""Generation backends for evaluation: Hugging Face ``generate`` (default, tested) and vLLM (when installed).
+
+The paper's protocol: sampling with temperature 1.0, top-p 1.0, top-k 0 (off), total length ≤ 512 tokens with the
+prompt ≤ 256 (longer prompts keep their last 256 tokens, which hold the instruction's end and "### Response:").
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+__all__ = ["BACKENDS", "GenerationConfig", "HFBackend", "VLLMBackend", "load_backend"]
+
+BACKENDS = ("hf", "vllm")
+
+
+@dataclass
+class GenerationConfig:
+    """How to decode. ``greedy`` overrides the sampling parameters."""
+
+    max_length: int = 512
+    max_prompt_length: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    greedy: bool = False
+    batch_size: int = 8
+    stats: dict[str, float] = field(default_factory=lambda: {"tokens": 0.0, "seconds": 0.0})
+
+
+class Backend(Protocol):
+    def generate(self, prompts: list[str], seed: int, config: GenerationConfig, progress=None) -> list[str]: ...
+
+
+class HFBackend:
+    """Batched ``model.generate`` with the KV cache and left padding (so every prompt ends where decoding starts)."""
+
+    def __init__(self, model, tokenizer, device: str | torch.device = "cpu") -> None:
+        self.model = model.to(device).eval()
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+
+    def _encode(self, prompts: list[str], config: GenerationConfig) -> list[list[int]]:
+        ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        return [x[-config.max_prompt_length :] for x in ids]
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seed: int, config: GenerationConfig, progress=None) -> list[str]:
+        """Texts generated for ``prompts`` (in order). Same seed and batch size: the same texts."""
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        encoded = self._encode(prompts, config)
+        torch.manual_seed(seed)
+        outputs: list[str] = []
+        for start in range(0, len(encoded), config.batch_size):
+            batch = encoded[start : start + config.batch_size]
+            width = max(len(x) for x in batch)
+            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, ids in enumerate(batch):  # left padding
+                input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+                attention[row, width - len(ids) :] = 1
+            kwargs = dict(
+                max_length=max(config.max_length, width + 1),
+                do_sample=not config.greedy,
+                pad_token_id=pad,
+                eos_token_id=tok.eos_token_id,
+                use_cache=True,
+            )
+            if not config.greedy:
+                kwargs.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)
+            start_time = time.perf_counter()
+            out = self.model.generate(
+                input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device), **kwargs
+            )
+            config.stats["seconds"] += time.perf_counter() - start_time
+            new = out[:, width:].cpu()
+            for row in new:
+                ids = row.tolist()
+                if tok.eos_token_id in ids:
+                    ids = ids[: ids.index(tok.eos_token_id)]
+                config.stats["tokens"] += len(ids)
+                outputs.append(tok.decode(ids, skip_special_tokens=True).strip())
+            if progress is not None:
+                progress.update(len(batch))
+        return outputs
+
+
+class VLLMBackend:
+    """vLLM's offline engine, when installed (not installed or tested in this project's CI)."""
+
+    def __init__(self, model_path: str, tokenizer=None, **engine_kwargs) -> None:
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise ValueError("--backend vllm: vllm is not installed (pip install vllm)") from None
+        self.llm = LLM(model=model_path, **engine_kwargs)
+        self.tokenizer = tokenizer or self.llm.get_tokenizer()
+
+    def generate(self, prompts: list[str], seed: int, config: GenerationConfig, progress=None) -> list[str]:
+        from vllm import SamplingParams, TokensPrompt
+
+        encoded = [
+            self.tokenizer(p, add_special_tokens=False)["input_ids"][-config.max_prompt_length :] for p in prompts
+        ]
+        requests = [TokensPrompt(prompt_token_ids=ids) for ids in encoded]
+        params = [
+            SamplingParams(
+                temperature=0.0 if config.greedy else config.temperature,
+                top_p=config.top_p,
+                top_k=-1 if config.top_k == 0 else config.top_k,  # vLLM's "off" is -1
+                max_tokens=max(1, config.max_length - len(ids)),
+                seed=seed + i,
+            )
+            for i, ids in enumerate(encoded)
+        ]
+        start_time = time.perf_counter()
+        results = self.llm.generate(requests, params, use_tqdm=progress is not None)
+        config.stats["seconds"] += time.perf_counter() - start_time
+        texts = []
+        for r in results:
+            config.stats["tokens"] += len(r.outputs[0].token_ids)
+            texts.append(r.outputs[0].text.strip())
+        if progress is not None:
+            progress.update(len(prompts))
+        return texts
+
+
+def load_backend(
+    backend: str,
+    model_path: str,
+    *,
+    base_model: str | None = None,
+    tokenizer: str | None = None,
+    device: str = "cpu",
+    dtype: str = "auto",
+):
+    """Load the model to evaluate: a full model directory, or a LoRA adapter on ``base_model``."""
+    from ..data import tokenizer_for
+
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend: unknown {backend!r}; valid: {', '.join(BACKENDS)}")
+    tok = tokenizer_for(tokenizer or model_path)
+    if backend == "vllm":
+        if base_model is not None:
+            raise ValueError("--backend vllm: merge the LoRA adapter first (--base-model is for --backend hf)")
+        return VLLMBackend(model_path, tokenizer=tok)
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    try:
+        if base_model is not None:
+            from peft import PeftModel
+
+            base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch_dtype)
+            model = PeftModel.from_pretrained(base, model_path).merge_and_unload()  # merged: faster generation
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
+    except OSError as e:
+        raise ValueError(f"--model {model_path}: cannot load ({str(e).splitlines()[0]})") from None
+    return HFBackend(model, tok, device=device)

@@ -1,0 +1,116 @@
+"""The paper's evaluation protocol: generate for every set and seed, score ROUGE-L, aggregate, save.
+
+Per set and seed, ROUGE-L is the mean over examples of the best-reference F-measure × 100; a set's figure is the
+mean ± std over seeds (population std, ddof = 0), and the average row is the mean ± std over seeds of the
+per-seed average over sets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from .generate import GenerationConfig
+from .rouge import rouge_l
+from .sets import EvalSet
+
+__all__ = ["evaluate", "format_table", "mean_std", "predictions_dir"]
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0}
+
+
+def predictions_dir(output: str | Path) -> Path:
+    """Where the per-seed predictions of ``results.json`` go: ``results.predictions/``."""
+    output = Path(output)
+    return output.with_name(output.stem + ".predictions")
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)  # a crash leaves either the old file or the new one, never half of one
+
+
+def evaluate(
+    backend,
+    sets: list[EvalSet],
+    seeds: list[int],
+    config: GenerationConfig,
+    output: str | Path,
+    model_name: str,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Generate and score every set for every seed; write predictions and ``output``; return the results dict."""
+    from tqdm.auto import tqdm
+
+    pred_dir = predictions_dir(output)
+    total = sum(len(s.records) for s in sets) * len(seeds)
+    per_seed_avg: dict[int, list[float]] = {seed: [] for seed in seeds}
+    results: dict[str, Any] = {"model": model_name, "datasets": {}}
+    start = time.perf_counter()
+    scoring_seconds = 0.0
+    with tqdm(total=total, desc="generating", unit="ex", disable=not show_progress) as progress:
+        for s in sets:
+            prompts = [r.prompt for r in s.records]
+            per_seed: dict[str, float] = {}
+            for seed in seeds:
+                progress.set_postfix_str(f"{s.name} seed {seed}")
+                texts = backend.generate(prompts, seed, config, progress=progress)
+                t0 = time.perf_counter()
+                scores = [rouge_l(t, r.references) for t, r in zip(texts, s.records, strict=True)]
+                scoring_seconds += time.perf_counter() - t0
+                per_seed[str(seed)] = statistics.fmean(scores) if scores else 0.0
+                per_seed_avg[seed].append(per_seed[str(seed)])
+                rows = [
+                    {"index": i, "prompt": r.prompt, "prediction": t, "references": list(r.references), "rougeL": sc}
+                    for i, (r, t, sc) in enumerate(zip(s.records, texts, scores, strict=True))
+                ]
+                _write_jsonl(pred_dir / f"{s.name}.seed{seed}.jsonl", rows)
+            results["datasets"][s.name] = {
+                "n": len(s.records),
+                "path": str(s.path),
+                "rougeL": {**mean_std(list(per_seed.values())), "per_seed": per_seed},
+            }
+    averages = [statistics.fmean(v) for v in per_seed_avg.values() if v]
+    results["average"] = mean_std(averages) if averages else {"mean": 0.0, "std": 0.0}
+    gen = config.stats
+    results["generation"] = {
+        "seeds": seeds,
+        "greedy": config.greedy,
+        "temperature": config.temperature,
+        "top_p": config.top_p,
+        "top_k": config.top_k,
+        "max_length": config.max_length,
+        "max_prompt_length": config.max_prompt_length,
+        "batch_size": config.batch_size,
+        "generated_tokens": int(gen["tokens"]),
+        "tokens_per_second": gen["tokens"] / gen["seconds"] if gen["seconds"] else 0.0,
+        "wall_seconds": time.perf_counter() - start,
+        "scoring_seconds": scoring_seconds,
+    }
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, output)
+    return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A markdown table: ROUGE-L mean ± std per set, then the average."""
+    lines = ["| set | n | ROUGE-L |", "|---|---|---|"]
+    for name, d in results["datasets"].items():
+        r = d["rougeL"]
+        lines.append(f"| {name} | {d['n']} | {r['mean']:.2f} ± {r['std']:.2f} |")
+    avg = results["average"]
+    lines.append(f"| average | | {avg['mean']:.2f} ± {avg['std']:.2f} |")
+    return "\n".join(lines)
