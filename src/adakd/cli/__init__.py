@@ -3,6 +3,10 @@
     adakd train CONFIG.yaml [key.sub=value ...] [--resume [CHECKPOINT]]
     adakd eval --model PATH --data-dir DIR --output results.json [...]
     adakd compare results_a.json results_b.json ... [--plot chart.png]
+    adakd demo [--output DIR] [--quick]
+    adakd judge --predictions A.jsonl --against B.jsonl|reference --endpoint URL --model NAME
+    adakd report RUN_DIR [RUN_DIR ...]
+    adakd inspect --teacher T --student S (--text "..." | --data FILE --index I) [--ratio r] --output tokens.html
     python -m adakd train ...
 
 Bad input ends with one line, ``adakd: error: ...`` naming the file, key or flag, and exit status 2; never a
@@ -15,7 +19,11 @@ import argparse
 import sys
 
 from . import compare as compare_cmd
+from . import demo as demo_cmd
 from . import eval as eval_cmd
+from . import inspect as inspect_cmd
+from . import judge as judge_cmd
+from . import report as report_cmd
 from . import train as train_cmd
 
 __all__ = ["main"]
@@ -30,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd.add_parser(sub)
     eval_cmd.add_parser(sub)
     compare_cmd.add_parser(sub)
+    demo_cmd.add_parser(sub)
+    judge_cmd.add_parser(sub)
+    inspect_cmd.add_parser(sub)
+    report_cmd.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,174 @@
+"""``adakd inspect``: see which tokens of one response AdaKD finds hard, keeps, and at which temperature.
+
+adakd inspect --teacher T --student S (--text "..." [--prompt "..."] | --data FILE.jsonl --index I)
+    [--ratio 0.75] [--c 0.5] [--tau-base 1.0] (--output tokens.html | --format text)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_parser", "load_causal_lm", "run"]
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="show each response token's difficulty, whether LATF keeps it, and its IDTS temperature",
+        description=(
+            "Run a teacher and a student over one response (after an optional prompt) and show, per response "
+            "token, the Hellinger difficulty, the kept set at --ratio and the IDTS temperature of the kept "
+            "tokens: an HTML page (--output) or a terminal table (--format text)."
+        ),
+    )
+    p.add_argument("--teacher", required=True, help="the teacher: a model directory or hub id")
+    p.add_argument(
+        "--student", required=True, help="the student: a model directory, or a LoRA adapter (with --student-base)"
+    )
+    p.add_argument("--student-base", default=None, help="the base model of a LoRA adapter given as --student")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="defaults to --student (or --student-base when the adapter has none); 'byte': the built-in byte tokenizer",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", default=None, help="the response to analyse")
+    source.add_argument("--data", default=None, metavar="FILE.jsonl", help="a MiniLLM-format JSONL (prompt, output)")
+    p.add_argument("--index", type=int, default=None, help="the record of --data to analyse, 0-based")
+    p.add_argument("--prompt", default=None, help="with --text: the formatted prompt before it (default: none)")
+    p.add_argument("--ratio", type=float, default=0.75, help="the kept ratio r in (0, 1] (default 0.75)")
+    p.add_argument("--c", type=float, default=0.5, help="the IDTS strength c (default 0.5)")
+    p.add_argument("--tau-base", type=float, default=1.0, help="τ of a kept token at the median (default 1.0)")
+    p.add_argument("--format", choices=("html", "text"), default="html", help="html (needs --output) or text")
+    p.add_argument("--output", default=None, help="the HTML page to write (with --format text: the table, else stdout)")
+    p.add_argument("--scale-min", type=float, default=None, help="colour scale low end (default: auto)")
+    p.add_argument("--scale-max", type=float, default=None, help="colour scale high end (default: auto)")
+    p.add_argument("--title", default=None, help="the page's heading")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.set_defaults(handler=run)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Reject bad flags before any model is loaded (loading a 7B teacher takes minutes)."""
+    if not 0.0 < args.ratio <= 1.0:
+        raise ValueError(f"--ratio must be in (0, 1], got {args.ratio}")
+    if not math.isfinite(args.c):
+        raise ValueError(f"--c must be a finite number, got {args.c}")
+    if not (math.isfinite(args.tau_base) and args.tau_base > 0):
+        raise ValueError(f"--tau-base must be positive, got {args.tau_base}")
+    for flag, value in (("--scale-min", args.scale_min), ("--scale-max", args.scale_max)):
+        if value is not None and not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise ValueError(f"{flag} must be in [0, 1] (Hellinger distances), got {value}")
+    if args.scale_min is not None and args.scale_max is not None and args.scale_min >= args.scale_max:
+        raise ValueError(f"--scale-min ({args.scale_min}) must be below --scale-max ({args.scale_max})")
+    if args.data is not None:
+        if args.index is None:
+            raise ValueError(f"--data {args.data}: give the record to analyse with --index")
+        if args.prompt is not None:
+            raise ValueError("--prompt goes with --text; --data records carry their own prompt")
+    elif args.index is not None:
+        raise ValueError("--index goes with --data")
+    if args.format == "html" and args.output is None:
+        raise ValueError("--output: give the HTML file to write (or use --format text)")
+
+
+def _record(path: str, index: int) -> tuple[str, str]:
+    """(prompt, response) of record ``index`` of a MiniLLM JSONL; the response is the first output."""
+    from ..data import read_minillm_jsonl
+
+    if not Path(path).is_file():
+        raise ValueError(f"--data {path}: no such file")
+    if index < 0:
+        raise ValueError(f"--index {index}: must be >= 0 (a record of --data {path})")
+    records = read_minillm_jsonl(path, limit=index + 1)
+    if index >= len(records):
+        raise ValueError(f"--index {index}: --data {path} has only {len(records)} records")
+    return records[index].prompt, records[index].response
+
+
+def load_causal_lm(path: str, flag: str, *, base: str | None = None, device: str = "cpu") -> Any:
+    """A float32 causal LM in eval mode on ``device``: ``path`` itself, or the LoRA adapter ``path`` merged into
+    ``base``. A model that cannot be loaded is a ValueError naming ``flag``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        if base is not None:
+            from peft import PeftModel
+
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+            model = PeftModel.from_pretrained(model, path).merge_and_unload()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        where = f"{flag} {path}" + (f" (base {base})" if base is not None else "")
+        raise ValueError(f"{where}: cannot load ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return model.to(device).eval()
+
+
+def _tokenizer_source(args: argparse.Namespace) -> str:
+    if args.tokenizer is not None:
+        return args.tokenizer
+    # A LoRA adapter saved by `adakd train` holds the tokenizer; one saved elsewhere may not.
+    if args.student_base is not None and not any((Path(args.student) / f).is_file() for f in _TOKENIZER_FILES):
+        return args.student_base
+    return args.student
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data import tokenizer_for
+    from ..report.inspect import analyse, render_html, render_text, summarise
+
+    _check_args(args)
+    if args.data is not None:
+        prompt, response = _record(args.data, args.index)
+        source = f"{args.data} record {args.index}"
+    else:
+        prompt, response = args.prompt, args.text
+        source = "--text"
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tok_source = _tokenizer_source(args)
+    try:
+        tokenizer = tokenizer_for(tok_source)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--tokenizer {tok_source}: cannot load ({str(e).splitlines()[0]})") from None
+    teacher = load_causal_lm(args.teacher, "--teacher", device=device)
+    student = load_causal_lm(args.student, "--student", base=args.student_base, device=device)
+    infos = analyse(teacher, student, tokenizer, prompt, response, ratio=args.ratio, c=args.c, tau_base=args.tau_base)
+
+    settings: dict[str, Any] = {
+        "teacher": args.teacher,
+        "student": args.student if args.student_base is None else f"{args.student} (LoRA on {args.student_base})",
+        "tokenizer": tok_source,
+        "source": source,
+        "ratio r": args.ratio,
+        "c": args.c,
+        "\u03c4_base": args.tau_base,
+    }
+    if args.format == "text":
+        table = render_text(infos, {"ratio": args.ratio, "c": args.c, "tau_base": args.tau_base})
+        if args.output is None:
+            sys.stdout.write(table)
+        else:
+            Path(args.output).write_text(table, encoding="utf-8")
+            print(f"[adakd] inspect: wrote {args.output}", file=sys.stderr)
+        return 0
+    title = args.title or f"AdaKD token inspection: {Path(args.student).name or args.student}"
+    page = render_html(infos, title, settings, prompt=prompt, scale=(args.scale_min, args.scale_max))
+    Path(args.output).write_text(page, encoding="utf-8")
+    stats = summarise(infos)
+    print(
+        f"[adakd] inspect: kept {stats['k']} of {stats['n']} tokens (median m {stats['median']:.4f}); "
+        f"wrote {args.output}",
+        file=sys.stderr,
+    )
+    return 0
