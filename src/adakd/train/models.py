@@ -81,7 +81,7 @@ def prepare_teacher(teacher, accelerator) -> Any:
 
     - DeepSpeed ZeRO-3: an inference engine sharded like the student (a 7B teacher does not fit next to the
       student on every rank otherwise); other DeepSpeed stages keep a full replica (stage 0).
-    - FSDP: wrapped with the same plugin as the student, so its parameters are sharded too.
+    - FSDP (version 1): wrapped with the same plugin as the student, so its parameters are sharded too.
     - Otherwise (one device, DDP): moved to the device; it needs no wrapper since it takes no gradient.
     """
     from accelerate.utils import DistributedType
@@ -113,5 +113,9 @@ def prepare_teacher(teacher, accelerator) -> Any:
         engine.eval()
         return engine
     if kind == DistributedType.FSDP:
+        if getattr(accelerator, "is_fsdp2", False):
+            raise ConfigError("teacher: FSDP2 cannot shard the teacher yet; use fsdp_version: 1 (configs/accelerate/)")
+        # evaluation_mode=False is what makes accelerate wrap it in FSDP; having no trainable parameter, it gets
+        # no DDP wrapper and no optimizer state.
         return accelerator.prepare_model(teacher, evaluation_mode=False).eval()
     return teacher.to(accelerator.device)
