@@ -2,7 +2,8 @@
 
 The paper's runs (``configs/paper/<pair>/<run>.yaml``) are also checked against the spec: LoRA r 16 / α 64 /
 dropout 0.1, AdaKD runs with LATF + inverse temperatures, plain KD with every token at τ 1, SFT with no teacher,
-a global batch of 128 on 8 GPUs, and a header that opens with the file's own launch command.
+GKD / DistiLLM runs with their divergence and on-policy settings, a global batch of 128 on 8 GPUs, and a header
+that opens with the file's own launch command.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ ACCELERATE_CONFIGS = sorted(ACCELERATE.glob("*.yaml"))
 
 PAIRS = {"qwen2": True, "openllama2": True, "gpt2": False}  # pair -> student uses LoRA
 BASES = ("fkl", "rkl", "abkd")
-RUNS = ("sft-teacher", "sft", *BASES, *(f"{b}-adakd" for b in BASES))
+ONPOLICY = {"gkd": ("jsd", {"lam": 0.5}), "distillm": ("srkl", {"lam": 0.1})}  # mode -> (base, base_params)
+RUNS = ("sft-teacher", "sft", *BASES, *ONPOLICY, *(f"{b}-adakd" for b in (*BASES, *ONPOLICY)))
 GPUS = 8  # the paper configs' batch assumes 8 data-parallel ranks
 
 # file -> (distributed_type, num_processes, DeepSpeed zero_stage or None)
@@ -106,7 +108,18 @@ def test_paper_config_follows_the_spec(path, env):
         assert Path(config.teacher.name_or_path) == outputs / pair / "sft-teacher" / "final"
         assert loss.kd_ratio == 1.0
         base = run.removesuffix("-adakd")
-        assert loss.base == base
+        if base in ONPOLICY:
+            op = config.onpolicy
+            assert op.mode == base and (loss.base, loss.base_params) == ONPOLICY[base]
+            assert (op.temperature, op.top_p, op.max_new_tokens) == (1.0, 1.0, 256)
+            if base == "gkd":
+                assert (op.lmbda, op.seq_kd) == (0.5, False)
+            else:
+                assert (op.init_threshold, op.loss_eps, op.capacity, op.replay_ratio) == (0.0, 0.1, 1000, "decreasing")
+                assert op.eval_examples == 500
+        else:
+            assert config.onpolicy.mode == "off"
+            assert loss.base == base
         if base == "abkd":
             assert loss.base_params == {"alpha": 0.2, "beta": 0.7}
         if run.endswith("-adakd"):

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-__all__ = ["BACKENDS", "GenerationConfig", "HFBackend", "VLLMBackend", "load_backend"]
+__all__ = ["BACKENDS", "GenerationConfig", "HFBackend", "VLLMBackend", "generate_ids", "load_backend"]
 
 BACKENDS = ("hf", "vllm")
 
@@ -51,42 +51,97 @@ class HFBackend:
     def generate(self, prompts: list[str], seed: int, config: GenerationConfig, progress=None) -> list[str]:
         """Texts generated for ``prompts`` (in order). Same seed and batch size: the same texts."""
         tok = self.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         encoded = self._encode(prompts, config)
         torch.manual_seed(seed)
         outputs: list[str] = []
         for start in range(0, len(encoded), config.batch_size):
             batch = encoded[start : start + config.batch_size]
-            width = max(len(x) for x in batch)
-            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, ids in enumerate(batch):  # left padding
-                input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-                attention[row, width - len(ids) :] = 1
-            kwargs = dict(
-                max_length=max(config.max_length, width + 1),
-                do_sample=not config.greedy,
-                pad_token_id=pad,
-                eos_token_id=tok.eos_token_id,
-                use_cache=True,
-            )
-            if not config.greedy:
-                kwargs.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)
             start_time = time.perf_counter()
-            out = self.model.generate(
-                input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device), **kwargs
+            new = generate_ids(
+                self.model,
+                batch,
+                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                eos_token_id=tok.eos_token_id,
+                max_length=config.max_length,
+                greedy=config.greedy,
+                temperature=config.temperature,
+                top_p=config.top_p,
+                top_k=config.top_k,
             )
             config.stats["seconds"] += time.perf_counter() - start_time
-            new = out[:, width:].cpu()
-            for row in new:
-                ids = row.tolist()
-                if tok.eos_token_id in ids:
-                    ids = ids[: ids.index(tok.eos_token_id)]
+            for ids in new:
+                if ids and ids[-1] == tok.eos_token_id:
+                    ids = ids[:-1]
                 config.stats["tokens"] += len(ids)
                 outputs.append(tok.decode(ids, skip_special_tokens=True).strip())
             if progress is not None:
                 progress.update(len(batch))
         return outputs
+
+
+class _CropVocabulary:
+    """A logits processor that never samples a row at or beyond ``vocab_size``: the padding rows of an lm_head
+    larger than the tokenizer (Qwen2's 151,936 rows for 151,646 tokens) hold no token."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores[:, self.vocab_size :] = -float("inf")
+        return scores
+
+
+@torch.no_grad()
+def generate_ids(
+    model,
+    prompts: list[list[int]],
+    *,
+    pad_token_id: int,
+    eos_token_id: int | None,
+    max_length: int | None = None,
+    max_new_tokens: int | None = None,
+    greedy: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    vocab_size: int | None = None,
+) -> list[list[int]]:
+    """One batched ``model.generate`` over token-id prompts, with the KV cache and left padding (so every prompt
+    ends where decoding starts). Shared by evaluation (:class:`HFBackend`) and on-policy training.
+
+    Args:
+        max_length: total length limit (prompt + new tokens; at least one new token); or give ``max_new_tokens``.
+        vocab_size: never sample ids at or beyond it (the tokenizer's size, when the lm_head has padding rows).
+
+    Returns:
+        the new tokens of each prompt, in order, cut after the first ``eos_token_id`` (which is kept).
+    """
+    width = max(len(x) for x in prompts)
+    device = next(model.parameters()).device
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):  # left padding
+        input_ids[row, width - len(ids) :] = torch.as_tensor(ids, dtype=torch.long)
+        attention[row, width - len(ids) :] = 1
+    kwargs: dict = dict(do_sample=not greedy, pad_token_id=pad_token_id, eos_token_id=eos_token_id, use_cache=True)
+    if max_new_tokens is not None:
+        kwargs["max_new_tokens"] = max_new_tokens
+    else:
+        kwargs["max_length"] = max(max_length or 0, width + 1)
+    if not greedy:
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
+    if vocab_size is not None:
+        from transformers import LogitsProcessorList
+
+        kwargs["logits_processor"] = LogitsProcessorList([_CropVocabulary(vocab_size)])
+    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
+    result = []
+    for row in out[:, width:].cpu():
+        ids = row.tolist()
+        if eos_token_id is not None and eos_token_id in ids:
+            ids = ids[: ids.index(eos_token_id) + 1]
+        result.append(ids)
+    return result
 
 
 class VLLMBackend:

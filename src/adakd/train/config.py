@@ -24,12 +24,15 @@ __all__ = [
     "LoraSection",
     "LossSection",
     "ModelSection",
+    "OnPolicySection",
     "apply_overrides",
     "load_config",
 ]
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 DATA_SOURCES = ("synthetic", "minillm_jsonl", "instructions", "shards", "hf")
+ONPOLICY_MODES = ("off", "gkd", "distillm")
+REPLAY_RATIOS = ("decreasing", "constant", "increasing")
 
 
 class ConfigError(ValueError):
@@ -127,6 +130,31 @@ class LossSection:
 
 
 @dataclass
+class OnPolicySection:
+    """On-policy distillation (``adakd.train.onpolicy``): GKD or DistiLLM batches of generated responses.
+
+    GKD's divergence is its generalised JSD: set ``loss.base: jsd`` with ``loss.base_params: {lam: 1 − β}`` (TRL's
+    ``beta`` weighs KL(p‖m) where ours ``lam`` weighs KL(q‖m)). DistiLLM's are ``srkl`` / ``sfkl`` (λ = 0.1).
+    """
+
+    mode: str = "off"  # off | gkd | distillm
+    temperature: float = 1.0  # sampling of the generations
+    top_p: float = 1.0
+    max_new_tokens: int = 256  # also capped by data.max_length
+    seed: int = 0  # the on-policy decisions' and the replay buffer's own RNG
+    # GKD
+    lmbda: float = 0.5  # probability that a step trains on student generations
+    seq_kd: bool = False  # otherwise, train on teacher generations instead of the dataset's responses
+    # DistiLLM
+    init_threshold: float = 0.0
+    loss_eps: float = 0.1
+    capacity: int = 1000
+    replay_ratio: str = "decreasing"  # decreasing | constant | increasing
+    eval_examples: int = 0  # validation set: the last N training examples, held out
+    eval_steps: int = 100  # validate (and update the schedule) every N optimizer steps
+
+
+@dataclass
 class DistillConfig:
     """A whole distillation run. ``training`` is passed to ``transformers.TrainingArguments``."""
 
@@ -134,6 +162,7 @@ class DistillConfig:
     teacher: ModelSection | None = None
     data: DataSection = field(default_factory=DataSection)
     loss: LossSection = field(default_factory=LossSection)
+    onpolicy: OnPolicySection = field(default_factory=OnPolicySection)
     training: dict[str, Any] = field(default_factory=dict)
     origin: str | None = field(default=None, repr=False)  # the YAML file it came from, for messages
 
@@ -173,6 +202,7 @@ class DistillConfig:
             raise self.error("teacher", "no teacher: set loss.kd_ratio: 0 for plain SFT, or give a teacher")
         if not 0.0 <= loss.warmup_ratio <= 1.0:
             raise self.error("loss.warmup_ratio", f"must be in [0, 1], got {loss.warmup_ratio}")
+        self._validate_onpolicy()
         try:
             self.build_loss(total_steps=1)
         except ValueError as e:
@@ -186,6 +216,37 @@ class DistillConfig:
             if key not in known:
                 raise self.error(f"training.{key}", "unknown transformers.TrainingArguments field")
         return self
+
+    def _validate_onpolicy(self) -> None:
+        op = self.onpolicy
+        if op.mode not in ONPOLICY_MODES:
+            raise self.error("onpolicy.mode", f"unknown mode {op.mode!r}; valid: {', '.join(ONPOLICY_MODES)}")
+        if op.mode == "off":
+            return
+        if not op.temperature > 0:
+            raise self.error("onpolicy.temperature", f"must be > 0, got {op.temperature}")
+        if not 0.0 < op.top_p <= 1.0:
+            raise self.error("onpolicy.top_p", f"must be in (0, 1], got {op.top_p}")
+        if op.max_new_tokens < 1:
+            raise self.error("onpolicy.max_new_tokens", f"must be >= 1, got {op.max_new_tokens}")
+        if self.teacher is None or self.loss.kd_ratio == 0:
+            raise self.error("onpolicy.mode", f"{op.mode} distils from a teacher: give one, with loss.kd_ratio > 0")
+        if op.mode == "gkd":
+            if not 0.0 <= op.lmbda <= 1.0:
+                raise self.error("onpolicy.lmbda", f"must be in [0, 1], got {op.lmbda}")
+            return
+        if not 0.0 <= op.init_threshold <= 1.0:
+            raise self.error("onpolicy.init_threshold", f"must be in [0, 1], got {op.init_threshold}")
+        if op.loss_eps < 0:
+            raise self.error("onpolicy.loss_eps", f"must be >= 0, got {op.loss_eps}")
+        if op.capacity < 1:
+            raise self.error("onpolicy.capacity", f"must be >= 1, got {op.capacity}")
+        if op.replay_ratio not in REPLAY_RATIOS:
+            raise self.error("onpolicy.replay_ratio", f"unknown {op.replay_ratio!r}; valid: {', '.join(REPLAY_RATIOS)}")
+        if op.eval_examples < 1:
+            raise self.error("onpolicy.eval_examples", "distillm needs a validation set: give a count >= 1")
+        if op.eval_steps < 1:
+            raise self.error("onpolicy.eval_steps", f"must be >= 1, got {op.eval_steps}")
 
     def build_loss(self, total_steps: int, vocab_size: int | None = None):
         """The run's :class:`adakd.AdaKDLoss` (``reduction="sum"``: the trainer normalises over the window)."""

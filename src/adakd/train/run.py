@@ -11,6 +11,7 @@ import torch
 from ..loss import check_vocab_sizes
 from .config import ConfigError, DistillConfig
 from .models import apply_lora, load_model
+from .onpolicy import OnPolicyController
 from .trainer import AdaKDTrainer, save_loss_state
 
 __all__ = ["ExampleDataset", "build_trainer", "load_records", "run"]
@@ -74,6 +75,13 @@ def build_trainer(config: DistillConfig) -> AdaKDTrainer:
     _log(args, "data: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     if not examples:
         raise ConfigError(f"data: no example left after tokenisation ({counts})")
+    eval_examples: list = []
+    if config.onpolicy.mode == "distillm":  # DistiLLM's validation set: the last eval_examples, held out of training
+        n = config.onpolicy.eval_examples
+        if n >= len(examples):
+            raise ConfigError(f"onpolicy.eval_examples: {n} leaves no training example (of {len(examples)})")
+        examples, eval_examples = examples[:-n], examples[-n:]
+        _log(args, f"on-policy: {n} examples held out for validation")
 
     student = load_model(student_cfg, "student")
     v_s = student.get_output_embeddings().weight.shape[0]
@@ -98,6 +106,16 @@ def build_trainer(config: DistillConfig) -> AdaKDTrainer:
         args.max_steps if args.max_steps > 0 else math.ceil(len(examples) / per_step) * math.ceil(args.num_train_epochs)
     )
     loss_fn = config.build_loss(total_steps=total_steps, vocab_size=len(tokenizer))
+    onpolicy = None
+    if config.onpolicy.mode != "off":
+        onpolicy = OnPolicyController(
+            config.onpolicy,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            vocab_size=len(tokenizer),
+            max_length=config.data.max_length,
+            eval_examples=eval_examples,
+        )
     return AdaKDTrainer(
         student,
         teacher,
@@ -105,6 +123,7 @@ def build_trainer(config: DistillConfig) -> AdaKDTrainer:
         kd_ratio=config.loss.kd_ratio,
         fused=config.loss.fused,
         chunk_size=config.loss.chunk_size,
+        onpolicy=onpolicy,
         args=args,
         train_dataset=ExampleDataset(examples),
         data_collator=DistillCollator(tokenizer.pad_token_id),

@@ -13,6 +13,10 @@ The training step, spelled out (``compute_loss``):
 After each optimizer step, ``AdaKDLoss.step`` receives L_t (the micro-steps' mean kept-token loss) averaged over
 the micro-steps and all ranks, so every rank holds the same ratio. The loss state (LATF) is saved in every
 checkpoint (``adakd_state.pt``) and restored on resume.
+
+On-policy modes (GKD, DistiLLM; ``adakd.train.onpolicy``) hook in at ``get_batch_samples``: once per optimizer step
+the step's micro-batches may be replaced by generated ones before the window's tokens are counted; their state
+(replay buffer, schedule, RNG) is checkpointed next to the loss state.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from transformers import Trainer, TrainerCallback
 
 from .. import AdaKDLoss
 from .models import output_layer
+from .onpolicy import OnPolicyController
 
 __all__ = ["STATE_FILE", "AdaKDTrainer", "save_loss_state"]
 
@@ -67,14 +72,19 @@ class _LossStateCallback(TrainerCallback):
     def __init__(self, trainer: AdaKDTrainer) -> None:
         self.trainer = trainer
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._validate_onpolicy(initial=True)
+
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer._end_optimizer_step()
+        self.trainer._validate_onpolicy()
 
     def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
-                save_loss_state(self.trainer.loss_fn, folder)
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            save_loss_state(self.trainer.loss_fn, folder)
+        if self.trainer.onpolicy is not None and folder.is_dir():  # every rank: its own replay buffer
+            self.trainer.onpolicy.save(folder, rank=args.process_index)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
@@ -93,6 +103,7 @@ class AdaKDTrainer(Trainer):
         kd_ratio: loss = (1 − kd_ratio)·CE + kd_ratio·AdaKD.
         fused: use ``AdaKDLoss.forward_hidden`` (never materialise the logits).
         chunk_size: rows per chunk of the fused path.
+        onpolicy: GKD / DistiLLM batch generation (:class:`adakd.train.onpolicy.OnPolicyController`), or None.
         **kwargs: ``transformers.Trainer`` arguments (``args``, ``train_dataset``, ``data_collator``, ...).
     """
 
@@ -105,6 +116,7 @@ class AdaKDTrainer(Trainer):
         kd_ratio: float = 1.0,
         fused: bool = False,
         chunk_size: int | None = None,
+        onpolicy: OnPolicyController | None = None,
         **kwargs: Any,
     ) -> None:
         if loss_fn.reduction != "sum":
@@ -116,6 +128,7 @@ class AdaKDTrainer(Trainer):
         self.kd_ratio = float(kd_ratio)
         self.fused = fused
         self.chunk_size = chunk_size
+        self.onpolicy = onpolicy
         # Our compute_loss normalises by num_items_in_batch itself: have the Trainer count it, and not divide again.
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
@@ -127,6 +140,27 @@ class AdaKDTrainer(Trainer):
         self._micro: list[float] = []  # L_t of each micro-step since the last optimizer step
         self._window: dict[str, float] = {}  # sums for logging since the last log
         self.add_callback(_LossStateCallback(self))
+
+    # ----------------------------------------------------------------------------------------------------------
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        """The Trainer's micro-batches of one optimizer step; on-policy modes may replace them (one decision for the
+        whole step), and then the window's label tokens are counted again on the batches actually trained on."""
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.onpolicy is None or not batches:
+            return batches, num_items
+        teacher = getattr(self.teacher, "module", self.teacher)  # a DeepSpeed inference engine wraps the model
+        step, total = self.state.global_step + 1, self.state.max_steps
+        batches = self.onpolicy.prepare_step(batches, self.model, teacher, step, total)
+        return batches, self._get_num_items_in_batch(batches, device)
+
+    def _validate_onpolicy(self, initial: bool = False) -> None:
+        """DistiLLM's schedule: a validation loss before training (unless resumed), then every ``eval_steps``."""
+        op = self.onpolicy
+        if op is None or op.schedule is None:
+            return
+        if initial != (op.schedule.reference is None) or (not initial and self.state.global_step % op.cfg.eval_steps):
+            return
+        op.schedule.update(op.validation_loss(self.model, self.args.per_device_eval_batch_size))
 
     # ----------------------------------------------------------------------------------------------------------
     def _forward(self, model, inputs: dict[str, torch.Tensor]):
@@ -229,6 +263,8 @@ class AdaKDTrainer(Trainer):
             for key in LOGGED:
                 if key in w:
                     logs[f"adakd/{key}"] = w[key] / n
+        if "loss" in logs and self.onpolicy is not None:
+            logs.update(self.onpolicy.log_metrics())
         super().log(logs, *args, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------------
@@ -246,4 +282,6 @@ class AdaKDTrainer(Trainer):
                 self.loss_fn.load_state_dict(torch.load(state, map_location="cpu", weights_only=False))
             elif self.kd_ratio > 0:
                 raise ValueError(f"{resume_from_checkpoint}: no {STATE_FILE}; cannot resume the AdaKD loss state")
+            if self.onpolicy is not None:
+                self.onpolicy.load(resume_from_checkpoint, rank=self.args.process_index)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
