@@ -24,7 +24,7 @@ from .adaptive import LATF, RatioSchedule, idts_temperatures, keep_count, score_
 from .divergences import compute_dtype, divergence_fn, log_probs
 from .fused import IMPLS, FusedKeptLoss, FusedOnePassLoss, chunk_loss_fn, chunked_scores, default_chunk_size
 
-__all__ = ["AdaKDLoss", "align_vocab"]
+__all__ = ["AdaKDLoss", "NonFiniteLossError", "align_vocab"]
 
 SELECTIONS = ("latf", "fixed", "linear", "cosine", "all")
 TEMPERATURES = ("inverse", "fixed", "reverse")
@@ -40,6 +40,14 @@ STAT_KEYS = (
     "score_threshold",
     "loss",
 )
+
+
+class NonFiniteLossError(ValueError):
+    """The loss of a micro-batch is NaN or inf (bad logits); raised before any state (LATF, stats) is updated."""
+
+
+# IDTS bound: τ ∈ τ_base·(e^−c, e^c) ⊂ τ_base·(4.5e-5, 2.2e4) at c = 10, so logits/τ stay finite in float32.
+C_MAX = 10.0
 
 
 def check_vocab_sizes(v_student: int, v_teacher: int, vocab_size: int | None = None) -> None:
@@ -146,8 +154,9 @@ class AdaKDLoss(nn.Module):
             raise ValueError(f"unknown reduction {reduction!r}; valid: {', '.join(REDUCTIONS)}")
         if impl not in IMPLS:
             raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
-        if not (math.isfinite(c) and c >= 0):
-            raise ValueError(f"c must be a finite number >= 0, got {c}")
+        if not (math.isfinite(c) and 0 <= c <= C_MAX):
+            # τ lies in τ_base·(e^−c, e^c) by construction; beyond c = C_MAX, z/τ overflows for ordinary logits.
+            raise ValueError(f"c must be a number in [0, {C_MAX:g}] (τ stays in τ_base·(e^-c, e^c)), got {c}")
         if not (math.isfinite(tau_base) and tau_base > 0):
             raise ValueError(f"tau_base must be a positive finite number, got {tau_base}")
         if latf_kwargs and selection != "latf":
@@ -327,6 +336,11 @@ class AdaKDLoss(nn.Module):
         per_token = self.div(log_probs(student, tau, dtype), log_probs(teacher, tau, dtype))
         per_token = per_token * (tau * tau)
         loss = per_token.mean() if self.reduction == "mean" else per_token.sum()
+        if not bool(torch.isfinite(loss)):  # checked before _record: a bad batch must not reach LATF's EMA
+            raise NonFiniteLossError(
+                "non-finite AdaKD loss: NaN or +inf logits, a row of -inf, or a token that one model gives "
+                "probability 0 and the other does not"
+            )
         self._record(ratio, n, k, tau, scores, loss if self.reduction == "mean" else per_token.mean())
         return loss
 

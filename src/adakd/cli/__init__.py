@@ -10,7 +10,7 @@
     python -m adakd train ...
 
 Bad input ends with one line, ``adakd: error: ...`` naming the file, key or flag, and exit status 2; never a
-traceback.
+traceback. ``adakd --debug COMMAND ...`` re-raises instead, so the traceback shows.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"adakd {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train_cmd.add_parser(sub)
     eval_cmd.add_parser(sub)
@@ -51,9 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except KeyboardInterrupt:
+        if args.debug:
+            raise
         print("adakd: interrupted", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, OSError) as e:
+        if args.debug:
+            raise
         # ConfigError is a ValueError: its message already names the file and the key.
         message = str(e).splitlines()[0] if str(e) else e.__class__.__name__
         print(f"adakd: error: {message}", file=sys.stderr)

@@ -81,8 +81,11 @@ def _references(row: Mapping[str, Any], keys: tuple[str, ...], where: str) -> tu
         if value is None:
             continue
         if isinstance(value, str):
-            return (value,)
+            value = [value]
         if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            # Policy: an empty response is an error, not a silent skip; it would train on an eos alone.
+            if not value[0].strip():
+                raise ValueError(f"{where}: key {key!r}: empty response")
             return tuple(value)
         raise ValueError(f"{where}: key {key!r} must be a str or a non-empty list of str, got {_describe(value)}")
     raise ValueError(f"{where}: missing key {_names(keys)}")
@@ -143,17 +146,25 @@ def record_from_row(row: Mapping[str, Any], template: str, where: str) -> Record
 def _iter_jsonl(path: Path, limit: int | None) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield ``("path:lineno", object)`` for each non-blank line, at most ``limit`` of them."""
     count = 0
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    # Bytes, decoded line by line: a bad UTF-8 sequence is then reported with its line, not as a bare
+    # UnicodeDecodeError. Only "\n" ends a line (JSON escapes every control character inside strings).
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
             if limit is not None and count >= limit:
                 return
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{where}: not UTF-8 (byte {err.start + 1}: {err.reason})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+            except RecursionError:
+                raise ValueError(f"{where}: invalid JSON (nested too deeply)") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
             count += 1

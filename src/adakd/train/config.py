@@ -7,6 +7,7 @@ Every field is checked when the config is built, and every error names the file 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import types
@@ -33,6 +34,7 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 DATA_SOURCES = ("synthetic", "minillm_jsonl", "instructions", "shards", "hf")
 ONPOLICY_MODES = ("off", "gkd", "distillm")
 REPLAY_RATIOS = ("decreasing", "constant", "increasing")
+NONFINITE_POLICIES = ("error", "skip")
 
 
 class ConfigError(ValueError):
@@ -127,6 +129,10 @@ class LossSection:
     chunk_size: int | None = None
     impl: str = "torch"
     one_pass: bool = False
+    # Logit KD compares distributions token id by token id: teacher and student must share one vocabulary.
+    # True only silences the check (cross-tokenizer KD is out of scope).
+    allow_tokenizer_mismatch: bool = False
+    nonfinite: str = "error"  # NaN/inf logits or loss: "error" stops the run; "skip" drops the micro-batch
 
 
 @dataclass
@@ -202,6 +208,24 @@ class DistillConfig:
             raise self.error("teacher", "no teacher: set loss.kd_ratio: 0 for plain SFT, or give a teacher")
         if not 0.0 <= loss.warmup_ratio <= 1.0:
             raise self.error("loss.warmup_ratio", f"must be in [0, 1], got {loss.warmup_ratio}")
+        if loss.nonfinite not in NONFINITE_POLICIES:
+            raise self.error(
+                "loss.nonfinite", f"unknown policy {loss.nonfinite!r}; valid: {', '.join(NONFINITE_POLICIES)}"
+            )
+        for key, value in (("loss.ratio", loss.ratio), ("loss.min_ratio", loss.min_ratio)):
+            if not 0.0 < value <= 1.0:
+                raise self.error(key, f"must be in (0, 1], got {value}")
+        if not 0.0 < loss.max_ratio <= 1.0 or loss.max_ratio < loss.min_ratio:
+            raise self.error("loss.max_ratio", f"must be in [min_ratio, 1], got {loss.max_ratio}")
+        if not loss.tau_base > 0 or not math.isfinite(loss.tau_base):
+            raise self.error("loss.tau_base", f"must be a finite number > 0, got {loss.tau_base}")
+        if not 0.0 <= loss.c <= 10.0:
+            raise self.error("loss.c", f"must be in [0, 10] (τ stays in tau_base·(e^-c, e^c)), got {loss.c}")
+        if loss.chunk_size is not None and loss.chunk_size < 1:
+            raise self.error("loss.chunk_size", f"must be >= 1, got {loss.chunk_size}")
+        lam = loss.base_params.get("lam")
+        if lam is not None and (not isinstance(lam, (int, float)) or not 0.0 <= lam <= 1.0):
+            raise self.error("loss.base_params.lam", f"must be in [0, 1], got {lam!r}")
         self._validate_onpolicy()
         try:
             self.build_loss(total_steps=1)
@@ -349,10 +373,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "origin"}
-    unknown = sorted(set(data) - set(fields))
+    # str(): YAML allows non-string keys (``1: x``), which must be reported, not crash the sort.
+    unknown = sorted(str(k) for k in set(data) - set(fields))
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"{where}{unknown[0]}: unknown key; valid: {', '.join(fields)}")
+        close = difflib.get_close_matches(unknown[0], list(fields), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{where}{unknown[0]}: unknown key{hint}; valid: {', '.join(fields)}")
     kwargs = {}
     for name, f in fields.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -409,9 +436,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             mark = getattr(e, "problem_mark", None)
             where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
             raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+    if not isinstance(data or {}, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
     data = dict(data or {})
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping")
     apply_overrides(data, list(overrides or []))
     try:
         config = _build(DistillConfig, data, "")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +49,50 @@ def load_records(config: DistillConfig) -> list[Any]:
         return data.load_hf_dataset(d.path, split=d.split, template=d.template, limit=d.limit)
     except FileNotFoundError as e:
         raise ConfigError(f"data.path: {e.filename or d.path}: no such file") from None
+    except OSError as e:  # a directory, no permission, an I/O error
+        raise ConfigError(f"data.path: {e.filename or d.path}: cannot read ({e.strerror or e})") from None
 
 
 def _log(trainer_args, message: str) -> None:
     if trainer_args.process_index == 0:
         print(f"[adakd] {message}", flush=True)
+
+
+def check_output_dir(path: str) -> None:
+    """Create ``training.output_dir`` and prove it writable with a probe file, before any model is loaded."""
+    folder = Path(path)
+    probe = folder / f".adakd-probe-{uuid.uuid4().hex}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"training.output_dir: {path}: not writable ({e.strerror or e})") from None
+
+
+def check_tokenizers(config: DistillConfig, tokenizer) -> None:
+    """Teacher and student must share a vocabulary (logit KD compares token ids); ``loss.allow_tokenizer_mismatch``
+    skips the check. The teacher's tokenizer is ``teacher.tokenizer``, else its own files when it has any."""
+    from ..data import tokenizer_for
+
+    teacher = config.teacher
+    if teacher is None or config.loss.kd_ratio == 0 or config.loss.allow_tokenizer_mismatch:
+        return
+    source = teacher.tokenizer or teacher.name_or_path
+    try:
+        other = tokenizer_for(source)
+    except (OSError, ValueError):
+        if teacher.tokenizer:  # named explicitly: it must load
+            raise ConfigError(f"teacher.tokenizer: cannot load {teacher.tokenizer!r}") from None
+        return  # a teacher without tokenizer files: nothing to compare
+    a, b = tokenizer.get_vocab(), other.get_vocab()
+    if a != b:
+        differ = len(set(a.items()) ^ set(b.items()))
+        key = "teacher.tokenizer" if teacher.tokenizer else "teacher.name_or_path"
+        raise ConfigError(
+            f"{key}: the teacher's vocabulary ({len(b)} tokens) differs from the student's ({len(a)}; {differ} "
+            "entries differ): logit KD needs one tokenizer (set loss.allow_tokenizer_mismatch: true to go on anyway)"
+        )
 
 
 def build_trainer(config: DistillConfig) -> AdaKDTrainer:
@@ -64,8 +105,10 @@ def build_trainer(config: DistillConfig) -> AdaKDTrainer:
         args = TrainingArguments(**config.training)
     except (ValueError, TypeError) as e:
         raise config.error("training", str(e).splitlines()[0]) from None
+    check_output_dir(args.output_dir)
     student_cfg = config.student
     tokenizer = tokenizer_for(student_cfg.tokenizer or student_cfg.name_or_path)
+    check_tokenizers(config, tokenizer)
     examples, counts = build_examples(
         load_records(config),
         tokenizer,
@@ -124,6 +167,7 @@ def build_trainer(config: DistillConfig) -> AdaKDTrainer:
         fused=config.loss.fused,
         chunk_size=config.loss.chunk_size,
         onpolicy=onpolicy,
+        nonfinite=config.loss.nonfinite,
         args=args,
         train_dataset=ExampleDataset(examples),
         data_collator=DistillCollator(tokenizer.pad_token_id),

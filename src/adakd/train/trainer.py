@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +34,46 @@ from torch.utils.checkpoint import checkpoint
 from transformers import Trainer, TrainerCallback
 
 from .. import AdaKDLoss
+from ..loss import NonFiniteLossError
 from .models import output_layer
 from .onpolicy import OnPolicyController
 
-__all__ = ["STATE_FILE", "AdaKDTrainer", "save_loss_state"]
+__all__ = ["STATE_FILE", "AdaKDTrainer", "CheckpointError", "NonFiniteError", "complete_checkpoints", "save_loss_state"]
 
 STATE_FILE = "adakd_state.pt"
+STAGING_DIR = ".adakd-staging"  # checkpoints are written here, then renamed into output_dir once complete
+NONFINITE = ("error", "skip")
+
+
+class NonFiniteError(ValueError):
+    """NaN or inf in a model's logits (or in the loss) under ``loss.nonfinite: error``."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from (missing or corrupted files); the message names it."""
+
+
+def _checkpoint_step(folder: Path) -> int | None:
+    name = folder.name
+    prefix = "checkpoint-"
+    return int(name[len(prefix) :]) if name.startswith(prefix) and name[len(prefix) :].isdigit() else None
+
+
+def complete_checkpoints(output_dir: str | os.PathLike, need_state: bool = True) -> list[Path]:
+    """``checkpoint-N`` folders of ``output_dir`` that hold a trainer state (and the loss state when ``need_state``),
+    newest first. The staging folder of an interrupted save is not a checkpoint."""
+    root = Path(output_dir)
+    found = []
+    for folder in root.iterdir() if root.is_dir() else ():
+        step = _checkpoint_step(folder)
+        if step is None or not folder.is_dir() or not (folder / "trainer_state.json").is_file():
+            continue
+        if need_state and not (folder / STATE_FILE).is_file():
+            continue
+        found.append((step, folder))
+    return [folder for _, folder in sorted(found, reverse=True)]
+
+
 LOGGED = ("ratio", "kept_tokens", "valid_tokens", "tau_mean", "tau_min", "tau_max")
 
 
@@ -79,13 +115,6 @@ class _LossStateCallback(TrainerCallback):
         self.trainer._end_optimizer_step()
         self.trainer._validate_onpolicy()
 
-    def on_save(self, args, state, control, **kwargs):
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if state.is_world_process_zero and folder.is_dir():
-            save_loss_state(self.trainer.loss_fn, folder)
-        if self.trainer.onpolicy is not None and folder.is_dir():  # every rank: its own replay buffer
-            self.trainer.onpolicy.save(folder, rank=args.process_index)
-
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -117,18 +146,25 @@ class AdaKDTrainer(Trainer):
         fused: bool = False,
         chunk_size: int | None = None,
         onpolicy: OnPolicyController | None = None,
+        nonfinite: str = "error",
         **kwargs: Any,
     ) -> None:
         if loss_fn.reduction != "sum":
             raise ValueError("AdaKDTrainer needs AdaKDLoss(reduction='sum'): it normalises over the whole window")
         if teacher_model is None and kd_ratio > 0:
             raise ValueError("no teacher: kd_ratio must be 0 (plain SFT)")
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite: unknown policy {nonfinite!r}; valid: {', '.join(NONFINITE)}")
         super().__init__(model=model, **kwargs)
         self.loss_fn = loss_fn
         self.kd_ratio = float(kd_ratio)
         self.fused = fused
         self.chunk_size = chunk_size
         self.onpolicy = onpolicy
+        self.nonfinite = nonfinite
+        self.empty_batches = 0  # micro-batches with no supervised token (loss 0, zero gradient)
+        self.skipped_nonfinite = 0  # micro-batches dropped under nonfinite="skip"
+        self._staging: str | None = None
         # Our compute_loss normalises by num_items_in_batch itself: have the Trainer count it, and not divide again.
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
@@ -183,10 +219,45 @@ class AdaKDTrainer(Trainer):
             teacher = (t_hidden, t_weight, t_bias)
         return (hidden, weight, bias), teacher
 
+    def _nonfinite(self, model, what: str) -> torch.Tensor:
+        """Apply the nonfinite policy to ``what`` ("teacher logits", ...): raise, or a zero loss with zero gradient."""
+        step = self.state.global_step + 1
+        if self.nonfinite == "error":
+            raise NonFiniteError(
+                f"step {step}: non-finite {what} (NaN or inf); lower the learning rate, check the data and dtypes, "
+                "or set loss.nonfinite: skip"
+            )
+        self.skipped_nonfinite += 1
+        warnings.warn(f"adakd: step {step}: non-finite {what}; micro-batch skipped", RuntimeWarning, stacklevel=2)
+        # 0·Σθ over the trainable weights: a zero gradient for every one of them (DDP expects each to get one), not
+        # 0·loss, which is NaN.
+        params = [p for p in model.parameters() if p.requires_grad]
+        return sum(p.sum() for p in params) * 0.0 if params else torch.zeros((), device=self.args.device)
+
+    @staticmethod
+    def _finite(x) -> bool:
+        x = x[0] if isinstance(x, tuple) else x  # the fused path: (hidden, weight, bias)
+        return bool(torch.isfinite(x).all())
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"][:, 1:]
         student, teacher = self._forward(model, inputs)
         valid = (labels != -100).sum()
+        if model.training and int(valid) == 0:
+            # No supervised token: every term below is a sum over nothing, 0 with a zero gradient. Count it.
+            if self.empty_batches == 0:
+                warnings.warn(
+                    "adakd: a micro-batch has no supervised token (every label is -100); it contributes nothing "
+                    "(counted in adakd/empty_batches)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            self.empty_batches += 1
+        kind = "hidden states" if self.fused else "logits"
+        for name, x in (("teacher", teacher), ("student", student)):
+            if x is not None and not self._finite(x):
+                loss = self._nonfinite(model, f"{name} {kind}")
+                return (loss, None) if return_outputs else loss
         if num_items_in_batch is None:  # evaluation, or a caller outside the Trainer loop: this batch alone
             denom, scale = valid.clamp_min(1).to(torch.float32), 1.0
         else:
@@ -216,11 +287,18 @@ class AdaKDTrainer(Trainer):
                     chunk_size=self.chunk_size,
                 )  # fmt: skip
             else:
-                kd_sum = self.loss_fn(student, teacher, labels)
+                try:
+                    kd_sum = self.loss_fn(student, teacher, labels)
+                except NonFiniteLossError:
+                    loss = self._nonfinite(model, "loss")
+                    return (loss, None) if return_outputs else loss
             # The window's kept count: r·(valid tokens); exactly the valid count when every token is kept.
             kept_fraction = 1.0 if self.loss_fn.controller is None else self.loss_fn.stats["ratio"]
             kd = kd_sum / (denom * kept_fraction)
         loss = sum(w * term for w, term in ((1 - self.kd_ratio, ce), (self.kd_ratio, kd)) if term is not None)
+        if not torch.isfinite(loss):  # finite logits, yet e.g. an overflow inside the divergence
+            loss = self._nonfinite(model, "loss")
+            return (loss, None) if return_outputs else loss
         if model.training:  # evaluation batches must not move LATF nor the training logs
             if kd is not None:
                 self._micro.append(self.loss_fn.stats["loss"])
@@ -263,25 +341,90 @@ class AdaKDTrainer(Trainer):
             for key in LOGGED:
                 if key in w:
                     logs[f"adakd/{key}"] = w[key] / n
+        if "loss" in logs:
+            logs["adakd/empty_batches"] = self.empty_batches
+            logs["adakd/skipped_nonfinite"] = self.skipped_nonfinite
         if "loss" in logs and self.onpolicy is not None:
             logs.update(self.onpolicy.log_metrics())
         super().log(logs, *args, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------------
+    def _get_output_dir(self, trial) -> str:
+        # While _save_checkpoint runs, the Trainer writes checkpoint-N into the staging folder.
+        return self._staging if self._staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, plus the loss and on-policy states, written into ``output_dir/.adakd-staging``
+        and renamed into place once complete: a run killed mid-save leaves no half-written ``checkpoint-N``."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = os.path.join(run_dir, STAGING_DIR)
+        if self.args.should_save:
+            shutil.rmtree(os.path.join(staging, name), ignore_errors=True)  # left by a killed save
+        self.accelerator.wait_for_everyone()
+        self._staging = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = None
+        folder = Path(staging) / name
+        if self.args.should_save:
+            folder.mkdir(parents=True, exist_ok=True)
+            save_loss_state(self.loss_fn, folder)
+        if self.onpolicy is not None:  # every rank: its own replay buffer
+            folder.mkdir(parents=True, exist_ok=True)
+            self.onpolicy.save(folder, rank=self.args.process_index)
+        self.accelerator.wait_for_everyone()  # every rank's files are in before the rename
+        if self.args.should_save:
+            final = Path(run_dir) / name
+            if final.exists():  # the same step saved again (e.g. a resumed run): the new one replaces it
+                shutil.rmtree(final)
+            os.replace(folder, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            if self.state.best_model_checkpoint and Path(staging) in Path(self.state.best_model_checkpoint).parents:
+                self.state.best_model_checkpoint = str(Path(run_dir) / Path(self.state.best_model_checkpoint).name)
+            from transformers.trainer_utils import rotate_checkpoints
+
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
+
+    def resolve_checkpoint(self, resume_from_checkpoint: str | bool) -> str:
+        """The checkpoint to resume from: the given folder (checked), or with ``True`` the newest complete one."""
+        need_state = self.kd_ratio > 0
+        if resume_from_checkpoint is True:
+            found = complete_checkpoints(self.args.output_dir, need_state=need_state)
+            if not found:
+                raise CheckpointError(f"{self.args.output_dir}: no complete checkpoint to resume from")
+            return str(found[0])
+        folder = Path(resume_from_checkpoint)
+        if not folder.is_dir():
+            raise CheckpointError(f"{folder}: no such checkpoint folder")
+        if not (folder / "trainer_state.json").is_file():
+            raise CheckpointError(f"{folder}: incomplete checkpoint (no trainer_state.json)")
+        if need_state and not (folder / STATE_FILE).is_file():
+            raise CheckpointError(f"{folder / STATE_FILE}: missing; cannot resume the AdaKD loss state")
+        return str(folder)
+
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """``Trainer.train``; on resume, the AdaKD loss state is restored from the checkpoint first."""
         if resume_from_checkpoint:
-            if resume_from_checkpoint is True:
-                from transformers.trainer_utils import get_last_checkpoint
-
-                resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-                if resume_from_checkpoint is None:
-                    raise ValueError(f"no checkpoint to resume from in {self.args.output_dir}")
+            resume_from_checkpoint = self.resolve_checkpoint(resume_from_checkpoint)
             state = Path(resume_from_checkpoint) / STATE_FILE
             if state.is_file():
-                self.loss_fn.load_state_dict(torch.load(state, map_location="cpu", weights_only=False))
-            elif self.kd_ratio > 0:
-                raise ValueError(f"{resume_from_checkpoint}: no {STATE_FILE}; cannot resume the AdaKD loss state")
+                try:
+                    loaded = torch.load(state, map_location="cpu", weights_only=False)
+                    self.loss_fn.load_state_dict(loaded)
+                except Exception as e:  # truncated or foreign file: torch raises several unrelated types
+                    raise CheckpointError(
+                        f"{state}: corrupted ({e.__class__.__name__}); resume from an earlier checkpoint"
+                    ) from None
             if self.onpolicy is not None:
                 self.onpolicy.load(resume_from_checkpoint, rank=self.args.process_index)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)

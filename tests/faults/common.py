@@ -1,0 +1,50 @@
+"""Shared helpers of the fault suite: tiny configs and the CLI, in process and as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from adakd.cli import main
+from adakd.train import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "configs" / "tiny-cpu.yaml"
+
+
+def tiny(tmp_path: Path, *overrides: str, name: str = "run"):
+    """The tiny CPU config, writing into ``tmp_path/name``, logging every step."""
+    base = [
+        f"training.output_dir={tmp_path / name}",
+        "training.logging_steps=1",
+        "training.disable_tqdm=true",
+        "data.synthetic_size=64",
+    ]
+    return load_config(TINY, [*base, *overrides])
+
+
+def cli(capsys, *args: str) -> tuple[int, str]:
+    """Run ``adakd ARGS`` in process; (exit status, stderr)."""
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+def one_line_error(code: int, err: str) -> str:
+    """Assert the CLI's error contract (status 2, one ``adakd: error:`` line, no traceback); return the line."""
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("adakd: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def cli_subprocess(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "adakd", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+
+
+def metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,159 @@
+"""Bad input reaches the user as one line naming the file and line, the key or the flag (exit 2, no traceback)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from adakd.data import read_instruction_jsonl, read_minillm_jsonl
+from adakd.train import build_trainer
+from adakd.train.config import ConfigError
+from adakd.train.run import check_tokenizers
+
+from .common import TINY, cli, cli_subprocess, one_line_error, tiny
+
+
+def _train(capsys, tmp_path, *overrides: str) -> str:
+    return one_line_error(*cli(capsys, "train", str(TINY), f"training.output_dir={tmp_path / 'out'}", *overrides))
+
+
+def test_missing_config_file(capsys, tmp_path):
+    line = one_line_error(*cli(capsys, "train", str(tmp_path / "nope.yaml")))
+    assert "nope.yaml: cannot read" in line
+
+
+def test_missing_data_file(capsys, tmp_path):
+    line = _train(capsys, tmp_path, "data.source=minillm_jsonl", f"data.path={tmp_path / 'gone.jsonl'}")
+    assert "data.path:" in line and "gone.jsonl: no such file" in line
+
+
+def test_unreadable_data_file(capsys, tmp_path):
+    folder = tmp_path / "adir.jsonl"
+    folder.mkdir()  # a directory where a file is expected (chmod does not stop root)
+    line = _train(capsys, tmp_path, "data.source=minillm_jsonl", f"data.path={folder}")
+    assert f"data.path: {folder}: cannot read (Is a directory)" in line
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ('{"prompt": "a", "output": "b"}\n{"prompt": "a", "output": \n', ":2: invalid JSON"),
+        ('{"prompt": "a", "output": "b"}\n\n[1, 2]\n', ":3: expected a JSON object"),
+        ('{"prompt": "a", "output": ""}\n', ":1: key 'output': empty response"),
+        ('{"prompt": "a", "output": ["  ", "x"]}\n', ":1: key 'output': empty response"),
+        ('{"prompt": "a"}\n', ":1: missing key 'output'"),
+    ],
+)
+def test_bad_jsonl_line_names_path_and_line(capsys, tmp_path, content, expected):
+    path = tmp_path / "data.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=f"^{path}{expected}"):
+        read_minillm_jsonl(path)
+    line = _train(capsys, tmp_path, "data.source=minillm_jsonl", f"data.path={path}")
+    assert f"{path}{expected}" in line
+
+
+def test_invalid_utf8_names_line(tmp_path):
+    path = tmp_path / "bytes.jsonl"
+    path.write_bytes(b'{"instruction": "a", "response": "b"}\n{"instruction": "\xff"}\n')
+    with pytest.raises(ValueError, match=f"^{path}:2: not UTF-8"):
+        read_instruction_jsonl(path)
+
+
+def test_instruction_record_without_response(tmp_path):
+    path = tmp_path / "inst.jsonl"
+    path.write_text(json.dumps({"instruction": "a", "response": "   "}) + "\n")
+    with pytest.raises(ValueError, match=r":1: key 'response': empty response"):
+        read_instruction_jsonl(path)
+
+
+def test_unknown_key_suggests(capsys, tmp_path):
+    line = _train(capsys, tmp_path, "loss.selecton=fixed")
+    assert "loss.selecton: unknown key (did you mean 'selection'?); valid:" in line
+    line = _train(capsys, tmp_path, "trainig.max_steps=3")
+    assert "trainig: unknown key (did you mean 'training'?)" in line
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("loss.ratio=1.5", "loss.ratio: must be in (0, 1]"),
+        ("loss.ratio=0", "loss.ratio: must be in (0, 1]"),
+        ("loss.min_ratio=-0.1", "loss.min_ratio: must be in (0, 1]"),
+        ("loss.max_ratio=2", "loss.max_ratio: must be in [min_ratio, 1]"),
+        ("loss.c=-1", "loss.c: must be in [0, 10]"),
+        ("loss.c=50", "loss.c: must be in [0, 10]"),
+        ("loss.tau_base=0", "loss.tau_base: must be a finite number > 0"),
+        ("loss.tau_base=-2", "loss.tau_base: must be a finite number > 0"),
+        ("loss.base_params={lam: 1.5}", "loss.base_params.lam: must be in [0, 1]"),
+        ("loss.kd_ratio=2", "loss.kd_ratio: must be in [0, 1]"),
+        ("loss.nonfinite=ignore", "loss.nonfinite: unknown policy 'ignore'; valid: error, skip"),
+        ("onpolicy.mode=gkd", None),  # valid: no error from the config
+    ],
+)
+def test_out_of_range_values_name_the_key(tmp_path, override, key):
+    if key is None:
+        tiny(tmp_path, override)
+        return
+    with pytest.raises(ConfigError) as info:
+        tiny(tmp_path, override)
+    message = str(info.value)
+    assert "\n" not in message and str(TINY) in message and key in message, message
+
+
+def test_out_of_range_reaches_cli_as_one_line(capsys, tmp_path):
+    line = _train(capsys, tmp_path, "onpolicy.mode=gkd", "onpolicy.temperature=0")
+    assert "onpolicy.temperature: must be > 0" in line
+
+
+def test_top_level_not_a_mapping(tmp_path):
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="the top level must be a mapping"):
+        from adakd.train import load_config
+
+        load_config(bad)
+
+
+def _other_tokenizer(folder):
+    from adakd.data.examples import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok.add_tokens(["<not-in-the-student>"])
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_tokenizer_mismatch(capsys, tmp_path):
+    other = _other_tokenizer(tmp_path / "tok")
+    line = _train(capsys, tmp_path, f"teacher.tokenizer={other}")
+    assert "teacher.tokenizer: the teacher's vocabulary (258 tokens) differs from the student's (257" in line
+    assert "loss.allow_tokenizer_mismatch" in line
+    config = tiny(tmp_path, f"teacher.tokenizer={other}", "loss.allow_tokenizer_mismatch=true")
+    from adakd.data.examples import byte_tokenizer
+
+    check_tokenizers(config, byte_tokenizer())  # allowed: no error
+
+
+def test_vocabulary_crop_that_drops_real_tokens(capsys, tmp_path):
+    line = _train(capsys, tmp_path, "teacher.config.vocab_size=200")
+    assert "teacher: the student's vocabulary (288) is larger than the teacher's (200)" in line
+
+
+def test_output_dir_not_creatable(capsys, tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file, not a folder")
+    config = tiny(tmp_path, f"training.output_dir={blocker / 'run'}")
+    with pytest.raises(ConfigError, match=r"training.output_dir: .*file.txt/run: not writable"):
+        build_trainer(config)
+    line = one_line_error(*cli(capsys, "train", str(TINY), f"training.output_dir={blocker / 'run'}"))
+    assert "not writable" in line
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    proc = cli_subprocess("train", str(TINY), "loss.selecton=fixed")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
+    proc = cli_subprocess("--debug", "train", str(TINY), "loss.selecton=fixed")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "ConfigError" in proc.stderr

@@ -1,0 +1,136 @@
+"""Non-finite logits and losses, empty batches and extreme IDTS temperatures."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from adakd import AdaKDLoss
+from adakd.adaptive import idts_temperatures
+from adakd.loss import C_MAX, NonFiniteLossError
+from adakd.train import build_trainer
+from adakd.train.trainer import NonFiniteError
+
+from .common import metrics, tiny
+
+
+def _batch(trainer, n: int = 4):
+    return trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
+
+
+def _grads(model) -> list[torch.Tensor]:
+    return [p.grad for p in model.parameters() if p.requires_grad]
+
+
+def test_empty_batch_warns_once_and_counts(tmp_path):
+    trainer = build_trainer(tiny(tmp_path))
+    trainer.model.train()
+    batch = _batch(trainer)
+    batch["labels"][:] = -100
+    with pytest.warns(RuntimeWarning, match="no supervised token"):
+        loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=0)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert all(g is None or not g.any() for g in _grads(trainer.model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second one is counted, not warned
+        trainer.compute_loss(trainer.model, batch, num_items_in_batch=0)
+    assert trainer.empty_batches == 2
+    logs = {"loss": 0.0}
+    trainer.log(logs)
+    assert logs["adakd/empty_batches"] == 2 and logs["adakd/skipped_nonfinite"] == 0
+
+
+def _poison_teacher(trainer) -> None:
+    with torch.no_grad():
+        trainer.teacher.get_output_embeddings().weight.fill_(math.nan)
+
+
+def test_nonfinite_teacher_logits_error(tmp_path):
+    trainer = build_trainer(tiny(tmp_path))
+    trainer.model.train()
+    _poison_teacher(trainer)
+    with pytest.raises(
+        NonFiniteError, match=r"^step 1: non-finite teacher logits \(NaN or inf\).*loss.nonfinite: skip"
+    ):
+        trainer.compute_loss(trainer.model, _batch(trainer), num_items_in_batch=10)
+
+
+@pytest.mark.parametrize("which", ["teacher", "student"])
+def test_nonfinite_skip_gives_zero_gradient(tmp_path, which):
+    trainer = build_trainer(tiny(tmp_path, "loss.nonfinite=skip"))
+    trainer.model.train()
+    if which == "teacher":
+        _poison_teacher(trainer)
+    else:
+        forward = trainer._forward
+
+        def poisoned(model, inputs):
+            student, teacher = forward(model, inputs)
+            return student + torch.full_like(student, math.inf), teacher  # still attached to the weights
+
+        trainer._forward = poisoned
+    with pytest.warns(RuntimeWarning, match=f"non-finite {which} logits; micro-batch skipped"):
+        loss = trainer.compute_loss(trainer.model, _batch(trainer), num_items_in_batch=10)
+    assert loss.item() == 0.0
+    loss.backward()
+    grads = _grads(trainer.model)
+    assert grads and all(g is not None and not g.any() for g in grads)
+    assert trainer.skipped_nonfinite == 1 and trainer._micro == []  # LATF never saw it
+
+
+def test_nonfinite_loss_from_finite_logits(tmp_path):
+    trainer = build_trainer(tiny(tmp_path, "loss.nonfinite=skip"))
+    trainer.model.train()
+
+    def boom(*args, **kwargs):
+        raise NonFiniteLossError("non-finite AdaKD loss")
+
+    trainer.loss_fn.forward = boom
+    with pytest.warns(RuntimeWarning, match="non-finite loss"):
+        loss = trainer.compute_loss(trainer.model, _batch(trainer), num_items_in_batch=10)
+    assert loss.item() == 0.0 and trainer.skipped_nonfinite == 1
+
+
+def test_skip_policy_trains_through_and_logs_the_count(tmp_path):
+    trainer = build_trainer(tiny(tmp_path, "loss.nonfinite=skip", "training.max_steps=3", "training.save_strategy=no"))
+    _poison_teacher(trainer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        trainer.train()
+    logged = [r for r in metrics(tmp_path / "run") if "loss" in r]
+    assert [r["adakd/skipped_nonfinite"] for r in logged] == [1, 2, 3]
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert trainer.loss_fn.controller.state_dict()["ema"] is None or math.isfinite(
+        trainer.loss_fn.controller.state_dict()["ema"]
+    )
+
+
+def test_idts_temperatures_stay_in_the_documented_bounds():
+    scores = torch.tensor([0.0, 1e-30, 1e-6, 0.5, 1.0, 1e6, 1e30], dtype=torch.float32)
+    for c in (0.0, 0.5, 3.0, C_MAX):
+        tau = idts_temperatures(scores, c=c, tau_base=2.0)
+        assert torch.isfinite(tau).all()
+        assert (tau >= 2.0 * math.exp(-c) * (1 - 1e-6)).all() and (tau <= 2.0 * math.exp(c) * (1 + 1e-6)).all()
+
+
+def test_extreme_c_is_refused_and_the_bound_is_finite():
+    with pytest.raises(ValueError, match=r"c must be a number in \[0, 10\]"):
+        AdaKDLoss("rkl", c=C_MAX + 1)
+    torch.manual_seed(0)
+    student, teacher = torch.randn(3, 7, 50) * 30, torch.randn(3, 7, 50) * 30
+    labels = torch.randint(0, 50, (3, 7))
+    loss = AdaKDLoss("rkl", selection="fixed", ratio=0.5, c=C_MAX)(student, teacher, labels)
+    assert torch.isfinite(loss)
+
+
+def test_loss_refuses_nonfinite_before_touching_state():
+    fn = AdaKDLoss("rkl")
+    student, teacher = torch.randn(2, 4, 9), torch.randn(2, 4, 9)
+    student[0, 1] = -math.inf  # a whole row of -inf: no distribution
+    with pytest.raises(NonFiniteLossError, match="non-finite AdaKD loss"):
+        fn(student, teacher, torch.zeros(2, 4, dtype=torch.long))
+    assert fn._pending_count == 0
