@@ -5,7 +5,7 @@
 #
 # Needs only PyTorch (with Triton) on the machine: adakd runs from src/ through PYTHONPATH, and no network is used.
 # A Liger-Kernel wheel placed beside this script (bench/liger_kernel-*.whl) is installed without dependencies for
-# the comparison. Budget: under 5 minutes (each step has a timeout: 90 s, 150 s and 50 s).
+# the comparison. Budget: under 8 minutes (each step has a timeout: 90 s, 150 s, 50 s, then 3 × 60 s).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
@@ -31,5 +31,28 @@ timeout 150 python "$here/fused_bench.py" --device cuda --compile --json "$out/f
 # 3. The loss on materialised logits (8,192 tokens: 16,384 would need ~130 GB for the naive float32 temporaries).
 timeout 50 python "$here/loss_bench.py" --device cuda --tokens 8192 --vocab 151936 --json "$out/loss_bench.json" 2>&1 \
   | tee "$out/loss_bench.txt" || status=1
+# 4. The engines at world size 1 on the GPU, fused loss: FSDP2 and DeepSpeed ZeRO-3 (when installed) against a plain
+#    run of the tiny config; the parameters after 4 steps must agree (tests/distributed/worker.py, as the CPU tests).
+smoke="loss.fused=true loss.selection=all loss.temperature=fixed training.max_steps=4 training.save_strategy=no"
+smoke="$smoke training.use_cpu=false training.ddp_backend=nccl training.disable_tqdm=true data.synthetic_size=64"
+smoke="$smoke training.per_device_train_batch_size=8"
+engines="single fsdp2"
+python -c "import deepspeed" 2>/dev/null && engines="$engines deepspeed" || echo "deepspeed not installed: no ZeRO-3 smoke"
+for engine in $engines; do
+  # shellcheck disable=SC2086
+  timeout 60 torchrun --nproc_per_node=1 --master_port=29650 "$root/tests/distributed/worker.py" --engine "$engine" \
+    --out "$out/engines/$engine" training.output_dir="$out/engines/$engine/run" $smoke 2>&1 \
+    | tail -n 3 | tee -a "$out/engines.txt" || status=1
+done
+python - "$out/engines" <<'PY' 2>&1 | tee -a "$out/engines.txt" || status=1
+import sys, pathlib, torch
+root = pathlib.Path(sys.argv[1])
+ref = torch.load(root / "single" / "rank0.pt", weights_only=False)["params"]
+for folder in sorted(p for p in root.iterdir() if p.name != "single" and (p / "rank0.pt").is_file()):
+    got = torch.load(folder / "rank0.pt", weights_only=False)["params"]
+    rel = max(float((got[k] - ref[k]).abs().max() / ref[k].abs().max().clamp_min(1e-12)) for k in ref)
+    print(f"{folder.name}: max relative parameter difference to the plain run {rel:.2e}")
+    assert rel < 1e-3, folder.name
+PY
 echo "gpu_check.sh: exit $status; results in $out"
 exit $status

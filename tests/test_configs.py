@@ -157,10 +157,15 @@ def test_accelerate_config_loads(path):
         assert ds["zero3_init_flag"] is (stage == 3)
     if kind == "FSDP":
         fsdp = config.fsdp_config
-        assert fsdp["fsdp_reshard_after_forward"] == "FULL_SHARD"
+        assert fsdp["fsdp_version"] == 2  # FSDP version 1 is refused by the trainer
+        assert fsdp["fsdp_reshard_after_forward"] is True
         assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
-        assert fsdp["fsdp_use_orig_params"] is True
         assert fsdp["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+        # Every key is one the FSDP2 plugin accepts without an obsolescence warning (FSDP1-only keys are gone).
+        obsolete = {
+            f"fsdp_{k}" for k in ("use_orig_params", "sync_module_states", "backward_prefetch", "forward_prefetch")
+        }
+        assert not obsolete & set(fsdp), obsolete & set(fsdp)
     if path.name == "cpu-2proc.yaml":
         assert config.use_cpu is True and config.mixed_precision == "no"
     else:

@@ -59,21 +59,21 @@ def test_nonfinite_teacher_logits_error(tmp_path):
         trainer.compute_loss(trainer.model, _batch(trainer), num_items_in_batch=10)
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("which", ["teacher", "student"])
-def test_nonfinite_skip_gives_zero_gradient(tmp_path, which):
-    trainer = build_trainer(tiny(tmp_path, "loss.nonfinite=skip"))
+def test_nonfinite_skip_gives_zero_gradient(tmp_path, which, fused):
+    trainer = build_trainer(tiny(tmp_path, "loss.nonfinite=skip", f"loss.fused={str(fused).lower()}"))
     trainer.model.train()
     if which == "teacher":
         _poison_teacher(trainer)
-    else:
-        forward = trainer._forward
-
-        def poisoned(model, inputs):
-            student, teacher = forward(model, inputs)
-            return student + torch.full_like(student, math.inf), teacher  # still attached to the weights
-
-        trainer._forward = poisoned
-    with pytest.warns(RuntimeWarning, match=f"non-finite {which} logits; micro-batch skipped"):
+    else:  # the student's final hidden states become inf, its weights stay finite
+        trainer.model.model.norm.register_forward_hook(lambda module, args, out: out + math.inf)
+    what = f"{which} {'hidden states' if fused and which == 'student' else 'logits'}"
+    if fused and which == "teacher":
+        what = "teacher hidden states"  # a NaN teacher lm_head is seen in the teacher's logits on the logits path
+        with torch.no_grad():
+            trainer.teacher.model.norm.weight.fill_(math.nan)
+    with pytest.warns(RuntimeWarning, match=f"non-finite {what}; micro-batch skipped"):
         loss = trainer.compute_loss(trainer.model, _batch(trainer), num_items_in_batch=10)
     assert loss.item() == 0.0
     loss.backward()

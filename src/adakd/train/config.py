@@ -86,7 +86,7 @@ class ModelSection:
     config: dict[str, Any] | None = None  # {"model_type": "qwen2", "hidden_size": 64, ...}
     tokenizer: str | None = None  # defaults to name_or_path; "byte" is the built-in byte-level tokenizer
     dtype: str = "float32"
-    seed: int = 0  # initialisation seed of an inline config
+    seed: int = 0  # initialisation seed of an inline config and of LoRA adapters
     lora: LoraSection | None = None  # the student's adapters; None trains every weight
 
 

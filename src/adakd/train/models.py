@@ -9,7 +9,7 @@ import torch
 
 from .config import ConfigError, ModelSection
 
-__all__ = ["apply_lora", "load_model", "output_layer", "prepare_teacher", "torch_dtype"]
+__all__ = ["apply_lora", "load_model", "prepare_teacher", "torch_dtype"]
 
 
 def torch_dtype(name: str) -> torch.dtype | str:
@@ -42,7 +42,8 @@ def load_model(section: ModelSection, role: str):
 
 
 def apply_lora(model, section: ModelSection):
-    """Wrap the student in PEFT LoRA adapters when ``section.lora`` is set (else train every weight)."""
+    """Wrap the student in PEFT LoRA adapters when ``section.lora`` is set (else train every weight); the adapters
+    are initialised from ``section.seed``, the same on every rank."""
     if section.lora is None:
         return model
     from peft import LoraConfig, get_peft_model
@@ -55,25 +56,12 @@ def apply_lora(model, section: ModelSection):
         target_modules=lora.target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
-
-
-def output_layer(model) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor | None]:
-    """(decoder, lm_head weight [V, H], lm_head bias [V] | None) of a causal LM, through PEFT and DDP wrappers.
-
-    The fused loss needs the final hidden states and the output projection separately. LoRA layers live inside
-    the decoder's modules, so calling the decoder of the unwrapped base model still applies them.
-    """
-    inner = model
-    while hasattr(inner, "module") and not hasattr(inner, "get_output_embeddings"):
-        inner = inner.module  # DDP
-    if hasattr(inner, "get_base_model"):
-        inner = inner.get_base_model()  # PEFT
-    head = inner.get_output_embeddings()
-    decoder = inner.get_decoder()
-    if head is None or decoder is None:
-        raise ConfigError(f"loss.fused: {type(inner).__name__} exposes no decoder / output embeddings")
-    return decoder, head.weight, getattr(head, "bias", None)
+    # The adapters' random initialisation comes from the model's seed, not from whatever the global generator holds
+    # by then: every data-parallel rank must start from the same adapters (FSDP2 shards each rank's own copy and
+    # does not broadcast), and a run must start the same under every engine and number of processes.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(section.seed)
+        return get_peft_model(model, config)
 
 
 def prepare_teacher(teacher, accelerator) -> Any:
@@ -81,15 +69,17 @@ def prepare_teacher(teacher, accelerator) -> Any:
 
     - DeepSpeed ZeRO-3: an inference engine sharded like the student (a 7B teacher does not fit next to the
       student on every rank otherwise); other DeepSpeed stages keep a full replica (stage 0).
-    - FSDP (version 1): wrapped with the same plugin as the student, so its parameters are sharded too.
+    - FSDP2: sharded with ``fully_shard`` over the same ranks (:func:`adakd.train.engines.shard_teacher_fsdp2`).
     - Otherwise (one device, DDP): moved to the device; it needs no wrapper since it takes no gradient.
+
+    FSDP version 1 is refused (:func:`adakd.train.engines.engine_of`).
     """
-    from accelerate.utils import DistributedType
+    from .engines import engine_of, shard_teacher_fsdp2
 
     teacher.eval()
     teacher.requires_grad_(False)
-    kind = accelerator.distributed_type
-    if kind == DistributedType.DEEPSPEED:
+    kind = engine_of(accelerator)
+    if kind == "deepspeed":
         import deepspeed
 
         ds_config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
@@ -112,10 +102,6 @@ def prepare_teacher(teacher, accelerator) -> Any:
         engine, *_ = deepspeed.initialize(model=teacher, config=ds_config)
         engine.eval()
         return engine
-    if kind == DistributedType.FSDP:
-        if getattr(accelerator, "is_fsdp2", False):
-            raise ConfigError("teacher: FSDP2 cannot shard the teacher yet; use fsdp_version: 1 (configs/accelerate/)")
-        # evaluation_mode=False is what makes accelerate wrap it in FSDP; having no trainable parameter, it gets
-        # no DDP wrapper and no optimizer state.
-        return accelerator.prepare_model(teacher, evaluation_mode=False).eval()
+    if kind == "fsdp2":
+        return shard_teacher_fsdp2(teacher, accelerator).eval()
     return teacher.to(accelerator.device)

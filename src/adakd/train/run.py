@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import uuid
@@ -12,6 +13,7 @@ import torch
 
 from ..loss import check_vocab_sizes
 from .config import ConfigError, DistillConfig
+from .engines import save_final
 from .models import apply_lora, load_model
 from .onpolicy import OnPolicyController
 from .trainer import AdaKDTrainer, save_loss_state
@@ -95,6 +97,31 @@ def check_tokenizers(config: DistillConfig, tokenizer) -> None:
         )
 
 
+@contextlib.contextmanager
+def _seeded_init(args, section):
+    """Build a model from an inline config outside DeepSpeed's zero.Init: zero.Init skips the usual weight
+    initialisation and initialises after partitioning, which draws other random numbers, so the same seed would
+    give other weights under ZeRO-3 than on one process. Such models are small (tests, demos); ZeRO-3 partitions
+    them when its engine starts. Hub and local checkpoints still load partitioned (their weights are read, not
+    drawn)."""
+    if section.config is None or not args.deepspeed:
+        yield
+        return
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(args.hf_deepspeed_config)
+
+
+def _vocab_rows(model) -> int:
+    """The lm_head's row count, also for a model built partitioned by DeepSpeed ZeRO-3 (whose weight is empty)."""
+    weight = model.get_output_embeddings().weight
+    return weight.ds_shape[0] if hasattr(weight, "ds_shape") else weight.shape[0]
+
+
 def build_trainer(config: DistillConfig) -> AdaKDTrainer:
     """Everything a run needs, checked before any training step: tokenizer, data, models, vocabularies, loss."""
     from transformers import TrainingArguments
@@ -105,6 +132,14 @@ def build_trainer(config: DistillConfig) -> AdaKDTrainer:
         args = TrainingArguments(**config.training)
     except (ValueError, TypeError) as e:
         raise config.error("training", str(e).splitlines()[0]) from None
+    # Set up the process group now: DeepSpeed ZeRO-3 builds the models already partitioned (zero.Init) and must
+    # know the world size when they are loaded below. On a CPU, accelerate starts torch.distributed (gloo) but not
+    # DeepSpeed's own communication layer, which zero.Init reads: attach it to the same group.
+    _ = args.device
+    if args.deepspeed and torch.distributed.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     check_output_dir(args.output_dir)
     student_cfg = config.student
     tokenizer = tokenizer_for(student_cfg.tokenizer or student_cfg.name_or_path)
@@ -126,15 +161,17 @@ def build_trainer(config: DistillConfig) -> AdaKDTrainer:
         examples, eval_examples = examples[:-n], examples[-n:]
         _log(args, f"on-policy: {n} examples held out for validation")
 
-    student = load_model(student_cfg, "student")
-    v_s = student.get_output_embeddings().weight.shape[0]
+    with _seeded_init(args, student_cfg):
+        student = load_model(student_cfg, "student")
+    v_s = _vocab_rows(student)
     if len(tokenizer) > v_s:
         raise ConfigError(f"student: its vocabulary ({v_s}) is smaller than the tokenizer's ({len(tokenizer)})")
     teacher = None
     if config.teacher is not None and config.loss.kd_ratio > 0:
-        teacher = load_model(config.teacher, "teacher")
+        with _seeded_init(args, config.teacher):
+            teacher = load_model(config.teacher, "teacher")
         try:
-            check_vocab_sizes(v_s, teacher.get_output_embeddings().weight.shape[0], len(tokenizer))
+            check_vocab_sizes(v_s, _vocab_rows(teacher), len(tokenizer))
         except ValueError as e:
             raise ConfigError(f"teacher: {e}") from None
     student = apply_lora(student, student_cfg)
@@ -180,7 +217,7 @@ def run(config: DistillConfig, resume: str | bool | None = None) -> dict[str, An
     trainer = build_trainer(config)
     result = trainer.train(resume_from_checkpoint=resume)
     final = Path(trainer.args.output_dir) / "final"
-    trainer.save_model(str(final))  # the adapter only, for a PEFT student
+    save_final(trainer, final)  # the adapter only, for a PEFT student; gathered from the shards under FSDP2 / ZeRO-3
     if trainer.is_world_process_zero():
         save_loss_state(trainer.loss_fn, final)
     summary = {

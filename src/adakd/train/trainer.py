@@ -14,6 +14,11 @@ After each optimizer step, ``AdaKDLoss.step`` receives L_t (the micro-steps' mea
 the micro-steps and all ranks, so every rank holds the same ratio. The loss state (LATF) is saved in every
 checkpoint (``adakd_state.pt``) and restored on resume.
 
+Several processes (DDP, FSDP2, DeepSpeed; :mod:`adakd.train.engines`): the student is always called through the
+engine's wrapper, on the fused path too (forward redirection: the fused loss runs inside the lm_head's forward,
+where the engine holds the full weight), so the gradient reduction and the parameter gathering happen as for any
+forward; every rank enters every collective at every optimizer step.
+
 On-policy modes (GKD, DistiLLM; ``adakd.train.onpolicy``) hook in at ``get_batch_samples``: once per optimizer step
 the step's micro-batches may be replaced by generated ones before the window's tokens are counted; their state
 (replay buffer, schedule, RNG) is checkpointed next to the loss state.
@@ -21,6 +26,7 @@ the step's micro-batches may be replaced by generated ones before the window's t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -35,7 +41,7 @@ from transformers import Trainer, TrainerCallback
 
 from .. import AdaKDLoss
 from ..loss import NonFiniteLossError
-from .models import output_layer
+from .engines import call_through, check_linear_head, engine_of, full_parameters, unwrap
 from .onpolicy import OnPolicyController
 
 __all__ = ["STATE_FILE", "AdaKDTrainer", "CheckpointError", "NonFiniteError", "complete_checkpoints", "save_loss_state"]
@@ -168,6 +174,14 @@ class AdaKDTrainer(Trainer):
         # Our compute_loss normalises by num_items_in_batch itself: have the Trainer count it, and not divide again.
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
+        self.engine = engine_of(self.accelerator)  # refuses FSDP version 1 with a clear error
+        self.engine_shards_params = self.engine == "fsdp2" or (
+            self.engine == "deepspeed" and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        )
+        if fused:  # never a silently different objective: the fused loss computes hidden @ Wᵀ (+ b) only
+            check_linear_head(model, "student")
+            if teacher_model is not None:
+                check_linear_head(teacher_model, "teacher")
         self.teacher = None
         if teacher_model is not None:
             from .models import prepare_teacher
@@ -199,28 +213,54 @@ class AdaKDTrainer(Trainer):
         op.schedule.update(op.validation_loss(self.model, self.args.per_device_eval_batch_size))
 
     # ----------------------------------------------------------------------------------------------------------
-    def _forward(self, model, inputs: dict[str, torch.Tensor]):
-        """Student logits ``[B, T−1, V]`` or hidden states ``[B, T−1, H]`` with (weight, bias); teacher likewise."""
-        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
-        if not self.fused:
-            student = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-            teacher = None
-            if self.teacher is not None and self.kd_ratio > 0:
-                with torch.no_grad():
-                    teacher = self.teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
-            return student, teacher
-        decoder, weight, bias = output_layer(model)
-        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
-        teacher = None
-        if self.teacher is not None and self.kd_ratio > 0:
-            t_decoder, t_weight, t_bias = output_layer(self.teacher)
-            with torch.no_grad():
-                t_hidden = t_decoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
-            teacher = (t_hidden, t_weight, t_bias)
-        return (hidden, weight, bias), teacher
+    def _autocast(self):
+        # accelerate applies mixed precision by wrapping the model's forward, which call_through replaces for the
+        # call: enter the same autocast explicitly (a no-op without mixed precision).
+        return self.accelerator.autocast() if self.accelerator.native_amp else contextlib.nullcontext()
 
-    def _nonfinite(self, model, what: str) -> torch.Tensor:
-        """Apply the nonfinite policy to ``what`` ("teacher logits", ...): raise, or a zero loss with zero gradient."""
+    def _teacher_hidden(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The teacher's final hidden states ``[B, T−1, H_t]``, through its engine wrapper, without gradient."""
+        decoder = unwrap(self.teacher).get_decoder()
+
+        def forward(input_ids, attention_mask=None):
+            with self._autocast():
+                return decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+
+        with torch.no_grad():
+            return call_through(self.teacher, forward, input_ids=ids, attention_mask=mask)
+
+    def _zero_loss(self, model, output: torch.Tensor | None, weights=()) -> torch.Tensor:
+        """A zero loss whose gradient is exactly zero for every trainable parameter, for a skipped micro-batch.
+
+        The backward must still pass through the engine (DDP all-reduces, FSDP2 / ZeRO-3 reduce-scatters every
+        parameter on every rank), so when the student's ``output`` is finite the zero flows through it (and through
+        ``weights``, the lm_head parameters the fused path read). A non-finite student output would turn 0 into NaN
+        there: replicated engines then use 0·Σθ over the parameters; sharded ones cannot (each rank holds other
+        shards), so the run stops with an error instead of corrupting the weights.
+        """
+        if output is not None and bool(torch.isfinite(output).all()):
+            zero = (output * 0).sum().float()
+            for w in weights:
+                if w is not None and w.requires_grad:
+                    zero = zero + (w * 0).sum().float()
+            return zero
+        if self.engine_shards_params:
+            raise NonFiniteError(
+                f"step {self.state.global_step + 1}: the student's own outputs are non-finite (NaN or inf); under "
+                f"{self.engine} a micro-batch cannot be skipped then (its parameters are sharded): lower the learning "
+                "rate or check the data and dtypes"
+            )
+        # 0·θ for every trainable weight: a zero gradient for each (DDP expects each to get one) that bypasses the
+        # non-finite output; nan_to_num keeps the value 0 even if a weight itself is inf.
+        zero = torch.zeros((), device=self.args.device)
+        for p in model.parameters():
+            if p.requires_grad:
+                zero = zero + (p * 0).nan_to_num(0.0, 0.0, 0.0).sum().float()
+        return zero
+
+    def _skip(self, what: str) -> None:
+        """Apply the nonfinite policy to ``what`` ("teacher logits", ...): raise, or count and warn (the caller then
+        returns a zero loss)."""
         step = self.state.global_step + 1
         if self.nonfinite == "error":
             raise NonFiniteError(
@@ -228,20 +268,104 @@ class AdaKDTrainer(Trainer):
                 "or set loss.nonfinite: skip"
             )
         self.skipped_nonfinite += 1
-        warnings.warn(f"adakd: step {step}: non-finite {what}; micro-batch skipped", RuntimeWarning, stacklevel=2)
-        # 0·Σθ over the trainable weights: a zero gradient for every one of them (DDP expects each to get one), not
-        # 0·loss, which is NaN.
-        params = [p for p in model.parameters() if p.requires_grad]
-        return sum(p.sum() for p in params) * 0.0 if params else torch.zeros((), device=self.args.device)
+        warnings.warn(f"adakd: step {step}: non-finite {what}; micro-batch skipped", RuntimeWarning, stacklevel=3)
 
-    @staticmethod
-    def _finite(x) -> bool:
-        x = x[0] if isinstance(x, tuple) else x  # the fused path: (hidden, weight, bias)
-        return bool(torch.isfinite(x).all())
+    def _logits_terms(self, model, ids, mask, labels) -> tuple[torch.Tensor | None, torch.Tensor | None, Any]:
+        """(Σ CE, Σ KD, zero loss if the micro-batch is skipped) on materialised logits."""
+        student = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        teacher = None
+        if self.teacher is not None and self.kd_ratio > 0:
+            with torch.no_grad():
+                teacher = self.teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        for name, x in (("student", student), ("teacher", teacher)):
+            if x is not None and not bool(torch.isfinite(x).all()):
+                self._skip(f"{name} logits")
+                return None, None, self._zero_loss(model, student if name == "teacher" else None)
+        ce = kd = None
+        if self.kd_ratio < 1:
+            flat = student.reshape(-1, student.shape[-1]).float()
+            ce = F.cross_entropy(flat, labels.reshape(-1), ignore_index=-100, reduction="sum")
+        if self.kd_ratio > 0:
+            try:
+                kd = self.loss_fn(student, teacher, labels)
+            except NonFiniteLossError:
+                self._skip("loss")
+                return None, None, self._zero_loss(model, student)
+        return ce, kd, None
+
+    def _fused_terms(self, model, ids, mask, labels) -> tuple[torch.Tensor | None, torch.Tensor | None, Any]:
+        """(Σ CE, Σ KD, zero loss if skipped) from hidden states and lm_head weights: the student's decoder runs
+        through its engine wrapper, and the loss inside its lm_head's forward, where the engine holds the full
+        weight (see :mod:`adakd.train.engines`)."""
+        base = unwrap(model)
+        decoder, head = base.get_decoder(), base.get_output_embeddings()
+        teacher_hidden = t_head = None
+        skip = None
+        if self.teacher is not None and self.kd_ratio > 0:
+            teacher_hidden = self._teacher_hidden(ids, mask)
+            t_head = unwrap(self.teacher).get_output_embeddings()
+            if not bool(torch.isfinite(teacher_hidden).all()):
+                self._skip("teacher hidden states")
+                skip = "teacher"
+        flat_labels = labels.reshape(-1)
+        result: dict[str, Any] = {}
+
+        def head_forward(hidden: torch.Tensor) -> torch.Tensor:
+            # The teacher's lm_head is gathered first, on every rank, also one that skips this micro-batch: the
+            # gather is a collective under FSDP2 and ZeRO-3.
+            t_params = (t_head.weight, t_head.bias) if t_head is not None else (None, None)
+            with full_parameters(*t_params) as (t_weight, t_bias):
+                return head_loss(hidden, t_weight, t_bias)
+
+        def head_loss(hidden: torch.Tensor, t_weight, t_bias) -> torch.Tensor:
+            weight, bias = head.weight, head.bias
+            # Under autocast the hidden states may be in half precision: the differentiable cast is what the
+            # model's own lm_head call would do.
+            weight = weight.to(hidden.dtype)
+            bias = None if bias is None else bias.to(hidden.dtype)
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            if skip is None and not bool(torch.isfinite(hidden).all()):
+                self._skip("student hidden states")
+                result["zero"] = self._zero_loss(model, None)
+                return result["zero"]
+            if skip is not None:
+                result["zero"] = self._zero_loss(model, hidden, (head.weight, head.bias))
+                return result["zero"]
+            ce = kd = None
+            if self.kd_ratio < 1:
+                ce = _chunked_ce_sum(flat, weight, bias, flat_labels, self.chunk_size or 1024)
+            if self.kd_ratio > 0:
+                dtype = teacher_hidden.dtype
+                kd = self.loss_fn.forward_hidden(
+                    hidden, weight, teacher_hidden, t_weight.to(dtype), labels,
+                    student_bias=bias, teacher_bias=None if t_bias is None else t_bias.to(dtype),
+                    chunk_size=self.chunk_size,
+                )  # fmt: skip
+            terms = [t for t in (ce, kd) if t is not None]
+            if not all(bool(torch.isfinite(t)) for t in terms):  # e.g. an overflow inside the divergence
+                self._skip("loss")
+                result["zero"] = self._zero_loss(model, hidden, (head.weight, head.bias))
+                return result["zero"]
+            result["ce"], result["kd"] = ce, kd
+            return torch.stack([t.float() for t in terms])
+
+        def forward(input_ids, attention_mask=None):
+            with self._autocast():
+                hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+            return call_through(head, head_forward, hidden)
+
+        out = call_through(model, forward, input_ids=ids, attention_mask=mask)
+        if "zero" in result:
+            return None, None, out
+        # The terms as they left the engine's forward (its backward hooks are attached to ``out``).
+        terms = iter(out.unbind(0))
+        ce = next(terms) if result["ce"] is not None else None
+        kd = next(terms) if result["kd"] is not None else None
+        return ce, kd, None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
         labels = inputs["labels"][:, 1:]
-        student, teacher = self._forward(model, inputs)
         valid = (labels != -100).sum()
         if model.training and int(valid) == 0:
             # No supervised token: every term below is a sum over nothing, 0 with a zero gradient. Count it.
@@ -253,52 +377,23 @@ class AdaKDTrainer(Trainer):
                     stacklevel=2,
                 )
             self.empty_batches += 1
-        kind = "hidden states" if self.fused else "logits"
-        for name, x in (("teacher", teacher), ("student", student)):
-            if x is not None and not self._finite(x):
-                loss = self._nonfinite(model, f"{name} {kind}")
-                return (loss, None) if return_outputs else loss
+        terms = self._fused_terms if self.fused else self._logits_terms
+        ce_sum, kd_sum, zero = terms(model, ids, mask, labels)
+        if zero is not None:
+            return (zero, None) if return_outputs else zero
         if num_items_in_batch is None:  # evaluation, or a caller outside the Trainer loop: this batch alone
             denom, scale = valid.clamp_min(1).to(torch.float32), 1.0
         else:
             denom = torch.as_tensor(num_items_in_batch, device=labels.device, dtype=torch.float32).clamp_min(1)
             # num_items_in_batch counts every rank's tokens; DDP averages gradients over ranks, so scale back up.
             scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1.0
-
-        ce = kd = None
-        if self.kd_ratio < 1:
-            if self.fused:
-                hidden, weight, bias = student
-                chunk = self.chunk_size or 1024
-                ce = _chunked_ce_sum(hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), chunk)
-            else:
-                ce = F.cross_entropy(
-                    student.reshape(-1, student.shape[-1]).float(),
-                    labels.reshape(-1),
-                    ignore_index=-100,
-                    reduction="sum",
-                )
-            ce = ce / denom
-        if self.kd_ratio > 0:
-            if self.fused:
-                (hidden, weight, bias), (t_hidden, t_weight, t_bias) = student, teacher
-                kd_sum = self.loss_fn.forward_hidden(
-                    hidden, weight, t_hidden, t_weight, labels, student_bias=bias, teacher_bias=t_bias,
-                    chunk_size=self.chunk_size,
-                )  # fmt: skip
-            else:
-                try:
-                    kd_sum = self.loss_fn(student, teacher, labels)
-                except NonFiniteLossError:
-                    loss = self._nonfinite(model, "loss")
-                    return (loss, None) if return_outputs else loss
+        ce = None if ce_sum is None else ce_sum / denom
+        kd = None
+        if kd_sum is not None:
             # The window's kept count: r·(valid tokens); exactly the valid count when every token is kept.
             kept_fraction = 1.0 if self.loss_fn.controller is None else self.loss_fn.stats["ratio"]
             kd = kd_sum / (denom * kept_fraction)
         loss = sum(w * term for w, term in ((1 - self.kd_ratio, ce), (self.kd_ratio, kd)) if term is not None)
-        if not torch.isfinite(loss):  # finite logits, yet e.g. an overflow inside the divergence
-            loss = self._nonfinite(model, "loss")
-            return (loss, None) if return_outputs else loss
         if model.training:  # evaluation batches must not move LATF nor the training logs
             if kd is not None:
                 self._micro.append(self.loss_fn.stats["loss"])
@@ -319,14 +414,19 @@ class AdaKDTrainer(Trainer):
                 w[key] = w.get(key, 0.0) + self.loss_fn.stats[key]
 
     def _end_optimizer_step(self) -> None:
-        """LATF advances on L_t averaged over this step's micro-steps and over all ranks (one all-reduce)."""
-        if not self._micro:
+        """LATF advances on L_t averaged over this step's micro-steps and over all ranks (one all-reduce).
+
+        Every rank enters the all-reduce at every optimizer step, also one whose micro-batches were all skipped (it
+        contributes a zero count); a step in which no rank kept a micro-batch leaves LATF where it is, on every rank.
+        """
+        if self.teacher is None or self.kd_ratio == 0:  # the same on every rank: no KD, no LATF, no collective
             return
         total = torch.tensor([sum(self._micro), len(self._micro)], dtype=torch.float64, device=self.args.device)
         if self.accelerator.num_processes > 1:
             total = self.accelerator.reduce(total, reduction="sum")
         self._micro.clear()
-        self.loss_fn.step(float(total[0] / total[1]))
+        if float(total[1]) > 0:
+            self.loss_fn.step(float(total[0] / total[1]))
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         w, self._window = self._window, {}
