@@ -114,33 +114,45 @@ def adakd_loss(
     tau_base: float = 1.0,
     temperature: str = "inverse",
     keep: Tensor | None = None,
+    tau_weight: str = "squared",
+    detach_tau: bool = True,
 ) -> tuple[Tensor, dict]:
-    """The spec's AdaKD algorithm in float64, step by step. Returns (loss, details)."""
+    """The spec's AdaKD algorithm in float64, step by step. Returns (loss, details).
+
+    ``detach_tau=False`` differentiates τ_i = τ_base·exp(∓c·tanh(log(s_i/m))) through each kept score s_i and
+    through m, the kept score at the lower-median position (the released code's gradients)."""
     vocab = student_logits.shape[-1]
     s = student_logits.reshape(-1, vocab)
     t = teacher_logits.reshape(-1, vocab).detach()
     valid = [i for i, y in enumerate(labels.reshape(-1).tolist()) if y != -100]
     s, t = s[valid], t[valid]
     n = len(valid)
-    with torch.no_grad():
-        scores = hellinger(probs(t, 1.0, keep), probs(s, 1.0, keep)).tolist()
+    score_tensor = hellinger(probs(t, 1.0, keep), probs(s, 1.0, keep))
+    scores = score_tensor.tolist()
     k = max(1, math.floor(n * ratio))
     kept = sorted(range(n), key=lambda i: -scores[i])[:k]
     kept_scores = [scores[i] for i in kept]
     m = lower_median(kept_scores)
-    taus = []
-    for si in kept_scores:
-        s_hat = 0.0 if m == 0 else math.tanh(math.log(max(si / m, 1e-8)))
-        if temperature == "inverse":
-            taus.append(tau_base * math.exp(-c * s_hat))
-        elif temperature == "reverse":
-            taus.append(tau_base * math.exp(c * s_hat))
-        else:
-            taus.append(tau_base)
-    tau = torch.tensor(taus, dtype=torch.float64)
+    if detach_tau or temperature == "fixed":
+        taus = []
+        for si in kept_scores:
+            s_hat = 0.0 if m == 0 else math.tanh(math.log(max(si / m, 1e-8)))
+            if temperature == "inverse":
+                taus.append(tau_base * math.exp(-c * s_hat))
+            elif temperature == "reverse":
+                taus.append(tau_base * math.exp(c * s_hat))
+            else:
+                taus.append(tau_base)
+        tau = torch.tensor(taus, dtype=torch.float64)
+    else:
+        kept_t = score_tensor[torch.tensor(kept)]
+        at_median = sorted(range(k), key=lambda j: kept_scores[j])[(k - 1) // 2]
+        m_t = kept_t[at_median]
+        sign = -1.0 if temperature == "inverse" else 1.0
+        tau = tau_base * torch.exp(sign * c * torch.tanh(torch.log(torch.clamp(kept_t / m_t, min=1e-8))))
     idx = torch.tensor(kept)
     p = probs(t[idx], tau, keep)
     q = probs(s[idx], tau, keep)
     d = divergence(base, p, q, **(base_params or {}))
-    loss = (tau**2 * d).mean()
-    return loss, {"kept": sorted(valid[i] for i in kept), "tau": tau, "median": m, "k": k}
+    loss = (tau**2 * d).mean() if tau_weight == "squared" else d.mean()
+    return loss, {"kept": sorted(valid[i] for i in kept), "tau": tau.detach(), "median": m, "k": k}

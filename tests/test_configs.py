@@ -26,7 +26,8 @@ ACCELERATE_CONFIGS = sorted(ACCELERATE.glob("*.yaml"))
 
 PAIRS = {"qwen2": True, "openllama2": True, "gpt2": False}  # pair -> student uses LoRA
 BASES = ("fkl", "rkl", "abkd")
-ONPOLICY = {"gkd": ("jsd", {"lam": 0.5}), "distillm": ("srkl", {"lam": 0.1})}  # mode -> (base, base_params)
+# mode -> (base, base_params); GKD's JSD λ 0.9 (TRL β 0.1) is the authors' GKD baseline
+ONPOLICY = {"gkd": ("jsd", {"lam": 0.9}), "distillm": ("srkl", {"lam": 0.1})}
 RUNS = ("sft-teacher", "sft", *BASES, *ONPOLICY, *(f"{b}-adakd" for b in (*BASES, *ONPOLICY)))
 GPUS = 8  # the paper configs' batch assumes 8 data-parallel ranks
 
@@ -195,3 +196,25 @@ def test_misspelled_key_names_file_and_key(good, bad, dotted, env, tmp_path):
         load_config(broken)
     message = str(info.value)
     assert str(broken) in message and dotted in message, message
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "match"),
+    [
+        ("loss.base_params={lam: 1.0}", "loss.base_params.lam", "for beta 0 \\(forward KL\\) use 'fkl'"),
+        ("loss.tau_weight=cubed", "loss.tau_weight", "unknown 'cubed'; valid: squared, none"),
+    ],
+)
+def test_tau_and_jsd_options_are_checked_by_key(override, key, match, tmp_path):
+    overrides = [f"training.output_dir={tmp_path}", "loss.base=jsd", override]
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}: .*{match}"):
+        load_config(REPO / "configs" / "tiny-cpu.yaml", overrides)
+
+
+def test_tau_options_reach_the_loss(tmp_path):
+    config = load_config(
+        REPO / "configs" / "tiny-cpu.yaml",
+        [f"training.output_dir={tmp_path}", "loss.tau_weight=none", "loss.detach_tau=false"],
+    )
+    loss = config.build_loss(total_steps=10)
+    assert (loss.tau_weight, loss.detach_tau) == ("none", False)

@@ -138,9 +138,13 @@ def test_two_point_closed_forms():
     assert adakd.divergence("skl", s, t, lam=1.0).item() == pytest.approx(rkl, rel=1e-6)
     assert adakd.divergence("sfkl", s, t, lam=0.0).item() == pytest.approx(fkl, rel=1e-6)
     assert adakd.divergence("srkl", s, t, lam=0.0).item() == pytest.approx(rkl, rel=1e-6)
-    for name in ("jsd", "sfkl", "srkl"):
-        edge = 0.0 if name == "jsd" else 1.0
-        assert adakd.divergence(name, s, t, lam=edge).item() == pytest.approx(0.0, abs=1e-7)
+    for name in ("sfkl", "srkl"):
+        assert adakd.divergence(name, s, t, lam=1.0).item() == pytest.approx(0.0, abs=1e-7)
+    # The JSD's end points are 0 everywhere, which is why the public API refuses them (tested below).
+    from adakd.divergences import _jsd, log_probs
+
+    for edge in (0.0, 1.0):
+        assert _jsd(log_probs(s), log_probs(t), edge).item() == pytest.approx(0.0, abs=1e-7)
 
 
 @pytest.mark.parametrize(("alpha", "beta"), [(0.0, 0.7), (0.5, 0.0), (0.6, -0.6), (0.0, 0.0)])
@@ -295,3 +299,12 @@ def test_properties_nonnegative_zero_on_diagonal_hellinger_bounded(row):
         assert abs(same.item()) < 1e-6, name
     h = adakd.hellinger_distance(s, t).item()
     assert 0.0 <= h <= 1.0
+
+
+@pytest.mark.parametrize("lam", [0.0, 1.0])
+def test_jsd_refuses_the_endpoints_and_names_fkl_rkl(lam):
+    """At λ = 0 or 1 the generalised JSD is 0 everywhere: refuse it, and tell a TRL user what β 1 or 0 means."""
+    s, t = torch.randn(3, 7), torch.randn(3, 7)
+    assert adakd.divergence("jsd", s, t, lam=0.5).abs().sum() > 0
+    with pytest.raises(ValueError, match=r"lam must be in \(0, 1\) for jsd.*beta 0 \(forward KL\) use 'fkl'.*'rkl'"):
+        adakd.divergence("jsd", s, t, lam=lam)

@@ -349,3 +349,27 @@ def test_one_pass_state_is_checkpointed():
     lb = b.forward_hidden(hs2, ws, ht, wt, labels, student_bias=bs, teacher_bias=bt)
     torch.testing.assert_close(la, lb)
     assert a.stats == b.stats
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"selection": "fixed", "ratio": 0.6, "detach_tau": False},
+        {"selection": "fixed", "ratio": 0.6, "detach_tau": False, "temperature": "reverse", "c": 0.9},
+        {"selection": "latf", "detach_tau": False, "tau_weight": "none"},
+        {"selection": "cosine", "ratio": 0.4, "total_steps": 1, "tau_weight": "none"},
+        {"selection": "fixed", "ratio": 0.5, "detach_tau": False, "reduction": "sum"},
+    ],
+    ids=["through-tau", "through-tau-reverse", "latf-through-tau-no-weight", "cosine-no-weight", "through-tau-sum"],
+)
+def test_parity_tau_variants(chunk_size, kwargs):
+    """The fused path's third pass (the gradient through τ, its scores and their median) equals autograd on the
+    materialised logits; the τ weight applies alike."""
+    _assert_parity(*_both(kwargs, _inputs(5), chunk_size))
+
+
+@pytest.mark.parametrize("indicator", list(adakd.INDICATORS))
+def test_parity_gradient_through_tau_for_every_indicator(indicator):
+    kwargs = {"indicator": indicator, "selection": "fixed", "ratio": 0.5, "detach_tau": False}
+    _assert_parity(*_both(kwargs, _inputs(6), 5))

@@ -313,7 +313,9 @@ def test_render_text_has_one_row_per_token_and_a_summary(models, tok):
     infos = analyse(*models, tok, PROMPT, RESPONSE)
     out = render_text(infos, {"ratio": 0.75})
     lines = out.rstrip("\n").split("\n")
-    assert lines[0].split() == ["pos", "token", "id", "difficulty", "rank", "kept", "tau", "p_teacher", "p_student"]
+    assert lines[0].split() == [
+        "pos", "token", "id", "difficulty", "rank", "kept", "tau", "weight", "p_teacher", "p_student",
+    ]  # fmt: skip
     assert len(lines) == 2 + len(infos) + 1
     rows = lines[2:-1]
     for row, info in zip(rows, infos, strict=True):
@@ -454,3 +456,16 @@ def test_page_renders_in_headless_chromium(models, tok, tmp_path):
     # The difficulty palette is on screen: warm pixels (red well above blue) from the tokens and the legend.
     warm = (rgb[:, 0] > 200) & (rgb[:, 0] - rgb[:, 2] > 80)
     assert warm.sum() > 500
+
+
+def test_the_loss_weight_follows_tau_weight(models, tok):
+    squared = analyse(*models, tok, PROMPT, RESPONSE, ratio=0.5, c=1.0)
+    none = analyse(*models, tok, PROMPT, RESPONSE, ratio=0.5, c=1.0, tau_weight="none")
+    for a, b in zip(squared, none, strict=True):
+        assert (a.weight is None) == (not a.kept) and a.tau == b.tau
+        if a.kept:
+            assert a.weight == pytest.approx(a.tau**2) and b.weight == 1.0
+    page = render_html(squared, "w", {"loss weight": "τ² per kept token"})
+    assert "loss weight" in page
+    with pytest.raises(ValueError, match="tau_weight must be squared or none"):
+        analyse(*models, tok, PROMPT, RESPONSE, tau_weight="cubed")

@@ -323,3 +323,54 @@ def test_label_shape_error():
     s, te, labels = _batch(17)
     with pytest.raises(ValueError, match="labels"):
         adakd.AdaKDLoss()(s, te, labels[:, :-1])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The τ variants: tau_weight (Eq. 2's τ² factor or none) and detach_tau (the paper's or the released gradients)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("detach_tau", [True, False])
+@pytest.mark.parametrize("tau_weight", ["squared", "none"])
+@pytest.mark.parametrize(
+    ("selection", "ratio", "temperature"),
+    [("fixed", 0.6, "inverse"), ("fixed", 0.6, "reverse"), ("all", 1.0, "inverse"), ("latf", 1.0, "inverse")],
+)
+def test_tau_variants_match_float64_reference(detach_tau, tau_weight, selection, ratio, temperature):
+    kwargs = {"ratio": ratio} if selection in ("fixed",) else {}
+    loss_fn = adakd.AdaKDLoss(
+        "rkl", selection=selection, temperature=temperature, c=0.9, tau_weight=tau_weight, detach_tau=detach_tau,
+        **kwargs,
+    )  # fmt: skip
+    ref_kwargs = {"temperature": temperature, "c": 0.9, "tau_weight": tau_weight, "detach_tau": detach_tau}
+    _check_against_reference(loss_fn, ref_kwargs, seed=7, ratio=ratio)
+
+
+def test_gradient_through_tau_differs_from_the_detached_one():
+    """The two gradients are different objects (so the option is not a no-op), their values equal."""
+    s, te, labels = _batch(8)
+    grads, values = [], []
+    for detach in (True, False):
+        x = s.clone().requires_grad_(True)
+        loss = adakd.AdaKDLoss(selection="fixed", ratio=0.5, c=1.0, detach_tau=detach)(x, te, labels)
+        loss.backward()
+        grads.append(x.grad.nan_to_num(0.0))
+        values.append(loss.item())
+    assert values[0] == pytest.approx(values[1], rel=1e-7)
+    assert (grads[0] - grads[1]).abs().max() > 1e-3 * grads[0].abs().max()
+
+
+def test_tau_weight_none_divides_each_token_by_its_tau_squared():
+    s, te, labels = _batch(9)
+    squared = adakd.AdaKDLoss(selection="fixed", ratio=1.0, temperature="fixed", tau_base=2.0)(s, te, labels)
+    none = adakd.AdaKDLoss(selection="fixed", ratio=1.0, temperature="fixed", tau_base=2.0, tau_weight="none")
+    torch.testing.assert_close(none(s, te, labels) * 4.0, squared)
+
+
+def test_tau_options_are_validated():
+    with pytest.raises(ValueError, match="unknown tau_weight 'cubed'; valid: squared, none"):
+        adakd.AdaKDLoss(tau_weight="cubed")
+    with pytest.raises(ValueError, match="one_pass supports detach_tau=True only"):
+        adakd.AdaKDLoss(one_pass=True, detach_tau=False)
+    with pytest.raises(ValueError, match="detach_tau must be true or false"):
+        adakd.AdaKDLoss(detach_tau="no")

@@ -134,10 +134,16 @@ def test_gradient_accumulation_invariance(tmp_path, kd_ratio):
     assert moved > 1e-4  # the step did change the weights
 
 
-def test_fused_and_logits_paths_give_the_same_loss(tmp_path):
+@pytest.mark.parametrize(
+    "variant", [[], ["loss.detach_tau=false", "loss.tau_weight=none", "loss.selection=fixed", "loss.ratio=0.5"]]
+)
+def test_fused_and_logits_paths_give_the_same_loss(tmp_path, variant):
     results = []
     for fused in ("false", "true"):
-        trainer = build_trainer(_config(tmp_path, f"loss.fused={fused}", "loss.kd_ratio=0.7", "loss.chunk_size=7"))
+        overrides = [f"loss.fused={fused}", "loss.kd_ratio=0.7", "loss.chunk_size=7", *variant]
+        if variant:  # fixed selection takes no LATF settings
+            overrides += ["loss.ema_decay=0.99", "loss.tolerance=0.05", "loss.warmup_ratio=0.05"]
+        trainer = build_trainer(_config(tmp_path, *overrides))
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
         loss = trainer.compute_loss(trainer.model, batch)
         loss.backward()

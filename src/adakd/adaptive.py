@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .divergences import _jsd, _kl, compute_dtype, log_probs
+from .divergences import _hellinger, _jsd, _kl, compute_dtype, log_probs
 
 __all__ = [
     "INDICATORS",
@@ -24,6 +24,7 @@ __all__ = [
     "RatioSchedule",
     "difficulty_scores",
     "idts_from_median",
+    "idts_temperatures_with_grad",
     "idts_temperatures",
     "keep_count",
     "score_fn",
@@ -77,8 +78,12 @@ INDICATORS: dict[str, ScoreFn] = {
 }
 
 
-def score_fn(indicator: str) -> ScoreFn:
+def score_fn(indicator: str, differentiable: bool = False) -> ScoreFn:
     """Resolve an indicator name into ``f(student_log_probs, teacher_log_probs, labels) -> scores``.
+
+    ``differentiable=True`` gives a version that keeps its inputs intact, so that a gradient can flow from the
+    scores to the student's log-probabilities (the Hellinger score otherwise works in place on scratch buffers);
+    ``AdaKDLoss(detach_tau=False)`` needs it.
 
     Raises:
         ValueError: unknown indicator (the message lists the valid ones).
@@ -86,6 +91,8 @@ def score_fn(indicator: str) -> ScoreFn:
     fn = INDICATORS.get(indicator)
     if fn is None:
         raise ValueError(f"unknown indicator {indicator!r}; valid: {', '.join(INDICATORS)}")
+    if differentiable and indicator == "hellinger":
+        return lambda lq, lp, y: _hellinger(lq, lp)
     return fn
 
 
@@ -145,12 +152,31 @@ def idts_from_median(
         ``[...]`` temperatures in the scores' dtype (at least float32).
     """
     s = scores.detach().to(compute_dtype(scores))
-    m = torch.as_tensor(median, dtype=s.dtype, device=s.device)
+    return _idts(s, torch.as_tensor(median, dtype=s.dtype, device=s.device), c, tau_base, reverse)
+
+
+def _idts(s: Tensor, m: Tensor, c: float, tau_base: float, reverse: bool) -> Tensor:
+    """τ = τ_base·exp(∓c·tanh(log(max(s/m, 1e-8)))), 0 for ŝ when m = 0; differentiable in s and m."""
     safe_m = torch.where(m > 0, m, torch.ones_like(m))
     s_hat = torch.tanh(torch.log((s / safe_m).clamp_min(1e-8)))
     s_hat = torch.where(m > 0, s_hat, torch.zeros_like(s_hat))
     sign = 1.0 if reverse else -1.0
     return tau_base * torch.exp(sign * c * s_hat)
+
+
+def idts_temperatures_with_grad(
+    scores: Tensor, *, c: float = 0.5, tau_base: float = 1.0, reverse: bool = False
+) -> Tensor:
+    """:func:`idts_temperatures` without the detach: the gradient flows through every score and through the
+    median (the lower median is one of the scores, which receives the median's gradient). This is how the
+    authors' released code differentiates τ (``AdaKDLoss(detach_tau=False)``); the paper detaches.
+
+    Args / Returns: as :func:`idts_temperatures` (``scores [k]`` → ``τ [k]``), attached to the scores' graph.
+    """
+    s = scores.to(compute_dtype(scores))
+    if s.numel() == 0:
+        return s.clone()
+    return _idts(s, s.median(), c, tau_base, reverse)
 
 
 def keep_count(num_valid: int, ratio: float) -> int:

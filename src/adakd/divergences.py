@@ -54,7 +54,13 @@ def log_probs(logits: Tensor, temperature: float | Tensor = 1.0, dtype: torch.dt
         ``[..., V]`` log-probabilities in ``dtype``.
     """
     z = logits.to(dtype or compute_dtype(logits))
-    if isinstance(temperature, Tensor):
+    if isinstance(temperature, Tensor) and temperature.requires_grad:
+        # ∂(z/τ)/∂τ = −z/τ² is infinite at z = -inf, and 0·inf would make τ's gradient NaN: divide the finite
+        # entries only (the masked entries' zero gradient stays 0). Only when τ itself takes a gradient.
+        t = temperature.to(device=z.device, dtype=z.dtype).unsqueeze(-1)
+        neginf = torch.isneginf(z)
+        z = torch.where(neginf, z, z.masked_fill(neginf, 0.0) / t)
+    elif isinstance(temperature, Tensor):
         z = z / temperature.to(device=z.device, dtype=z.dtype).unsqueeze(-1)
     elif temperature != 1.0:
         z = z / temperature
@@ -218,6 +224,17 @@ def _unit_interval(name: str) -> Callable[[float], str | None]:
     return lambda v: None if 0.0 <= v <= 1.0 else f"{name} must be in [0, 1], got {v}"
 
 
+def _jsd_lam(v: float) -> str | None:
+    # At λ = 0 the mixture is p and at λ = 1 it is q: the divergence is 0 everywhere, and training would silently
+    # do nothing. A TRL user's GKD beta (= 1 − λ) of 0 or 1 means forward or reverse KL, which have their names.
+    if 0.0 < v < 1.0:
+        return None
+    return (
+        f"lam must be in (0, 1) for jsd, got {v} (at 0 or 1 the divergence is 0 everywhere); TRL's GKD beta is "
+        "1 - lam: for beta 0 (forward KL) use 'fkl', for beta 1 (reverse KL) use 'rkl'"
+    )
+
+
 def _finite(name: str) -> Callable[[float], str | None]:
     return lambda v: None if math.isfinite(v) else f"{name} must be finite, got {v}"
 
@@ -233,9 +250,7 @@ class _Divergence:
 DIVERGENCES: dict[str, _Divergence] = {
     "fkl": _Divergence(_fkl, {}, {}, "Σ p (log p − log q)"),
     "rkl": _Divergence(_rkl, {}, {}, "Σ q (log q − log p)"),
-    "jsd": _Divergence(
-        _jsd, {"lam": 0.9}, {"lam": _unit_interval("lam")}, "m = (1−λ)p + λq; λ·KL(q‖m) + (1−λ)·KL(p‖m)"
-    ),
+    "jsd": _Divergence(_jsd, {"lam": 0.9}, {"lam": _jsd_lam}, "m = (1−λ)p + λq; λ·KL(q‖m) + (1−λ)·KL(p‖m)"),
     "tvd": _Divergence(_tvd, {}, {}, "½ Σ |p − q|"),
     "sfkl": _Divergence(_sfkl, {"lam": 0.1}, {"lam": _unit_interval("lam")}, "KL(p ‖ λp + (1−λ)q)"),
     "srkl": _Divergence(_srkl, {"lam": 0.1}, {"lam": _unit_interval("lam")}, "KL(q ‖ (1−λ)p + λq)"),

@@ -31,12 +31,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .adaptive import ScoreFn, idts_from_median
+from .adaptive import ScoreFn, idts_from_median, idts_temperatures_with_grad
 from .divergences import DivergenceFn, log_probs
 
 __all__ = [
     "IMPLS",
     "FusedKeptLoss",
+    "FusedKeptLossTauGrad",
     "FusedOnePassLoss",
     "chunk_loss_fn",
     "chunked_scores",
@@ -102,24 +103,28 @@ def chunked_scores(
     return out
 
 
-def chunk_loss_fn(div: DivergenceFn, dtype: torch.dtype, impl: str = "torch") -> ChunkFn:
-    """Build the per-chunk ``(Σ τ²·D, ∂/∂ student logits)`` function for a divergence.
+def chunk_loss_fn(
+    div: DivergenceFn, dtype: torch.dtype, impl: str = "torch", tau_weight: str = "squared", tau_grad: bool = False
+) -> ChunkFn:
+    """Build the per-chunk ``(Σ w(τ)·D, ∂/∂ student logits)`` function for a divergence; w(τ) = τ² (Eq. 2,
+    ``tau_weight="squared"``) or 1 (``"none"``). With ``tau_grad`` it returns ``(Σ w·D, ∂/∂ logits, ∂/∂ τ [c])``.
 
     The gradient is taken with ``torch.func.grad_and_value`` on the logits of the chunk only, so every divergence
     of the library works here without a hand-written gradient; the matrix products stay outside.
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
+    squared = tau_weight == "squared"
 
     def value(student_logits: Tensor, teacher_logits: Tensor, tau: Tensor | float) -> Tensor:
         per_token = div(log_probs(student_logits, tau, dtype), log_probs(teacher_logits, tau, dtype))
-        return (per_token * (tau * tau)).sum()
+        return (per_token * (tau * tau)).sum() if squared else per_token.sum()
 
-    grad_and_value = torch.func.grad_and_value(value)
+    grad_and_value = torch.func.grad_and_value(value, argnums=(0, 2) if tau_grad else 0)
 
-    def chunk(student_logits: Tensor, teacher_logits: Tensor, tau: Tensor | float) -> tuple[Tensor, Tensor]:
+    def chunk(student_logits: Tensor, teacher_logits: Tensor, tau: Tensor | float):
         grad, loss = grad_and_value(student_logits.to(dtype), teacher_logits, tau)
-        return loss, grad
+        return (loss, *grad) if tau_grad else (loss, grad)
 
     if impl == "compile":
         return torch.compile(chunk, dynamic=True)
@@ -174,6 +179,81 @@ class FusedKeptLoss(torch.autograd.Function):
         return _scaled_grads(ctx, grad_out) + (None,) * 9
 
 
+class FusedKeptLossTauGrad(torch.autograd.Function):
+    """Pass 2 of :class:`FusedKeptLoss` with the gradient also flowing through the IDTS temperatures
+    (``AdaKDLoss(detach_tau=False)``, the authors' released gradients): τ_i depends on the kept token's score s_i
+    and on the kept scores' median m, both functions of the student's logits at τ = 1.
+
+    - pass 2: per chunk, the loss, ∂/∂ logits at fixed τ, and ∂/∂τ_i;
+    - on the ``[k]`` vectors: ∂L/∂s_i = Σ_j ∂L/∂τ_j · ∂τ_j/∂s_i (the direct term, plus the median's term for the
+      token that is the median), by autograd through :func:`adakd.adaptive.idts_temperatures_with_grad`;
+    - pass 3: per chunk, the logits again and ∂(Σ ∂L/∂s_i · s_i)/∂ logits, added to the gradients.
+
+    Inputs: as :class:`FusedKeptLoss`, with ``kept_scores [k]`` (detached, aligned with ``rows``) and
+    ``targets [k]`` in place of ``tau``, then ``score`` (a differentiable indicator), ``c``, ``tau_base``,
+    ``reverse``, ``scale``, ``chunk`` (built with ``tau_grad=True``), ``chunk_size``, ``dtype``.
+    Outputs: the loss, and the ``[k]`` temperatures (no gradient).
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        student_hidden: Tensor,
+        student_weight: Tensor,
+        student_bias: Tensor | None,
+        teacher_hidden: Tensor,
+        teacher_weight: Tensor,
+        teacher_bias: Tensor | None,
+        rows: Tensor,
+        kept_scores: Tensor,
+        targets: Tensor,
+        score: ScoreFn,
+        c: float,
+        tau_base: float,
+        reverse: bool,
+        scale: float,
+        chunk: Callable,
+        chunk_size: int,
+        dtype: torch.dtype,
+    ) -> tuple[Tensor, Tensor]:
+        grads = _GradBuffers(ctx.needs_input_grad[:3], student_hidden, student_weight, student_bias, dtype)
+        with torch.enable_grad():
+            s_k = kept_scores.detach().to(dtype).requires_grad_(True)
+            tau_graph = idts_temperatures_with_grad(s_k, c=c, tau_base=tau_base, reverse=reverse)
+        tau = tau_graph.detach()
+        grad_tau = torch.zeros_like(tau)
+        total = torch.zeros((), dtype=dtype, device=student_hidden.device)
+        for start in range(0, rows.numel(), chunk_size):
+            r = rows[start : start + chunk_size]
+            h = student_hidden.index_select(0, r)
+            z_s = linear(h, student_weight, student_bias)
+            z_t = linear(teacher_hidden.index_select(0, r), teacher_weight, teacher_bias)
+            loss_c, g, g_tau = chunk(z_s, z_t, tau[start : start + chunk_size])
+            total += loss_c
+            grad_tau[start : start + r.numel()] = g_tau
+            if grads.any:
+                grads.add(r, h, g * scale)
+        if grads.any:
+            (grad_scores,) = torch.autograd.grad(tau_graph, s_k, grad_outputs=grad_tau * scale)
+            for start in range(0, rows.numel(), chunk_size):
+                r = rows[start : start + chunk_size]
+                h = student_hidden.index_select(0, r)
+                lp = log_probs(linear(teacher_hidden.index_select(0, r), teacher_weight, teacher_bias), 1.0, dtype)
+                with torch.enable_grad():
+                    z_s = linear(h, student_weight, student_bias).detach().to(dtype).requires_grad_(True)
+                    s = score(log_probs(z_s, 1.0, dtype), lp, targets[start : start + chunk_size])
+                    (g,) = torch.autograd.grad(s, z_s, grad_outputs=grad_scores[start : start + r.numel()])
+                grads.add(r, h, g, accumulate=True)
+        ctx.save_for_backward(grads.h, grads.w, grads.b)
+        ctx.param_dtypes = (student_weight.dtype, None if student_bias is None else student_bias.dtype)
+        ctx.mark_non_differentiable(tau)
+        return total * scale, tau
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, *unused: Tensor):
+        return _scaled_grads(ctx, grad_out) + (None,) * 14
+
+
 def _scaled_grads(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """The gradients stored by a forward, times the incoming gradient, in the parameters' dtypes."""
     grad_h, grad_w, grad_b = ctx.saved_tensors
@@ -198,13 +278,18 @@ class _GradBuffers:
     def any(self) -> bool:
         return self.h is not None or self.w is not None or self.b is not None
 
-    def add(self, rows: Tensor, hidden: Tensor, grad_logits: Tensor) -> None:
-        """Accumulate ∂/∂(hidden, weight, bias) for ``rows`` (unique) from ∂loss/∂logits ``[c, V]``."""
+    def add(self, rows: Tensor, hidden: Tensor, grad_logits: Tensor, accumulate: bool = False) -> None:
+        """Accumulate ∂/∂(hidden, weight, bias) for ``rows`` (unique) from ∂loss/∂logits ``[c, V]``; the rows'
+        hidden-state gradients are written, or added with ``accumulate`` (a second pass over the same rows)."""
         if self.b is not None:
             self.b += grad_logits.sum(0)
         g_in = grad_logits.to(self.weight.dtype)  # products in the model's dtype, like the naive path
         if self.h is not None:
-            self.h.index_copy_(0, rows, (g_in @ self.weight).to(self.h.dtype))
+            g_h = (g_in @ self.weight).to(self.h.dtype)
+            if accumulate:
+                self.h.index_add_(0, rows, g_h)
+            else:
+                self.h.index_copy_(0, rows, g_h)
         if self.w is not None:
             if g_in.dtype == self.w.dtype:
                 self.w.addmm_(g_in.t(), hidden.to(g_in.dtype))

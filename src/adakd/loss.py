@@ -20,14 +20,23 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .adaptive import LATF, RatioSchedule, idts_temperatures, keep_count, score_fn
+from .adaptive import LATF, RatioSchedule, idts_temperatures, idts_temperatures_with_grad, keep_count, score_fn
 from .divergences import compute_dtype, divergence_fn, log_probs
-from .fused import IMPLS, FusedKeptLoss, FusedOnePassLoss, chunk_loss_fn, chunked_scores, default_chunk_size
+from .fused import (
+    IMPLS,
+    FusedKeptLoss,
+    FusedKeptLossTauGrad,
+    FusedOnePassLoss,
+    chunk_loss_fn,
+    chunked_scores,
+    default_chunk_size,
+)
 
 __all__ = ["AdaKDLoss", "NonFiniteLossError", "align_vocab"]
 
 SELECTIONS = ("latf", "fixed", "linear", "cosine", "all")
 TEMPERATURES = ("inverse", "fixed", "reverse")
+TAU_WEIGHTS = ("squared", "none")
 REDUCTIONS = ("mean", "sum")
 STAT_KEYS = (
     "ratio",
@@ -114,6 +123,11 @@ class AdaKDLoss(nn.Module):
             global kept-token count).
         impl: the default implementation of :meth:`forward_hidden`: ``torch`` or ``compile``.
         one_pass: the default of :meth:`forward_hidden`'s approximate one-pass mode.
+        tau_weight: ``squared`` (each kept token's loss times τ_i², Eq. 2 and the authors' code) or ``none``
+            (no factor: the objective whose gradients the paper's Eqs. 11–17 analyse).
+        detach_tau: ``True`` (the paper: τ_i carries no gradient) or ``False`` (the authors' released code: the
+            gradient also flows through τ_i, i.e. through the kept tokens' scores and their median). The kept set
+            is a selection and carries no gradient either way. Not with ``one_pass``.
         **latf_kwargs: :class:`adakd.LATF` arguments (``ema_decay``, ``tolerance``, ``step``, ``min_ratio``,
             ``max_ratio``, ``warmup_steps``); only with ``selection="latf"``.
 
@@ -138,6 +152,8 @@ class AdaKDLoss(nn.Module):
         reduction: str = "mean",
         impl: str = "torch",
         one_pass: bool = False,
+        tau_weight: str = "squared",
+        detach_tau: bool = True,
         **latf_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -157,6 +173,12 @@ class AdaKDLoss(nn.Module):
         if not (math.isfinite(c) and 0 <= c <= C_MAX):
             # τ lies in τ_base·(e^−c, e^c) by construction; beyond c = C_MAX, z/τ overflows for ordinary logits.
             raise ValueError(f"c must be a number in [0, {C_MAX:g}] (τ stays in τ_base·(e^-c, e^c)), got {c}")
+        if tau_weight not in TAU_WEIGHTS:
+            raise ValueError(f"unknown tau_weight {tau_weight!r}; valid: {', '.join(TAU_WEIGHTS)}")
+        if not isinstance(detach_tau, bool):
+            raise ValueError(f"detach_tau must be true or false, got {detach_tau!r}")
+        if one_pass and not detach_tau:
+            raise ValueError("one_pass supports detach_tau=True only (its temperatures come from the previous batch)")
         if not (math.isfinite(tau_base) and tau_base > 0):
             raise ValueError(f"tau_base must be a positive finite number, got {tau_base}")
         if latf_kwargs and selection != "latf":
@@ -183,6 +205,11 @@ class AdaKDLoss(nn.Module):
             self.controller = RatioSchedule(selection, ratio=ratio, total_steps=total_steps)
         self.impl = impl
         self.one_pass = bool(one_pass)
+        self.tau_weight = tau_weight
+        self.detach_tau = detach_tau
+        # Gradients through τ need scores computed with gradient, by an indicator that keeps its inputs intact.
+        self.tau_has_grad = not detach_tau and temperature != "fixed"
+        self.score_with_grad = score_fn(indicator, differentiable=True)
         self._prev_scores: Tensor | None = None  # the last micro-batch's scores, for the one-pass mode
         self._chunk_fns: dict[tuple[torch.dtype, str], Any] = {}
         self.stats: dict[str, float] = {}
@@ -231,7 +258,7 @@ class AdaKDLoss(nn.Module):
         return (
             f"base={self.base!r}, base_params={self.base_params}, indicator={self.indicator!r}, "
             f"selection={self.selection!r}, ratio={self.ratio:.4g}, temperature={self.temperature!r}, "
-            f"c={self.c}, tau_base={self.tau_base}"
+            f"c={self.c}, tau_base={self.tau_base}, tau_weight={self.tau_weight!r}, detach_tau={self.detach_tau}"
         )
 
     # ----------------------------------------------------------------------------------------------------------
@@ -239,7 +266,12 @@ class AdaKDLoss(nn.Module):
         """τ for the kept tokens' scores ``[k]``: a ``[k]`` tensor (IDTS) or the float τ_base."""
         if self.temperature == "fixed" or kept_scores is None:
             return self.tau_base
-        return idts_temperatures(kept_scores, c=self.c, tau_base=self.tau_base, reverse=self.temperature == "reverse")
+        idts = idts_temperatures_with_grad if self.tau_has_grad else idts_temperatures
+        return idts(kept_scores, c=self.c, tau_base=self.tau_base, reverse=self.temperature == "reverse")
+
+    def _weight(self, tau: Tensor | float) -> Tensor | float:
+        """The per-token factor of Eq. 2: τ² (``tau_weight="squared"``) or 1 (``"none"``)."""
+        return tau * tau if self.tau_weight == "squared" else 1.0
 
     def _record(
         self, ratio: float, n: int, k: int, tau: Tensor | float, kept_scores: Tensor | None, mean_loss: Tensor
@@ -249,6 +281,8 @@ class AdaKDLoss(nn.Module):
         if k == 0:  # nothing valid in this batch
             values = [self.tau_base] * 3 + [0.0] * 3
         else:
+            tau = tau.detach() if isinstance(tau, Tensor) else tau
+            kept_scores = None if kept_scores is None else kept_scores.detach()
             loss_value = mean_loss.detach().float()
             t = tau.float() if isinstance(tau, Tensor) else torch.full_like(loss_value, tau)
             nan = torch.full_like(loss_value, math.nan)  # plain KD computes no scores
@@ -319,13 +353,19 @@ class AdaKDLoss(nn.Module):
             self._record(self.ratio, 0, 0, self.tau_base, None, loss)
             return loss
 
-        @torch.no_grad()
         def score_pass() -> Tensor:
-            return self.score(
-                log_probs(student.detach().index_select(0, rows), 1.0, dtype),
-                log_probs(teacher.index_select(0, rows), 1.0, dtype),
-                flat_labels.index_select(0, rows),
-            )
+            if self.tau_has_grad:  # τ will carry the gradient back through these scores
+                return self.score_with_grad(
+                    log_probs(student.index_select(0, rows), 1.0, dtype),
+                    log_probs(teacher.index_select(0, rows), 1.0, dtype),
+                    flat_labels.index_select(0, rows),
+                )
+            with torch.no_grad():
+                return self.score(
+                    log_probs(student.detach().index_select(0, rows), 1.0, dtype),
+                    log_probs(teacher.index_select(0, rows), 1.0, dtype),
+                    flat_labels.index_select(0, rows),
+                )
 
         ratio, k, kept, scores, tau = self._select(n, score_pass)
         if kept is not None:
@@ -334,7 +374,7 @@ class AdaKDLoss(nn.Module):
         if rows.numel() < student.shape[0]:
             student, teacher = student.index_select(0, rows), teacher.index_select(0, rows)
         per_token = self.div(log_probs(student, tau, dtype), log_probs(teacher, tau, dtype))
-        per_token = per_token * (tau * tau)
+        per_token = per_token * self._weight(tau)
         loss = per_token.mean() if self.reduction == "mean" else per_token.sum()
         if not bool(torch.isfinite(loss)):  # checked before _record: a bad batch must not reach LATF's EMA
             raise NonFiniteLossError(
@@ -434,6 +474,8 @@ class AdaKDLoss(nn.Module):
         targets = flat_labels.index_select(0, rows)
         chunk_fn = self._chunk_fn(dtype, impl)
         one_pass = self.one_pass if one_pass is None else one_pass
+        if one_pass and not self.detach_tau:
+            raise ValueError("one_pass supports detach_tau=True only (its temperatures come from the previous batch)")
         if one_pass and self._needs_scores(n) and self._prev_scores is not None:
             loss = self._one_pass(hs, student_weight, student_bias, ht, wt, bt, rows, targets, chunk_fn, chunk_size)
             if loss is not None:
@@ -461,6 +503,16 @@ class AdaKDLoss(nn.Module):
         if kept is not None:
             rows = rows[kept]
         scale = 1.0 / k if self.reduction == "mean" else 1.0
+        if self.tau_has_grad and scores is not None:
+            kept_targets = targets if kept is None else targets[kept]
+            loss, tau = FusedKeptLossTauGrad.apply(
+                hs, student_weight, student_bias, ht, wt, bt, rows, scores, kept_targets, self.score_with_grad,
+                self.c, self.tau_base, self.temperature == "reverse", scale, self._chunk_fn(dtype, impl, True),
+                chunk_size, dtype,
+            )  # fmt: skip
+            mean_loss = loss.detach() if self.reduction == "mean" else loss.detach() / k
+            self._record(ratio, n, k, tau, scores, mean_loss)
+            return loss
         loss = FusedKeptLoss.apply(
             hs,
             student_weight,
@@ -504,8 +556,8 @@ class AdaKDLoss(nn.Module):
         self._pending_count += 1
         return loss
 
-    def _chunk_fn(self, dtype: torch.dtype, impl: str):
-        key = (dtype, impl)
+    def _chunk_fn(self, dtype: torch.dtype, impl: str, tau_grad: bool = False):
+        key = (dtype, impl, tau_grad)
         if key not in self._chunk_fns:
-            self._chunk_fns[key] = chunk_loss_fn(self.div, dtype, impl)
+            self._chunk_fns[key] = chunk_loss_fn(self.div, dtype, impl, tau_weight=self.tau_weight, tau_grad=tau_grad)
         return self._chunk_fns[key]

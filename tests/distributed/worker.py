@@ -134,6 +134,8 @@ def main() -> None:
     torch.save(result, Path(a.out) / f"rank{rank}.pt")
     print(json.dumps({k: v for k, v in result.items() if k not in ("params", "initial")}), flush=True)
     trainer.accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     sys.stdout.flush()
     # DeepSpeed was seen to abort at interpreter exit after a finished run: the results are written, leave now.
     os._exit(0)

@@ -45,6 +45,18 @@ def add_parser(sub) -> None:
     p.add_argument("--ratio", type=float, default=0.75, help="the kept ratio r in (0, 1] (default 0.75)")
     p.add_argument("--c", type=float, default=0.5, help="the IDTS strength c (default 0.5)")
     p.add_argument("--tau-base", type=float, default=1.0, help="τ of a kept token at the median (default 1.0)")
+    p.add_argument(
+        "--tau-weight",
+        choices=("squared", "none"),
+        default="squared",
+        help="the factor on each kept token's loss: squared (τ², the default) or none",
+    )
+    p.add_argument(
+        "--detach-tau",
+        choices=("true", "false"),
+        default="true",
+        help="true (the paper: no gradient through τ) or false (the released code); shown with the settings",
+    )
     p.add_argument("--format", choices=("html", "text"), default="html", help="html (needs --output) or text")
     p.add_argument("--output", default=None, help="the HTML page to write (with --format text: the table, else stdout)")
     p.add_argument("--scale-min", type=float, default=None, help="colour scale low end (default: auto)")
@@ -143,7 +155,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--tokenizer {tok_source}: cannot load ({str(e).splitlines()[0]})") from None
     teacher = load_causal_lm(args.teacher, "--teacher", device=device)
     student = load_causal_lm(args.student, "--student", base=args.student_base, device=device)
-    infos = analyse(teacher, student, tokenizer, prompt, response, ratio=args.ratio, c=args.c, tau_base=args.tau_base)
+    infos = analyse(
+        teacher, student, tokenizer, prompt, response, ratio=args.ratio, c=args.c, tau_base=args.tau_base,
+        tau_weight=args.tau_weight,
+    )  # fmt: skip
+    weight = "\u03c4\u00b2 per kept token (Eq. 2)" if args.tau_weight == "squared" else "none (1 per kept token)"
+    through_tau = (
+        "no (detach_tau: true, the paper)"
+        if args.detach_tau == "true"
+        else "yes, through the scores and their median (detach_tau: false, the released code)"
+    )
 
     settings: dict[str, Any] = {
         "teacher": args.teacher,
@@ -153,9 +174,17 @@ def run(args: argparse.Namespace) -> int:
         "ratio r": args.ratio,
         "c": args.c,
         "\u03c4_base": args.tau_base,
+        "loss weight": weight,
+        "gradient through \u03c4": through_tau,
     }
     if args.format == "text":
-        table = render_text(infos, {"ratio": args.ratio, "c": args.c, "tau_base": args.tau_base})
+        table = render_text(
+            infos,
+            {
+                "ratio": args.ratio, "c": args.c, "tau_base": args.tau_base, "tau_weight": args.tau_weight,
+                "detach_tau": args.detach_tau,
+            },
+        )  # fmt: skip
         if args.output is None:
             sys.stdout.write(table)
         else:

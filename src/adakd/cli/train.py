@@ -34,4 +34,15 @@ def run(args: argparse.Namespace) -> int:
     summary = run_training(config, resume=args.resume)
     # Every rank reports, so that a multi-process run shows each rank's final ratio.
     print(f"[adakd] rank {summary['rank']}: " + json.dumps(summary), file=sys.stderr, flush=True)
+    _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Leave the process group together: a rank that exits while another still talks to it can abort in gloo's
+    teardown ("terminate called without an active exception") and fail a finished run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

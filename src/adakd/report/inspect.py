@@ -46,6 +46,8 @@ class TokenInfo:
         rank: 1 for the hardest token, N for the easiest (ties in position order).
         kept: among the k hardest at the given ratio.
         tau: the IDTS temperature of a kept token, ``None`` for a dropped one.
+        weight: the factor on a kept token's loss: τ² (``tau_weight="squared"``, Eq. 2) or 1 (``"none"``); ``None``
+            for a dropped one.
         p_teacher: the teacher's probability of this token (over the student's vocabulary, as the loss sees it).
         p_student: the student's probability of this token.
         special: the eos appended after the response.
@@ -61,6 +63,7 @@ class TokenInfo:
     p_teacher: float
     p_student: float
     special: bool = False
+    weight: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------- computation
@@ -133,6 +136,7 @@ def analyse(
     ratio: float = 0.75,
     c: float = 0.5,
     tau_base: float = 1.0,
+    tau_weight: str = "squared",
 ) -> list[TokenInfo]:
     """Score every response token of ``prompt + response + eos`` as AdaKD's loss would, at a fixed ratio.
 
@@ -149,6 +153,7 @@ def analyse(
         ratio: r ∈ (0, 1]; k = max(1, floor(N·r)) tokens are kept.
         c: IDTS strength.
         tau_base: τ of a kept token at the kept tokens' median difficulty.
+        tau_weight: ``squared`` (each kept token's loss times τ²) or ``none``: the ``weight`` shown per token.
 
     Returns:
         One :class:`TokenInfo` per response token, the eos last, in order.
@@ -158,6 +163,8 @@ def analyse(
     """
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    if tau_weight not in ("squared", "none"):
+        raise ValueError(f"tau_weight must be squared or none, got {tau_weight!r}")
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos token; load it with adakd.data.tokenizer_for")
@@ -196,6 +203,7 @@ def analyse(
             p_teacher=float(p_teacher[i]),
             p_student=float(p_student[i]),
             special=i == n - 1,
+            weight=(float(taus[i]) ** 2 if tau_weight == "squared" else 1.0) if kept[i] else None,
         )
         for i in range(n)
     ]
@@ -335,7 +343,10 @@ def _num(value: float | None, digits: int = 4) -> str:
 
 
 def _tooltip(t: TokenInfo, n: int) -> str:
-    state = f"kept \u00b7 \u03c4 = {t.tau:.4f}" if t.kept and t.tau is not None else "dropped (no loss)"
+    state = "dropped (no loss)"
+    if t.kept and t.tau is not None:
+        weight = "" if t.weight is None else f" \u00b7 loss weight {t.weight:.4f}"
+        state = f"kept \u00b7 \u03c4 = {t.tau:.4f}{weight}"
     eos = ", eos" if t.special else ""
     return (
         f"token {t.position}: \u201c{_visible(t.text, t.special)}\u201d (id {t.token_id}{eos})\n"
@@ -479,17 +490,19 @@ def _cell(piece: str, special: bool, width: int) -> str:
 
 
 def render_text(infos: Sequence[TokenInfo], settings: Mapping[str, Any] | None = None) -> str:
-    """A terminal table, one row per token (position, token, id, difficulty, rank, kept, τ, p_teacher, p_student),
+    """A terminal table, one row per token (position, token, id, difficulty, rank, kept, τ, loss weight, p_teacher,
+    p_student),
     then a summary line. Token text is shown as a Python literal (``'\\n'``), cut to 18 characters."""
     header = (
         f"{'pos':>5}  {'token':<18}  {'id':>7}  {'difficulty':>10}  {'rank':>5}  {'kept':>4}  {'tau':>7}  "
-        f"{'p_teacher':>9}  {'p_student':>9}"
+        f"{'weight':>7}  {'p_teacher':>9}  {'p_student':>9}"
     )
     lines = [header, "-" * len(header)]
     for t in infos:
         lines.append(
             f"{t.position:>5}  {_cell(t.text, t.special, 18):<18}  {t.token_id:>7}  {t.score:>10.4f}  {t.rank:>5}  "
-            f"{'yes' if t.kept else 'no':>4}  {_num(t.tau):>7}  {t.p_teacher:>9.4f}  {t.p_student:>9.4f}"
+            f"{'yes' if t.kept else 'no':>4}  {_num(t.tau):>7}  {_num(t.weight):>7}  {t.p_teacher:>9.4f}  "
+            f"{t.p_student:>9.4f}"
         )
     stats = summarise(infos)
     head = ", ".join(f"{k} {_fmt(v)}" for k, v in (settings or {}).items())

@@ -18,6 +18,9 @@ from typing import Any
 
 import yaml
 
+from ..divergences import _jsd_lam
+from ..loss import TAU_WEIGHTS
+
 __all__ = [
     "ConfigError",
     "DataSection",
@@ -129,6 +132,8 @@ class LossSection:
     chunk_size: int | None = None
     impl: str = "torch"
     one_pass: bool = False
+    tau_weight: str = "squared"  # squared: τ_i² per token (Eq. 2); none: no factor (the paper's gradient analysis)
+    detach_tau: bool = True  # True: the paper; False: the gradient also flows through τ_i (the released code)
     # Logit KD compares distributions token id by token id: teacher and student must share one vocabulary.
     # True only silences the check (cross-tokenizer KD is out of scope).
     allow_tokenizer_mismatch: bool = False
@@ -226,6 +231,12 @@ class DistillConfig:
         lam = loss.base_params.get("lam")
         if lam is not None and (not isinstance(lam, (int, float)) or not 0.0 <= lam <= 1.0):
             raise self.error("loss.base_params.lam", f"must be in [0, 1], got {lam!r}")
+        if loss.base == "jsd" and lam is not None and not 0.0 < lam < 1.0:
+            raise self.error("loss.base_params.lam", _jsd_lam(lam))
+        if loss.tau_weight not in TAU_WEIGHTS:
+            raise self.error("loss.tau_weight", f"unknown {loss.tau_weight!r}; valid: {', '.join(TAU_WEIGHTS)}")
+        if loss.one_pass and not loss.detach_tau:
+            raise self.error("loss.detach_tau", "false needs loss.one_pass: false (one_pass reuses the last τ median)")
         self._validate_onpolicy()
         try:
             self.build_loss(total_steps=1)
@@ -305,6 +316,8 @@ class DistillConfig:
             reduction="sum",
             impl=loss.impl,
             one_pass=loss.one_pass,
+            tau_weight=loss.tau_weight,
+            detach_tau=loss.detach_tau,
             **kwargs,
         )
 
