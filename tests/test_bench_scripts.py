@@ -58,3 +58,49 @@ def test_benchmarks_run(tmp_path, script, args, variants):
     for r in rows:
         assert r["ms"] > 0 and r["extra_bytes"] >= 0
     assert "ratios against" in proc.stdout
+
+
+def test_study_paired_differences_and_intervals():
+    study = _load("study")
+    rows = [
+        {"method": "rkl", "seed": s, "rouge_sampled": v, "rouge_greedy": v, "sampling_std": 0.5}
+        for s, v in enumerate([10.0, 12.0, 14.0])
+    ] + [
+        {"method": "ada", "seed": s, "rouge_sampled": v, "rouge_greedy": v - 1, "sampling_std": 0.7}
+        for s, v in enumerate([11.0, 13.2, 15.1])
+    ]
+    d = study.paired(rows, "ada", "rkl", "rouge_sampled")  # differences 1.0, 1.2, 1.1
+    assert d["n"] == 3 and d["mean"] == pytest.approx(1.1) and d["std"] == pytest.approx(0.1)
+    assert d["high"] - d["mean"] == pytest.approx(4.303 * 0.1 / 3**0.5)  # t(0.975, 2 df)
+    table = study.summary_table(rows, "rkl").splitlines()
+    # sampled: +1.10 [+0.85, +1.35] excludes 0 (*); greedy: +0.10 [-0.15, +0.35] does not
+    assert "| +1.10 [+0.85, +1.35] * | +0.10 [-0.15, +0.35] |" in table[-1]
+    assert study.parse_method("nw=adakd-rkl:tau_weight=none,c=1.0") == (
+        "nw", {"base": "rkl", "selection": "latf", "temperature": "inverse", "tau_weight": "none", "c": 1.0},
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="unknown preset 'bar'"):
+        study.parse_method("x=bar")
+
+
+@pytest.mark.slow
+def test_study_runs_and_resumes(tmp_path):
+    """A smoke-sized study end to end; a rerun after losing a row trains only that run again."""
+    out = tmp_path / "study"
+    cmd = [
+        sys.executable, str(BENCH / "study.py"), "--output", str(out), "--quick", "--teacher-steps", "12",
+        "--init-steps", "6", "--student-steps", "4", "--n-train", "200", "--n-test", "8", "--seeds", "0", "1",
+        "--eval-seeds", "10", "--method", "rkl", "--method", "nw=adakd-rkl:tau_weight=none",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted((r["method"], r["seed"]) for r in rows) == [("nw", 0), ("nw", 1), ("rkl", 0), ("rkl", 1)]
+    assert (out / "study.md").is_file() and (out / "study.png").stat().st_size > 0
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]) + '{"cut')  # a lost row
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 runs to do, 3 done" in proc.stdout
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert lines[3] == '{"cut' and len(lines) == 5  # the cut line stays apart; the redone run is a row of its own
+    again = [json.loads(line) for line in lines if line != '{"cut']
+    assert sorted((r["method"], r["seed"]) for r in again) == [("nw", 0), ("nw", 1), ("rkl", 0), ("rkl", 1)]

@@ -1,0 +1,321 @@
+"""The AdaKD study: methods × settings × training seeds on the demo's tasks, resumable, with paired differences.
+
+    python bench/study.py --output outputs/study
+    python bench/study.py --output outputs/study --method adakd-c1=adakd-rkl:c=1.0 --seeds 0 1 2 3
+    python bench/study.py --output outputs/study --summary-only
+
+What it measures. A teacher is trained from scratch by SFT and one student is warmed up by SFT (both once, in
+``OUTPUT/shared``). Every method then continues from that same warm-start, once per *training* seed (data order,
+dropout), and is scored with ROUGE-L on the test prompts by sampling (the paper's protocol, over ``--eval-seeds``)
+and by greedy decoding. A method differs from the baseline only when its paired difference (same training seed,
+same warm-start) has an interval that excludes 0; the spread over sampling seeds is reported beside it, since it
+measures something else (decoding noise of one trained model).
+
+Resumable: each finished (method, seed) run appends one JSON row to ``OUTPUT/results.jsonl``; a rerun skips the rows
+already there and the shared models already trained. The summary (``OUTPUT/study.md``, ``OUTPUT/study.png``) is
+rewritten from all rows at the end, or alone with ``--summary-only``.
+
+A method is ``LABEL=PRESET[:key=value,...]`` (loss overrides, YAML values), e.g. ``nw=adakd-rkl:tau_weight=none``,
+or a bare preset name. Presets: see ``PRESETS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "sft": {"kd_ratio": 0.0},
+    "rkl": {"base": "rkl", "selection": "all", "temperature": "fixed"},
+    "adakd-rkl": {"base": "rkl", "selection": "latf", "temperature": "inverse"},
+    "latf-rkl": {"base": "rkl", "selection": "latf", "temperature": "fixed"},
+    "idts-rkl": {"base": "rkl", "selection": "all", "temperature": "inverse"},
+}
+DEFAULT_METHODS = [
+    "rkl",
+    "adakd-rkl",
+    "idts-rkl",
+    "adakd-rkl-no-tau-weight=adakd-rkl:tau_weight=none",
+    "adakd-rkl-grad-through-tau=adakd-rkl:detach_tau=false",
+]
+
+# Two-sided 95% Student-t quantiles by degrees of freedom (n − 1 training seeds); beyond 30, the normal 1.96.
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+       12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}  # fmt: skip
+
+
+def t95(df: int) -> float:
+    """The two-sided 95% t quantile for ``df`` degrees of freedom (the next tabulated df below, conservative)."""
+    if df < 1:
+        return math.nan
+    return T95[max(k for k in T95 if k <= df)] if df <= 30 else 1.96
+
+
+def parse_method(text: str) -> tuple[str, dict[str, Any]]:
+    """``LABEL=PRESET[:key=value,...]`` or ``PRESET`` → (label, loss section)."""
+    import yaml
+
+    label, _, spec = text.partition("=")
+    spec = spec or label
+    preset, _, extra = spec.partition(":")
+    if preset not in PRESETS:
+        raise ValueError(f"--method {text}: unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
+    loss = dict(PRESETS[preset])
+    for item in filter(None, extra.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--method {text}: {item!r} is not key=value")
+        loss[key] = yaml.safe_load(value)
+    return label, loss
+
+
+# ------------------------------------------------------------------------------------------------------ runs
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of ``results.jsonl``; a line cut by an interruption (the last one) is ignored."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _append(path: Path, row: dict[str, Any]) -> None:
+    """Append one row; a line cut by an earlier interruption is closed first, so it stays a line of its own (which
+    :func:`read_rows` skips) instead of swallowing this row."""
+    cut = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+    with open(path, "a") as f:
+        f.write(("\n" if cut else "") + json.dumps(row) + "\n")
+        f.flush()
+
+
+def prepare(out: Path, settings, log) -> dict[str, Any]:
+    """Data, tokenizer, teacher and the students' warm-start, each made once and reused by later runs."""
+    from adakd.demo.run import _train, _write_jsonl, train_tokenizer
+    from adakd.demo.tasks import make_splits
+
+    shared = out / "shared"
+    splits = make_splits(settings.n_train, settings.n_val, settings.n_test, seed=settings.seed)
+    for split, records in splits.items():
+        _write_jsonl(shared / "data" / f"{split}.jsonl", records)
+    tok_dir = shared / "tokenizer"
+    if (tok_dir / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    else:
+        tokenizer = train_tokenizer(splits["train"], settings.vocab_size, tok_dir)
+    train_file = shared / "data" / "train.jsonl"
+    models: dict[str, Path] = {}
+    for name, steps, sizes in (
+        ("teacher", settings.teacher_steps, settings.teacher),
+        ("student-init", settings.init_steps, settings.student),
+    ):
+        final = shared / name / "final"
+        if not (final / "config.json").is_file():
+            log(f"[study] {name}: SFT for {steps} steps")
+            _train(name, shared, settings, tok_dir, train_file, steps=steps, loss={"kd_ratio": 0.0}, sizes=sizes)
+        models[name] = final
+    return {"splits": splits, "tokenizer": tokenizer, "tok_dir": tok_dir, "train_file": train_file, **models}
+
+
+def evaluate_model(folder: Path, tokenizer, test_records, test_path: Path, eval_seeds, out_json: Path):
+    """(mean ROUGE-L over the sampling seeds, their std, greedy ROUGE-L)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from adakd.eval.generate import GenerationConfig, HFBackend
+    from adakd.eval.run import evaluate
+    from adakd.eval.sets import EvalSet
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    backend = HFBackend(model, tokenizer)
+    test = EvalSet("test", test_path, test_records)
+    common = dict(max_length=128, max_prompt_length=96, batch_size=48)
+    sampled = evaluate(backend, [test], list(eval_seeds), GenerationConfig(**common), out_json, "", show_progress=False)
+    greedy_json = out_json.with_name(out_json.stem + "-greedy.json")
+    greedy_config = GenerationConfig(**common, greedy=True)
+    greedy = evaluate(backend, [test], [0], greedy_config, greedy_json, "", show_progress=False)
+    per_seed = list(sampled["datasets"]["test"]["rougeL"]["per_seed"].values())
+    spread = statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0
+    return statistics.fmean(per_seed), spread, greedy["average"]["mean"]
+
+
+def run_study(args: argparse.Namespace, log=print) -> list[dict[str, Any]]:
+    from adakd.demo.run import DemoSettings, _train
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = DemoSettings.for_run(args.quick, seed=0)
+    for key in ("teacher_steps", "init_steps", "student_steps", "n_train", "n_test"):
+        if getattr(args, key) is not None:
+            settings = dataclasses.replace(settings, **{key: getattr(args, key)})
+    methods = [parse_method(m) for m in (args.method or DEFAULT_METHODS)]
+    results_path = out / "results.jsonl"
+    done = {(r["method"], r["seed"]) for r in read_rows(results_path)}
+    todo = [(label, loss, seed) for label, loss in methods for seed in args.seeds if (label, seed) not in done]
+    log(f"[study] {len(methods)} methods x {len(args.seeds)} seeds: {len(todo)} runs to do, {len(done)} done")
+    if not todo:
+        return read_rows(results_path)
+    shared = prepare(out, settings, log)
+    test_path = out / "shared" / "data" / "test.jsonl"
+    for i, (label, loss, seed) in enumerate(todo, 1):
+        log(f"[study] run {i}/{len(todo)}: {label}, training seed {seed}")
+        run_settings = dataclasses.replace(settings, seed=seed)
+        name = f"{label}-seed{seed}"
+        start = time.perf_counter()
+        final, rows, seconds, trainer = _train(
+            name, out / "runs", run_settings, shared["tok_dir"], shared["train_file"], steps=settings.student_steps,
+            loss={"kd_ratio": 1.0, **loss}, init=shared["student-init"],
+            teacher=None if loss.get("kd_ratio", 1.0) == 0 else shared["teacher"],
+        )  # fmt: skip
+        sampled, spread, greedy = evaluate_model(
+            final, shared["tokenizer"], shared["splits"]["test"], test_path, args.eval_seeds,
+            out / "eval" / f"{name}.json",
+        )  # fmt: skip
+        _append(
+            results_path,
+            {
+                "method": label, "seed": seed, "loss": loss, "rouge_sampled": sampled, "sampling_std": spread,
+                "rouge_greedy": greedy, "final_ratio": trainer.loss_fn.ratio, "train_seconds": seconds,
+                "seconds": time.perf_counter() - start, "student_steps": settings.student_steps,
+                "init_steps": settings.init_steps, "teacher_steps": settings.teacher_steps,
+            },
+        )  # fmt: skip
+    return read_rows(results_path)
+
+
+# --------------------------------------------------------------------------------------------------- summary
+def paired(rows: list[dict[str, Any]], method: str, baseline: str, key: str) -> dict[str, float] | None:
+    """The paired difference method − baseline over the training seeds both have: mean, sample std, the 95% t
+    interval and the number of pairs; None without a pair."""
+    by_seed = {r["seed"]: r[key] for r in rows if r["method"] == baseline}
+    diffs = [r[key] - by_seed[r["seed"]] for r in rows if r["method"] == method and r["seed"] in by_seed]
+    if not diffs:
+        return None
+    mean = statistics.fmean(diffs)
+    std = statistics.stdev(diffs) if len(diffs) > 1 else math.nan
+    half = t95(len(diffs) - 1) * std / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+    return {"mean": mean, "std": std, "low": mean - half, "high": mean + half, "n": len(diffs)}
+
+
+def _ms(values: list[float]) -> str:
+    if not values:
+        return "–"
+    std = statistics.stdev(values) if len(values) > 1 else math.nan
+    return f"{statistics.fmean(values):.2f} ± {std:.2f}"
+
+
+def _diff(d: dict[str, float] | None) -> str:
+    if d is None:
+        return "–"
+    if d["n"] < 2:
+        return f"{d['mean']:+.2f} (1 pair)"
+    verdict = "" if d["low"] <= 0 <= d["high"] else " *"
+    return f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]{verdict}"
+
+
+def summary_table(rows: list[dict[str, Any]], baseline: str) -> str:
+    """A markdown table: per method, ROUGE-L (sampled, greedy) mean ± std over training seeds, the paired
+    difference to ``baseline`` with its 95% interval (``*``: the interval excludes 0), and the sampling noise."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lines = [
+        f"| method | training seeds | ROUGE-L, sampled | ROUGE-L, greedy | − {baseline}, sampled [95%] | "
+        f"− {baseline}, greedy [95%] | sampling spread |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m]
+        sampled = _ms([r["rouge_sampled"] for r in mine])
+        greedy = _ms([r["rouge_greedy"] for r in mine])
+        noise = statistics.fmean(r["sampling_std"] for r in mine)
+        d_s = None if m == baseline else paired(rows, m, baseline, "rouge_sampled")
+        d_g = None if m == baseline else paired(rows, m, baseline, "rouge_greedy")
+        lines.append(f"| {m} | {len(mine)} | {sampled} | {greedy} | {_diff(d_s)} | {_diff(d_g)} | {noise:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], baseline: str, path: Path) -> None:
+    """The paired differences to the baseline with their 95% intervals, sampled and greedy side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != baseline]
+    fig, ax = plt.subplots(figsize=(7.5, 0.6 + 0.55 * max(1, len(methods))))
+    for offset, key, colour in ((-0.15, "rouge_sampled", "#1f77b4"), (0.15, "rouge_greedy", "#ff7f0e")):
+        for i, m in enumerate(methods):
+            d = paired(rows, m, baseline, key)
+            if d is None:
+                continue
+            err = None if math.isnan(d["high"]) else [[d["mean"] - d["low"]], [d["high"] - d["mean"]]]
+            label = ("sampled" if key == "rouge_sampled" else "greedy") if i == 0 else None
+            ax.errorbar(d["mean"], i + offset, xerr=err, fmt="o", color=colour, capsize=4, label=label)
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(methods)), methods)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"ROUGE-L − {baseline} (paired by training seed; bars: 95% interval)")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_summary(out: Path, rows: list[dict[str, Any]], baseline: str) -> Path:
+    table = summary_table(rows, baseline)
+    plot(rows, baseline, out / "study.png")
+    steps = {(r["teacher_steps"], r["init_steps"], r["student_steps"]) for r in rows}
+    text = (
+        "# AdaKD study\n\n"
+        f"Runs: {len(rows)}; (teacher, warm-start, student) steps: {', '.join(map(str, sorted(steps)))}.\n"
+        "Mean ± sample std over training seeds; differences are paired by training seed, with a 95% t interval "
+        "(`*`: it excludes 0); the sampling spread is the mean std over sampling seeds of one trained model.\n\n"
+        f"{table}\n\n![paired differences](study.png)\n"
+    )
+    path = out / "study.md"
+    path.write_text(text)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--output", required=True, help="the study folder (results.jsonl, shared models, study.md)")
+    p.add_argument("--method", action="append", help="LABEL=PRESET[:key=value,...]; repeat (default: the ablations)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
+    p.add_argument("--eval-seeds", type=int, nargs="+", default=[10, 20], help="sampling seeds (default 10 20)")
+    p.add_argument("--baseline", default="rkl", help="the method the paired differences are taken against")
+    p.add_argument("--quick", action="store_true", help="the demo's --quick sizes (a smoke check, not a result)")
+    for key in ("teacher_steps", "init_steps", "student_steps", "n_train", "n_test"):
+        p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, dest=key, help=f"override {key}")
+    p.add_argument("--summary-only", action="store_true", help="only rewrite study.md / study.png from results.jsonl")
+    args = p.parse_args(argv)
+    try:
+        for m in args.method or ():
+            parse_method(m)
+    except ValueError as e:
+        print(f"study: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.output)
+    rows = read_rows(out / "results.jsonl") if args.summary_only else run_study(args)
+    if not rows:
+        print(f"study: error: {out / 'results.jsonl'}: no results yet", file=sys.stderr)
+        return 2
+    path = write_summary(out, rows, args.baseline)
+    print(summary_table(rows, args.baseline))
+    print(f"\n[study] {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
