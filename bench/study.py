@@ -99,13 +99,13 @@ def _append(path: Path, row: dict[str, Any]) -> None:
         f.flush()
 
 
-def prepare(out: Path, settings, log) -> dict[str, Any]:
+def prepare(out: Path, settings, log, tasks: str = "exact") -> dict[str, Any]:
     """Data, tokenizer, teacher and the students' warm-start, each made once and reused by later runs."""
     from adakd.demo.run import _train, _write_jsonl, train_tokenizer
     from adakd.demo.tasks import make_splits
 
     shared = out / "shared"
-    splits = make_splits(settings.n_train, settings.n_val, settings.n_test, seed=settings.seed)
+    splits = make_splits(settings.n_train, settings.n_val, settings.n_test, seed=settings.seed, tasks=tasks)
     for split, records in splits.items():
         _write_jsonl(shared / "data" / f"{split}.jsonl", records)
     tok_dir = shared / "tokenizer"
@@ -167,7 +167,7 @@ def run_study(args: argparse.Namespace, log=print) -> list[dict[str, Any]]:
     log(f"[study] {len(methods)} methods x {len(args.seeds)} seeds: {len(todo)} runs to do, {len(done)} done")
     if not todo:
         return read_rows(results_path)
-    shared = prepare(out, settings, log)
+    shared = prepare(out, settings, log, args.tasks)
     test_path = out / "shared" / "data" / "test.jsonl"
     for i, (label, loss, seed) in enumerate(todo, 1):
         log(f"[study] run {i}/{len(todo)}: {label}, training seed {seed}")
@@ -189,7 +189,7 @@ def run_study(args: argparse.Namespace, log=print) -> list[dict[str, Any]]:
                 "method": label, "seed": seed, "loss": loss, "rouge_sampled": sampled, "sampling_std": spread,
                 "rouge_greedy": greedy, "final_ratio": trainer.loss_fn.ratio, "train_seconds": seconds,
                 "seconds": time.perf_counter() - start, "student_steps": settings.student_steps,
-                "init_steps": settings.init_steps, "teacher_steps": settings.teacher_steps,
+                "init_steps": settings.init_steps, "teacher_steps": settings.teacher_steps, "tasks": args.tasks,
             },
         )  # fmt: skip
     return read_rows(results_path)
@@ -275,10 +275,10 @@ def plot(rows: list[dict[str, Any]], baseline: str, path: Path) -> None:
 def write_summary(out: Path, rows: list[dict[str, Any]], baseline: str) -> Path:
     table = summary_table(rows, baseline)
     plot(rows, baseline, out / "study.png")
-    steps = {(r["teacher_steps"], r["init_steps"], r["student_steps"]) for r in rows}
+    steps = {(r["teacher_steps"], r["init_steps"], r["student_steps"], r.get("tasks", "exact")) for r in rows}
     text = (
         "# AdaKD study\n\n"
-        f"Runs: {len(rows)}; (teacher, warm-start, student) steps: {', '.join(map(str, sorted(steps)))}.\n"
+        f"Runs: {len(rows)}; (teacher, warm-start, student steps, tasks): {', '.join(map(str, sorted(steps)))}.\n"
         "Mean ± sample std over training seeds; differences are paired by training seed, with a 95% t interval "
         "(`*`: it excludes 0); the sampling spread is the mean std over sampling seeds of one trained model.\n\n"
         f"{table}\n\n![paired differences](study.png)\n"
@@ -294,6 +294,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--method", action="append", help="LABEL=PRESET[:key=value,...]; repeat (default: the ablations)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
     p.add_argument("--eval-seeds", type=int, nargs="+", default=[10, 20], help="sampling seeds (default 10 20)")
+    p.add_argument(
+        "--tasks",
+        choices=("exact", "soft", "mixed"),
+        default="exact",
+        help="the demo's single-answer tasks, tasks with several valid answers in known proportions, or both",
+    )
     p.add_argument("--baseline", default="rkl", help="the method the paired differences are taken against")
     p.add_argument("--quick", action="store_true", help="the demo's --quick sizes (a smoke check, not a result)")
     for key in ("teacher_steps", "init_steps", "student_steps", "n_train", "n_test"):

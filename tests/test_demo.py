@@ -64,3 +64,23 @@ def test_demo_quick_end_to_end(tmp_path):
     for run in ("teacher", "sft", "rkl", "adakd-rkl"):
         assert (out / "runs" / run / "final" / "config.json").is_file()
     assert (out / "eval" / "adakd-rkl.predictions" / "test.seed10.jsonl").is_file()
+
+
+def test_soft_tasks_have_several_valid_answers_in_known_proportions():
+    from collections import Counter
+
+    from adakd.demo import SOFT_FAMILIES
+
+    splits = make_splits(2000, 20, 40, seed=5, tasks="soft")
+    train = splits["train"]
+    assert len(SOFT_FAMILIES) == 4
+    for r in train:
+        assert len(r.references) >= 2 and r.response in r.references
+    sums = [r for r in train if "plus" in r.prompt]
+    share = Counter(r.response.startswith("The sum is") for r in sums)[True] / len(sums)
+    assert share == pytest.approx(0.4, abs=0.06)  # "a + b = c" 0.6, "The sum is c." 0.4
+    assert make_splits(300, 40, 40, seed=3, tasks="exact") == make_splits(300, 40, 40, seed=3)  # the demo's data
+    mixed = " ".join(r.prompt for r in make_splits(600, 20, 20, seed=1, tasks="mixed")["train"])
+    assert "Add " in mixed and "Join these words" in mixed
+    with pytest.raises(ValueError, match="unknown task set 'hard'"):
+        make_splits(10, 2, 2, tasks="hard")

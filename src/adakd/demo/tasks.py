@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from ..data import Record, format_prompt
 
-__all__ = ["FAMILIES", "make_splits"]
+__all__ = ["FAMILIES", "SOFT_FAMILIES", "TASK_SETS", "make_splits"]
 
 _CAPITALS = {
     "France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid", "Egypt": "Cairo", "Peru": "Lima",
@@ -58,6 +58,49 @@ def _date(rng: random.Random) -> tuple[str, str | None, str]:
     return "Convert the date to DD/MM/YYYY format.", f"{y}-{m:02d}-{d:02d}", f"{d:02d}/{m:02d}/{y}"
 
 
+# Families with several valid answers in known proportions: the teacher learns a soft distribution over them
+# (what distillation transfers beyond the argmax), and an answer is scored against every valid one.
+# Each returns (instruction, context, the sampled answer, all valid answers).
+SoftTask = Callable[[random.Random], tuple[str, str | None, str, tuple[str, ...]]]
+
+
+def _pick(rng: random.Random, options: list[tuple[str, float]]) -> str:
+    return rng.choices([o for o, _ in options], weights=[w for _, w in options])[0]
+
+
+def _sum_phrasing(rng: random.Random):
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    options = [(f"{a} + {b} = {a + b}", 0.6), (f"The sum is {a + b}.", 0.4)]
+    return f"What is {a} plus {b}?", None, _pick(rng, options), tuple(o for o, _ in options)
+
+
+def _either_order(rng: random.Random):
+    xs = rng.sample(range(1, 60), rng.randint(3, 5))
+    up, down = " ".join(map(str, sorted(xs))), " ".join(map(str, sorted(xs, reverse=True)))
+    options = [(up, 0.7), (down, 0.3)]
+    return "List these numbers in order.", " ".join(map(str, xs)), _pick(rng, options), (up, down)
+
+
+def _join(rng: random.Random):
+    ws = rng.sample(_WORDS, rng.randint(2, 4))
+    options = [(" ".join(ws), 0.5), (", ".join(ws), 0.3), ("-".join(ws), 0.2)]
+    return "Join these words.", " / ".join(ws), _pick(rng, options), tuple(o for o, _ in options)
+
+
+def _greet(rng: random.Random):
+    name = rng.choice(sorted(_CAPITALS.values()))  # city names double as given names here
+    options = [(f"Hello, {name}!", 0.5), (f"Hi {name}!", 0.3), (f"Good morning, {name}.", 0.2)]
+    return f"Greet {name}.", None, _pick(rng, options), tuple(o for o, _ in options)
+
+
+SOFT_FAMILIES: dict[str, SoftTask] = {
+    "sum-phrasing": _sum_phrasing,
+    "either-order": _either_order,
+    "join": _join,
+    "greeting": _greet,
+}
+TASK_SETS = ("exact", "soft", "mixed")
+
 FAMILIES: dict[str, Task] = {
     "arithmetic": _add,
     "sorting": _sort_numbers,
@@ -68,12 +111,21 @@ FAMILIES: dict[str, Task] = {
 }
 
 
-def make_splits(n_train: int, n_val: int, n_test: int, seed: int = 0) -> dict[str, list[Record]]:
+def make_splits(n_train: int, n_val: int, n_test: int, seed: int = 0, tasks: str = "exact") -> dict[str, list[Record]]:
     """Disjoint train / validation / test splits (by prompt), families drawn uniformly, formatted with the
     MiniLLM template. The lookup family has only 20 prompts, so most of its test prompts are also trained on:
-    that family measures recall of the table, the others generalisation."""
+    that family measures recall of the table, the others generalisation.
+
+    ``tasks``: ``exact`` (the six families with one right answer, the demo's), ``soft`` (the families with several
+    valid answers in known proportions; each record's references hold all of them) or ``mixed`` (both)."""
+    if tasks not in TASK_SETS:
+        raise ValueError(f"unknown task set {tasks!r}; valid: {', '.join(TASK_SETS)}")
     rng = random.Random(seed)
-    families = list(FAMILIES.values())
+    families: list = []
+    if tasks in ("exact", "mixed"):
+        families += list(FAMILIES.values())
+    if tasks in ("soft", "mixed"):
+        families += list(SOFT_FAMILIES.values())
     seen: set[str] = set()
     out: dict[str, list[Record]] = {"test": [], "validation": [], "train": []}
     targets = {"test": n_test, "validation": n_val, "train": n_train}
@@ -83,10 +135,11 @@ def make_splits(n_train: int, n_val: int, n_test: int, seed: int = 0) -> dict[st
             attempts += 1
             if attempts > 100 * targets[split] + 1000:
                 raise ValueError(f"cannot draw {targets[split]} distinct {split} examples; lower the sizes")
-            instruction, context, answer = rng.choice(families)(rng)
+            instruction, context, answer, *valid = rng.choice(families)(rng)
             prompt = format_prompt(instruction, context)
             if prompt in seen and not (split == "train" and instruction.startswith("What is the capital")):
                 continue
             seen.add(prompt)
-            out[split].append(Record(prompt=prompt, response=answer, references=(answer,)))
+            references = tuple(valid[0]) if valid else (answer,)
+            out[split].append(Record(prompt=prompt, response=answer, references=references))
     return out
