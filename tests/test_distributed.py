@@ -41,11 +41,15 @@ COMMON = [
 ]
 PER_DEVICE = 4  # two ranks × 4 sequences = the single process's 8
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
-ENGINES = [
-    "ddp",
-    "fsdp2",
-    pytest.param("deepspeed", marks=pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")),
-]
+
+
+def engines(*names: str) -> list:
+    """Engine parameters; DeepSpeed's tests skip where it is not installed."""
+    skip = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")
+    return [pytest.param(n, marks=skip) if n == "deepspeed" else n for n in names]
+
+
+ENGINES = engines("ddp", "fsdp2", "deepspeed")
 
 
 def launch(
@@ -173,7 +177,7 @@ def test_final_model_loads_with_from_pretrained(engine, engine_run):
     assert max_diff(loaded, rank0["params"]) == 0.0
 
 
-@pytest.mark.parametrize("engine", [e for e in ENGINES if (e.values[0] if hasattr(e, "values") else e) != "ddp"])
+@pytest.mark.parametrize("engine", engines("fsdp2", "deepspeed"))
 def test_resume_under_the_engine_continues_exactly(engine, engine_run, tmp_path):
     out, (straight, _) = engine_run(engine, True)
     resumed = launch(tmp_path, engine, "loss.fused=true", resume=out / "run" / "checkpoint-2")

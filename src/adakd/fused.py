@@ -65,6 +65,25 @@ def linear(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.addmm(bias, hidden, weight.t())
 
 
+def chunk_logits(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    student_bias: Tensor | None,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    teacher_bias: Tensor | None,
+    rows: Tensor,
+    chunk_size: int,
+):
+    """For each chunk of ``rows``: ``(start, rows [c], student hidden [c, H_s], student logits [c, V],
+    teacher logits [c, V])``, the logits in the inputs' dtype. The one loop every pass of the fused loss runs."""
+    for start in range(0, rows.numel(), chunk_size):
+        r = rows[start : start + chunk_size]
+        h = student_hidden.index_select(0, r)
+        z_t = linear(teacher_hidden.index_select(0, r), teacher_weight, teacher_bias)
+        yield start, r, h, linear(h, student_weight, student_bias), z_t
+
+
 @torch.no_grad()
 def chunked_scores(
     score: ScoreFn,
@@ -95,10 +114,9 @@ def chunked_scores(
     """
     n = rows.numel()
     out = torch.empty(n, dtype=dtype, device=student_hidden.device)
-    for start in range(0, n, chunk_size):
-        r = rows[start : start + chunk_size]
-        lq = log_probs(linear(student_hidden.index_select(0, r), student_weight, student_bias), 1.0, dtype)
-        lp = log_probs(linear(teacher_hidden.index_select(0, r), teacher_weight, teacher_bias), 1.0, dtype)
+    parts = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
+    for start, r, _, z_s, z_t in chunk_logits(*parts, rows, chunk_size):
+        lq, lp = log_probs(z_s, 1.0, dtype), log_probs(z_t, 1.0, dtype)
         out[start : start + r.numel()] = score(lq, lp, targets[start : start + chunk_size])
     return out
 
@@ -160,11 +178,8 @@ class FusedKeptLoss(torch.autograd.Function):
         # Gradients accumulate in float32 (or float64): summing many bf16 chunk products would lose precision.
         grads = _GradBuffers(ctx.needs_input_grad[:3], student_hidden, student_weight, student_bias, dtype)
         total = torch.zeros((), dtype=dtype, device=student_hidden.device)
-        for start in range(0, rows.numel(), chunk_size):
-            r = rows[start : start + chunk_size]
-            h = student_hidden.index_select(0, r)
-            z_s = linear(h, student_weight, student_bias)
-            z_t = linear(teacher_hidden.index_select(0, r), teacher_weight, teacher_bias)
+        parts = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
+        for start, r, h, z_s, z_t in chunk_logits(*parts, rows, chunk_size):
             tau_c = tau[start : start + chunk_size] if isinstance(tau, Tensor) else tau
             loss_c, g = chunk(z_s, z_t, tau_c)
             total += loss_c
@@ -223,11 +238,8 @@ class FusedKeptLossTauGrad(torch.autograd.Function):
         tau = tau_graph.detach()
         grad_tau = torch.zeros_like(tau)
         total = torch.zeros((), dtype=dtype, device=student_hidden.device)
-        for start in range(0, rows.numel(), chunk_size):
-            r = rows[start : start + chunk_size]
-            h = student_hidden.index_select(0, r)
-            z_s = linear(h, student_weight, student_bias)
-            z_t = linear(teacher_hidden.index_select(0, r), teacher_weight, teacher_bias)
+        parts = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
+        for start, r, h, z_s, z_t in chunk_logits(*parts, rows, chunk_size):
             loss_c, g, g_tau = chunk(z_s, z_t, tau[start : start + chunk_size])
             total += loss_c
             grad_tau[start : start + r.numel()] = g_tau
@@ -235,12 +247,10 @@ class FusedKeptLossTauGrad(torch.autograd.Function):
                 grads.add(r, h, g * scale)
         if grads.any:
             (grad_scores,) = torch.autograd.grad(tau_graph, s_k, grad_outputs=grad_tau * scale)
-            for start in range(0, rows.numel(), chunk_size):
-                r = rows[start : start + chunk_size]
-                h = student_hidden.index_select(0, r)
-                lp = log_probs(linear(teacher_hidden.index_select(0, r), teacher_weight, teacher_bias), 1.0, dtype)
+            for start, r, h, z_s, z_t in chunk_logits(*parts, rows, chunk_size):
+                lp = log_probs(z_t, 1.0, dtype)
                 with torch.enable_grad():
-                    z_s = linear(h, student_weight, student_bias).detach().to(dtype).requires_grad_(True)
+                    z_s = z_s.detach().to(dtype).requires_grad_(True)
                     s = score(log_probs(z_s, 1.0, dtype), lp, targets[start : start + chunk_size])
                     (g,) = torch.autograd.grad(s, z_s, grad_outputs=grad_scores[start : start + r.numel()])
                 grads.add(r, h, g, accumulate=True)
@@ -348,11 +358,8 @@ class FusedOnePassLoss(torch.autograd.Function):
         tau_min = torch.full((), math.inf, dtype=dtype, device=device)
         tau_max = torch.full((), -math.inf, dtype=dtype, device=device)
         count = 0
-        for start in range(0, n, chunk_size):
-            r = rows[start : start + chunk_size]
-            h = student_hidden.index_select(0, r)
-            z_s = linear(h, student_weight, student_bias)
-            z_t = linear(teacher_hidden.index_select(0, r), teacher_weight, teacher_bias)
+        parts = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
+        for start, r, h, z_s, z_t in chunk_logits(*parts, rows, chunk_size):
             s = score(log_probs(z_s, 1.0, dtype), log_probs(z_t, 1.0, dtype), targets[start : start + chunk_size])
             scores[start : start + r.numel()] = s
             keep = (s >= threshold).nonzero().squeeze(1)
