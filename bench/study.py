@@ -1,6 +1,7 @@
 """The AdaKD study: methods × settings × training seeds on the demo's tasks, resumable, with paired differences.
 
     python bench/study.py --output outputs/study
+    python bench/study.py --output outputs/study --sweep            # also LATF only, c, tau_base, r schedules
     python bench/study.py --output outputs/study --method adakd-c1=adakd-rkl:c=1.0 --seeds 0 1 2 3
     python bench/study.py --output outputs/study --summary-only
 
@@ -24,20 +25,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "sft": {"kd_ratio": 0.0},
-    "rkl": {"base": "rkl", "selection": "all", "temperature": "fixed"},
-    "adakd-rkl": {"base": "rkl", "selection": "latf", "temperature": "inverse"},
-    "latf-rkl": {"base": "rkl", "selection": "latf", "temperature": "fixed"},
-    "idts-rkl": {"base": "rkl", "selection": "all", "temperature": "inverse"},
-}
+from adakd.demo.run import METHODS as PRESETS  # noqa: E402  (one definition of each method's loss section)
+from adakd.report.stats import format_difference, format_mean_std, paired_difference, plot_differences  # noqa: E402
+
 DEFAULT_METHODS = [
     "rkl",
     "adakd-rkl",
@@ -45,17 +41,17 @@ DEFAULT_METHODS = [
     "adakd-rkl-no-tau-weight=adakd-rkl:tau_weight=none",
     "adakd-rkl-grad-through-tau=adakd-rkl:detach_tau=false",
 ]
-
-# Two-sided 95% Student-t quantiles by degrees of freedom (n − 1 training seeds); beyond 30, the normal 1.96.
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-       12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}  # fmt: skip
-
-
-def t95(df: int) -> float:
-    """The two-sided 95% t quantile for ``df`` degrees of freedom (the next tabulated df below, conservative)."""
-    if df < 1:
-        return math.nan
-    return T95[max(k for k in T95 if k <= df)] if df <= 30 else 1.96
+# --sweep: LATF alone, the IDTS strength c, the base temperature and the kept-ratio schedule, one at a time.
+SWEEP_METHODS = [
+    "latf-rkl",
+    "adakd-rkl-c0.25=adakd-rkl:c=0.25",
+    "adakd-rkl-c1.0=adakd-rkl:c=1.0",
+    "adakd-rkl-tau-base0.5=adakd-rkl:tau_base=0.5",
+    "adakd-rkl-tau-base2=adakd-rkl:tau_base=2.0",
+    "adakd-rkl-fixed-r0.5=adakd-rkl:selection=fixed,ratio=0.5",
+    "adakd-rkl-cosine-r0.5=adakd-rkl:selection=cosine,ratio=0.5",
+]
+TEACHER = "teacher"  # the row of the shared teacher, scored once
 
 
 def parse_method(text: str) -> tuple[str, dict[str, Any]]:
@@ -99,13 +95,13 @@ def _append(path: Path, row: dict[str, Any]) -> None:
         f.flush()
 
 
-def prepare(out: Path, settings, log, tasks: str = "exact") -> dict[str, Any]:
+def prepare(out: Path, settings, log) -> dict[str, Any]:
     """Data, tokenizer, teacher and the students' warm-start, each made once and reused by later runs."""
     from adakd.demo.run import _train, _write_jsonl, train_tokenizer
     from adakd.demo.tasks import make_splits
 
     shared = out / "shared"
-    splits = make_splits(settings.n_train, settings.n_val, settings.n_test, seed=settings.seed, tasks=tasks)
+    splits = make_splits(settings.n_train, settings.n_val, settings.n_test, seed=settings.seed, tasks=settings.tasks)
     for split, records in splits.items():
         _write_jsonl(shared / "data" / f"{split}.jsonl", records)
     tok_dir = shared / "tokenizer"
@@ -130,45 +126,63 @@ def prepare(out: Path, settings, log, tasks: str = "exact") -> dict[str, Any]:
 
 
 def evaluate_model(folder: Path, tokenizer, test_records, test_path: Path, eval_seeds, out_json: Path):
-    """(mean ROUGE-L over the sampling seeds, their std, greedy ROUGE-L)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    """(mean ROUGE-L over the sampling seeds, their std, greedy ROUGE-L), over every test prompt."""
+    from adakd.demo.run import score_model
 
-    from adakd.eval.generate import GenerationConfig, HFBackend
-    from adakd.eval.run import evaluate
-    from adakd.eval.sets import EvalSet
+    scores = score_model(folder, tokenizer, test_records, test_path, eval_seeds, out_json)
+    return scores["sampled"]["all"], scores["sampling_std"]["all"], scores["greedy"]["all"]
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    backend = HFBackend(model, tokenizer)
-    test = EvalSet("test", test_path, test_records)
-    common = dict(max_length=128, max_prompt_length=96, batch_size=48)
-    sampled = evaluate(backend, [test], list(eval_seeds), GenerationConfig(**common), out_json, "", show_progress=False)
-    greedy_json = out_json.with_name(out_json.stem + "-greedy.json")
-    greedy_config = GenerationConfig(**common, greedy=True)
-    greedy = evaluate(backend, [test], [0], greedy_config, greedy_json, "", show_progress=False)
-    per_seed = list(sampled["datasets"]["test"]["rougeL"]["per_seed"].values())
-    spread = statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0
-    return statistics.fmean(per_seed), spread, greedy["average"]["mean"]
+
+def method_specs(args: argparse.Namespace) -> list[str]:
+    """``--method`` as given (or the default methods), then the sweep with ``--sweep``; each label once."""
+    specs = list(args.method or DEFAULT_METHODS) + (SWEEP_METHODS if args.sweep else [])
+    return list(dict.fromkeys(specs))
+
+
+def study_settings(quick: bool, tasks: str):
+    """The study's sizes: the demo's models and budgets on one task set (its own data, n_train 6000, n_test 150,
+    the sizes of the tables in docs/study.md), or the demo's --quick sizes."""
+    from adakd.demo.run import DemoSettings
+
+    base = DemoSettings.for_run(quick, seed=0)
+    if quick:
+        return dataclasses.replace(base, tasks=tasks)
+    return dataclasses.replace(base, tasks=tasks, n_train=6000, n_test=150, init_steps=800)
 
 
 def run_study(args: argparse.Namespace, log=print) -> list[dict[str, Any]]:
-    from adakd.demo.run import DemoSettings, _train
+    from adakd.demo.run import _train
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    settings = DemoSettings.for_run(args.quick, seed=0)
+    settings = study_settings(args.quick, args.tasks)
     for key in ("teacher_steps", "init_steps", "student_steps", "n_train", "n_test"):
         if getattr(args, key) is not None:
             settings = dataclasses.replace(settings, **{key: getattr(args, key)})
-    methods = [parse_method(m) for m in (args.method or DEFAULT_METHODS)]
+    methods = [parse_method(m) for m in method_specs(args)]
     results_path = out / "results.jsonl"
     done = {(r["method"], r["seed"]) for r in read_rows(results_path)}
     todo = [(label, loss, seed) for label, loss in methods for seed in args.seeds if (label, seed) not in done]
     log(f"[study] {len(methods)} methods x {len(args.seeds)} seeds: {len(todo)} runs to do, {len(done)} done")
     if not todo:
         return read_rows(results_path)
-    shared = prepare(out, settings, log, args.tasks)
+    shared = prepare(out, settings, log)
     test_path = out / "shared" / "data" / "test.jsonl"
+    if not any(r["method"] == TEACHER for r in read_rows(results_path)):
+        # The teacher is one model (no training seed): the ceiling every student is read against.
+        log("[study] scoring the teacher")
+        sampled, spread, greedy = evaluate_model(
+            shared["teacher"], shared["tokenizer"], shared["splits"]["test"], test_path, args.eval_seeds,
+            out / "eval" / "teacher.json",
+        )  # fmt: skip
+        _append(
+            results_path,
+            {
+                "method": TEACHER, "seed": None, "loss": None, "rouge_sampled": sampled, "sampling_std": spread,
+                "rouge_greedy": greedy, "teacher_steps": settings.teacher_steps, "init_steps": settings.init_steps,
+                "student_steps": 0, "tasks": args.tasks,
+            },
+        )  # fmt: skip
     for i, (label, loss, seed) in enumerate(todo, 1):
         log(f"[study] run {i}/{len(todo)}: {label}, training seed {seed}")
         run_settings = dataclasses.replace(settings, seed=seed)
@@ -197,38 +211,16 @@ def run_study(args: argparse.Namespace, log=print) -> list[dict[str, Any]]:
 
 # --------------------------------------------------------------------------------------------------- summary
 def paired(rows: list[dict[str, Any]], method: str, baseline: str, key: str) -> dict[str, float] | None:
-    """The paired difference method − baseline over the training seeds both have: mean, sample std, the 95% t
-    interval and the number of pairs; None without a pair."""
-    by_seed = {r["seed"]: r[key] for r in rows if r["method"] == baseline}
-    diffs = [r[key] - by_seed[r["seed"]] for r in rows if r["method"] == method and r["seed"] in by_seed]
-    if not diffs:
-        return None
-    mean = statistics.fmean(diffs)
-    std = statistics.stdev(diffs) if len(diffs) > 1 else math.nan
-    half = t95(len(diffs) - 1) * std / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
-    return {"mean": mean, "std": std, "low": mean - half, "high": mean + half, "n": len(diffs)}
-
-
-def _ms(values: list[float]) -> str:
-    if not values:
-        return "–"
-    std = statistics.stdev(values) if len(values) > 1 else math.nan
-    return f"{statistics.fmean(values):.2f} ± {std:.2f}"
-
-
-def _diff(d: dict[str, float] | None) -> str:
-    if d is None:
-        return "–"
-    if d["n"] < 2:
-        return f"{d['mean']:+.2f} (1 pair)"
-    verdict = "" if d["low"] <= 0 <= d["high"] else " *"
-    return f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]{verdict}"
+    """The paired difference method − baseline over the training seeds both have (see
+    :func:`adakd.report.stats.paired_difference`); None without a pair."""
+    by_seed = {m: {r["seed"]: r[key] for r in rows if r["method"] == m} for m in (method, baseline)}
+    return paired_difference(by_seed[method], by_seed[baseline])
 
 
 def summary_table(rows: list[dict[str, Any]], baseline: str) -> str:
     """A markdown table: per method, ROUGE-L (sampled, greedy) mean ± std over training seeds, the paired
     difference to ``baseline`` with its 95% interval (``*``: the interval excludes 0), and the sampling noise."""
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    methods = sorted(dict.fromkeys(r["method"] for r in rows), key=lambda m: m != TEACHER)
     lines = [
         f"| method | training seeds | ROUGE-L, sampled | ROUGE-L, greedy | − {baseline}, sampled [95%] | "
         f"− {baseline}, greedy [95%] | sampling spread |",
@@ -236,46 +228,38 @@ def summary_table(rows: list[dict[str, Any]], baseline: str) -> str:
     ]
     for m in methods:
         mine = [r for r in rows if r["method"] == m]
-        sampled = _ms([r["rouge_sampled"] for r in mine])
-        greedy = _ms([r["rouge_greedy"] for r in mine])
+        sampled = format_mean_std([r["rouge_sampled"] for r in mine])
+        greedy = format_mean_std([r["rouge_greedy"] for r in mine])
         noise = statistics.fmean(r["sampling_std"] for r in mine)
         d_s = None if m == baseline else paired(rows, m, baseline, "rouge_sampled")
         d_g = None if m == baseline else paired(rows, m, baseline, "rouge_greedy")
-        lines.append(f"| {m} | {len(mine)} | {sampled} | {greedy} | {_diff(d_s)} | {_diff(d_g)} | {noise:.2f} |")
+        if m == TEACHER:
+            sampled, greedy = f"{mine[0]['rouge_sampled']:.2f}", f"{mine[0]['rouge_greedy']:.2f}"
+            d_s = d_g = None
+        seeds = "– (one model)" if m == TEACHER else len(mine)
+        diffs = f"{format_difference(d_s)} | {format_difference(d_g)}"
+        lines.append(f"| {m} | {seeds} | {sampled} | {greedy} | {diffs} | {noise:.2f} |")
     return "\n".join(lines)
 
 
 def plot(rows: list[dict[str, Any]], baseline: str, path: Path) -> None:
     """The paired differences to the baseline with their 95% intervals, sampled and greedy side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != baseline]
-    fig, ax = plt.subplots(figsize=(7.5, 0.6 + 0.55 * max(1, len(methods))))
-    for offset, key, colour in ((-0.15, "rouge_sampled", "#1f77b4"), (0.15, "rouge_greedy", "#ff7f0e")):
-        for i, m in enumerate(methods):
-            d = paired(rows, m, baseline, key)
-            if d is None:
-                continue
-            err = None if math.isnan(d["high"]) else [[d["mean"] - d["low"]], [d["high"] - d["mean"]]]
-            label = ("sampled" if key == "rouge_sampled" else "greedy") if i == 0 else None
-            ax.errorbar(d["mean"], i + offset, xerr=err, fmt="o", color=colour, capsize=4, label=label)
-    ax.axvline(0.0, color="black", linewidth=0.8)
-    ax.set_yticks(range(len(methods)), methods)
-    ax.invert_yaxis()
-    ax.set_xlabel(f"ROUGE-L − {baseline} (paired by training seed; bars: 95% interval)")
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m not in (baseline, TEACHER)]
+    entries = [
+        (m, {decoding: paired(rows, m, baseline, f"rouge_{decoding}") for decoding in ("sampled", "greedy")})
+        for m in methods
+    ]
+    plot_differences(entries, path, f"ROUGE-L − {baseline} (paired by training seed; bars: 95% interval)")
 
 
 def write_summary(out: Path, rows: list[dict[str, Any]], baseline: str) -> Path:
     table = summary_table(rows, baseline)
     plot(rows, baseline, out / "study.png")
-    steps = {(r["teacher_steps"], r["init_steps"], r["student_steps"], r.get("tasks", "exact")) for r in rows}
+    steps = {
+        (r["teacher_steps"], r["init_steps"], r["student_steps"], r.get("tasks", "exact"))
+        for r in rows
+        if r["method"] != TEACHER
+    }
     text = (
         "# AdaKD study\n\n"
         f"Runs: {len(rows)}; (teacher, warm-start, student steps, tasks): {', '.join(map(str, sorted(steps)))}.\n"
@@ -300,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         default="exact",
         help="the demo's single-answer tasks, tasks with several valid answers in known proportions, or both",
     )
+    p.add_argument(
+        "--sweep", action="store_true", help="also run LATF only and the sweep of c, tau_base and the ratio schedule"
+    )
     p.add_argument("--baseline", default="rkl", help="the method the paired differences are taken against")
     p.add_argument("--quick", action="store_true", help="the demo's --quick sizes (a smoke check, not a result)")
     for key in ("teacher_steps", "init_steps", "student_steps", "n_train", "n_test"):
@@ -307,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--summary-only", action="store_true", help="only rewrite study.md / study.png from results.jsonl")
     args = p.parse_args(argv)
     try:
-        for m in args.method or ():
+        for m in method_specs(args):
             parse_method(m)
     except ValueError as e:
         print(f"study: error: {e}", file=sys.stderr)

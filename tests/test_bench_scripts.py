@@ -94,13 +94,15 @@ def test_study_runs_and_resumes(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert sorted((r["method"], r["seed"]) for r in rows) == [("nw", 0), ("nw", 1), ("rkl", 0), ("rkl", 1)]
+    runs = [("teacher", None), ("rkl", 0), ("rkl", 1), ("nw", 0), ("nw", 1)]  # the teacher is scored once, first
+    assert [(r["method"], r["seed"]) for r in rows] == runs
     assert (out / "study.md").is_file() and (out / "study.png").stat().st_size > 0
+    assert "| teacher | – (one model) |" in (out / "study.md").read_text()
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]) + '{"cut')  # a lost row
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "1 runs to do, 3 done" in proc.stdout
+    assert "1 runs to do, 4 done" in proc.stdout
     lines = (out / "results.jsonl").read_text().splitlines()
-    assert lines[3] == '{"cut' and len(lines) == 5  # the cut line stays apart; the redone run is a row of its own
+    assert lines[4] == '{"cut' and len(lines) == 6  # the cut line stays apart; the redone run is a row of its own
     again = [json.loads(line) for line in lines if line != '{"cut']
-    assert sorted((r["method"], r["seed"]) for r in again) == [("nw", 0), ("nw", 1), ("rkl", 0), ("rkl", 1)]
+    assert [(r["method"], r["seed"]) for r in again] == runs

@@ -1,19 +1,27 @@
-"""``adakd demo``: the whole pipeline on a laptop CPU, nothing downloaded.
+"""``adakd demo``: the whole pipeline on a laptop CPU, nothing downloaded, and a comparison that means something.
 
-1. synthetic instruction data (six task families) split into train / validation / test, and a BPE tokenizer
-   trained on the training split;
-2. a teacher trained from scratch by SFT, then three students of one smaller size with the same budget and seed:
-   SFT, RKL KD (every token, τ = 1) and AdaKD-RKL (LATF + IDTS);
-3. ROUGE-L and exact match on the test prompts over 3 sampling seeds, with ``adakd eval``'s code;
-4. ``report.md`` with the table, the settings, the wall times and the plots.
+1. synthetic instruction data from two kinds of task families (``exact``: one right answer; ``soft``: several
+   valid answers in known proportions, scored against all of them), split into train / validation / test, and a
+   BPE tokenizer trained on the training split;
+2. a teacher trained from scratch by SFT, and one long shared SFT warm-start of a smaller student, so that every
+   student starts close to the teacher (the regime of the paper's pre-trained students);
+3. RKL and AdaKD-RKL continued from that same warm-start once per *training seed* (``--ablations``: also SFT,
+   LATF only, IDTS only and AdaKD-RKL without the τ² weight);
+4. ROUGE-L and exact match on the test prompts, sampled (the paper's protocol) and greedy, with ``adakd eval``'s
+   code; per method the mean ± std over training seeds, and AdaKD − RKL paired by training seed with a 95% t
+   interval; the spread over sampling seeds (decoding noise) apart;
+5. ``report.md`` with the tables, a reading generated from the intervals, the settings, the wall times and plots.
 
-Whatever it measures is reported as measured.
+Whatever it measures is reported as measured; with one training seed (``--quick``) it is a smoke check and no
+comparison is claimed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -23,36 +31,54 @@ from typing import Any
 import torch
 
 from ..data import Record
-from .tasks import FAMILIES, make_splits
+from ..report.stats import format_difference, format_mean_std, paired_difference
+from .tasks import FAMILIES, SOFT_FAMILIES, TaskRecord, make_splits
 
-__all__ = ["DemoSettings", "run_demo"]
+__all__ = ["ABLATIONS", "COMPARED", "METHODS", "DemoSettings", "run_demo"]
 
-RUNS = ("sft", "rkl", "adakd-rkl", "latf-rkl", "idts-rkl")
+# Each method's loss section (YAML values), shared with bench/study.py.
+METHODS: dict[str, dict[str, Any]] = {
+    "sft": {"kd_ratio": 0.0},
+    "rkl": {"base": "rkl", "selection": "all", "temperature": "fixed"},
+    "adakd-rkl": {"base": "rkl", "selection": "latf", "temperature": "inverse"},
+    "latf-rkl": {"base": "rkl", "selection": "latf", "temperature": "fixed"},
+    "idts-rkl": {"base": "rkl", "selection": "all", "temperature": "inverse"},
+    "adakd-rkl-no-tau-weight": {"base": "rkl", "selection": "latf", "temperature": "inverse", "tau_weight": "none"},
+}
+COMPARED = ("rkl", "adakd-rkl")  # the comparison every full run makes
+ABLATIONS = ("sft", "latf-rkl", "idts-rkl", "adakd-rkl-no-tau-weight")  # with --ablations
+BASELINE = "rkl"
 LABELS = {
     "teacher": "teacher (SFT)",
-    "sft": "student SFT",
+    "warm-start": "student warm-start (SFT, before KD)",
+    "sft": "student, SFT continued",
     "rkl": "student RKL KD",
     "adakd-rkl": "student AdaKD-RKL",
     "latf-rkl": "ablation: RKL + LATF only",
     "idts-rkl": "ablation: RKL + IDTS only",
+    "adakd-rkl-no-tau-weight": "ablation: AdaKD-RKL, tau_weight none",
 }
+KINDS = {"exact": "single-answer tasks", "soft": "several-answer tasks"}
 
 
 @dataclass
 class DemoSettings:
-    """Sizes and budgets; ``quick`` is the ≤ 2-minute variant."""
+    """Sizes and budgets. ``seed`` fixes the data, the tokenizer, the teacher and the warm-start; each student
+    run then uses one of ``train_seeds`` (data order and the loss's state), all from the same warm-start."""
 
     seed: int = 0
-    n_train: int = 6000
+    tasks: str = "mixed"
+    n_train: int = 8000
     n_val: int = 200
-    n_test: int = 150
+    n_test: int = 300
     vocab_size: int = 448
     teacher_steps: int = 1000
-    init_steps: int = 200  # the students' shared SFT warm-start
+    init_steps: int = 800  # the students' shared SFT warm-start: long, so they start close to the teacher
     student_steps: int = 350  # then each objective, from the same warm-start
     batch_size: int = 32
     lr: float = 3e-3
-    eval_seeds: tuple[int, ...] = (10, 20, 30)
+    train_seeds: tuple[int, ...] = (0, 1, 2)
+    eval_seeds: tuple[int, ...] = (10, 20)
     teacher: dict[str, Any] = field(
         default_factory=lambda: dict(hidden_size=96, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4)
     )
@@ -62,9 +88,13 @@ class DemoSettings:
 
     @classmethod
     def for_run(cls, quick: bool, seed: int) -> DemoSettings:
+        """The full run, or the ``--quick`` smoke check (one training seed, smaller budgets)."""
         if not quick:
             return cls(seed=seed)
-        return cls(seed=seed, n_train=3000, n_test=60, teacher_steps=500, init_steps=100, student_steps=150)
+        return cls(
+            seed=seed, n_train=3000, n_test=90, teacher_steps=500, init_steps=300, student_steps=150,
+            train_seeds=(0,), eval_seeds=(10,),
+        )  # fmt: skip
 
 
 def _write_jsonl(path: Path, records: list[Record]) -> None:
@@ -143,7 +173,7 @@ def _train(
             "warmup_steps": max(1, steps // 20),
             "weight_decay": 0.01,
             "max_grad_norm": 1.0,
-            "logging_steps": 5,
+            "logging_steps": min(5, steps),
             "save_strategy": "no",
             "report_to": "none",
             "use_cpu": True,
@@ -154,6 +184,9 @@ def _train(
     if teacher is not None:
         spec["teacher"] = {"name_or_path": str(teacher), "tokenizer": str(tok_dir)}
     config = load_config(data=spec)
+    # The demo (and the study) own their run folders: a rerun, or a run cut short before, starts over instead of
+    # appending to the earlier run's metrics.
+    shutil.rmtree(out / name, ignore_errors=True)
     trainer = build_trainer(config)
 
     class _Bar(ProgressCallback):  # the bar, without printing every log dict under it
@@ -171,23 +204,56 @@ def _train(
     return final, [r for r in rows if "loss" in r], seconds, trainer
 
 
-def _exact_match(pred_file: Path) -> float:
-    rows = [json.loads(line) for line in pred_file.read_text().splitlines()]
-    return 100.0 * statistics.fmean(r["prediction"].strip() == r["references"][0].strip() for r in rows)
+def score_model(folder: Path, tokenizer, test: list[TaskRecord], test_path: Path, eval_seeds, out_json: Path):
+    """Score one saved model on the test prompts: sampled over ``eval_seeds`` and greedy, with ``adakd eval``'s
+    code. Returns, per decoding, ROUGE-L and exact match (an answer equal to any valid one) over all prompts and
+    per task kind (``all``, ``exact``, ``soft``), the spread over sampling seeds, and ROUGE-L per family."""
+    from transformers import AutoModelForCausalLM
 
+    from ..eval.generate import GenerationConfig, HFBackend
+    from ..eval.run import evaluate, predictions_dir
+    from ..eval.sets import EvalSet
 
-def _family_of(prompt: str) -> str:
-    for name, marker in (
-        ("arithmetic", "Add "),
-        ("sorting", "Sort these numbers"),
-        ("reversal", "Reverse the order"),
-        ("uppercase", "uppercase"),
-        ("lookup", "capital of"),
-        ("date-format", "DD/MM/YYYY"),
-    ):
-        if marker in prompt:
-            return name
-    return "other"
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    backend = HFBackend(model, tokenizer)
+    sets = [EvalSet("test", test_path, test)]
+    common = dict(max_length=128, max_prompt_length=96, batch_size=48)
+    greedy_json = out_json.with_name(out_json.stem + "-greedy.json")
+    evaluate(backend, sets, list(eval_seeds), GenerationConfig(**common), out_json, "", show_progress=False)
+    evaluate(backend, sets, [0], GenerationConfig(**common, greedy=True), greedy_json, "", show_progress=False)
+
+    family = {r.prompt: (r.family, r.kind) for r in test}  # test prompts are distinct
+
+    def read(json_path: Path, seed: int) -> list[dict[str, Any]]:
+        path = predictions_dir(json_path) / f"test.seed{seed}.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    def by_kind(rows: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, float]]:
+        rouge: dict[str, list[float]] = {"all": []}
+        exact: dict[str, list[float]] = {"all": []}
+        for row in rows:
+            hit = 100.0 * any(row["prediction"].strip() == ref.strip() for ref in row["references"])
+            for key in ("all", family[row["prompt"]][1]):
+                rouge.setdefault(key, []).append(row["rougeL"])
+                exact.setdefault(key, []).append(hit)
+        return {k: statistics.fmean(v) for k, v in rouge.items()}, {k: statistics.fmean(v) for k, v in exact.items()}
+
+    sampled = [by_kind(read(out_json, seed)) for seed in eval_seeds]
+    greedy_rouge, greedy_exact = by_kind(read(greedy_json, 0))
+    kinds = list(sampled[0][0])
+    families: dict[str, list[float]] = {}
+    for seed in eval_seeds:
+        for row in read(out_json, seed):
+            families.setdefault(family[row["prompt"]][0], []).append(row["rougeL"])
+    return {
+        "sampled": {k: statistics.fmean(r[k] for r, _ in sampled) for k in kinds},
+        "sampling_std": {k: statistics.stdev(r[k] for r, _ in sampled) if len(sampled) > 1 else 0.0 for k in kinds},
+        "greedy": greedy_rouge,
+        "exact_match_sampled": {k: statistics.fmean(e[k] for _, e in sampled) for k in kinds},
+        "exact_match_greedy": greedy_exact,
+        # single-answer families first, in the tasks module's order
+        "families": {k: statistics.fmean(families[k]) for k in (*FAMILIES, *SOFT_FAMILIES) if k in families},
+    }
 
 
 @torch.no_grad()
@@ -214,24 +280,37 @@ def _difficulty_sample(teacher, student, tokenizer, records: list[Record], ratio
     return scores, taus, kept, median.item()
 
 
-def run_demo(output: str | Path, quick: bool = False, seed: int = 0, log=print) -> dict[str, Any]:
-    """Run the demo into ``output``; returns the results (also in ``output/demo.json``)."""
+def run_demo(
+    output: str | Path,
+    quick: bool = False,
+    seed: int = 0,
+    log=print,
+    *,
+    train_seeds: tuple[int, ...] | None = None,
+    ablations: bool = False,
+    settings: DemoSettings | None = None,
+) -> dict[str, Any]:
+    """Run the demo into ``output``; returns the results (also in ``output/demo.json``).
+
+    ``train_seeds`` overrides the settings' training seeds (at least two for a comparison); ``ablations`` adds the
+    SFT, LATF-only, IDTS-only and no-τ²-weight students; ``settings`` replaces the sizes of ``quick``/``seed``."""
     from transformers import AutoModelForCausalLM
 
     from .. import AdaKDLoss
-    from ..eval.generate import GenerationConfig, HFBackend
-    from ..eval.run import evaluate, predictions_dir
-    from ..eval.sets import EvalSet
-    from ..eval.tables import bar_chart
     from ..report.plots import plot_losses, plot_ratio, plot_tau_vs_difficulty
 
-    s = DemoSettings.for_run(quick, seed)
+    s = settings if settings is not None else DemoSettings.for_run(quick, seed)
+    if train_seeds is not None:
+        if not train_seeds or len(set(train_seeds)) != len(train_seeds):
+            raise ValueError(f"--train-seeds: expected distinct seeds, got {' '.join(map(str, train_seeds)) or 'none'}")
+        s = dataclasses.replace(s, train_seeds=tuple(train_seeds))
+    methods = COMPARED + (ABLATIONS if ablations else ())
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
     t_all = time.perf_counter()
 
-    splits = make_splits(s.n_train, s.n_val, s.n_test, seed=s.seed)
+    splits = make_splits(s.n_train, s.n_val, s.n_test, seed=s.seed, tasks=s.tasks)
     for split, records in splits.items():
         _write_jsonl(out / "data" / f"{split}.jsonl", records)
     tok_dir = out / "tokenizer"
@@ -241,147 +320,282 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0, log=print) 
     train_file = out / "data" / "train.jsonl"
     runs_dir = out / "runs"
     log(f"[demo] teacher: SFT for {s.teacher_steps} steps")
-    teacher_dir, teacher_rows, times["teacher"], _ = _train(
+    teacher_dir, _, times["teacher"], _ = _train(
         "teacher", runs_dir, s, tok_dir, train_file, steps=s.teacher_steps, loss={"kd_ratio": 0.0}, sizes=s.teacher
     )
     log(f"[demo] students: a shared SFT warm-start of {s.init_steps} steps")
     init_dir, _, times["student warm-start"], _ = _train(
-        "student-init", runs_dir, s, tok_dir, train_file, steps=s.init_steps, loss={"kd_ratio": 0.0}, sizes=s.student
+        "warm-start", runs_dir, s, tok_dir, train_file, steps=s.init_steps, loss={"kd_ratio": 0.0}, sizes=s.student
     )
-    losses = {
-        "sft": {"kd_ratio": 0.0},
-        "rkl": {"base": "rkl", "selection": "all", "temperature": "fixed", "kd_ratio": 1.0},
-        "adakd-rkl": {"base": "rkl", "selection": "latf", "temperature": "inverse", "kd_ratio": 1.0},
-        "latf-rkl": {"base": "rkl", "selection": "latf", "temperature": "fixed", "kd_ratio": 1.0},
-        "idts-rkl": {"base": "rkl", "selection": "all", "temperature": "inverse", "kd_ratio": 1.0},
-    }
-    finals, metrics = {"teacher": teacher_dir}, {"teacher": teacher_rows}
-    adakd_trainer = None
-    for name in RUNS:
-        log(f"[demo] student {name}: {s.student_steps} steps from the warm-start")
-        finals[name], metrics[name], times[name], trainer = _train(
-            name, runs_dir, s, tok_dir, train_file, steps=s.student_steps, loss=losses[name], init=init_dir,
-            teacher=None if name == "sft" else teacher_dir,
-        )  # fmt: skip
-        if name == "adakd-rkl":
-            adakd_trainer = trainer
+    finals: dict[str, dict[int, Path]] = {}
+    metrics: dict[str, dict[int, list[dict[str, Any]]]] = {}
+    loss_fns: dict[int, Any] = {}
+    for name in methods:
+        start = time.perf_counter()
+        for train_seed in s.train_seeds:
+            log(f"[demo] student {name}, training seed {train_seed}: {s.student_steps} steps from the warm-start")
+            loss = {"kd_ratio": 1.0, **METHODS[name]}
+            final, rows, _, trainer = _train(
+                f"{name}-seed{train_seed}", runs_dir, dataclasses.replace(s, seed=train_seed), tok_dir, train_file,
+                steps=s.student_steps, loss=loss, init=init_dir, teacher=None if loss["kd_ratio"] == 0 else teacher_dir,
+            )  # fmt: skip
+            finals.setdefault(name, {})[train_seed] = final
+            metrics.setdefault(name, {})[train_seed] = rows
+            if name == "adakd-rkl":
+                loss_fns[train_seed] = trainer.loss_fn
+        times[name] = time.perf_counter() - start
 
-    log(f"[demo] evaluating on {len(splits['test'])} test prompts x {len(s.eval_seeds)} seeds")
-    test = EvalSet("test", out / "data" / "test.jsonl", splits["test"])
-    config = GenerationConfig(max_length=128, max_prompt_length=96, batch_size=48)
-    results: dict[str, Any] = {}
+    n_models = 2 + sum(len(v) for v in finals.values())
+    log(f"[demo] evaluating {n_models} models on {len(splits['test'])} test prompts, sampled and greedy")
     start = time.perf_counter()
-    for name, folder in finals.items():
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        res = evaluate(
-            HFBackend(model, tokenizer), [test], list(s.eval_seeds), config, out / "eval" / f"{name}.json",
-            LABELS[name], show_progress=False,
-        )  # fmt: skip
-        pred = predictions_dir(out / "eval" / f"{name}.json")
-        em = [_exact_match(pred / f"test.seed{seed_}.jsonl") for seed_ in s.eval_seeds]
-        res["exact_match"] = {"mean": statistics.fmean(em), "std": statistics.pstdev(em)}
-        families: dict[str, list[float]] = {}
-        for seed_ in s.eval_seeds:
-            for row in map(json.loads, (pred / f"test.seed{seed_}.jsonl").read_text().splitlines()):
-                families.setdefault(_family_of(row["prompt"]), []).append(row["rougeL"])
-        res["families"] = {k: statistics.fmean(v) for k, v in sorted(families.items())}
-        results[name] = res
+    test_path = out / "data" / "test.jsonl"
+
+    def score(folder: Path, name: str) -> dict[str, Any]:
+        return score_model(folder, tokenizer, splits["test"], test_path, s.eval_seeds, out / "eval" / f"{name}.json")
+
+    results: dict[str, Any] = {"teacher": {None: score(teacher_dir, "teacher")}}
+    results["warm-start"] = {None: score(init_dir, "warm-start")}
+    for name, by_seed in finals.items():
+        results[name] = {seed_: score(folder, f"{name}-seed{seed_}") for seed_, folder in by_seed.items()}
     times["evaluation"] = time.perf_counter() - start
 
+    start = time.perf_counter()
     plots = out / "plots"
-    plots.mkdir(exist_ok=True)
-    ordered = [results[k] for k in ("teacher", *RUNS)]
-    bar_chart(ordered, [LABELS[k] for k in ("teacher", *RUNS)], plots / "rouge.png")
-    plot_ratio({LABELS[k]: metrics[k] for k in ("adakd-rkl", "latf-rkl")}, plots / "ratio.png")
-    plot_losses({LABELS[k]: metrics[k] for k in RUNS}, plots / "losses.png")
+    first = s.train_seeds[0]
+    comparison = comparisons(results, s.train_seeds)
+    _plot_scores(results, plots / "rouge.png")
+    if comparison:
+        _plot_comparison(comparison, plots / "paired.png")
+    plot_ratio({f"AdaKD-RKL, training seed {k}": v for k, v in metrics["adakd-rkl"].items()}, plots / "ratio.png")
+    plot_losses({LABELS[k]: metrics[k][first] for k in methods}, plots / "losses.png")
     teacher_model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
-    student_model = AutoModelForCausalLM.from_pretrained(finals["adakd-rkl"], dtype=torch.float32).eval()
-    final_ratio = adakd_trainer.loss_fn.ratio if adakd_trainer is not None else 1.0
+    student_model = AutoModelForCausalLM.from_pretrained(finals["adakd-rkl"][first], dtype=torch.float32).eval()
+    final_ratio = loss_fns[first].ratio
     scores, taus, kept, median = _difficulty_sample(
         teacher_model, student_model, tokenizer, splits["validation"][:64], final_ratio
     )
     plot_tau_vs_difficulty(
         scores, taus, kept, plots / "tau_vs_difficulty.png", ratio=final_ratio, median=median, c=AdaKDLoss().c
     )
+    times["plots"] = time.perf_counter() - start
     times["total"] = time.perf_counter() - t_all
 
     summary = {
-        "settings": {k: v for k, v in s.__dict__.items()},
-        "families": list(FAMILIES),
-        "results": {
-            k: {"rougeL": v["average"], "exact_match": v["exact_match"], "families": v["families"]}
-            for k, v in results.items()
-        },
-        "final_ratio": final_ratio,
+        "settings": dataclasses.asdict(s),
+        "quick": quick,
+        "methods": list(methods),
+        "families": {"exact": list(FAMILIES), "soft": list(SOFT_FAMILIES)},
+        # Trained students by training seed; the teacher and the warm-start are single models ("model").
+        "results": {k: {"model" if k_ is None else str(k_): r for k_, r in v.items()} for k, v in results.items()},
+        "comparison": comparison,
+        "final_ratios": {str(k): v.ratio for k, v in loss_fns.items()},
         "seconds": times,
     }
     (out / "demo.json").write_text(json.dumps(summary, indent=2, default=str))
-    report = _write_report(out, s, results, times, final_ratio, len(tokenizer), quick)
-    log("\n" + table(results))
+    report = _write_report(out, s, results, comparison, times, summary["final_ratios"], len(tokenizer), quick)
+    log("\n" + scores_table(results))
+    if comparison:
+        log("\n" + comparison_table(comparison))
     log(f"\n[demo] report: {report}  ({times['total']:.0f} s in all)")
     return summary
 
 
-def table(results: dict[str, Any]) -> str:
-    lines = ["| model | ROUGE-L | exact match (%) |", "|---|---|---|"]
-    for name, r in results.items():
-        avg, em = r["average"], r["exact_match"]
-        lines.append(f"| {LABELS[name]} | {avg['mean']:.2f} ± {avg['std']:.2f} | {em['mean']:.1f} ± {em['std']:.1f} |")
+# ------------------------------------------------------------------------------------------------- tables
+def _kinds(results: dict[str, Any]) -> list[str]:
+    first = next(iter(results["teacher"].values()))
+    return [k for k in KINDS if k in first["sampled"]]
+
+
+def comparisons(results: dict[str, Any], train_seeds: tuple[int, ...]) -> dict[str, Any]:
+    """Each trained method − RKL, paired by training seed, per task kind and decoding (``{}`` with fewer than two
+    training seeds: no comparison is claimed from one)."""
+    if len(train_seeds) < 2:
+        return {}
+    out: dict[str, Any] = {}
+    for name in results:
+        if name in ("teacher", "warm-start", BASELINE):
+            continue
+        out[name] = {}
+        for kind in _kinds(results):
+            for decoding in ("sampled", "greedy"):
+                mine = {s_: r[decoding][kind] for s_, r in results[name].items()}
+                base = {s_: r[decoding][kind] for s_, r in results[BASELINE].items()}
+                out[name][f"{kind}/{decoding}"] = paired_difference(mine, base)
+    return out
+
+
+def scores_table(results: dict[str, Any]) -> str:
+    """ROUGE-L per model, task kind and decoding: mean ± std over training seeds (one value for one model)."""
+    kinds = _kinds(results)
+    cols = [f"{KINDS[k]}, {d}" for k in kinds for d in ("sampled", "greedy")]
+    lines = ["| model | training seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for name, by_seed in results.items():
+        seeds = "–" if None in by_seed else str(len(by_seed))
+        cells = [format_mean_std([r[d][k] for r in by_seed.values()]) for k in kinds for d in ("sampled", "greedy")]
+        lines.append(f"| {LABELS[name]} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _write_report(out: Path, s: DemoSettings, results, times, final_ratio: float, vocab: int, quick: bool) -> Path:
-    fam_names = list(next(iter(results.values()))["families"])
+def comparison_table(comparison: dict[str, Any]) -> str:
+    """Paired differences to RKL with their 95% intervals (``*``: the interval excludes 0)."""
+    keys = list(next(iter(comparison.values())))
+    cols = [f"{KINDS[k.split('/')[0]]}, {k.split('/')[1]} [95%]" for k in keys]
+    lines = ["| − RKL, paired by training seed | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, diffs in comparison.items():
+        lines.append(f"| {LABELS[name]} | " + " | ".join(format_difference(diffs[k]) for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def reading(comparison: dict[str, Any]) -> list[str]:
+    """One sentence per task kind on AdaKD-RKL − RKL, generated from the intervals: a difference is claimed only
+    when its interval excludes 0."""
+    sentences = []
+    diffs = comparison.get("adakd-rkl", {})
+    kinds = list(dict.fromkeys(k.split("/")[0] for k in diffs))
+    for kind in kinds:
+        parts = []
+        for decoding in ("sampled", "greedy"):
+            d = diffs[f"{kind}/{decoding}"]
+            interval = f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
+            if d["low"] > 0:
+                parts.append(f"above RKL {decoding} ({interval})")
+            elif d["high"] < 0:
+                parts.append(f"below RKL {decoding} ({interval})")
+            else:
+                parts.append(f"not distinguishable from RKL {decoding} ({interval} contains 0)")
+        sentences.append(f"On the {KINDS[kind]}, AdaKD-RKL is {parts[0]} and {parts[1]}.")
+    return sentences
+
+
+def _noise(results: dict[str, Any], kind: str) -> float:
+    return statistics.fmean(r["sampling_std"][kind] for by_seed in results.values() for r in by_seed.values())
+
+
+def _plot_scores(results: dict[str, Any], path: Path) -> None:
+    """Grouped bars: sampled ROUGE-L per model and task kind, error bars the std over training seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = _kinds(results)
+    names = list(results)
+    fig, ax = plt.subplots(figsize=(9.5, 0.9 + 0.45 * len(names) * len(kinds)))
+    height = 0.8 / len(kinds)
+    for j, kind in enumerate(kinds):
+        means, errs = [], []
+        for name in names:
+            values = [r["sampled"][kind] for r in results[name].values()]
+            means.append(statistics.fmean(values))
+            errs.append(statistics.stdev(values) if len(values) > 1 else 0.0)
+        ys = [i + (j - (len(kinds) - 1) / 2) * height for i in range(len(names))]
+        ax.barh(ys, means, height=height, xerr=errs, capsize=3, label=KINDS[kind])
+    ax.set_yticks(range(len(names)), [LABELS[n] for n in names])
+    ax.invert_yaxis()
+    ax.set_xlabel("ROUGE-L, sampled (error bars: std over training seeds)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_comparison(comparison: dict[str, Any], path: Path) -> None:
+    from ..report.stats import plot_differences
+
+    rows = [
+        (LABELS[name], {f"{KINDS[k.split('/')[0]]}, {k.split('/')[1]}": d for k, d in diffs.items()})
+        for name, diffs in comparison.items()
+    ]
+    plot_differences(rows, path, "ROUGE-L − RKL, paired by training seed (bars: 95% t interval)")
+
+
+def _write_report(out: Path, s: DemoSettings, results, comparison, times, final_ratios, vocab: int, quick: bool):
+    kinds = _kinds(results)
+    fam_names = list(next(iter(results["teacher"].values()))["families"])
     fam_rows = ["| model | " + " | ".join(fam_names) + " |", "|---|" + "---|" * len(fam_names)]
-    for name, r in results.items():
-        fam_rows.append(f"| {LABELS[name]} | " + " | ".join(f"{r['families'][f]:.1f}" for f in fam_names) + " |")
+    for name, by_seed in results.items():
+        cells = [statistics.fmean(r["families"][f] for r in by_seed.values()) for f in fam_names]
+        fam_rows.append(f"| {LABELS[name]} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+    n_seeds = len(s.train_seeds)
+    if comparison:
+        verdict = [
+            "## AdaKD-RKL against RKL",
+            "",
+            f"Differences to RKL, paired by training seed ({n_seeds} seeds, same warm-start), with a 95% t interval; "
+            "`*` marks an interval that excludes 0. Only those are differences this run can resolve.",
+            "",
+            comparison_table(comparison),
+            "",
+            *reading(comparison),
+            "",
+            "![paired differences](plots/paired.png)",
+            "",
+        ]
+    else:
+        verdict = [
+            "## No comparison",
+            "",
+            f"{'A smoke check' if quick else 'One training seed'}: every method was trained once, so a difference "
+            "between them cannot be told from the spread over training seeds, and none is claimed. Run the full "
+            "demo (three training seeds) for a comparison.",
+            "",
+        ]
+    noise = ", ".join(f"{KINDS[k]} {_noise(results, k):.2f}" for k in kinds)
     lines = [
         "# adakd demo report",
         "",
-        f"{'Quick run' if quick else 'Full run'}, seed {s.seed}, {times['total']:.0f} s in all on this machine's CPU.",
+        f"{'Quick run (a smoke check)' if quick else 'Full run'}, data seed {s.seed}, training seeds "
+        f"{', '.join(map(str, s.train_seeds))}; {times['total']:.0f} s in all on this machine's CPU.",
         "",
         "## Results on the test prompts",
         "",
-        f"ROUGE-L (× 100) and exact match, mean ± std over the sampling seeds {', '.join(map(str, s.eval_seeds))} "
-        f"(temperature 1.0, top-p 1.0, top-k off), {s.n_test} test prompts never seen in training (but for the "
-        "20-entry capital lookup table).",
+        f"ROUGE-L (× 100) on {s.n_test} test prompts never seen in training (but for the two 20-entry tables), "
+        f"sampled (temperature 1, mean over the sampling seeds {', '.join(map(str, s.eval_seeds))}) and greedy; "
+        "mean ± std over training seeds. The several-answer tasks are scored against every valid answer.",
         "",
-        table(results),
+        scores_table(results),
         "",
-        "ROUGE-L by task family (mean over seeds):",
+        f"Decoding noise, apart: the std over sampling seeds of one trained model, averaged over models: {noise} "
+        "ROUGE-L points. It measures the sampler, not training.",
+        "",
+        *verdict,
+        "![ROUGE-L](plots/rouge.png)",
+        "",
+        "ROUGE-L by task family (sampled, mean over sampling and training seeds):",
         "",
         *fam_rows,
         "",
-        "![ROUGE-L](plots/rouge.png)",
-        "",
         "## What AdaKD did",
         "",
-        f"The LATF kept ratio over training (final r = {final_ratio:.3f}); every step keeps the hardest r of the "
-        "valid tokens, by Hellinger distance between teacher and student:",
+        "The LATF kept ratio over training, per training seed (final r: "
+        f"{', '.join(f'{v:.3f}' for v in final_ratios.values())}); every step keeps the hardest r of the valid "
+        "tokens, by Hellinger distance between teacher and student:",
         "",
         "![ratio](plots/ratio.png)",
         "",
-        "Per-token difficulty against the IDTS temperature on validation answers (final AdaKD student): hard tokens "
-        "get τ < 1 (sharper targets), easy ones τ > 1; the tokens below the threshold are not trained on.",
+        "Per-token difficulty against the IDTS temperature on validation answers (the AdaKD student of the first "
+        "training seed): hard tokens get τ < 1 (sharper targets), easy ones τ > 1; the tokens below the threshold "
+        "are not trained on.",
         "",
         "![tau](plots/tau_vs_difficulty.png)",
         "",
-        "Training losses (the KD losses are divergences, the SFT loss a cross-entropy: compare shapes, not levels):",
+        "Training losses of the first training seed (the KD losses are divergences, the SFT loss a cross-entropy: "
+        "compare shapes, not levels):",
         "",
         "![losses](plots/losses.png)",
         "",
         "## Settings",
         "",
-        f"- data: {s.n_train} train / {s.n_val} validation / {s.n_test} test examples, families: "
-        f"{', '.join(FAMILIES)}; MiniLLM prompt template",
+        f"- data: {s.n_train} train / {s.n_val} validation / {s.n_test} test examples; single-answer families: "
+        f"{', '.join(FAMILIES)}; several-answer families (answers in known proportions): "
+        f"{', '.join(SOFT_FAMILIES)}; MiniLLM prompt template",
         f"- tokenizer: byte-level BPE trained on the training split, {vocab} tokens",
         f"- teacher: Qwen2 architecture {s.teacher}, trained from scratch by SFT for {s.teacher_steps} steps",
-        "- ablations: RKL with LATF only (selection by difficulty, τ = 1) and RKL with IDTS only (every token, "
-        "per-token τ), to show which half of AdaKD does what at this scale",
         f"- students: Qwen2 architecture {s.student}: one shared SFT warm-start of {s.init_steps} steps from random "
-        f"weights (reverse KL from a random student barely moves in a CPU budget), then {s.student_steps} steps of "
-        "each objective from it, with the same seed and data order: SFT (cross-entropy), RKL KD (every token, "
-        "τ = 1), AdaKD-RKL (Hellinger difficulty, LATF with the paper's defaults and a 5% warm-up, IDTS c = 0.5)",
+        f"weights (so that they start close to the teacher), then {s.student_steps} steps of each objective from "
+        "it, once per training seed (data order): RKL KD (every token, τ = 1) and AdaKD-RKL (Hellinger difficulty, "
+        "LATF with its defaults, IDTS c = 0.5, τ_base = 1, τ² weight)",
         f"- learning rate {s.lr} for every run,"
         f" batch {s.batch_size} sequences, cosine schedule with 5% warm-up, AdamW, weight decay 0.01, clip 1.0",
         "",
