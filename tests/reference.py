@@ -1,7 +1,7 @@
 """Independent float64 re-derivations of the spec's formulas, written for clarity, not speed.
 
 These work on probabilities (not log-space tricks), drop padded vocabulary columns instead of masking them, and
-follow docs/ADAKD_SPEC.md line by line, so that they share no code and no numerical device with src/adakd.
+follow docs/method.md line by line, so that they share no code and no numerical device with src/adakd.
 """
 
 from __future__ import annotations

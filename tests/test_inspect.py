@@ -28,7 +28,7 @@ from adakd.report.inspect import (
     render_html,
     render_text,
     scale_range,
-    summarise,
+    summarize_tokens,
     token_pieces,
 )
 
@@ -130,7 +130,7 @@ def test_analyse_matches_a_direct_computation(models, tok, ratio):
     assert "".join(t.text for t in infos) == RESPONSE + EOS_TEXT
     assert [t.special for t in infos] == [False] * (n - 1) + [True]
 
-    stats = summarise(infos)
+    stats = summarize_tokens(infos)
     assert (stats["n"], stats["k"]) == (n, k)
     assert stats["median"] == pytest.approx(float(torch.tensor([t.score for t in kept]).median()))
 
@@ -282,7 +282,7 @@ def test_render_html_is_self_contained_and_faithful(models, tok):
     assert any("nl" in s["class"].split() for s in parsed.spans)  # newline tokens are marked
 
     # The header, the legend, the prompt, the top-20 table; no script and nothing fetched.
-    stats = summarise(infos)
+    stats = summarize_tokens(infos)
     assert f"{stats['k']} of {stats['n']} tokens" in page
     assert f"{stats['median']:.4f}" in page
     assert "linear-gradient" in page and "easy" in page and "hard" in page
@@ -322,7 +322,7 @@ def test_render_text_has_one_row_per_token_and_a_summary(models, tok):
         assert f"{info.score:.4f}" in row and f"{info.p_student:.4f}" in row
         assert ("yes" in row.split()) == info.kept
     assert "'\\n'" in out and EOS_TEXT in rows[-1]
-    stats = summarise(infos)
+    stats = summarize_tokens(infos)
     assert lines[-1].startswith("ratio 0.75: ") and f"kept {stats['k']} of {stats['n']} tokens" in lines[-1]
 
 

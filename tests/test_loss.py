@@ -374,3 +374,13 @@ def test_tau_options_are_validated():
         adakd.AdaKDLoss(one_pass=True, detach_tau=False)
     with pytest.raises(ValueError, match="detach_tau must be true or false"):
         adakd.AdaKDLoss(detach_tau="no")
+
+
+def test_latf_takes_no_ratio_but_starts_at_max_ratio():
+    with pytest.raises(ValueError, match=r"ratio \(0.5\) applies to selection 'fixed', 'linear' and 'cosine'"):
+        adakd.AdaKDLoss(selection="latf", ratio=0.5)
+    assert adakd.AdaKDLoss(selection="latf", max_ratio=0.8).ratio == 0.8
+    assert (
+        adakd.AdaKDLoss(selection="fixed").ratio == 1.0
+        and adakd.AdaKDLoss(selection="cosine", total_steps=4).ratio == 1.0
+    )

@@ -1,6 +1,6 @@
 """The adaptive parts of AdaKD: difficulty scores (Eq. 3), LATF (Eqs. 4-7), IDTS (Eqs. 9-10).
 
-See ``docs/ADAKD_SPEC.md``. Scores and temperatures carry no gradient. The ratio controllers (:class:`LATF` and
+See ``docs/method.md``. Scores and temperatures carry no gradient. The ratio controllers (:class:`LATF` and
 :class:`RatioSchedule`) are plain Python state machines stepped once per optimizer step, with ``state_dict`` /
 ``load_state_dict`` so that a resumed run continues exactly.
 
@@ -100,7 +100,7 @@ def score_fn(indicator: str, differentiable: bool = False) -> ScoreFn:
 def difficulty_scores(
     indicator: str, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None
 ) -> Tensor:
-    """Per-token difficulty s_i at τ = 1, without gradient (spec Eq. 3 and its Table 3 indicators).
+    """Per-token difficulty s_i at τ = 1, without gradient (Eq. 3 and the indicators of the paper's Table 3).
 
     Args:
         indicator: ``hellinger`` (the paper's), ``fkl``, ``rkl``, ``jsd`` (λ = 0.5), ``ce`` (needs ``labels``),
@@ -119,7 +119,7 @@ def difficulty_scores(
 
 @torch.no_grad()
 def idts_temperatures(scores: Tensor, *, c: float = 0.5, tau_base: float = 1.0, reverse: bool = False) -> Tensor:
-    """Inverse difficulty temperature scaling (spec Eqs. 9-10) over the given (kept) scores.
+    """Inverse difficulty temperature scaling (Eqs. 9-10) over the given (kept) scores.
 
     m = lower median of ``scores`` (``torch.median``); ŝ = tanh(log(max(s / m, 1e-8))), all 0 when m = 0;
     τ = τ_base · exp(−c · ŝ) (``reverse=True``: exp(+c · ŝ)). Hard tokens (s > m) get τ < τ_base.
@@ -180,7 +180,7 @@ def idts_temperatures_with_grad(
 
 
 def keep_count(num_valid: int, ratio: float) -> int:
-    """k = max(1, floor(N·r)) (spec Eq. 5), for N ≥ 1.
+    """k = max(1, floor(N·r)) (Eq. 5), for N ≥ 1.
 
     The floor is taken after adding 1e-6 so that a ratio written in decimal (0.29 of 100 tokens) keeps the
     29 tokens it means rather than 28 from binary rounding; N·r is exact to ~1e-9 for any realistic N.
@@ -200,7 +200,7 @@ class LATF:
     """Loss-driven adaptive token focusing: the kept ratio r follows an EMA of the distillation loss.
 
     One :meth:`update` per optimizer step, with that step's loss averaged over gradient-accumulation micro-steps
-    and data-parallel ranks (so every rank computes the same r). The rule (spec "LATF"):
+    and data-parallel ranks (so every rank computes the same r). The rule (docs/method.md, "LATF"):
 
     - EMA: L̄ = L at the first step, else β·L̄ + (1 − β)·L.
     - r = ``max_ratio`` for the first ``warmup_steps`` steps; at the first step after warm-up L_ref = L̄.
@@ -212,7 +212,7 @@ class LATF:
         tolerance: ε ≥ 0.
         step: δ ∈ [0, 1).
         min_ratio: r_min ∈ (0, 1].
-        max_ratio: r_max ∈ [r_min, 1]; also the starting ratio r_0 (the spec's r_0 = r_max = 1).
+        max_ratio: r_max ∈ [r_min, 1]; also the starting ratio r_0 (the paper's r_0 = r_max = 1).
         warmup_steps: optimizer steps at r = r_max before the controller starts.
     """
 

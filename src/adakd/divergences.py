@@ -1,8 +1,8 @@
 """Per-token divergences between a teacher and a student next-token distribution.
 
 Every function here works on log-probabilities over the last (vocabulary) dimension and returns one value per
-position, with no reduction and no τ² factor (see ``docs/ADAKD_SPEC.md``, "Base divergences"). Notation follows
-the spec: ``p`` is the teacher, ``q`` the student. All are true divergences: 0 when p = q, ≥ 0 otherwise.
+position, with no reduction and no τ² factor (see ``docs/method.md``, "Base divergences"). Notation follows
+that page: ``p`` is the teacher, ``q`` the student. All are true divergences: 0 when p = q, ≥ 0 otherwise.
 
 Numerics: probabilities are handled in log space in float32 (float64 stays float64). A logit of -inf is a token
 with probability 0; such terms contribute exactly 0 and a zero gradient, never NaN. Where one distribution puts
@@ -359,7 +359,7 @@ def divergence(
 
 
 def hellinger_distance(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-    """Hellinger distance H(p, q) = sqrt(1 − Σ sqrt(p q)) at τ = 1, per position, in [0, 1] (spec Eq. 3).
+    """Hellinger distance H(p, q) = sqrt(1 − Σ sqrt(p q)) at τ = 1, per position, in [0, 1] (Eq. 3).
 
     Args:
         student_logits: ``[..., V]``.

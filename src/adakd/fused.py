@@ -1,7 +1,7 @@
 """The AdaKD loss from hidden states and lm_head weights, in chunks: never the tokens × vocabulary logits.
 
 Exact AdaKD must know every token's difficulty before it can pick tokens and temperatures, so this is two passes
-over row chunks (``docs/ADAKD_SPEC.md``; the same semantics as :meth:`adakd.AdaKDLoss.forward`):
+over row chunks (``docs/method.md``; the same semantics as :meth:`adakd.AdaKDLoss.forward`):
 
 1. **scores** (no grad): for chunks of the valid rows, logits = hidden @ weightᵀ (+ bias) for both models, then
    the difficulty indicator; only the ``[N]`` scores are kept. The caller then takes the global top-k, the

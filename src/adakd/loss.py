@@ -1,6 +1,6 @@
 """AdaKDLoss: token-adaptive distillation on materialised logits (the reference path).
 
-Per micro-batch (``docs/ADAKD_SPEC.md``):
+Per micro-batch (``docs/method.md``):
 
 1. flatten the valid positions (label != -100): N tokens;
 2. score each token's difficulty s_i at τ = 1 without gradient (Hellinger by default, Eq. 3);
@@ -112,14 +112,15 @@ class AdaKDLoss(nn.Module):
         indicator: the difficulty score: ``hellinger`` | ``fkl`` | ``rkl`` | ``ce`` | ``jsd`` | ``nmtkd``.
         selection: ``latf`` (adaptive r) | ``fixed`` (r = ``ratio``) | ``linear`` | ``cosine`` (1 → ``ratio``
             over ``total_steps`` optimizer steps) | ``all`` (no selection).
-        ratio: the fixed ratio, or the end ratio of ``linear``/``cosine``.
+        ratio: the fixed ratio, or the end ratio of ``linear``/``cosine`` (default 1). Not with ``latf``, which
+            starts at its ``max_ratio`` (r_0 = r_max) and moves by itself.
         temperature: ``inverse`` (IDTS) | ``fixed`` (τ = ``tau_base``) | ``reverse`` (τ_base·exp(+c·ŝ)).
         c: IDTS strength.
         tau_base: τ of a median-difficulty token (every token's τ with ``temperature="fixed"``).
         total_steps: the run's optimizer steps, for ``linear``/``cosine``.
         vocab_size: the tokenizer's real vocabulary size, checked by :func:`align_vocab`.
         ignore_index: the label of positions that take no loss.
-        reduction: ``mean`` over kept tokens (the spec's L_t) or ``sum`` (for a caller that normalises by a
+        reduction: ``mean`` over kept tokens (L_t of docs/method.md) or ``sum`` (for a caller that normalises by a
             global kept-token count).
         impl: the default implementation of :meth:`forward_hidden`: ``torch`` or ``compile``.
         one_pass: the default of :meth:`forward_hidden`'s approximate one-pass mode.
@@ -142,7 +143,7 @@ class AdaKDLoss(nn.Module):
         base_params: dict[str, float] | None = None,
         indicator: str = "hellinger",
         selection: str = "latf",
-        ratio: float = 1.0,
+        ratio: float | None = None,
         temperature: str = "inverse",
         c: float = 0.5,
         tau_base: float = 1.0,
@@ -181,6 +182,12 @@ class AdaKDLoss(nn.Module):
             raise ValueError("one_pass supports detach_tau=True only (its temperatures come from the previous batch)")
         if not (math.isfinite(tau_base) and tau_base > 0):
             raise ValueError(f"tau_base must be a positive finite number, got {tau_base}")
+        if ratio is not None and selection == "latf":
+            # A ratio that LATF would ignore is a user's mistake, not a default: say where r_0 comes from.
+            raise ValueError(
+                f"ratio ({ratio}) applies to selection 'fixed', 'linear' and 'cosine'; LATF starts at max_ratio "
+                "(r_0 = r_max) and moves by itself"
+            )
         if latf_kwargs and selection != "latf":
             raise ValueError(
                 f"{', '.join(sorted(latf_kwargs))} only apply to selection='latf' (got selection={selection!r})"
@@ -202,7 +209,7 @@ class AdaKDLoss(nn.Module):
         elif selection == "all":
             self.controller = None
         else:
-            self.controller = RatioSchedule(selection, ratio=ratio, total_steps=total_steps)
+            self.controller = RatioSchedule(selection, ratio=1.0 if ratio is None else ratio, total_steps=total_steps)
         self.impl = impl
         self.one_pass = bool(one_pass)
         self.tau_weight = tau_weight
@@ -310,7 +317,7 @@ class AdaKDLoss(nn.Module):
     def _select(
         self, n: int, score_pass: Callable[[], Tensor]
     ) -> tuple[float, int, Tensor | None, Tensor | None, Tensor | float]:
-        """Selection and temperatures for n valid tokens (spec Eqs. 4-10), shared by both paths.
+        """Selection and temperatures for n valid tokens (Eqs. 4-10), shared by both paths.
 
         ``score_pass()`` returns the ``[n]`` difficulty scores; it is not called in plain-KD mode (keep all, one τ),
         which needs none. Returns ``(ratio, k, kept [k] | None (None: keep all), kept_scores [k] | None, tau)``.

@@ -119,7 +119,8 @@ def test_loss_is_finite_or_refuses(shape, vocab, extra, dtype, base, selection, 
     if poison in ("teacher_col", "both_col"):
         t[..., 0] = -math.inf
     s.requires_grad_()
-    fn = AdaKDLoss(base, selection=selection, ratio=0.5, temperature=temperature, vocab_size=vocab)
+    ratio = None if selection == "latf" else 0.5  # LATF takes no ratio: it starts at max_ratio
+    fn = AdaKDLoss(base, selection=selection, ratio=ratio, temperature=temperature, vocab_size=vocab)
     try:
         loss = fn(s, t, labels)
     except ValueError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -157,3 +158,64 @@ def test_debug_flag_shows_the_traceback(tmp_path):
     assert proc.stderr.strip().count("\n") == 0
     proc = cli_subprocess("--debug", "train", str(TINY), "loss.selecton=fixed")
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "ConfigError" in proc.stderr
+
+
+def test_a_second_run_into_the_same_output_dir_is_refused_and_changes_nothing(capsys, tmp_path):
+    out = tmp_path / "out"
+    args = ("train", str(TINY), f"training.output_dir={out}", "training.max_steps=2", "training.save_steps=1")
+    assert cli(capsys, *args)[0] == 0
+    before = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    metrics = (out / "metrics.jsonl").read_text()
+    line = one_line_error(*cli(capsys, *args))
+    assert f"training.output_dir: {out} already holds a run (checkpoint-1, checkpoint-2, final, metrics.jsonl)" in line
+    assert "--resume" in line and "--overwrite" in line
+    assert {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    # --overwrite starts over: the earlier run's metrics are gone, not appended to.
+    assert cli(capsys, *args, "--overwrite")[0] == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == len(metrics.splitlines()) and sorted(p.name for p in out.glob("checkpoint-*")) == [
+        "checkpoint-1", "checkpoint-2",
+    ]  # fmt: skip
+    line = one_line_error(*cli(capsys, *args, "--overwrite", "--resume"))
+    assert "--resume and --overwrite: give one" in line
+
+
+def test_an_unset_variable_in_a_path_is_an_error_naming_it(capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("ADAKD_NOT_SET", raising=False)
+    line = one_line_error(*cli(capsys, "train", str(TINY), "training.output_dir=${ADAKD_NOT_SET}/run"))
+    assert "tiny-cpu.yaml: training.output_dir: $ADAKD_NOT_SET is not set (in '${ADAKD_NOT_SET}/run')" in line
+    assert not (Path.cwd() / "${ADAKD_NOT_SET}").exists()  # nothing was created under the literal name
+    monkeypatch.setenv("ADAKD_SET", str(tmp_path))
+    config = tiny(
+        tmp_path, "training.output_dir=$ADAKD_SET/run", "data.source=minillm_jsonl", "data.path=${ADAKD_SET}/d"
+    )
+    assert config.training["output_dir"] == f"{tmp_path}/run" and config.data.path == f"{tmp_path}/d"
+    with pytest.raises(ConfigError, match=r"data.path: \$NOPE_X is not set"):
+        tiny(tmp_path, "data.source=minillm_jsonl", "data.path=$NOPE_X/d.jsonl")
+
+
+def test_loss_ratio_under_latf_is_refused_naming_max_ratio(capsys, tmp_path):
+    line = _train(capsys, tmp_path, "loss.ratio=0.5")  # the tiny config uses selection: latf
+    assert "loss.ratio: applies to selection fixed, linear and cosine; LATF starts at loss.max_ratio" in line
+    assert tiny(tmp_path, "loss.selection=fixed", "loss.ratio=0.5").build_loss(total_steps=4).ratio == 0.5
+
+
+@pytest.mark.parametrize(("command", "extras"), [("train", "train"), ("demo", "train,eval")])
+def test_a_missing_extra_is_named_in_one_line(capsys, tmp_path, monkeypatch, command, extras):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_yaml(name, *args, **kwargs):  # as after `pip install adakd`, without the extras
+        if name == "yaml" or name.startswith("yaml."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_yaml)
+    for module in [m for m in __import__("sys").modules if m == "yaml" or m.startswith(("yaml.", "adakd.train"))]:
+        monkeypatch.delitem(__import__("sys").modules, module)
+    argv = [command, str(TINY)] if command == "train" else [command, "--quick", "--output", str(tmp_path / "d")]
+    line = one_line_error(*cli(capsys, *argv))
+    assert line == f"adakd: error: adakd {command} needs the Python module 'yaml', which is not installed: " + (
+        f"pip install 'adakd[{extras}]'"
+    )

@@ -12,7 +12,6 @@ from adakd import AdaKDLoss
 from adakd.adaptive import idts_temperatures
 from adakd.loss import C_MAX, NonFiniteLossError
 from adakd.train import build_trainer
-from adakd.train.trainer import NonFiniteError
 
 from .common import metrics, tiny
 
@@ -54,7 +53,7 @@ def test_nonfinite_teacher_logits_error(tmp_path):
     trainer.model.train()
     _poison_teacher(trainer)
     with pytest.raises(
-        NonFiniteError, match=r"^step 1: non-finite teacher logits \(NaN or inf\).*loss.nonfinite: skip"
+        NonFiniteLossError, match=r"^step 1: non-finite teacher logits \(NaN or inf\).*loss.nonfinite: skip"
     ):
         trainer.compute_loss(trainer.model, _batch(trainer), num_items_in_batch=10)
 

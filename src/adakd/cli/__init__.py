@@ -3,7 +3,7 @@
     adakd train CONFIG.yaml [key.sub=value ...] [--resume [CHECKPOINT]]
     adakd eval --model PATH --data-dir DIR --output results.json [...]
     adakd compare results_a.json results_b.json ... [--plot chart.png]
-    adakd demo [--output DIR] [--quick]
+    adakd demo [--output DIR] [--quick] [--train-seeds S ...] [--ablations]
     adakd judge --predictions A.jsonl --against B.jsonl|reference --endpoint URL --model NAME
     adakd report RUN_DIR [RUN_DIR ...]
     adakd inspect --teacher T --student S (--text "..." | --data FILE --index I) [--ratio r] --output tokens.html
@@ -28,6 +28,17 @@ from . import train as train_cmd
 
 __all__ = ["main"]
 
+# The optional dependencies (pyproject extras) each command imports.
+EXTRAS = {
+    "train": ("train",),
+    "eval": ("train", "eval"),
+    "compare": ("eval",),
+    "demo": ("train", "eval"),
+    "judge": ("eval",),
+    "inspect": ("train", "eval"),
+    "report": ("eval",),
+}
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adakd", description="Token-adaptive knowledge distillation (AdaKD).")
@@ -51,6 +62,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
+    except ModuleNotFoundError as e:
+        if args.debug or not e.name or e.name.split(".")[0] == "adakd":
+            raise
+        # `pip install adakd` alone installs the losses only; each command names the extras it needs.
+        extras = ",".join(EXTRAS.get(args.command, ("train", "eval")))
+        print(
+            f"adakd: error: adakd {args.command} needs the Python module {e.name.split('.')[0]!r}, which is not "
+            f"installed: pip install 'adakd[{extras}]'",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         if args.debug:
             raise

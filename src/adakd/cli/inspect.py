@@ -135,7 +135,7 @@ def _tokenizer_source(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..data import tokenizer_for
-    from ..report.inspect import analyse, render_html, render_text, summarise
+    from ..report.inspect import analyse, render_html, render_text, summarize_tokens
 
     _check_args(args)
     if args.data is not None:
@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
     title = args.title or f"AdaKD token inspection: {Path(args.student).name or args.student}"
     page = render_html(infos, title, settings, prompt=prompt, scale=(args.scale_min, args.scale_max))
     Path(args.output).write_text(page, encoding="utf-8")
-    stats = summarise(infos)
+    stats = summarize_tokens(infos)
     print(
         f"[adakd] inspect: kept {stats['k']} of {stats['n']} tokens (median m {stats['median']:.4f}); "
         f"wrote {args.output}",

@@ -23,6 +23,11 @@ def add_parser(sub) -> None:
         metavar="CHECKPOINT",
         help="resume from CHECKPOINT, or from the last checkpoint in output_dir when no path is given",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an output_dir that holds an earlier run (deletes its checkpoints, final model, metrics)",
+    )
     p.set_defaults(handler=run)
 
 
@@ -31,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from ..train import run as run_training
 
     config = load_config(args.config, args.overrides)
-    summary = run_training(config, resume=args.resume)
+    summary = run_training(config, resume=args.resume, overwrite=args.overwrite)
     # Every rank reports, so that a multi-process run shows each rank's final ratio.
     print(f"[adakd] rank {summary['rank']}: " + json.dumps(summary), file=sys.stderr, flush=True)
     _close_process_group()

@@ -1,7 +1,7 @@
 """Per-token inspection of AdaKD: which response tokens are hard, which LATF keeps, and what τ IDTS gives them.
 
 :func:`analyse` runs a teacher and a student over one prompt + response (the response followed by eos, as in
-training) and returns a :class:`TokenInfo` per response token: its Hellinger difficulty (spec Eq. 3), whether it
+training) and returns a :class:`TokenInfo` per response token: its Hellinger difficulty (Eq. 3), whether it
 is among the k = max(1, floor(N·r)) hardest (LATF at a fixed ratio), its IDTS temperature over the kept tokens'
 lower median (Eqs. 9-10), and both models' probability of the actual token. :func:`render_html` turns the result
 into a self-contained page (inline CSS, no script), :func:`render_text` into a terminal table.
@@ -28,7 +28,7 @@ __all__ = [
     "render_html",
     "render_text",
     "scale_range",
-    "summarise",
+    "summarize_tokens",
     "token_pieces",
 ]
 
@@ -209,7 +209,7 @@ def analyse(
     ]
 
 
-def summarise(infos: Sequence[TokenInfo]) -> dict[str, float | int]:
+def summarize_tokens(infos: Sequence[TokenInfo]) -> dict[str, float | int]:
     """Totals over :func:`analyse` output: ``n``, ``k`` (kept), ``median`` m (the lower median of the kept scores,
     IDTS's), ``mean_score``, ``tau_min``, ``tau_max``, ``kept_min_score`` (the selection threshold)."""
     kept = [t for t in infos if t.kept]
@@ -391,7 +391,7 @@ def _legend(scale: tuple[float, float]) -> str:
 
 
 def _settings_block(infos: Sequence[TokenInfo], settings: Mapping[str, Any]) -> str:
-    stats = summarise(infos)
+    stats = summarize_tokens(infos)
     rows = [(str(k), v) for k, v in settings.items()]
     rows += [
         ("kept", f"{stats['k']} of {stats['n']} tokens"),
@@ -504,7 +504,7 @@ def render_text(infos: Sequence[TokenInfo], settings: Mapping[str, Any] | None =
             f"{'yes' if t.kept else 'no':>4}  {_num(t.tau):>7}  {_num(t.weight):>7}  {t.p_teacher:>9.4f}  "
             f"{t.p_student:>9.4f}"
         )
-    stats = summarise(infos)
+    stats = summarize_tokens(infos)
     head = ", ".join(f"{k} {_fmt(v)}" for k, v in (settings or {}).items())
     lines.append(
         (f"{head}: " if head else "") + f"kept {stats['k']} of {stats['n']} tokens; median m {_num(stats['median'])}, "

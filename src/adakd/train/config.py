@@ -116,7 +116,7 @@ class LossSection:
     base_params: dict[str, float] = field(default_factory=dict)
     indicator: str = "hellinger"
     selection: str = "latf"
-    ratio: float = 1.0
+    ratio: float | None = None  # fixed / linear / cosine only (default 1); LATF starts at max_ratio
     temperature: str = "inverse"
     c: float = 0.5
     tau_base: float = 1.0
@@ -218,8 +218,14 @@ class DistillConfig:
                 "loss.nonfinite", f"unknown policy {loss.nonfinite!r}; valid: {', '.join(NONFINITE_POLICIES)}"
             )
         for key, value in (("loss.ratio", loss.ratio), ("loss.min_ratio", loss.min_ratio)):
-            if not 0.0 < value <= 1.0:
+            if value is not None and not 0.0 < value <= 1.0:
                 raise self.error(key, f"must be in (0, 1], got {value}")
+        if loss.ratio is not None and loss.selection == "latf":
+            raise self.error(
+                "loss.ratio",
+                "applies to selection fixed, linear and cosine; LATF starts at loss.max_ratio (r0 = r_max) and moves "
+                "by itself: remove loss.ratio, or set loss.max_ratio",
+            )
         if not 0.0 < loss.max_ratio <= 1.0 or loss.max_ratio < loss.min_ratio:
             raise self.error("loss.max_ratio", f"must be in [min_ratio, 1], got {loss.max_ratio}")
         if not loss.tau_base > 0 or not math.isfinite(loss.tau_base):
@@ -462,17 +468,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config.validate()
 
 
-def _expand_paths(config: DistillConfig) -> None:
-    """``$VAR`` / ``${VAR}`` in paths (e.g. ``${ADAKD_DATA}/dolly``) come from the environment."""
+_VARIABLE = re.compile(r"\$(\{[A-Za-z_][A-Za-z0-9_]*\}|[A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _expand(config: DistillConfig, key: str, value: str) -> str:
+    """``value`` with ``$VAR`` / ``${VAR}`` from the environment; an unset variable is an error naming it (left
+    literal, it would become a folder named ``${VAR}``)."""
     import os
 
-    for model in (config.student, config.teacher):
+    for match in _VARIABLE.finditer(value):
+        name = match.group(1).strip("{}")
+        if name not in os.environ:
+            raise config.error(key, f"${name} is not set (in {value!r}); export it, or write the path out")
+    return os.path.expandvars(value)
+
+
+def _expand_paths(config: DistillConfig) -> None:
+    """``$VAR`` / ``${VAR}`` in paths (e.g. ``${ADAKD_DATA}/dolly``) come from the environment."""
+    for section, model in (("student", config.student), ("teacher", config.teacher)):
         if model is not None:
             for name in ("name_or_path", "tokenizer"):
                 value = getattr(model, name)
                 if value:
-                    setattr(model, name, os.path.expandvars(value))
+                    setattr(model, name, _expand(config, f"{section}.{name}", value))
     if config.data.path:
-        config.data.path = os.path.expandvars(config.data.path)
+        config.data.path = _expand(config, "data.path", config.data.path)
     if config.training.get("output_dir"):
-        config.training["output_dir"] = os.path.expandvars(str(config.training["output_dir"]))
+        config.training["output_dir"] = _expand(config, "training.output_dir", str(config.training["output_dir"]))

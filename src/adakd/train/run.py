@@ -72,6 +72,39 @@ def check_output_dir(path: str) -> None:
         raise ConfigError(f"training.output_dir: {path}: not writable ({e.strerror or e})") from None
 
 
+def _earlier_run(folder: Path) -> list[str]:
+    """What an earlier run left in ``folder``: its checkpoints, final model and metrics (names, sorted)."""
+    if not folder.is_dir():
+        return []
+    found = [p.name for p in folder.glob("checkpoint-*") if p.is_dir()]
+    found += [name for name in ("final", "metrics.jsonl") if (folder / name).exists()]
+    return sorted(found)
+
+
+def check_fresh_run(path: str, *, resume: str | bool | None, overwrite: bool) -> None:
+    """A run never silently replaces another: an ``output_dir`` that holds checkpoints, a final model or metrics is
+    refused unless the run continues it (``resume``) or starts over (``overwrite``: the earlier run's checkpoints,
+    final model and metrics are deleted, by the main process only, before anything is loaded)."""
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite: give one (continue the run, or start it over)")
+    folder = Path(path)
+    found = _earlier_run(folder)
+    if not found or resume:
+        return
+    if not overwrite:
+        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise ConfigError(
+            f"training.output_dir: {path} already holds a run ({shown}); continue it with --resume, "
+            "or start over with --overwrite (which deletes them)"
+        )
+    if int(os.environ.get("RANK", "0")) == 0:
+        import shutil
+
+        for name in found:
+            target = folder / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+
 def check_tokenizers(config: DistillConfig, tokenizer) -> None:
     """Teacher and student must share a vocabulary (logit KD compares token ids); ``loss.allow_tokenizer_mismatch``
     skips the check. The teacher's tokenizer is ``teacher.tokenizer``, else its own files when it has any."""
@@ -212,8 +245,12 @@ def build_trainer(config: DistillConfig) -> AdaKDTrainer:
     )
 
 
-def run(config: DistillConfig, resume: str | bool | None = None) -> dict[str, Any]:
-    """Train, then save the final model (or LoRA adapter), the tokenizer and the loss state in ``output_dir/final``."""
+def run(config: DistillConfig, resume: str | bool | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Train, then save the final model (or LoRA adapter), the tokenizer and the loss state in ``output_dir/final``.
+
+    An ``output_dir`` that already holds a run is refused unless ``resume`` continues it or ``overwrite`` starts
+    over (:func:`check_fresh_run`)."""
+    check_fresh_run(config.training["output_dir"], resume=resume, overwrite=overwrite)
     trainer = build_trainer(config)
     result = trainer.train(resume_from_checkpoint=resume)
     final = Path(trainer.args.output_dir) / "final"

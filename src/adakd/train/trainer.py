@@ -44,15 +44,11 @@ from ..loss import NonFiniteLossError
 from .engines import call_through, check_linear_head, engine_of, full_parameters, unwrap
 from .onpolicy import OnPolicyController
 
-__all__ = ["STATE_FILE", "AdaKDTrainer", "CheckpointError", "NonFiniteError", "complete_checkpoints", "save_loss_state"]
+__all__ = ["STATE_FILE", "AdaKDTrainer", "CheckpointError", "complete_checkpoints", "save_loss_state"]
 
 STATE_FILE = "adakd_state.pt"
 STAGING_DIR = ".adakd-staging"  # checkpoints are written here, then renamed into output_dir once complete
 NONFINITE = ("error", "skip")
-
-
-class NonFiniteError(ValueError):
-    """NaN or inf in a model's logits (or in the loss) under ``loss.nonfinite: error``."""
 
 
 class CheckpointError(ValueError):
@@ -245,7 +241,7 @@ class AdaKDTrainer(Trainer):
                     zero = zero + (w * 0).sum().float()
             return zero
         if self.engine_shards_params:
-            raise NonFiniteError(
+            raise NonFiniteLossError(
                 f"step {self.state.global_step + 1}: the student's own outputs are non-finite (NaN or inf); under "
                 f"{self.engine} a micro-batch cannot be skipped then (its parameters are sharded): lower the learning "
                 "rate or check the data and dtypes"
@@ -263,7 +259,7 @@ class AdaKDTrainer(Trainer):
         returns a zero loss)."""
         step = self.state.global_step + 1
         if self.nonfinite == "error":
-            raise NonFiniteError(
+            raise NonFiniteLossError(
                 f"step {step}: non-finite {what} (NaN or inf); lower the learning rate, check the data and dtypes, "
                 "or set loss.nonfinite: skip"
             )
