@@ -13,6 +13,7 @@ import math
 import shutil
 import subprocess
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 import torch
@@ -469,3 +470,28 @@ def test_the_loss_weight_follows_tau_weight(models, tok):
     assert "loss weight" in page
     with pytest.raises(ValueError, match="tau_weight must be squared or none"):
         analyse(*models, tok, PROMPT, RESPONSE, tau_weight="cubed")
+
+
+def test_cli_reads_the_runs_own_settings_from_its_final_folder(tmp_path, capsys):
+    """A run's final/ folder carries its loss settings: the inspector uses the run's c, tau_base and final ratio,
+    not the library's defaults; a flag still wins."""
+    from adakd.train import build_trainer, load_config
+    from adakd.train.trainer import save_loss_state
+
+    config = load_config(
+        Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml",
+        [f"training.output_dir={tmp_path / 'run'}", "training.max_steps=1", "loss.c=0.9", "loss.tau_base=1.5",
+         "loss.selection=fixed", "loss.ratio=0.4"],
+    )  # fmt: skip
+    trainer = build_trainer(config)
+    final = tmp_path / "run" / "final"
+    trainer.save_model(str(final))
+    trainer.processing_class.save_pretrained(str(final))
+    save_loss_state(trainer.loss_fn, final)
+    common = ("--teacher", str(final), "--student", str(final), "--text", "hello", "--format", "text")
+    args = _args(*common, "--device", "cpu")
+    assert inspect_cli.run(args) == 0
+    assert (args.ratio, args.c, args.tau_base, args.tau_weight) == (0.4, 0.9, 1.5, "squared")
+    assert capsys.readouterr().out.rstrip("\n").split("\n")[-1].startswith("ratio 0.4")
+    args = _args(*common, "--c", "0.2", "--device", "cpu")
+    assert inspect_cli.run(args) == 0 and args.c == 0.2 and args.ratio == 0.4

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -225,30 +226,39 @@ def test_tau_vs_difficulty_plots_kept_only_and_per_token_taus(tmp_path):
     from adakd.adaptive import idts_from_median
 
     scores, kept, kept_taus = _tokens()
-    # τ for the kept tokens only: the curve is inferred and dropped tokens sit at their would-be τ.
+    # τ for the kept tokens only, without the run's c: no curve, dropped tokens become a rug.
     _assert_png(plot_tau_vs_difficulty(scores, kept_taus, kept, tmp_path / "a.png", ratio=0.3))
+    # With the run's c: the curve, and dropped tokens at their would-be τ.
+    _assert_png(plot_tau_vs_difficulty(scores, kept_taus, kept, tmp_path / "a2.png", ratio=0.3, c=0.5))
     # One τ per token, from plain Python lists.
     all_taus = idts_from_median(scores, scores[kept].median(), c=0.5)
     _assert_png(plot_tau_vs_difficulty(scores.tolist(), all_taus.tolist(), kept.tolist(), tmp_path / "b.png"))
-    # Temperatures that are not IDTS's: no curve can be inferred, dropped tokens become a rug.
-    noisy = kept_taus * (1 + 0.1 * torch.rand(len(kept_taus), generator=torch.Generator().manual_seed(1)))
-    _assert_png(plot_tau_vs_difficulty(scores, noisy, kept, tmp_path / "c.png"))
     # The curve given outright; everything kept.
     everything = torch.ones_like(kept)
     taus = idts_from_median(scores, 0.4, c=0.8)
     _assert_png(plot_tau_vs_difficulty(scores, taus, everything, tmp_path / "d.png", median=0.4, c=0.8))
 
 
-def test_the_idts_curve_is_inferred_only_when_the_temperatures_fit_it_exactly():
-    from adakd.report.plots import _fit_idts, _lower_median
+def test_select_tokens_is_the_losss_rule():
+    """The one selection/IDTS rule (the loss, the inspector and the demo call it) against a float64 re-derivation."""
+    from adakd import select_tokens
+    from adakd.adaptive import keep_count
 
-    scores, kept, kept_taus = _tokens()
-    s, t = scores[kept].numpy().astype(float), kept_taus.numpy().astype(float)
-    assert _lower_median(s) == pytest.approx(float(scores[kept].median()))
-    c, tau_base = _fit_idts(s, t, _lower_median(s))
-    assert c == pytest.approx(0.5, abs=1e-4) and tau_base == pytest.approx(1.0, abs=1e-4)
-    # A step at the median: no single IDTS curve through both halves.
-    assert _fit_idts(s, t * (1 + 0.05 * (s > _lower_median(s))), _lower_median(s)) is None
+    scores = torch.rand(37, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    scores[5] = scores[9]  # a tie: the earlier position wins
+    sel = select_tokens(scores, 0.4, c=0.7, tau_base=1.3)
+    k = keep_count(37, 0.4)
+    order = sorted(range(37), key=lambda i: (-float(scores[i]), i))[:k]
+    assert (
+        sel.index.tolist() == order and sel.kept.sum() == k and set(sel.kept.nonzero().flatten().tolist()) == set(order)
+    )
+    kept_sorted = sorted(float(scores[i]) for i in order)
+    m = kept_sorted[(k - 1) // 2]  # the lower median
+    want = [1.3 * math.exp(-0.7 * math.tanh(math.log(max(float(scores[i]) / m, 1e-8)))) for i in order]
+    assert float(sel.median) == m and sel.tau.tolist() == pytest.approx(want, rel=1e-12)
+    assert select_tokens(scores, 0.4, temperature="fixed", tau_base=2.0).tau == 2.0
+    with pytest.raises(ValueError, match="at least one score"):
+        select_tokens(scores[:0], 0.5)
 
 
 def test_tau_vs_difficulty_rejects_mismatched_inputs(tmp_path):

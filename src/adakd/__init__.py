@@ -4,7 +4,7 @@ The public Python API. The math lives in :mod:`adakd.divergences` and :mod:`adak
 :mod:`adakd.loss` composes them into :class:`AdaKDLoss`.
 """
 
-from .adaptive import INDICATORS, LATF, RatioSchedule, difficulty_scores, idts_temperatures
+from .adaptive import INDICATORS, LATF, RatioSchedule, difficulty_scores, idts_temperatures, select_tokens
 from .divergences import DIVERGENCES, divergence, hellinger_distance
 from .loss import AdaKDLoss, align_vocab
 
@@ -31,4 +31,5 @@ __all__ = [
     "hellinger_distance",
     "idts_temperatures",
     "rouge_l",
+    "select_tokens",
 ]

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from .divergences import _hellinger, _jsd, _kl, compute_dtype, log_probs
+from .divergences import OptionError, _hellinger, _jsd, _kl, compute_dtype, log_probs
 
 __all__ = [
     "INDICATORS",
@@ -28,6 +28,7 @@ __all__ = [
     "idts_temperatures",
     "keep_count",
     "score_fn",
+    "select_tokens",
 ]
 
 # (student_log_probs [N, V], teacher_log_probs [N, V], labels [N] | None) -> scores [N]; higher = harder.
@@ -90,7 +91,8 @@ def score_fn(indicator: str, differentiable: bool = False) -> ScoreFn:
     """
     fn = INDICATORS.get(indicator)
     if fn is None:
-        raise ValueError(f"unknown indicator {indicator!r}; valid: {', '.join(INDICATORS)}")
+        message = f"unknown indicator {indicator!r}; valid: {', '.join(INDICATORS)}"
+        raise OptionError("indicator", message, message)
     if differentiable and indicator == "hellinger":
         return lambda lq, lp, y: _hellinger(lq, lp)
     return fn
@@ -179,6 +181,58 @@ def idts_temperatures_with_grad(
     return _idts(s, s.median(), c, tau_base, reverse)
 
 
+class TokenSelection(NamedTuple):
+    """What AdaKD does with one set of valid tokens: which it keeps and at which temperature."""
+
+    kept: Tensor  # [N] bool, True for the k kept tokens
+    index: Tensor  # [k] long, the kept positions, hardest first
+    tau: Tensor | float  # [k] τ of the kept tokens in ``index`` order, or τ_base for ``temperature="fixed"``
+    median: Tensor  # 0-d, m: the lower median of the kept scores (IDTS's reference point)
+
+
+def select_tokens(
+    scores: Tensor,
+    ratio: float,
+    *,
+    temperature: str = "inverse",
+    c: float = 0.5,
+    tau_base: float = 1.0,
+    differentiable: bool = False,
+) -> TokenSelection:
+    """AdaKD's rule for one set of valid tokens (Eqs. 4-10): keep the k = max(1, floor(N·r)) hardest, then give
+    each kept token its IDTS temperature from the kept tokens' median. The loss, the inspector and the demo's plots
+    all call this one function.
+
+    Args:
+        scores: ``[N]`` difficulty scores (N ≥ 1); ties are broken by position (the earlier token first).
+        ratio: r ∈ (0, 1].
+        temperature: ``inverse`` (IDTS), ``reverse`` (the Table 5 ablation) or ``fixed`` (τ = τ_base).
+        c: IDTS strength; tau_base: τ at the median difficulty.
+        differentiable: keep the gradient of τ through the scores and their median (``detach_tau=False``).
+
+    Returns:
+        A :class:`TokenSelection`.
+    """
+    n = scores.numel()
+    if n == 0:
+        raise ValueError("select_tokens needs at least one score")
+    if temperature not in ("inverse", "fixed", "reverse"):
+        raise ValueError(f"unknown temperature {temperature!r}; valid: inverse, fixed, reverse")
+    k = keep_count(n, ratio)
+    # A stable sort: the same tokens are kept on every device and in every caller, also when scores tie.
+    index = torch.argsort(scores.detach(), descending=True, stable=True)[:k]
+    kept = torch.zeros(n, dtype=torch.bool, device=scores.device)
+    kept[index] = True
+    kept_scores = scores[index]
+    median = kept_scores.detach().median()
+    if temperature == "fixed":
+        return TokenSelection(kept, index, float(tau_base), median)
+    idts = idts_temperatures_with_grad if differentiable else idts_temperatures
+    return TokenSelection(
+        kept, index, idts(kept_scores, c=c, tau_base=tau_base, reverse=temperature == "reverse"), median
+    )
+
+
 def keep_count(num_valid: int, ratio: float) -> int:
     """k = max(1, floor(N·r)) (Eq. 5), for N ≥ 1.
 
@@ -192,7 +246,7 @@ def _check_ratio(name: str, value: float, low_open: bool = True) -> float:
     value = float(value)
     ok = (0.0 < value <= 1.0) if low_open else (0.0 <= value <= 1.0)
     if not ok:
-        raise ValueError(f"{name} must be in {'(0, 1]' if low_open else '[0, 1]'}, got {value}")
+        raise OptionError(name, f"must be in {'(0, 1]' if low_open else '[0, 1]'}, got {value}")
     return value
 
 
@@ -227,17 +281,17 @@ class LATF:
         warmup_steps: int = 0,
     ) -> None:
         if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+            raise OptionError("ema_decay", f"must be in [0, 1), got {ema_decay}")
         if not (math.isfinite(tolerance) and tolerance >= 0.0):
-            raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+            raise OptionError("tolerance", f"must be >= 0, got {tolerance}")
         if not 0.0 <= step < 1.0:
-            raise ValueError(f"step must be in [0, 1), got {step}")
+            raise OptionError("step", f"must be in [0, 1), got {step}")
         self.min_ratio = _check_ratio("min_ratio", min_ratio)
         self.max_ratio = _check_ratio("max_ratio", max_ratio)
         if self.min_ratio > self.max_ratio:
-            raise ValueError(f"min_ratio ({min_ratio}) must be <= max_ratio ({max_ratio})")
+            raise OptionError("max_ratio", f"({max_ratio}) must be >= min_ratio ({min_ratio})")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be a non-negative int, got {warmup_steps!r}")
+            raise OptionError("warmup_steps", f"must be a non-negative int, got {warmup_steps!r}")
         self.ema_decay = float(ema_decay)
         self.tolerance = float(tolerance)
         self.step_size = float(step)

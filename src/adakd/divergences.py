@@ -220,6 +220,15 @@ def _hellinger(lq: Tensor, lp: Tensor) -> Tensor:
     return _safe_sqrt((0.5 * (d * d).sum(-1)).clamp(max=1.0))
 
 
+class OptionError(ValueError):
+    """A bad option value. ``option`` names it as the config does (``c``, ``base_params.lam``, ...) and ``reason``
+    says what is wrong, so that a config layer can name the key without re-checking the value."""
+
+    def __init__(self, option: str, reason: str, message: str | None = None) -> None:
+        super().__init__(message or f"{option} {reason}")
+        self.option, self.reason = option, reason
+
+
 def _unit_interval(name: str) -> Callable[[float], str | None]:
     return lambda v: None if 0.0 <= v <= 1.0 else f"{name} must be in [0, 1], got {v}"
 
@@ -282,16 +291,20 @@ def divergence_fn(name: str, **params: float) -> DivergenceFn:
     """
     spec = DIVERGENCES.get(name)
     if spec is None:
-        raise ValueError(f"unknown divergence {name!r}; valid: {', '.join(DIVERGENCES)}")
+        message = f"unknown divergence {name!r}; valid: {', '.join(DIVERGENCES)}"
+        raise OptionError("base", message, message)
     unknown = sorted(set(params) - set(spec.params))
     if unknown:
         valid = ", ".join(spec.params) or "none"
-        raise ValueError(f"divergence {name!r} got unknown parameter(s) {', '.join(unknown)}; valid: {valid}")
+        message = f"divergence {name!r} got unknown parameter(s) {', '.join(unknown)}; valid: {valid}"
+        raise OptionError(
+            "base_params", f"unknown parameter(s) {', '.join(unknown)} for {name!r}; valid: {valid}", message
+        )
     merged = {**spec.params, **{k: float(v) for k, v in params.items()}}
     for key, check in spec.checks.items():
         err = check(merged[key])
         if err:
-            raise ValueError(f"divergence {name!r}: {err}")
+            raise OptionError(f"base_params.{key}", err.removeprefix(f"{key} "), f"divergence {name!r}: {err}")
     fn = spec.fn
 
     def bound(lq: Tensor, lp: Tensor) -> Tensor:

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .adaptive import LATF, RatioSchedule, idts_temperatures, idts_temperatures_with_grad, keep_count, score_fn
-from .divergences import compute_dtype, divergence_fn, log_probs
+from .adaptive import LATF, RatioSchedule, _check_ratio, keep_count, score_fn, select_tokens
+from .divergences import OptionError, compute_dtype, divergence_fn, log_probs
 from .fused import (
     IMPLS,
     FusedKeptLoss,
@@ -49,6 +49,11 @@ STAT_KEYS = (
     "score_threshold",
     "loss",
 )
+
+
+def _choice(option: str, value: object, valid: tuple[str, ...]) -> OptionError:
+    message = f"unknown {option} {value!r}; valid: {', '.join(valid)}"
+    return OptionError(option, f"unknown {value!r}; valid: {', '.join(valid)}", message)
 
 
 class NonFiniteLossError(ValueError):
@@ -164,33 +169,43 @@ class AdaKDLoss(nn.Module):
         self.indicator = indicator
         self.score = score_fn(indicator)
         if selection not in SELECTIONS:
-            raise ValueError(f"unknown selection {selection!r}; valid: {', '.join(SELECTIONS)}")
+            raise _choice("selection", selection, SELECTIONS)
         if temperature not in TEMPERATURES:
-            raise ValueError(f"unknown temperature {temperature!r}; valid: {', '.join(TEMPERATURES)}")
+            raise _choice("temperature", temperature, TEMPERATURES)
         if reduction not in REDUCTIONS:
-            raise ValueError(f"unknown reduction {reduction!r}; valid: {', '.join(REDUCTIONS)}")
+            raise _choice("reduction", reduction, REDUCTIONS)
         if impl not in IMPLS:
-            raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
+            raise _choice("impl", impl, IMPLS)
         if not (math.isfinite(c) and 0 <= c <= C_MAX):
             # τ lies in τ_base·(e^−c, e^c) by construction; beyond c = C_MAX, z/τ overflows for ordinary logits.
-            raise ValueError(f"c must be a number in [0, {C_MAX:g}] (τ stays in τ_base·(e^-c, e^c)), got {c}")
+            raise OptionError("c", f"must be a number in [0, {C_MAX:g}] (τ stays in τ_base·(e^-c, e^c)), got {c}")
         if tau_weight not in TAU_WEIGHTS:
-            raise ValueError(f"unknown tau_weight {tau_weight!r}; valid: {', '.join(TAU_WEIGHTS)}")
+            raise _choice("tau_weight", tau_weight, TAU_WEIGHTS)
         if not isinstance(detach_tau, bool):
-            raise ValueError(f"detach_tau must be true or false, got {detach_tau!r}")
+            raise OptionError("detach_tau", f"must be true or false, got {detach_tau!r}")
         if one_pass and not detach_tau:
-            raise ValueError("one_pass supports detach_tau=True only (its temperatures come from the previous batch)")
+            raise OptionError(
+                "detach_tau",
+                "false needs one_pass off (one_pass takes its temperatures from the previous batch)",
+                "one_pass supports detach_tau=True only (its temperatures come from the previous batch)",
+            )
         if not (math.isfinite(tau_base) and tau_base > 0):
-            raise ValueError(f"tau_base must be a positive finite number, got {tau_base}")
+            raise OptionError("tau_base", f"must be a positive finite number, got {tau_base}")
+        if ratio is not None:
+            _check_ratio("ratio", ratio)
         if ratio is not None and selection == "latf":
             # A ratio that LATF would ignore is a user's mistake, not a default: say where r_0 comes from.
-            raise ValueError(
-                f"ratio ({ratio}) applies to selection 'fixed', 'linear' and 'cosine'; LATF starts at max_ratio "
-                "(r_0 = r_max) and moves by itself"
+            reason = (
+                "applies to selection 'fixed', 'linear' and 'cosine'; LATF starts at max_ratio (r_0 = r_max) and "
+                "moves by itself"
             )
+            raise OptionError("ratio", reason, f"ratio ({ratio}) {reason}")
         if latf_kwargs and selection != "latf":
-            raise ValueError(
-                f"{', '.join(sorted(latf_kwargs))} only apply to selection='latf' (got selection={selection!r})"
+            keys = ", ".join(sorted(latf_kwargs))
+            raise OptionError(
+                sorted(latf_kwargs)[0],
+                f"only applies to selection 'latf' (got selection {selection!r})",
+                f"{keys} only apply to selection='latf' (got selection={selection!r})",
             )
         self.selection = selection
         self.temperature = temperature
@@ -204,7 +219,8 @@ class AdaKDLoss(nn.Module):
             valid = ("ema_decay", "tolerance", "step", "min_ratio", "max_ratio", "warmup_steps")
             unknown = sorted(set(latf_kwargs) - set(valid))
             if unknown:
-                raise ValueError(f"unknown LATF argument(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+                message = f"unknown LATF argument(s) {', '.join(unknown)}; valid: {', '.join(valid)}"
+                raise OptionError(unknown[0], message, message)
             self.controller = LATF(**latf_kwargs)
         elif selection == "all":
             self.controller = None
@@ -250,7 +266,14 @@ class AdaKDLoss(nn.Module):
         return {
             "controller": None if self.controller is None else self.controller.state_dict(),
             "one_pass_scores": None if self._prev_scores is None else self._prev_scores.cpu(),
-        }
+            # The run's own settings, for tools that read a run back (``adakd inspect`` on a final/ folder);
+            # loading ignores them (the constructor's arguments rule).
+            "settings": {
+                "indicator": self.indicator, "selection": self.selection, "temperature": self.temperature,
+                "c": self.c, "tau_base": self.tau_base, "tau_weight": self.tau_weight, "detach_tau": self.detach_tau,
+                "ratio": self.ratio,
+            },
+        }  # fmt: skip
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         ctrl = state.get("controller") if isinstance(state, dict) else None
@@ -269,13 +292,6 @@ class AdaKDLoss(nn.Module):
         )
 
     # ----------------------------------------------------------------------------------------------------------
-    def temperatures(self, kept_scores: Tensor | None) -> Tensor | float:
-        """τ for the kept tokens' scores ``[k]``: a ``[k]`` tensor (IDTS) or the float τ_base."""
-        if self.temperature == "fixed" or kept_scores is None:
-            return self.tau_base
-        idts = idts_temperatures_with_grad if self.tau_has_grad else idts_temperatures
-        return idts(kept_scores, c=self.c, tau_base=self.tau_base, reverse=self.temperature == "reverse")
-
     def _weight(self, tau: Tensor | float) -> Tensor | float:
         """The per-token factor of Eq. 2: τ² (``tau_weight="squared"``) or 1 (``"none"``)."""
         return tau * tau if self.tau_weight == "squared" else 1.0
@@ -324,12 +340,22 @@ class AdaKDLoss(nn.Module):
         """
         ratio = self.ratio
         k = n if self.controller is None else keep_count(n, ratio)
-        scores = score_pass() if self._needs_scores(n) else None
-        kept = None
+        if not self._needs_scores(n):
+            return ratio, k, None, None, self.tau_base
+        scores = score_pass()
+        sel = select_tokens(
+            scores, ratio if self.controller is not None else 1.0, temperature=self.temperature, c=self.c,
+            tau_base=self.tau_base, differentiable=self.tau_has_grad,
+        )  # fmt: skip
         if k < n:
-            kept = scores.topk(k, sorted=False).indices
-            scores = scores[kept]
-        return ratio, k, kept, scores, self.temperatures(scores)
+            return ratio, k, sel.index, scores[sel.index], sel.tau
+        # Every token kept: stay in position order (no gather of the logits), τ moved back to it.
+        tau = sel.tau
+        if isinstance(tau, Tensor):
+            inverse = torch.empty_like(sel.index)
+            inverse[sel.index] = torch.arange(n, device=sel.index.device)
+            tau = tau[inverse]
+        return ratio, k, None, scores, tau
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> Tensor:
         """The AdaKD loss of one micro-batch, on materialised logits (the reference path).

@@ -82,23 +82,35 @@ def test_unknown_key_suggests(capsys, tmp_path):
         ("loss.ratio=1.5", "loss.ratio: must be in (0, 1]"),
         ("loss.ratio=0", "loss.ratio: must be in (0, 1]"),
         ("loss.min_ratio=-0.1", "loss.min_ratio: must be in (0, 1]"),
-        ("loss.max_ratio=2", "loss.max_ratio: must be in [min_ratio, 1]"),
-        ("loss.c=-1", "loss.c: must be in [0, 10]"),
-        ("loss.c=50", "loss.c: must be in [0, 10]"),
-        ("loss.tau_base=0", "loss.tau_base: must be a finite number > 0"),
-        ("loss.tau_base=-2", "loss.tau_base: must be a finite number > 0"),
-        ("loss.base_params={lam: 1.5}", "loss.base_params.lam: must be in [0, 1]"),
+        ("loss.max_ratio=2", "loss.max_ratio: must be in (0, 1], got 2.0"),
+        ("loss.min_ratio=0.5", None),  # valid: r_min 0.5 <= r_max 1
+        ("loss.max_ratio=0.05", "loss.max_ratio: (0.05) must be >= min_ratio (0.1)"),
+        ("loss.c=-1", "loss.c: must be a number in [0, 10]"),
+        ("loss.c=50", "loss.c: must be a number in [0, 10]"),
+        ("loss.tau_base=0", "loss.tau_base: must be a positive finite number"),
+        ("loss.tau_base=-2", "loss.tau_base: must be a positive finite number"),
+        ("loss.base_params={lam: 1.5}", "loss.base_params: unknown parameter(s) lam for 'rkl'; valid: none"),
+        ("loss.base=sfkl", None),
+        ("loss.base=sfkl loss.base_params={lam: 1.5}", "loss.base_params.lam: must be in [0, 1], got 1.5"),
+        ("loss.base=jsd loss.base_params={lam: 1.0}", "loss.base_params.lam: must be in (0, 1) for jsd"),
+        ("loss.selection=fixd", "loss.selection: unknown 'fixd'; valid: latf, fixed"),
+        ("loss.ema_decay=1.5", "loss.ema_decay: must be in [0, 1), got 1.5"),
+        ("loss.one_pass=true loss.detach_tau=false", "loss.detach_tau: false needs one_pass off"),
         ("loss.kd_ratio=2", "loss.kd_ratio: must be in [0, 1]"),
         ("loss.nonfinite=ignore", "loss.nonfinite: unknown policy 'ignore'; valid: error, skip"),
         ("onpolicy.mode=gkd", None),  # valid: no error from the config
     ],
 )
 def test_out_of_range_values_name_the_key(tmp_path, override, key):
+    """Each value is checked once, where it is used (the loss's constructor for the loss's options), and the
+    config names the dotted key."""
+    overrides = override.split(" loss.")
+    overrides = [overrides[0], *(f"loss.{o}" for o in overrides[1:])]
     if key is None:
-        tiny(tmp_path, override)
+        tiny(tmp_path, *overrides)
         return
     with pytest.raises(ConfigError) as info:
-        tiny(tmp_path, override)
+        tiny(tmp_path, *overrides)
     message = str(info.value)
     assert "\n" not in message and str(TINY) in message and key in message, message
 
@@ -196,7 +208,7 @@ def test_an_unset_variable_in_a_path_is_an_error_naming_it(capsys, tmp_path, mon
 
 def test_loss_ratio_under_latf_is_refused_naming_max_ratio(capsys, tmp_path):
     line = _train(capsys, tmp_path, "loss.ratio=0.5")  # the tiny config uses selection: latf
-    assert "loss.ratio: applies to selection fixed, linear and cosine; LATF starts at loss.max_ratio" in line
+    assert "loss.ratio: applies to selection 'fixed', 'linear' and 'cosine'; LATF starts at max_ratio" in line
     assert tiny(tmp_path, "loss.selection=fixed", "loss.ratio=0.5").build_loss(total_steps=4).ratio == 0.5
 
 

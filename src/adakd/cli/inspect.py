@@ -42,21 +42,20 @@ def add_parser(sub) -> None:
     source.add_argument("--data", default=None, metavar="FILE.jsonl", help="a MiniLLM-format JSONL (prompt, output)")
     p.add_argument("--index", type=int, default=None, help="the record of --data to analyse, 0-based")
     p.add_argument("--prompt", default=None, help="with --text: the formatted prompt before it (default: none)")
-    p.add_argument("--ratio", type=float, default=0.75, help="the kept ratio r in (0, 1] (default 0.75)")
-    p.add_argument("--c", type=float, default=0.5, help="the IDTS strength c (default 0.5)")
-    p.add_argument("--tau-base", type=float, default=1.0, help="τ of a kept token at the median (default 1.0)")
+    from_run = "the run's (from --student's adakd_state.pt) when it has one, else"
+    p.add_argument("--ratio", type=float, default=None, help=f"the kept ratio r in (0, 1]; default: {from_run} 0.75")
+    p.add_argument("--c", type=float, default=None, help=f"the IDTS strength c; default: {from_run} 0.5")
     p.add_argument(
-        "--tau-weight",
-        choices=("squared", "none"),
-        default="squared",
-        help="the factor on each kept token's loss: squared (τ², the default) or none",
+        "--tau-base", type=float, default=None, help=f"τ of a kept token at the median; default: {from_run} 1"
     )
     p.add_argument(
-        "--detach-tau",
-        choices=("true", "false"),
-        default="true",
-        help="true (the paper: no gradient through τ) or false (the released code); shown with the settings",
-    )
+        "--tau-weight", choices=("squared", "none"), default=None,
+        help=f"the factor on each kept token's loss: squared (τ²) or none; default: {from_run} squared",
+    )  # fmt: skip
+    p.add_argument(
+        "--detach-tau", choices=("true", "false"), default=None,
+        help=f"true (the paper: no gradient through τ) or false (the released code), shown; default: {from_run} true",
+    )  # fmt: skip
     p.add_argument("--format", choices=("html", "text"), default="html", help="html (needs --output) or text")
     p.add_argument("--output", default=None, help="the HTML page to write (with --format text: the table, else stdout)")
     p.add_argument("--scale-min", type=float, default=None, help="colour scale low end (default: auto)")
@@ -64,6 +63,39 @@ def add_parser(sub) -> None:
     p.add_argument("--title", default=None, help="the page's heading")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.set_defaults(handler=run)
+
+
+def _resolve_settings(args: argparse.Namespace) -> dict[str, str]:
+    """Fill the loss settings not given as flags: from the run's own ``adakd_state.pt`` next to ``--student`` (a
+    ``final/`` or ``checkpoint-N`` folder) when there is one, else :func:`analyse`'s defaults. Returns where each
+    value came from."""
+    import inspect as pyinspect
+
+    import torch
+
+    from ..report.inspect import analyse
+    from ..train.trainer import STATE_FILE
+
+    state_path = Path(args.student) / STATE_FILE
+    run: dict[str, Any] = {}
+    if state_path.is_file():
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+            run = dict((state.get("_extra_state") or {}).get("settings") or {})
+        except Exception as e:  # noqa: BLE001 - any unreadable file: say so in one line
+            raise ValueError(f"--student {state_path}: unreadable ({str(e).splitlines()[0]})") from None
+    defaults = {k: v.default for k, v in pyinspect.signature(analyse).parameters.items()}
+    defaults["detach_tau"] = True
+    origin = {}
+    for key in ("ratio", "c", "tau_base", "tau_weight", "detach_tau"):
+        if getattr(args, key) is not None:
+            origin[key] = "flag"
+            continue
+        value, origin[key] = (run[key], "the run's") if key in run else (defaults[key], "default")
+        setattr(args, key, value)
+    if not isinstance(args.detach_tau, str):
+        args.detach_tau = "true" if args.detach_tau else "false"
+    return origin
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -137,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data import tokenizer_for
     from ..report.inspect import analyse, render_html, render_text, summarize_tokens
 
+    origin = _resolve_settings(args)
     _check_args(args)
     if args.data is not None:
         prompt, response = _record(args.data, args.index)
@@ -171,9 +204,9 @@ def run(args: argparse.Namespace) -> int:
         "student": args.student if args.student_base is None else f"{args.student} (LoRA on {args.student_base})",
         "tokenizer": tok_source,
         "source": source,
-        "ratio r": args.ratio,
-        "c": args.c,
-        "\u03c4_base": args.tau_base,
+        "ratio r": f"{args.ratio:.4g} ({origin['ratio']})",
+        "c": f"{args.c:g} ({origin['c']})",
+        "\u03c4_base": f"{args.tau_base:g} ({origin['tau_base']})",
         "loss weight": weight,
         "gradient through \u03c4": through_tau,
     }

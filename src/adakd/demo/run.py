@@ -257,10 +257,11 @@ def score_model(folder: Path, tokenizer, test: list[TaskRecord], test_path: Path
 
 
 @torch.no_grad()
-def _difficulty_sample(teacher, student, tokenizer, records: list[Record], ratio: float):
-    """Per-token Hellinger difficulty, the kept mask at ``ratio`` and IDTS τ on validation answers."""
-    from .. import AdaKDLoss, align_vocab, difficulty_scores
-    from ..adaptive import idts_from_median, keep_count
+def _difficulty_sample(teacher, student, tokenizer, records: list[Record], loss_fn):
+    """Per-token Hellinger difficulty, the kept mask and the IDTS τ on validation answers, by the run's own loss
+    settings (its final ratio, c and τ_base) and the loss's own rule (:func:`adakd.select_tokens`)."""
+    from .. import align_vocab, difficulty_scores, select_tokens
+    from ..adaptive import idts_from_median
     from ..data import DistillCollator, build_examples
 
     examples, _ = build_examples(records, tokenizer, max_length=128, max_prompt_length=96)
@@ -269,15 +270,11 @@ def _difficulty_sample(teacher, student, tokenizer, records: list[Record], ratio
     zs = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     zt = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     zs, zt = align_vocab(zs, zt)
-    mask = labels != -100
-    scores = difficulty_scores("hellinger", zs, zt)[mask]
-    k = keep_count(scores.numel(), ratio)
-    kept = torch.zeros_like(scores, dtype=torch.bool)
-    kept[scores.topk(k).indices] = True
-    # Kept tokens get their IDTS τ; dropped ones are shown at the τ they would have had (never used in training).
-    median = scores[kept].median()
-    taus = idts_from_median(scores, median, c=AdaKDLoss().c)
-    return scores, taus, kept, median.item()
+    scores = difficulty_scores(loss_fn.indicator, zs, zt)[labels != -100]
+    sel = select_tokens(scores, loss_fn.ratio, c=loss_fn.c, tau_base=loss_fn.tau_base)
+    # Dropped tokens are shown at the τ they would have had (never used in training).
+    taus = idts_from_median(scores, sel.median, c=loss_fn.c, tau_base=loss_fn.tau_base)
+    return scores, taus, sel.kept, sel.median.item()
 
 
 def run_demo(
@@ -296,7 +293,6 @@ def run_demo(
     SFT, LATF-only, IDTS-only and no-τ²-weight students; ``settings`` replaces the sizes of ``quick``/``seed``."""
     from transformers import AutoModelForCausalLM
 
-    from .. import AdaKDLoss
     from ..report.plots import plot_losses, plot_ratio, plot_tau_vs_difficulty
 
     s = settings if settings is not None else DemoSettings.for_run(quick, seed)
@@ -370,13 +366,14 @@ def run_demo(
     plot_losses({LABELS[k]: metrics[k][first] for k in methods}, plots / "losses.png")
     teacher_model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     student_model = AutoModelForCausalLM.from_pretrained(finals["adakd-rkl"][first], dtype=torch.float32).eval()
-    final_ratio = loss_fns[first].ratio
+    loss_fn = loss_fns[first]
     scores, taus, kept, median = _difficulty_sample(
-        teacher_model, student_model, tokenizer, splits["validation"][:64], final_ratio
+        teacher_model, student_model, tokenizer, splits["validation"][:64], loss_fn
     )
     plot_tau_vs_difficulty(
-        scores, taus, kept, plots / "tau_vs_difficulty.png", ratio=final_ratio, median=median, c=AdaKDLoss().c
-    )
+        scores, taus, kept, plots / "tau_vs_difficulty.png", ratio=loss_fn.ratio, median=median, c=loss_fn.c,
+        tau_base=loss_fn.tau_base,
+    )  # fmt: skip
     times["plots"] = time.perf_counter() - start
     times["total"] = time.perf_counter() - t_all
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..adaptive import difficulty_scores, idts_temperatures, keep_count
+from ..adaptive import difficulty_scores, select_tokens
 from ..loss import align_vocab
 
 __all__ = [
@@ -181,14 +181,13 @@ def analyse(
     p_teacher = torch.log_softmax(t_logits, -1).gather(-1, labels[:, None]).squeeze(-1).exp()
 
     n = len(response_ids)
-    k = keep_count(n, ratio)
-    order = torch.argsort(scores, descending=True, stable=True)
+    selection = select_tokens(scores, ratio, c=c, tau_base=tau_base)  # the loss's own rule
+    order = torch.argsort(scores, descending=True, stable=True)  # the same order select_tokens keeps by
     rank = torch.empty(n, dtype=torch.long)
     rank[order] = torch.arange(1, n + 1)
-    kept = rank <= k
+    kept = selection.kept
     taus = torch.full((n,), math.nan)
-    # The median is order-free, so the kept scores go in position order.
-    taus[kept] = idts_temperatures(scores[kept], c=c, tau_base=tau_base).float()
+    taus[selection.index] = selection.tau.float()
 
     pieces = token_pieces(tokenizer, response_ids)
     return [

@@ -322,33 +322,6 @@ def _vector(values: Any, name: str):
     return array
 
 
-def _lower_median(values) -> float:
-    import numpy as np
-
-    # torch.median's (and so IDTS's) median: the lower of the two middle values for an even count.
-    ordered = np.sort(values)
-    return float(ordered[(len(ordered) - 1) // 2])
-
-
-def _fit_idts(scores, taus, median: float) -> tuple[float, float] | None:
-    """(c, τ_base) with log τ = log τ_base − c·tanh(log(s/m)) fitted to kept tokens; None unless it fits exactly."""
-    import numpy as np
-
-    if median <= 0 or len(scores) < 2 or np.any(taus <= 0):
-        return None
-    s_hat = np.tanh(np.log(np.clip(scores / median, 1e-8, None)))
-    log_tau = np.log(taus)
-    if np.ptp(s_hat) < 1e-6:
-        return None
-    slope, intercept = np.polyfit(s_hat, log_tau, 1)
-    residual = log_tau - (intercept + slope * s_hat)
-    # IDTS is exact arithmetic: anything beyond float32 noise means the temperatures came from something else
-    # (another median, the one-pass fused mode), and a fitted curve would mislead.
-    if float(np.max(np.abs(residual))) > 1e-3:
-        return None
-    return float(-slope), float(np.exp(intercept))
-
-
 def plot_tau_vs_difficulty(
     scores: Any,
     taus: Any,
@@ -364,12 +337,12 @@ def plot_tau_vs_difficulty(
     """Scatter per-token difficulty (x) against the IDTS temperature τ (y): kept tokens filled, dropped ones hollow.
 
     Dropped tokens get no τ in AdaKD. They are drawn as hollow grey circles at their would-be τ (what IDTS would
-    give them with the kept tokens' median) when ``taus`` holds one value per token or the IDTS curve is known;
-    otherwise as grey ticks along the bottom edge of the plot (x still their difficulty).
+    give them with the kept tokens' median) when ``taus`` holds one value per token or ``c`` is given; otherwise as
+    grey ticks along the bottom edge of the plot (x still their difficulty).
 
-    The IDTS curve τ = τ_base·exp(−c·tanh(log(s/m))) is overlaid when it is known: ``median`` (m) and ``c`` given,
-    or inferred from the kept tokens (m = their lower median, as ``torch.median``; c and τ_base fitted, drawn only
-    when the fit is exact). A dotted vertical line marks m.
+    The IDTS curve τ = τ_base·exp(−c·tanh(log(s/m))) is drawn only with the run's own ``c`` (and ``tau_base``),
+    computed by :func:`adakd.adaptive.idts_from_median`, never fitted back out of the temperatures. ``median`` (m)
+    defaults to the kept tokens' lower median (``torch.median``, IDTS's); a dotted vertical line marks it.
 
     Args:
         scores: ``[N]`` per-token difficulty scores (tensor or sequence of floats).
@@ -379,8 +352,8 @@ def plot_tau_vs_difficulty(
         path: the PNG to write (its folder is created).
         ratio: the LATF ratio r, for the title (default: K / N).
         median: m of IDTS; default: the lower median of the kept tokens' scores.
-        c: the IDTS strength; default: fitted to the kept tokens.
-        tau_base: τ at s = m when ``c`` is given.
+        c: the run's IDTS strength; without it no curve is drawn.
+        tau_base: the run's τ at s = m, with ``c``.
         indicator: the difficulty indicator, for the x-axis label.
 
     Raises:
@@ -408,18 +381,15 @@ def plot_tau_vs_difficulty(
         raise ValueError(f"taus: {len(t)} values; expected {n} (one per token) or {n_kept} (one per kept token)")
     s_kept, s_dropped = s[k], s[~k]
 
-    m = median if median is not None else (_lower_median(s_kept) if n_kept else None)
-    curve = None  # (c, tau_base)
-    if m is not None and c is not None:
-        curve = (float(c), float(tau_base))
-    elif m is not None and n_kept:
-        curve = _fit_idts(s_kept, t_kept, float(m))
+    import torch
+
+    from ..adaptive import idts_from_median
+
+    m = median if median is not None else (float(torch.as_tensor(s_kept).median()) if n_kept else None)
+    curve = None if m is None or c is None else (float(c), float(tau_base))
 
     def idts(x):
-        c_, base = curve
-        if m <= 0:
-            return np.full_like(x, base)
-        return base * np.exp(-c_ * np.tanh(np.log(np.clip(x / m, 1e-8, None))))
+        return idts_from_median(torch.as_tensor(x, dtype=torch.float64), m, c=curve[0], tau_base=curve[1]).numpy()
 
     if t_dropped is None and curve is not None:
         t_dropped = idts(s_dropped)

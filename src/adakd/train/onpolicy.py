@@ -105,9 +105,6 @@ class ReplayBuffer:
         self.rng.setstate(state["rng"])
 
 
-REPLAY_RATIOS = ("decreasing", "constant", "increasing")
-
-
 @dataclass
 class AdaptiveSchedule:
     """DistiLLM's adaptive off-policy schedule (``finetune.py``, ``finetune``; ``--init-threshold``,

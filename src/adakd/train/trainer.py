@@ -41,6 +41,7 @@ from transformers import Trainer, TrainerCallback
 
 from .. import AdaKDLoss
 from ..loss import NonFiniteLossError
+from .config import NONFINITE_POLICIES
 from .engines import call_through, check_linear_head, engine_of, full_parameters, unwrap
 from .onpolicy import OnPolicyController
 
@@ -48,7 +49,6 @@ __all__ = ["STATE_FILE", "AdaKDTrainer", "CheckpointError", "complete_checkpoint
 
 STATE_FILE = "adakd_state.pt"
 STAGING_DIR = ".adakd-staging"  # checkpoints are written here, then renamed into output_dir once complete
-NONFINITE = ("error", "skip")
 
 
 class CheckpointError(ValueError):
@@ -155,8 +155,8 @@ class AdaKDTrainer(Trainer):
             raise ValueError("AdaKDTrainer needs AdaKDLoss(reduction='sum'): it normalises over the whole window")
         if teacher_model is None and kd_ratio > 0:
             raise ValueError("no teacher: kd_ratio must be 0 (plain SFT)")
-        if nonfinite not in NONFINITE:
-            raise ValueError(f"nonfinite: unknown policy {nonfinite!r}; valid: {', '.join(NONFINITE)}")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite: unknown policy {nonfinite!r}; valid: {', '.join(NONFINITE_POLICIES)}")
         super().__init__(model=model, **kwargs)
         self.loss_fn = loss_fn
         self.kd_ratio = float(kd_ratio)
