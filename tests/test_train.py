@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -242,7 +243,24 @@ def test_evaluation_batches_do_not_move_latf(tmp_path):
     trainer.model.eval()
     with torch.no_grad():
         trainer.compute_loss(trainer.model, batch)
-    assert trainer._micro == [] and trainer._window == {}
+    assert trainer.loss_fn.pending() == (0.0, 0)  # nothing counts towards LATF's next step
+    trainer.log({"loss": 0.0})
+    assert "kd_loss" not in trainer.state.log_history[-1]  # nor towards the training logs
     trainer.model.train()
     trainer.compute_loss(trainer.model, batch)
-    assert len(trainer._micro) == 1
+    assert trainer.loss_fn.pending()[1] == 1
+    trainer.log({"loss": 0.0})
+    assert "kd_loss" in trainer.state.log_history[-1] and "adakd/ratio" in trainer.state.log_history[-1]
+
+
+def test_kd_is_normalised_by_the_tokens_the_loss_really_kept(tmp_path):
+    """The trainer's KD term is the loss's own sum divided by what the loss reports it kept (scaled to the window
+    by the micro-batch's share of valid tokens), not by r × valid tokens."""
+    trainer = build_trainer(_config(tmp_path, "loss.selection=fixed", "loss.ratio=0.3", "loss.kd_ratio=1.0"))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    trainer.model.train()
+    valid = int((batch["labels"][:, 1:] != -100).sum())
+    loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=valid)
+    report = trainer.loss_fn.last_report
+    assert report.valid_tokens == valid and report.kept_tokens == max(1, math.floor(valid * 0.3 + 1e-6))
+    assert loss.item() == pytest.approx(report.loss.item() / report.kept_tokens, rel=1e-6)  # the mean over kept

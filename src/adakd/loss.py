@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,7 +33,7 @@ from .fused import (
     default_chunk_size,
 )
 
-__all__ = ["AdaKDLoss", "NonFiniteLossError", "align_vocab"]
+__all__ = ["AdaKDLoss", "LossReport", "NonFiniteLossError", "align_vocab"]
 
 SELECTIONS = ("latf", "fixed", "linear", "cosine", "all")
 TEMPERATURES = ("inverse", "fixed", "reverse")
@@ -54,6 +55,33 @@ STAT_KEYS = (
 def _choice(option: str, value: object, valid: tuple[str, ...]) -> OptionError:
     message = f"unknown {option} {value!r}; valid: {', '.join(valid)}"
     return OptionError(option, f"unknown {value!r}; valid: {', '.join(valid)}", message)
+
+
+@dataclass(frozen=True)
+class LossReport:
+    """What one forward of :class:`AdaKDLoss` did. ``loss`` is the returned value (per ``reduction``);
+    ``mean_loss`` is L_t, the mean over kept tokens of τ_i²·D (what LATF consumes), whatever the reduction. The
+    score statistics are NaN in plain-KD mode (keep all, one τ), which computes no scores; an empty batch (no
+    valid token) has ``kept_tokens == valid_tokens == 0``."""
+
+    loss: Tensor
+    ratio: float
+    valid_tokens: int
+    kept_tokens: int
+    tau_mean: float
+    tau_min: float
+    tau_max: float
+    score_median: float
+    score_threshold: float
+    mean_loss: float
+
+    def as_dict(self) -> dict[str, float]:
+        """The statistics by their ``STAT_KEYS`` names (``loss`` is ``mean_loss``), as logged."""
+        return {
+            "ratio": self.ratio, "valid_tokens": float(self.valid_tokens), "kept_tokens": float(self.kept_tokens),
+            "tau_mean": self.tau_mean, "tau_min": self.tau_min, "tau_max": self.tau_max,
+            "score_median": self.score_median, "score_threshold": self.score_threshold, "loss": self.mean_loss,
+        }  # fmt: skip
 
 
 class NonFiniteLossError(ValueError):
@@ -235,9 +263,8 @@ class AdaKDLoss(nn.Module):
         self.score_with_grad = score_fn(indicator, differentiable=True)
         self._prev_scores: Tensor | None = None  # the last micro-batch's scores, for the one-pass mode
         self._chunk_fns: dict[tuple[torch.dtype, str], Any] = {}
-        self.stats: dict[str, float] = {}
-        self._pending_loss = 0.0
-        self._pending_count = 0
+        self.last_report: LossReport | None = None
+        self._pending = (0.0, 0)  # (Σ L_t, count) of the training forwards since the last step
 
     # ----------------------------------------------------------------------------------------------------------
     @property
@@ -250,17 +277,29 @@ class AdaKDLoss(nn.Module):
 
         Args:
             loss_value: the step's distillation loss, averaged over gradient-accumulation micro-steps and
-                data-parallel ranks. ``None`` uses the mean ``stats["loss"]`` of the forwards since the last
-                step (right on a single process; under data parallelism pass the all-reduced mean).
+                data-parallel ranks. ``None`` uses the mean L_t of the training-mode forwards since the last
+                step (:meth:`pending`; right on a single process; under data parallelism pass the all-reduced
+                mean).
         """
         if loss_value is None:
-            if self._pending_count == 0:
+            if self._pending[1] == 0:
                 raise ValueError("AdaKDLoss.step() without a loss value needs at least one forward since the last step")
-            loss_value = self._pending_loss / self._pending_count
-        self._pending_loss, self._pending_count = 0.0, 0
+            loss_value = self._pending[0] / self._pending[1]
+        self._pending = (0.0, 0)
         if self.controller is not None:
             self.controller.update(loss_value)
         return self.ratio
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """The last forward's statistics (:meth:`LossReport.as_dict`); ``{}`` before any forward."""
+        return {} if self.last_report is None else self.last_report.as_dict()
+
+    def pending(self) -> tuple[float, int]:
+        """(Σ L_t, count) over the forwards in training mode since the last :meth:`step` (a trainer all-reduces
+        these across ranks and passes the mean to :meth:`step`). Forwards in eval mode (``loss_fn.eval()``) and
+        batches without a valid token do not count."""
+        return self._pending
 
     def get_extra_state(self) -> dict[str, Any]:
         return {
@@ -297,12 +336,21 @@ class AdaKDLoss(nn.Module):
         return tau * tau if self.tau_weight == "squared" else 1.0
 
     def _record(
-        self, ratio: float, n: int, k: int, tau: Tensor | float, kept_scores: Tensor | None, mean_loss: Tensor
-    ) -> None:
-        """Fill ``self.stats``. ``loss`` is L_t, the mean over kept tokens, whatever the reduction; the score
-        statistics are NaN in plain-KD mode (``selection="all"``, ``temperature="fixed"``), which computes none."""
+        self,
+        loss: Tensor,
+        ratio: float,
+        n: int,
+        k: int,
+        tau: Tensor | float,
+        kept_scores: Tensor | None,
+        mean_loss: Tensor | float,
+    ) -> LossReport:
+        """The :class:`LossReport` of this forward, kept as ``last_report``; L_t joins :meth:`pending` in training
+        mode when the batch had valid tokens. Called only once the loss is known to be finite."""
         if k == 0:  # nothing valid in this batch
             values = [self.tau_base] * 3 + [0.0] * 3
+        elif isinstance(mean_loss, float):  # the one-pass path has its statistics already
+            values = [*tau, *kept_scores, mean_loss]
         else:
             tau = tau.detach() if isinstance(tau, Tensor) else tau
             kept_scores = None if kept_scores is None else kept_scores.detach()
@@ -321,9 +369,19 @@ class AdaKDLoss(nn.Module):
                 ]
             )
             values = stacked.tolist()  # one device sync for all the statistics
-        self.stats = dict(zip(STAT_KEYS, [ratio, float(n), float(k), *values], strict=True))
-        self._pending_loss += self.stats["loss"]
-        self._pending_count += 1
+        report = LossReport(loss, float(ratio), int(n), int(k), *values)
+        self.last_report = report
+        if self.training and k > 0:
+            self._pending = (self._pending[0] + report.mean_loss, self._pending[1] + 1)
+        return report
+
+    def _finite(self, loss: Tensor) -> None:
+        # Checked before _record, on both paths: a bad batch must not reach LATF's EMA nor the statistics.
+        if not bool(torch.isfinite(loss)):
+            raise NonFiniteLossError(
+                "non-finite AdaKD loss: NaN or +inf logits, a row of -inf, or a token that one model gives "
+                "probability 0 and the other does not"
+            )
 
     def _needs_scores(self, n: int) -> bool:
         """Whether n valid tokens need difficulty scores: not in plain-KD mode (keep all, one τ)."""
@@ -357,7 +415,9 @@ class AdaKDLoss(nn.Module):
             tau = tau[inverse]
         return ratio, k, None, scores, tau
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> Tensor:
+    def forward(
+        self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, return_report: bool = False
+    ) -> Tensor | tuple[Tensor, LossReport]:
         """The AdaKD loss of one micro-batch, on materialised logits (the reference path).
 
         Args:
@@ -365,8 +425,14 @@ class AdaKDLoss(nn.Module):
             teacher_logits: ``[..., V_t]``, V_t ≥ V_s (cropped by :func:`align_vocab`). No gradient flows to it.
             labels: ``[...]`` target ids; ``ignore_index`` (-100) marks positions without loss.
 
+            return_report: also return the :class:`LossReport` (what was kept, τ, L_t).
+
         Returns:
-            A float32 scalar (float64 for float64 logits). 0, with a zero gradient, when every label is masked.
+            A float32 scalar (float64 for float64 logits), or ``(loss, report)``. 0, with a zero gradient, when
+            every label is masked.
+
+        Raises:
+            NonFiniteLossError: the loss is NaN or inf; nothing (statistics, LATF) has changed then.
         """
         student_logits, teacher_logits = align_vocab(student_logits, teacher_logits, self.vocab_size)
         if labels.shape != student_logits.shape[:-1]:
@@ -383,8 +449,8 @@ class AdaKDLoss(nn.Module):
         if n == 0:
             # An empty sum keeps the graph (backward gives zeros), even if the logits hold -inf.
             loss = student[:0].sum().to(dtype)
-            self._record(self.ratio, 0, 0, self.tau_base, None, loss)
-            return loss
+            report = self._record(loss, self.ratio, 0, 0, self.tau_base, None, loss)
+            return (loss, report) if return_report else loss
 
         def score_pass() -> Tensor:
             if self.tau_has_grad:  # τ will carry the gradient back through these scores
@@ -409,13 +475,9 @@ class AdaKDLoss(nn.Module):
         per_token = self.div(log_probs(student, tau, dtype), log_probs(teacher, tau, dtype))
         per_token = per_token * self._weight(tau)
         loss = per_token.mean() if self.reduction == "mean" else per_token.sum()
-        if not bool(torch.isfinite(loss)):  # checked before _record: a bad batch must not reach LATF's EMA
-            raise NonFiniteLossError(
-                "non-finite AdaKD loss: NaN or +inf logits, a row of -inf, or a token that one model gives "
-                "probability 0 and the other does not"
-            )
-        self._record(ratio, n, k, tau, scores, loss if self.reduction == "mean" else per_token.mean())
-        return loss
+        self._finite(loss)
+        report = self._record(loss, ratio, n, k, tau, scores, loss if self.reduction == "mean" else per_token.mean())
+        return (loss, report) if return_report else loss
 
     def forward_hidden(
         self,
@@ -430,7 +492,8 @@ class AdaKDLoss(nn.Module):
         chunk_size: int | None = None,
         impl: str | None = None,
         one_pass: bool | None = None,
-    ) -> Tensor:
+        return_report: bool = False,
+    ) -> Tensor | tuple[Tensor, LossReport]:
         """The same loss as :meth:`forward` on ``student_hidden @ student_weight.T``, without materialising it.
 
         Chunked and fused with the lm_head products (:mod:`adakd.fused`): pass 1 scores every valid token chunk by
@@ -454,9 +517,14 @@ class AdaKDLoss(nn.Module):
                 of the previous micro-batch's kept scores. The first micro-batch (or one where no token passes)
                 runs the exact passes. Default ``self.one_pass``. See the README for its measured effect.
 
+            return_report: also return the :class:`LossReport`.
+
         Returns:
             A float32 scalar (float64 for float64 inputs), with gradients into ``student_hidden``,
-            ``student_weight`` and ``student_bias`` where they require grad.
+            ``student_weight`` and ``student_bias`` where they require grad; or ``(loss, report)``.
+
+        Raises:
+            NonFiniteLossError: as :meth:`forward`, before any state changes.
         """
         impl = impl or self.impl
         h_s, h_t = student_hidden.shape[-1], teacher_hidden.shape[-1]
@@ -500,8 +568,8 @@ class AdaKDLoss(nn.Module):
             loss = hs[:0].sum().to(dtype) + student_weight[:0].sum().to(dtype)
             if student_bias is not None:
                 loss = loss + student_bias[:0].sum().to(dtype)
-            self._record(self.ratio, 0, 0, self.tau_base, None, loss)
-            return loss
+            report = self._record(loss, self.ratio, 0, 0, self.tau_base, None, loss)
+            return (loss, report) if return_report else loss
 
         bs_detached = None if student_bias is None else student_bias.detach()
         targets = flat_labels.index_select(0, rows)
@@ -510,9 +578,11 @@ class AdaKDLoss(nn.Module):
         if one_pass and not self.detach_tau:
             raise ValueError("one_pass supports detach_tau=True only (its temperatures come from the previous batch)")
         if one_pass and self._needs_scores(n) and self._prev_scores is not None:
-            loss = self._one_pass(hs, student_weight, student_bias, ht, wt, bt, rows, targets, chunk_fn, chunk_size)
-            if loss is not None:
-                return loss
+            done = self._one_pass(hs, student_weight, student_bias, ht, wt, bt, rows, targets, chunk_fn, chunk_size)
+            if done is not None:
+                return done if return_report else done[0]
+
+        scored: dict[str, Tensor] = {}
 
         def score_pass() -> Tensor:
             scores = chunked_scores(
@@ -529,7 +599,7 @@ class AdaKDLoss(nn.Module):
                 dtype,
             )
             if one_pass:
-                self._prev_scores = scores
+                scored["all"] = scores  # becomes the one-pass state once the loss is known to be finite
             return scores
 
         ratio, k, kept, scores, tau = self._select(n, score_pass)
@@ -543,9 +613,11 @@ class AdaKDLoss(nn.Module):
                 self.c, self.tau_base, self.temperature == "reverse", scale, self._chunk_fn(dtype, impl, True),
                 chunk_size, dtype,
             )  # fmt: skip
+            self._finite(loss)
+            self._prev_scores = scored.get("all", self._prev_scores)
             mean_loss = loss.detach() if self.reduction == "mean" else loss.detach() / k
-            self._record(ratio, n, k, tau, scores, mean_loss)
-            return loss
+            report = self._record(loss, ratio, n, k, tau, scores, mean_loss)
+            return (loss, report) if return_report else loss
         loss = FusedKeptLoss.apply(
             hs,
             student_weight,
@@ -560,12 +632,17 @@ class AdaKDLoss(nn.Module):
             chunk_size,
             dtype,
         )
+        self._finite(loss)
+        self._prev_scores = scored.get("all", self._prev_scores)
         mean_loss = loss.detach() if self.reduction == "mean" else loss.detach() / k
-        self._record(ratio, n, k, tau, scores, mean_loss)
-        return loss
+        report = self._record(loss, ratio, n, k, tau, scores, mean_loss)
+        return (loss, report) if return_report else loss
 
-    def _one_pass(self, hs, ws, bs, ht, wt, bt, rows, targets, chunk_fn, chunk_size) -> Tensor | None:
-        """forward_hidden's one-pass approximation; None when no token reaches the threshold (run the exact path)."""
+    def _one_pass(
+        self, hs, ws, bs, ht, wt, bt, rows, targets, chunk_fn, chunk_size
+    ) -> tuple[Tensor, LossReport] | None:
+        """forward_hidden's one-pass approximation: (loss, report), or None when no token reaches the threshold
+        (run the exact path)."""
         prev, n, ratio = self._prev_scores.to(hs.device), rows.numel(), self.ratio
         k_prev = prev.numel() if self.controller is None else keep_count(prev.numel(), ratio)
         top = prev.topk(k_prev).values  # descending: the last is the k-th score
@@ -577,17 +654,16 @@ class AdaKDLoss(nn.Module):
             self.temperature == "reverse", self.reduction == "mean", self.score, chunk_fn, chunk_size, dtype,
         )  # fmt: skip
         count, tau_sum, tau_min, tau_max = info.tolist()
-        self._prev_scores = scores
         if count == 0:
+            self._prev_scores = scores
             return None
+        self._finite(loss)
+        self._prev_scores = scores
         mean_loss = loss.item() if self.reduction == "mean" else loss.item() / count
         kept = scores[scores >= threshold]  # the same statistics as the exact path: of this batch's kept scores
-        values = [ratio, float(n), count, tau_sum / count, tau_min, tau_max]
-        values += [*torch.stack([kept.median(), kept.min()]).tolist(), mean_loss]
-        self.stats = dict(zip(STAT_KEYS, values, strict=True))
-        self._pending_loss += mean_loss
-        self._pending_count += 1
-        return loss
+        score_stats = torch.stack([kept.median(), kept.min()]).tolist()
+        report = self._record(loss, ratio, n, int(count), [tau_sum / count, tau_min, tau_max], score_stats, mean_loss)
+        return loss, report
 
     def _chunk_fn(self, dtype: torch.dtype, impl: str, tau_grad: bool = False):
         key = (dtype, impl, tau_grad)

@@ -78,7 +78,7 @@ def test_nonfinite_skip_gives_zero_gradient(tmp_path, which, fused):
     loss.backward()
     grads = _grads(trainer.model)
     assert grads and all(g is not None and not g.any() for g in grads)
-    assert trainer.skipped_nonfinite == 1 and trainer._micro == []  # LATF never saw it
+    assert trainer.skipped_nonfinite == 1 and trainer.loss_fn.pending() == (0.0, 0)  # LATF never saw it
 
 
 def test_nonfinite_loss_from_finite_logits(tmp_path):
@@ -132,4 +132,41 @@ def test_loss_refuses_nonfinite_before_touching_state():
     student[0, 1] = -math.inf  # a whole row of -inf: no distribution
     with pytest.raises(NonFiniteLossError, match="non-finite AdaKD loss"):
         fn(student, teacher, torch.zeros(2, 4, dtype=torch.long))
-    assert fn._pending_count == 0
+    assert fn.pending() == (0.0, 0) and fn.last_report is None and fn.stats == {}
+
+
+@pytest.mark.parametrize("one_pass", [False, True])
+def test_forward_hidden_refuses_nonfinite_before_touching_state(one_pass):
+    """A teacher bias of -inf on a token the student gives mass: RKL is +inf there. The fused path raises the same
+    error as the logits path, before its statistics, its pending L_t or its one-pass state change."""
+    gen = torch.Generator().manual_seed(0)
+    hs, ws = torch.randn(12, 8, generator=gen), torch.randn(16, 8, generator=gen)
+    ht, wt = torch.randn(12, 8, generator=gen), torch.randn(16, 8, generator=gen)
+    labels = torch.randint(0, 16, (12,), generator=gen)
+    fn = AdaKDLoss("rkl", selection="fixed", ratio=0.5, one_pass=one_pass)
+    fn.forward_hidden(hs, ws, ht, wt, labels)  # a finite batch first (the one-pass mode needs a previous one)
+    before = (fn.pending(), fn.stats, fn._prev_scores)
+    bias = torch.zeros(16)
+    bias[labels[0]] = -math.inf
+    with pytest.raises(NonFiniteLossError, match="non-finite AdaKD loss"):
+        fn.forward_hidden(hs, ws, ht, wt, labels, teacher_bias=bias)
+    assert fn.pending() == before[0] and fn.stats == before[1]
+    assert fn._prev_scores is before[2]  # the one-pass state is the last finite batch's
+
+
+def test_fused_trainer_skips_a_nonfinite_loss_from_finite_hidden_states(tmp_path):
+    """Through the trainer's fused path: finite hidden states, an infinite loss (a teacher lm_head bias of -inf),
+    the same skip policy as on logits: a zero loss, a zero gradient, LATF untouched."""
+    trainer = build_trainer(tiny(tmp_path, "loss.nonfinite=skip", "loss.fused=true"))
+    trainer.model.train()
+    head = trainer.teacher.get_output_embeddings()
+    head.bias = torch.nn.Parameter(torch.zeros(head.weight.shape[0]), requires_grad=False)
+    with torch.no_grad():
+        head.bias[: head.weight.shape[0] // 2] = -math.inf  # half the vocabulary impossible for the teacher
+    with pytest.warns(RuntimeWarning, match="non-finite loss; micro-batch skipped"):
+        loss = trainer.compute_loss(trainer.model, _batch(trainer), num_items_in_batch=10)
+    assert loss.item() == 0.0
+    loss.backward()
+    grads = _grads(trainer.model)
+    assert grads and all(g is not None and not g.any() for g in grads)
+    assert trainer.skipped_nonfinite == 1 and trainer.loss_fn.pending() == (0.0, 0)

@@ -6,12 +6,14 @@ The training step, spelled out (``compute_loss``):
 2. shift: position i predicts label i + 1; prompt and padding labels are -100;
 3. CE = Σ_valid −log q(y) and KD = Σ_kept τ²·D (``AdaKDLoss(reduction="sum")``), both normalised over the whole
    gradient-accumulation window (and all data-parallel ranks): CE by the window's valid-token count
-   ``num_items_in_batch``, KD by its kept-token count ≈ r·``num_items_in_batch``; so with ``selection: all`` the
-   loss and gradients do not depend on how a batch is split into micro-batches;
+   ``num_items_in_batch``, KD by the tokens the loss reports it kept (its :class:`adakd.loss.LossReport`), scaled
+   to the window by the micro-batch's share of valid tokens; so with ``selection: all`` the loss and gradients do
+   not depend on how a batch is split into micro-batches;
 4. loss = (1 − kd_ratio)·CE + kd_ratio·KD.
 
-After each optimizer step, ``AdaKDLoss.step`` receives L_t (the micro-steps' mean kept-token loss) averaged over
-the micro-steps and all ranks, so every rank holds the same ratio. The loss state (LATF) is saved in every
+The trainer reads nothing else from the loss: the report of each forward, and ``AdaKDLoss.pending()`` (the sum
+and count of L_t since the last step, training-mode forwards only), which it all-reduces once per optimizer step
+and passes to ``AdaKDLoss.step``, so every rank holds the same ratio. The loss state (LATF) is saved in every
 checkpoint (``adakd_state.pt``) and restored on resume.
 
 Several processes (DDP, FSDP2, DeepSpeed; :mod:`adakd.train.engines`): the student is always called through the
@@ -40,7 +42,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import Trainer, TrainerCallback
 
 from .. import AdaKDLoss
-from ..loss import NonFiniteLossError
+from ..loss import LossReport, NonFiniteLossError
 from .config import NONFINITE_POLICIES
 from .engines import call_through, check_linear_head, engine_of, full_parameters, unwrap
 from .onpolicy import OnPolicyController
@@ -183,7 +185,6 @@ class AdaKDTrainer(Trainer):
             from .models import prepare_teacher
 
             self.teacher = prepare_teacher(teacher_model, self.accelerator)
-        self._micro: list[float] = []  # L_t of each micro-step since the last optimizer step
         self._window: dict[str, float] = {}  # sums for logging since the last log
         self.add_callback(_LossStateCallback(self))
 
@@ -266,8 +267,8 @@ class AdaKDTrainer(Trainer):
         self.skipped_nonfinite += 1
         warnings.warn(f"adakd: step {step}: non-finite {what}; micro-batch skipped", RuntimeWarning, stacklevel=3)
 
-    def _logits_terms(self, model, ids, mask, labels) -> tuple[torch.Tensor | None, torch.Tensor | None, Any]:
-        """(Σ CE, Σ KD, zero loss if the micro-batch is skipped) on materialised logits."""
+    def _logits_terms(self, model, ids, mask, labels) -> tuple[Any, Any, Any, LossReport | None]:
+        """(Σ CE, Σ KD, zero loss if the micro-batch is skipped, the loss's report) on materialised logits."""
         student = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
         teacher = None
         if self.teacher is not None and self.kd_ratio > 0:
@@ -276,23 +277,24 @@ class AdaKDTrainer(Trainer):
         for name, x in (("student", student), ("teacher", teacher)):
             if x is not None and not bool(torch.isfinite(x).all()):
                 self._skip(f"{name} logits")
-                return None, None, self._zero_loss(model, student if name == "teacher" else None)
+                return None, None, self._zero_loss(model, student if name == "teacher" else None), None
         ce = kd = None
         if self.kd_ratio < 1:
             flat = student.reshape(-1, student.shape[-1]).float()
             ce = F.cross_entropy(flat, labels.reshape(-1), ignore_index=-100, reduction="sum")
+        report = None
         if self.kd_ratio > 0:
             try:
-                kd = self.loss_fn(student, teacher, labels)
+                kd, report = self.loss_fn(student, teacher, labels, return_report=True)
             except NonFiniteLossError:
                 self._skip("loss")
-                return None, None, self._zero_loss(model, student)
-        return ce, kd, None
+                return None, None, self._zero_loss(model, student), None
+        return ce, kd, None, report
 
-    def _fused_terms(self, model, ids, mask, labels) -> tuple[torch.Tensor | None, torch.Tensor | None, Any]:
-        """(Σ CE, Σ KD, zero loss if skipped) from hidden states and lm_head weights: the student's decoder runs
-        through its engine wrapper, and the loss inside its lm_head's forward, where the engine holds the full
-        weight (see :mod:`adakd.train.engines`)."""
+    def _fused_terms(self, model, ids, mask, labels) -> tuple[Any, Any, Any, LossReport | None]:
+        """(Σ CE, Σ KD, zero loss if skipped, the loss's report) from hidden states and lm_head weights: the
+        student's decoder runs through its engine wrapper, and the loss inside its lm_head's forward, where the
+        engine holds the full weight (see :mod:`adakd.train.engines`)."""
         base = unwrap(model)
         decoder, head = base.get_decoder(), base.get_output_embeddings()
         teacher_hidden = t_head = None
@@ -330,18 +332,21 @@ class AdaKDTrainer(Trainer):
             ce = kd = None
             if self.kd_ratio < 1:
                 ce = _chunked_ce_sum(flat, weight, bias, flat_labels, self.chunk_size or 1024)
-            if self.kd_ratio > 0:
-                dtype = teacher_hidden.dtype
-                kd = self.loss_fn.forward_hidden(
-                    hidden, weight, teacher_hidden, t_weight.to(dtype), labels,
-                    student_bias=bias, teacher_bias=None if t_bias is None else t_bias.to(dtype),
-                    chunk_size=self.chunk_size,
-                )  # fmt: skip
-            terms = [t for t in (ce, kd) if t is not None]
-            if not all(bool(torch.isfinite(t)) for t in terms):  # e.g. an overflow inside the divergence
+            try:
+                if ce is not None and not bool(torch.isfinite(ce)):
+                    raise NonFiniteLossError("non-finite cross-entropy")
+                if self.kd_ratio > 0:
+                    dtype = teacher_hidden.dtype
+                    kd, result["report"] = self.loss_fn.forward_hidden(
+                        hidden, weight, teacher_hidden, t_weight.to(dtype), labels,
+                        student_bias=bias, teacher_bias=None if t_bias is None else t_bias.to(dtype),
+                        chunk_size=self.chunk_size, return_report=True,
+                    )  # fmt: skip
+            except NonFiniteLossError:  # e.g. an overflow inside the divergence: the same policy as on logits
                 self._skip("loss")
                 result["zero"] = self._zero_loss(model, hidden, (head.weight, head.bias))
                 return result["zero"]
+            terms = [t for t in (ce, kd) if t is not None]
             result["ce"], result["kd"] = ce, kd
             return torch.stack([t.float() for t in terms])
 
@@ -352,12 +357,12 @@ class AdaKDTrainer(Trainer):
 
         out = call_through(model, forward, input_ids=ids, attention_mask=mask)
         if "zero" in result:
-            return None, None, out
+            return None, None, out, None
         # The terms as they left the engine's forward (its backward hooks are attached to ``out``).
         terms = iter(out.unbind(0))
         ce = next(terms) if result["ce"] is not None else None
         kd = next(terms) if result["kd"] is not None else None
-        return ce, kd, None
+        return ce, kd, None, result.get("report")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids, mask = inputs["input_ids"], inputs.get("attention_mask")
@@ -373,8 +378,10 @@ class AdaKDTrainer(Trainer):
                     stacklevel=2,
                 )
             self.empty_batches += 1
+        # Evaluation forwards must not move LATF: the loss counts L_t towards its next step in training mode only.
+        self.loss_fn.train(model.training)
         terms = self._fused_terms if self.fused else self._logits_terms
-        ce_sum, kd_sum, zero = terms(model, ids, mask, labels)
+        ce_sum, kd_sum, zero, report = terms(model, ids, mask, labels)
         if zero is not None:
             return (zero, None) if return_outputs else zero
         if num_items_in_batch is None:  # evaluation, or a caller outside the Trainer loop: this batch alone
@@ -386,19 +393,19 @@ class AdaKDTrainer(Trainer):
         ce = None if ce_sum is None else ce_sum / denom
         kd = None
         if kd_sum is not None:
-            # The window's kept count: r·(valid tokens); exactly the valid count when every token is kept.
-            kept_fraction = 1.0 if self.loss_fn.controller is None else self.loss_fn.stats["ratio"]
+            # KD is a mean over kept tokens: this micro-batch's sum over its kept tokens, scaled to the window by
+            # its share of the window's valid tokens. With every token kept this is Σ/valid-in-window exactly
+            # (invariant to how the window is split); otherwise each micro-batch uses the count it really kept.
+            kept_fraction = report.kept_tokens / report.valid_tokens if report.valid_tokens else 1.0
             kd = kd_sum / (denom * kept_fraction)
         loss = sum(w * term for w, term in ((1 - self.kd_ratio, ce), (self.kd_ratio, kd)) if term is not None)
-        if model.training:  # evaluation batches must not move LATF nor the training logs
-            if kd is not None:
-                self._micro.append(self.loss_fn.stats["loss"])
-            self._accumulate(ce, kd, scale)
+        if model.training:  # evaluation batches must not move the training logs
+            self._accumulate(ce, kd, scale, report)
         loss = loss * scale
         return (loss, None) if return_outputs else loss
 
     # ----------------------------------------------------------------------------------------------------------
-    def _accumulate(self, ce, kd, scale: float) -> None:
+    def _accumulate(self, ce, kd, scale: float, report: LossReport | None) -> None:
         # Scaled like the returned loss, so that (1 − kd_ratio)·ce_loss + kd_ratio·kd_loss = loss on one process.
         w = self._window
         w["n"] = w.get("n", 0) + 1
@@ -406,8 +413,9 @@ class AdaKDTrainer(Trainer):
             w["ce_loss"] = w.get("ce_loss", 0.0) + ce.item() * scale
         if kd is not None:
             w["kd_loss"] = w.get("kd_loss", 0.0) + kd.item() * scale
+            stats = report.as_dict()
             for key in LOGGED:
-                w[key] = w.get(key, 0.0) + self.loss_fn.stats[key]
+                w[key] = w.get(key, 0.0) + stats[key]
 
     def _end_optimizer_step(self) -> None:
         """LATF advances on L_t averaged over this step's micro-steps and over all ranks (one all-reduce).
@@ -417,12 +425,11 @@ class AdaKDTrainer(Trainer):
         """
         if self.teacher is None or self.kd_ratio == 0:  # the same on every rank: no KD, no LATF, no collective
             return
-        total = torch.tensor([sum(self._micro), len(self._micro)], dtype=torch.float64, device=self.args.device)
+        total = torch.tensor(self.loss_fn.pending(), dtype=torch.float64, device=self.args.device)
         if self.accelerator.num_processes > 1:
             total = self.accelerator.reduce(total, reduction="sum")
-        self._micro.clear()
         if float(total[1]) > 0:
-            self.loss_fn.step(float(total[0] / total[1]))
+            self.loss_fn.step(float(total[0] / total[1]))  # also clears the loss's pending sums
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         w, self._window = self._window, {}
