@@ -78,7 +78,7 @@ TRAJECTORY = [
     (20.0, 12.96875, 12.96875, 0.675),
     (30.0, 21.484375, 21.484375, 1.0),  # 1.0125 clipped to r_max
 ]
-LATF_ARGS = dict(ema_decay=0.5, tolerance=0.1, step=0.5, min_ratio=0.3, max_ratio=1.0, warmup_steps=2)
+LATF_ARGS = dict(ema_decay=0.5, tolerance=0.1, step_size=0.5, min_ratio=0.3, max_ratio=1.0, warmup_steps=2)
 
 
 def test_latf_trajectory_by_hand():
@@ -128,7 +128,7 @@ def test_latf_defaults_and_no_warmup():
     [
         ({"ema_decay": 1.0}, "ema_decay"),
         ({"tolerance": -0.1}, "tolerance"),
-        ({"step": 1.0}, "step"),
+        ({"step_size": 1.0}, "step_size"),
         ({"min_ratio": 0.0}, "min_ratio"),
         ({"max_ratio": 1.5}, "max_ratio"),
         ({"min_ratio": 0.8, "max_ratio": 0.5}, "min_ratio"),

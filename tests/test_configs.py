@@ -127,7 +127,7 @@ def test_paper_config_follows_the_spec(path, env):
         if run.endswith("-adakd"):
             assert (loss.selection, loss.temperature, loss.indicator) == ("latf", "inverse", "hellinger")
             assert (loss.c, loss.tau_base, loss.ratio, loss.max_ratio) == (0.5, 1.0, None, 1.0)  # r0 = r_max
-            assert (loss.ema_decay, loss.tolerance, loss.step) == (0.99, 0.05, 0.05)
+            assert (loss.ema_decay, loss.tolerance, loss.step_size) == (0.99, 0.05, 0.05)
             assert (loss.min_ratio, loss.max_ratio, loss.warmup_ratio) == (0.1, 1.0, 0.05)
         else:
             assert (loss.selection, loss.temperature, loss.tau_base) == ("all", "fixed", 1.0)

@@ -124,7 +124,7 @@ def _fake(sampled_exact: float, greedy_exact: float, soft: float = 30.0) -> dict
 
 
 def test_comparison_claims_a_difference_only_when_its_interval_excludes_zero():
-    from adakd.demo.run import comparison_table, comparisons, reading, scores_table
+    from adakd.demo.report import comparison_table, comparisons, reading, scores_table
 
     results = {
         "teacher": {None: _fake(80, 80)},
@@ -147,12 +147,13 @@ def test_comparison_claims_a_difference_only_when_its_interval_excludes_zero():
 
 
 def test_one_training_seed_claims_no_comparison(tmp_path):
-    from adakd.demo.run import DemoSettings, _write_report
+    from adakd.demo.report import write_report
+    from adakd.demo.run import DemoSettings
 
     s = DemoSettings.for_run(quick=True, seed=0)
     results = {"teacher": {None: _fake(80, 80)}, "warm-start": {None: _fake(50, 50)}, "rkl": {0: _fake(60, 60)},
                "adakd-rkl": {0: _fake(58, 61)}}  # fmt: skip
-    report = _write_report(tmp_path, s, results, {}, {"total": 1.0}, {"0": 0.5}, 448, quick=True).read_text()
+    report = write_report(tmp_path, s, results, {}, {"total": 1.0}, {"0": 0.5}, 448, quick=True).read_text()
     assert "Quick run (a smoke check)" in report and "## No comparison" in report and "none is claimed" in report
     assert "against RKL" not in report and "paired.png" not in report
 

@@ -192,7 +192,7 @@ def test_a_rank_with_only_nonfinite_batches_does_not_hang(engine, tmp_path):
     (the gradient reduction and LATF's all-reduce), so the run finishes (``launch`` has a timeout) with both ranks
     equal, and the skips counted on rank 1 only. LATF moves at every step here, on the ranks' shared loss."""
     latf = ["loss.selection=latf", "loss.temperature=inverse", "loss.nonfinite=skip", "loss.ema_decay=0.0",
-            "loss.tolerance=0.0", "loss.step=0.2", "loss.warmup_steps=1", "loss.min_ratio=0.2"]  # fmt: skip
+            "loss.tolerance=0.0", "loss.step_size=0.2", "loss.warmup_steps=1", "loss.min_ratio=0.2"]  # fmt: skip
     # A hang is bounded: the run takes about 15 s here (the DeepSpeed extension is not involved).
     rank0, rank1 = launch(tmp_path, engine, "loss.fused=true", *latf, poison_rank=1, timeout=180)
     assert rank1["skipped"] == STEPS and rank0["skipped"] == 0

@@ -116,7 +116,7 @@ def test_parity_sum_reduction_and_float64():
 
 def test_latf_state_evolves_identically():
     hs, ws, bs, ht, wt, bt, labels = _inputs(5)
-    kwargs = dict(ema_decay=0.0, tolerance=0.0, step=0.3, min_ratio=0.2)
+    kwargs = dict(ema_decay=0.0, tolerance=0.0, step_size=0.3, min_ratio=0.2)
     a, b = adakd.AdaKDLoss(**kwargs), adakd.AdaKDLoss(**kwargs)
     ratios = []
     for scale in (1.0, 0.5, 0.25, 0.6, 2.0):

@@ -205,7 +205,7 @@ def test_float64_logits_give_float64_loss():
 def test_latf_drives_the_next_forward():
     s, te, labels = _batch(12)
     n = int((labels != -100).sum())
-    loss_fn = adakd.AdaKDLoss(ema_decay=0.0, tolerance=0.0, step=0.5, min_ratio=0.2)
+    loss_fn = adakd.AdaKDLoss(ema_decay=0.0, tolerance=0.0, step_size=0.5, min_ratio=0.2)
     first = loss_fn(s, te, labels).item()
     assert loss_fn.stats["ratio"] == 1.0 and loss_fn.stats["kept_tokens"] == n
     assert loss_fn.step() == 1.0  # first step sets L_ref
@@ -240,7 +240,7 @@ def test_stats_are_floats_and_consistent():
 
 def test_state_dict_round_trip_resumes_latf():
     s, te, labels = _batch(15)
-    kwargs = dict(ema_decay=0.5, tolerance=0.01, step=0.2, warmup_steps=1)
+    kwargs = dict(ema_decay=0.5, tolerance=0.01, step_size=0.2, warmup_steps=1)
     a = adakd.AdaKDLoss(**kwargs)
     for value in (1.0, 1.0, 0.5, 0.3):
         a.step(value)

@@ -67,7 +67,7 @@ class _StopAt(TrainerCallback):
 LATF_MOVES = [  # LATF that reacts at every step, so that a wrong resume shows in the ratio trajectory
     "loss.ema_decay=0.0",
     "loss.tolerance=0.0",
-    "loss.step=0.2",
+    "loss.step_size=0.2",
     "loss.warmup_steps=1",
     "loss.min_ratio=0.2",
 ]
@@ -264,3 +264,57 @@ def test_kd_is_normalised_by_the_tokens_the_loss_really_kept(tmp_path):
     report = trainer.loss_fn.last_report
     assert report.valid_tokens == valid and report.kept_tokens == max(1, math.floor(valid * 0.3 + 1e-6))
     assert loss.item() == pytest.approx(report.loss.item() / report.kept_tokens, rel=1e-6)  # the mean over kept
+
+
+@pytest.mark.parametrize(
+    ("examples", "batch", "accumulation", "epochs"),
+    [(96, 8, 1, 1.0), (96, 8, 3, 2.0), (100, 8, 3, 1.5), (7, 8, 2, 0.25), (96, 5, 4, 2.7)],
+)
+def test_optimizer_steps_match_the_trainers_own_count(tmp_path, examples, batch, accumulation, epochs):
+    """LATF's warm-up and the ratio schedules are sized from the run's optimizer steps: the same count the
+    Trainer will run, a fractional num_train_epochs included (it used to be rounded up to whole epochs)."""
+    from adakd.train.run import optimizer_steps
+
+    config = _config(
+        tmp_path, "training.max_steps=-1", f"training.num_train_epochs={epochs}",
+        f"training.per_device_train_batch_size={batch}", f"training.gradient_accumulation_steps={accumulation}",
+        f"data.synthetic_size={examples}",
+    )  # fmt: skip
+    trainer = build_trainer(config)
+    n = len(trainer.train_dataset)  # the synthetic source skips some over-long prompts
+    want = trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
+    assert optimizer_steps(trainer.args, n) == want
+    assert trainer.loss_fn.controller.warmup_steps == int(0.1 * want)  # the tiny config's warmup_ratio 0.1
+
+
+def test_the_private_trainer_hooks_adakd_overrides_behave_as_relied_on(tmp_path):
+    """AdaKDTrainer overrides four private Trainer methods where no public hook does the job (an atomic checkpoint
+    must control the folder the Trainer writes into; on-policy steps replace a step's batches before they are
+    counted). This pins what it relies on, so a transformers release that changes them fails here, by name."""
+    import inspect as pyinspect
+
+    from transformers import Trainer, TrainingArguments
+
+    for name, params in (
+        ("_save_checkpoint", ["self", "model", "trial"]),
+        ("_get_output_dir", ["self", "trial"]),
+        ("get_batch_samples", ["self", "epoch_iterator", "num_batches", "device"]),
+        ("_get_num_items_in_batch", ["self", "batch_samples", "device"]),
+    ):
+        assert list(pyinspect.signature(getattr(Trainer, name)).parameters) == params, name
+
+    ours = build_trainer(_config(tmp_path))
+    args = TrainingArguments(output_dir=str(tmp_path / "plain"), use_cpu=True, report_to="none", save_strategy="no")
+    plain = Trainer(model=ours.model, args=args)
+    # _save_checkpoint writes checkpoint-N under whatever _get_output_dir returns (the staging folder, for us).
+    plain.state.global_step = 3
+    plain.create_optimizer_and_scheduler(num_training_steps=3)
+    staging = tmp_path / "staging"
+    plain._get_output_dir = lambda trial: str(staging)
+    plain._save_checkpoint(plain.model, None)
+    assert (staging / "checkpoint-3" / "trainer_state.json").is_file()
+    # get_batch_samples returns (batches, the window's label-token count), the count _get_num_items_in_batch gives.
+    batches = [ours.data_collator([ours.train_dataset[i] for i in range(j, j + 2)]) for j in (0, 2)]
+    got, count = plain.get_batch_samples(iter(batches), 2, torch.device("cpu"))
+    assert len(got) == 2 and int(count) == int(plain._get_num_items_in_batch(batches, torch.device("cpu")))
+    assert int(count) == sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)

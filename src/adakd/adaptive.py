@@ -264,7 +264,7 @@ class LATF:
     Args:
         ema_decay: β ∈ [0, 1).
         tolerance: ε ≥ 0.
-        step: δ ∈ [0, 1).
+        step_size: δ ∈ [0, 1).
         min_ratio: r_min ∈ (0, 1].
         max_ratio: r_max ∈ [r_min, 1]; also the starting ratio r_0 (the paper's r_0 = r_max = 1).
         warmup_steps: optimizer steps at r = r_max before the controller starts.
@@ -275,7 +275,7 @@ class LATF:
         *,
         ema_decay: float = 0.99,
         tolerance: float = 0.05,
-        step: float = 0.05,
+        step_size: float = 0.05,
         min_ratio: float = 0.1,
         max_ratio: float = 1.0,
         warmup_steps: int = 0,
@@ -284,8 +284,8 @@ class LATF:
             raise OptionError("ema_decay", f"must be in [0, 1), got {ema_decay}")
         if not (math.isfinite(tolerance) and tolerance >= 0.0):
             raise OptionError("tolerance", f"must be >= 0, got {tolerance}")
-        if not 0.0 <= step < 1.0:
-            raise OptionError("step", f"must be in [0, 1), got {step}")
+        if not 0.0 <= step_size < 1.0:
+            raise OptionError("step_size", f"must be in [0, 1), got {step_size}")
         self.min_ratio = _check_ratio("min_ratio", min_ratio)
         self.max_ratio = _check_ratio("max_ratio", max_ratio)
         if self.min_ratio > self.max_ratio:
@@ -294,7 +294,7 @@ class LATF:
             raise OptionError("warmup_steps", f"must be a non-negative int, got {warmup_steps!r}")
         self.ema_decay = float(ema_decay)
         self.tolerance = float(tolerance)
-        self.step_size = float(step)
+        self.step_size = float(step_size)
         self.warmup_steps = warmup_steps
         self.ratio: float = self.max_ratio
         self.ema: float | None = None
@@ -341,7 +341,7 @@ class LATF:
     def __repr__(self) -> str:
         return (
             f"LATF(ratio={self.ratio:.4g}, ema_decay={self.ema_decay}, tolerance={self.tolerance}, "
-            f"step={self.step_size}, min_ratio={self.min_ratio}, max_ratio={self.max_ratio}, "
+            f"step_size={self.step_size}, min_ratio={self.min_ratio}, max_ratio={self.max_ratio}, "
             f"warmup_steps={self.warmup_steps}, num_steps={self.num_steps})"
         )
 

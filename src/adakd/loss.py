@@ -244,7 +244,7 @@ class AdaKDLoss(nn.Module):
         self.reduction = reduction
         self.controller: LATF | RatioSchedule | None
         if selection == "latf":
-            valid = ("ema_decay", "tolerance", "step", "min_ratio", "max_ratio", "warmup_steps")
+            valid = ("ema_decay", "tolerance", "step_size", "min_ratio", "max_ratio", "warmup_steps")
             unknown = sorted(set(latf_kwargs) - set(valid))
             if unknown:
                 message = f"unknown LATF argument(s) {', '.join(unknown)}; valid: {', '.join(valid)}"

@@ -118,7 +118,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
         "loss.warmup_ratio=0",
         "loss.ema_decay=0.0",
         "loss.tolerance=0.0",
-        "loss.step=0.2",
+        "loss.step_size=0.2",
     ]
     cmd = [sys.executable, "-m", "adakd", "train", str(TINY), *common]
     straight = tmp_path / "straight"

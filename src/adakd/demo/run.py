@@ -31,7 +31,15 @@ from typing import Any
 import torch
 
 from ..data import Record
-from ..report.stats import format_difference, format_mean_std, paired_difference
+from .report import (
+    LABELS,
+    comparison_table,
+    comparisons,
+    plot_comparison,
+    plot_scores,
+    scores_table,
+    write_report,
+)
 from .tasks import FAMILIES, SOFT_FAMILIES, TaskRecord, make_splits
 
 __all__ = ["ABLATIONS", "COMPARED", "METHODS", "DemoSettings", "run_demo"]
@@ -47,18 +55,6 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 COMPARED = ("rkl", "adakd-rkl")  # the comparison every full run makes
 ABLATIONS = ("sft", "latf-rkl", "idts-rkl", "adakd-rkl-no-tau-weight")  # with --ablations
-BASELINE = "rkl"
-LABELS = {
-    "teacher": "teacher (SFT)",
-    "warm-start": "student warm-start (SFT, before KD)",
-    "sft": "student, SFT continued",
-    "rkl": "student RKL KD",
-    "adakd-rkl": "student AdaKD-RKL",
-    "latf-rkl": "ablation: RKL + LATF only",
-    "idts-rkl": "ablation: RKL + IDTS only",
-    "adakd-rkl-no-tau-weight": "ablation: AdaKD-RKL, tau_weight none",
-}
-KINDS = {"exact": "single-answer tasks", "soft": "several-answer tasks"}
 
 
 @dataclass
@@ -291,10 +287,6 @@ def run_demo(
 
     ``train_seeds`` overrides the settings' training seeds (at least two for a comparison); ``ablations`` adds the
     SFT, LATF-only, IDTS-only and no-τ²-weight students; ``settings`` replaces the sizes of ``quick``/``seed``."""
-    from transformers import AutoModelForCausalLM
-
-    from ..report.plots import plot_losses, plot_ratio, plot_tau_vs_difficulty
-
     s = settings if settings is not None else DemoSettings.for_run(quick, seed)
     if train_seeds is not None:
         if not train_seeds or len(set(train_seeds)) != len(train_seeds):
@@ -323,6 +315,53 @@ def run_demo(
     init_dir, _, times["student warm-start"], _ = _train(
         "warm-start", runs_dir, s, tok_dir, train_file, steps=s.init_steps, loss={"kd_ratio": 0.0}, sizes=s.student
     )
+    finals, metrics, loss_fns = _train_students(
+        s, methods, runs_dir, tok_dir, train_file, init_dir, teacher_dir, times, log
+    )
+
+    n_models = 2 + sum(len(v) for v in finals.values())
+    log(f"[demo] evaluating {n_models} models on {len(splits['test'])} test prompts, sampled and greedy")
+    start = time.perf_counter()
+    test_path = out / "data" / "test.jsonl"
+
+    def score(folder: Path, name: str) -> dict[str, Any]:
+        return score_model(folder, tokenizer, splits["test"], test_path, s.eval_seeds, out / "eval" / f"{name}.json")
+
+    results: dict[str, Any] = {"teacher": {None: score(teacher_dir, "teacher")}}
+    results["warm-start"] = {None: score(init_dir, "warm-start")}
+    for name, by_seed in finals.items():
+        results[name] = {seed_: score(folder, f"{name}-seed{seed_}") for seed_, folder in by_seed.items()}
+    times["evaluation"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    comparison = comparisons(results, s.train_seeds)
+    _plots(out / "plots", s, methods, results, comparison, metrics, finals, loss_fns, teacher_dir, tokenizer, splits)
+    times["plots"] = time.perf_counter() - start
+    times["total"] = time.perf_counter() - t_all
+
+    summary = {
+        "settings": dataclasses.asdict(s),
+        "quick": quick,
+        "methods": list(methods),
+        "families": {"exact": list(FAMILIES), "soft": list(SOFT_FAMILIES)},
+        # Trained students by training seed; the teacher and the warm-start are single models ("model").
+        "results": {k: {"model" if k_ is None else str(k_): r for k_, r in v.items()} for k, v in results.items()},
+        "comparison": comparison,
+        "final_ratios": {str(k): v.ratio for k, v in loss_fns.items()},
+        "seconds": times,
+    }
+    (out / "demo.json").write_text(json.dumps(summary, indent=2, default=str))
+    report = write_report(out, s, results, comparison, times, summary["final_ratios"], len(tokenizer), quick)
+    log("\n" + scores_table(results))
+    if comparison:
+        log("\n" + comparison_table(comparison))
+    log(f"\n[demo] report: {report}  ({times['total']:.0f} s in all)")
+    return summary
+
+
+def _train_students(s, methods, runs_dir, tok_dir, train_file, init_dir, teacher_dir, times, log):
+    """Every method from the shared warm-start, once per training seed: (final folders, metrics rows, the AdaKD
+    runs' loss modules), each by method and seed."""
     finals: dict[str, dict[int, Path]] = {}
     metrics: dict[str, dict[int, list[dict[str, Any]]]] = {}
     loss_fns: dict[int, Any] = {}
@@ -340,28 +379,20 @@ def run_demo(
             if name == "adakd-rkl":
                 loss_fns[train_seed] = trainer.loss_fn
         times[name] = time.perf_counter() - start
+    return finals, metrics, loss_fns
 
-    n_models = 2 + sum(len(v) for v in finals.values())
-    log(f"[demo] evaluating {n_models} models on {len(splits['test'])} test prompts, sampled and greedy")
-    start = time.perf_counter()
-    test_path = out / "data" / "test.jsonl"
 
-    def score(folder: Path, name: str) -> dict[str, Any]:
-        return score_model(folder, tokenizer, splits["test"], test_path, s.eval_seeds, out / "eval" / f"{name}.json")
+def _plots(plots: Path, s, methods, results, comparison, metrics, finals, loss_fns, teacher_dir, tokenizer, splits):
+    """The report's figures: scores, paired differences, the LATF ratio, the losses and τ against difficulty (the
+    first training seed's AdaKD student, by its own loss settings)."""
+    from transformers import AutoModelForCausalLM
 
-    results: dict[str, Any] = {"teacher": {None: score(teacher_dir, "teacher")}}
-    results["warm-start"] = {None: score(init_dir, "warm-start")}
-    for name, by_seed in finals.items():
-        results[name] = {seed_: score(folder, f"{name}-seed{seed_}") for seed_, folder in by_seed.items()}
-    times["evaluation"] = time.perf_counter() - start
+    from ..report.plots import plot_losses, plot_ratio, plot_tau_vs_difficulty
 
-    start = time.perf_counter()
-    plots = out / "plots"
     first = s.train_seeds[0]
-    comparison = comparisons(results, s.train_seeds)
-    _plot_scores(results, plots / "rouge.png")
+    plot_scores(results, plots / "rouge.png")
     if comparison:
-        _plot_comparison(comparison, plots / "paired.png")
+        plot_comparison(comparison, plots / "paired.png")
     plot_ratio({f"AdaKD-RKL, training seed {k}": v for k, v in metrics["adakd-rkl"].items()}, plots / "ratio.png")
     plot_losses({LABELS[k]: metrics[k][first] for k in methods}, plots / "losses.png")
     teacher_model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
@@ -374,235 +405,3 @@ def run_demo(
         scores, taus, kept, plots / "tau_vs_difficulty.png", ratio=loss_fn.ratio, median=median, c=loss_fn.c,
         tau_base=loss_fn.tau_base,
     )  # fmt: skip
-    times["plots"] = time.perf_counter() - start
-    times["total"] = time.perf_counter() - t_all
-
-    summary = {
-        "settings": dataclasses.asdict(s),
-        "quick": quick,
-        "methods": list(methods),
-        "families": {"exact": list(FAMILIES), "soft": list(SOFT_FAMILIES)},
-        # Trained students by training seed; the teacher and the warm-start are single models ("model").
-        "results": {k: {"model" if k_ is None else str(k_): r for k_, r in v.items()} for k, v in results.items()},
-        "comparison": comparison,
-        "final_ratios": {str(k): v.ratio for k, v in loss_fns.items()},
-        "seconds": times,
-    }
-    (out / "demo.json").write_text(json.dumps(summary, indent=2, default=str))
-    report = _write_report(out, s, results, comparison, times, summary["final_ratios"], len(tokenizer), quick)
-    log("\n" + scores_table(results))
-    if comparison:
-        log("\n" + comparison_table(comparison))
-    log(f"\n[demo] report: {report}  ({times['total']:.0f} s in all)")
-    return summary
-
-
-# ------------------------------------------------------------------------------------------------- tables
-def _kinds(results: dict[str, Any]) -> list[str]:
-    first = next(iter(results["teacher"].values()))
-    return [k for k in KINDS if k in first["sampled"]]
-
-
-def comparisons(results: dict[str, Any], train_seeds: tuple[int, ...]) -> dict[str, Any]:
-    """Each trained method − RKL, paired by training seed, per task kind and decoding (``{}`` with fewer than two
-    training seeds: no comparison is claimed from one)."""
-    if len(train_seeds) < 2:
-        return {}
-    out: dict[str, Any] = {}
-    for name in results:
-        if name in ("teacher", "warm-start", BASELINE):
-            continue
-        out[name] = {}
-        for kind in _kinds(results):
-            for decoding in ("sampled", "greedy"):
-                mine = {s_: r[decoding][kind] for s_, r in results[name].items()}
-                base = {s_: r[decoding][kind] for s_, r in results[BASELINE].items()}
-                out[name][f"{kind}/{decoding}"] = paired_difference(mine, base)
-    return out
-
-
-def scores_table(results: dict[str, Any]) -> str:
-    """ROUGE-L per model, task kind and decoding: mean ± std over training seeds (one value for one model)."""
-    kinds = _kinds(results)
-    cols = [f"{KINDS[k]}, {d}" for k in kinds for d in ("sampled", "greedy")]
-    lines = ["| model | training seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
-    for name, by_seed in results.items():
-        seeds = "–" if None in by_seed else str(len(by_seed))
-        cells = [format_mean_std([r[d][k] for r in by_seed.values()]) for k in kinds for d in ("sampled", "greedy")]
-        lines.append(f"| {LABELS[name]} | {seeds} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def comparison_table(comparison: dict[str, Any]) -> str:
-    """Paired differences to RKL with their 95% intervals (``*``: the interval excludes 0)."""
-    keys = list(next(iter(comparison.values())))
-    cols = [f"{KINDS[k.split('/')[0]]}, {k.split('/')[1]} [95%]" for k in keys]
-    lines = ["| − RKL, paired by training seed | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    for name, diffs in comparison.items():
-        lines.append(f"| {LABELS[name]} | " + " | ".join(format_difference(diffs[k]) for k in keys) + " |")
-    return "\n".join(lines)
-
-
-def reading(comparison: dict[str, Any]) -> list[str]:
-    """One sentence per task kind on AdaKD-RKL − RKL, generated from the intervals: a difference is claimed only
-    when its interval excludes 0."""
-    sentences = []
-    diffs = comparison.get("adakd-rkl", {})
-    kinds = list(dict.fromkeys(k.split("/")[0] for k in diffs))
-    for kind in kinds:
-        parts = []
-        for decoding in ("sampled", "greedy"):
-            d = diffs[f"{kind}/{decoding}"]
-            interval = f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
-            if d["low"] > 0:
-                parts.append(f"above RKL {decoding} ({interval})")
-            elif d["high"] < 0:
-                parts.append(f"below RKL {decoding} ({interval})")
-            else:
-                parts.append(f"not distinguishable from RKL {decoding} ({interval} contains 0)")
-        sentences.append(f"On the {KINDS[kind]}, AdaKD-RKL is {parts[0]} and {parts[1]}.")
-    return sentences
-
-
-def _noise(results: dict[str, Any], kind: str) -> float:
-    return statistics.fmean(r["sampling_std"][kind] for by_seed in results.values() for r in by_seed.values())
-
-
-def _plot_scores(results: dict[str, Any], path: Path) -> None:
-    """Grouped bars: sampled ROUGE-L per model and task kind, error bars the std over training seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    kinds = _kinds(results)
-    names = list(results)
-    fig, ax = plt.subplots(figsize=(9.5, 0.9 + 0.45 * len(names) * len(kinds)))
-    height = 0.8 / len(kinds)
-    for j, kind in enumerate(kinds):
-        means, errs = [], []
-        for name in names:
-            values = [r["sampled"][kind] for r in results[name].values()]
-            means.append(statistics.fmean(values))
-            errs.append(statistics.stdev(values) if len(values) > 1 else 0.0)
-        ys = [i + (j - (len(kinds) - 1) / 2) * height for i in range(len(names))]
-        ax.barh(ys, means, height=height, xerr=errs, capsize=3, label=KINDS[kind])
-    ax.set_yticks(range(len(names)), [LABELS[n] for n in names])
-    ax.invert_yaxis()
-    ax.set_xlabel("ROUGE-L, sampled (error bars: std over training seeds)")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _plot_comparison(comparison: dict[str, Any], path: Path) -> None:
-    from ..report.stats import plot_differences
-
-    rows = [
-        (LABELS[name], {f"{KINDS[k.split('/')[0]]}, {k.split('/')[1]}": d for k, d in diffs.items()})
-        for name, diffs in comparison.items()
-    ]
-    plot_differences(rows, path, "ROUGE-L − RKL, paired by training seed (bars: 95% t interval)")
-
-
-def _write_report(out: Path, s: DemoSettings, results, comparison, times, final_ratios, vocab: int, quick: bool):
-    kinds = _kinds(results)
-    fam_names = list(next(iter(results["teacher"].values()))["families"])
-    fam_rows = ["| model | " + " | ".join(fam_names) + " |", "|---|" + "---|" * len(fam_names)]
-    for name, by_seed in results.items():
-        cells = [statistics.fmean(r["families"][f] for r in by_seed.values()) for f in fam_names]
-        fam_rows.append(f"| {LABELS[name]} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
-    n_seeds = len(s.train_seeds)
-    if comparison:
-        verdict = [
-            "## AdaKD-RKL against RKL",
-            "",
-            f"Differences to RKL, paired by training seed ({n_seeds} seeds, same warm-start), with a 95% t interval; "
-            "`*` marks an interval that excludes 0. Only those are differences this run can resolve.",
-            "",
-            comparison_table(comparison),
-            "",
-            *reading(comparison),
-            "",
-            "![paired differences](plots/paired.png)",
-            "",
-        ]
-    else:
-        verdict = [
-            "## No comparison",
-            "",
-            f"{'A smoke check' if quick else 'One training seed'}: every method was trained once, so a difference "
-            "between them cannot be told from the spread over training seeds, and none is claimed. Run the full "
-            "demo (three training seeds) for a comparison.",
-            "",
-        ]
-    noise = ", ".join(f"{KINDS[k]} {_noise(results, k):.2f}" for k in kinds)
-    lines = [
-        "# adakd demo report",
-        "",
-        f"{'Quick run (a smoke check)' if quick else 'Full run'}, data seed {s.seed}, training seeds "
-        f"{', '.join(map(str, s.train_seeds))}; {times['total']:.0f} s in all on this machine's CPU.",
-        "",
-        "## Results on the test prompts",
-        "",
-        f"ROUGE-L (× 100) on {s.n_test} test prompts never seen in training (but for the two 20-entry tables), "
-        f"sampled (temperature 1, mean over the sampling seeds {', '.join(map(str, s.eval_seeds))}) and greedy; "
-        "mean ± std over training seeds. The several-answer tasks are scored against every valid answer.",
-        "",
-        scores_table(results),
-        "",
-        f"Decoding noise, apart: the std over sampling seeds of one trained model, averaged over models: {noise} "
-        "ROUGE-L points. It measures the sampler, not training.",
-        "",
-        *verdict,
-        "![ROUGE-L](plots/rouge.png)",
-        "",
-        "ROUGE-L by task family (sampled, mean over sampling and training seeds):",
-        "",
-        *fam_rows,
-        "",
-        "## What AdaKD did",
-        "",
-        "The LATF kept ratio over training, per training seed (final r: "
-        f"{', '.join(f'{v:.3f}' for v in final_ratios.values())}); every step keeps the hardest r of the valid "
-        "tokens, by Hellinger distance between teacher and student:",
-        "",
-        "![ratio](plots/ratio.png)",
-        "",
-        "Per-token difficulty against the IDTS temperature on validation answers (the AdaKD student of the first "
-        "training seed): hard tokens get τ < 1 (sharper targets), easy ones τ > 1; the tokens below the threshold "
-        "are not trained on.",
-        "",
-        "![tau](plots/tau_vs_difficulty.png)",
-        "",
-        "Training losses of the first training seed (the KD losses are divergences, the SFT loss a cross-entropy: "
-        "compare shapes, not levels):",
-        "",
-        "![losses](plots/losses.png)",
-        "",
-        "## Settings",
-        "",
-        f"- data: {s.n_train} train / {s.n_val} validation / {s.n_test} test examples; single-answer families: "
-        f"{', '.join(FAMILIES)}; several-answer families (answers in known proportions): "
-        f"{', '.join(SOFT_FAMILIES)}; MiniLLM prompt template",
-        f"- tokenizer: byte-level BPE trained on the training split, {vocab} tokens",
-        f"- teacher: Qwen2 architecture {s.teacher}, trained from scratch by SFT for {s.teacher_steps} steps",
-        f"- students: Qwen2 architecture {s.student}: one shared SFT warm-start of {s.init_steps} steps from random "
-        f"weights (so that they start close to the teacher), then {s.student_steps} steps of each objective from "
-        "it, once per training seed (data order): RKL KD (every token, τ = 1) and AdaKD-RKL (Hellinger difficulty, "
-        "LATF with its defaults, IDTS c = 0.5, τ_base = 1, τ² weight)",
-        f"- learning rate {s.lr} for every run,"
-        f" batch {s.batch_size} sequences, cosine schedule with 5% warm-up, AdamW, weight decay 0.01, clip 1.0",
-        "",
-        "## Wall times (s)",
-        "",
-        "| stage | seconds |",
-        "|---|---|",
-        *[f"| {k} | {v:.1f} |" for k, v in times.items()],
-        "",
-    ]
-    path = out / "report.md"
-    path.write_text("\n".join(lines))
-    return path

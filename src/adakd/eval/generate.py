@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
@@ -29,10 +28,6 @@ class GenerationConfig:
     greedy: bool = False
     batch_size: int = 8
     stats: dict[str, float] = field(default_factory=lambda: {"tokens": 0.0, "seconds": 0.0})
-
-
-class Backend(Protocol):
-    def generate(self, prompts: list[str], seed: int, config: GenerationConfig, progress=None) -> list[str]: ...
 
 
 class HFBackend:

@@ -377,7 +377,9 @@ class Pair:
     id: Any = None
 
 
-def _read_jsonl(path: str | os.PathLike[str], flag: str) -> list[dict[str, Any]]:
+def load_predictions(path: str | os.PathLike[str], flag: str = "--predictions") -> list[dict[str, Any]]:
+    """The records of an ``adakd eval`` predictions file (JSONL with ``prompt``, ``prediction``, ``references``);
+    ``flag`` names the command-line option in error messages."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{flag} {path}: no such file")
@@ -405,14 +407,6 @@ def _read_jsonl(path: str | os.PathLike[str], flag: str) -> list[dict[str, Any]]
             raise ValueError(f"{flag} {path} line {lineno}: 'references' must be a non-empty list of strings")
         out.append(record)
     return out
-
-
-def load_predictions(path: str | os.PathLike[str], flag: str = "--predictions") -> list[dict[str, Any]]:
-    """The records of an ``adakd eval`` predictions file (JSONL with ``prompt``, ``prediction``, ``references``).
-
-    ``flag`` names the command-line option in error messages.
-    """
-    return _read_jsonl(path, flag)
 
 
 def make_pairs(

@@ -107,7 +107,7 @@ class DataSection:
     seed: int = 0
 
 
-LATF_KEYS = ("ema_decay", "tolerance", "step", "min_ratio", "max_ratio", "warmup_ratio", "warmup_steps")
+LATF_KEYS = ("ema_decay", "tolerance", "step_size", "min_ratio", "max_ratio", "warmup_ratio", "warmup_steps")
 DEFAULT_LATF_WARMUP = 0.05  # the authors' 5% of the optimizer steps
 
 
@@ -126,7 +126,7 @@ class LossSection:
     # LATF only (None: LATF's own default; with another selection they are not used)
     ema_decay: float | None = None  # 0.99
     tolerance: float | None = None  # 0.05
-    step: float | None = None  # 0.05
+    step_size: float | None = None  # 0.05 (δ: how far r moves at a change)
     min_ratio: float | None = None  # 0.1
     max_ratio: float | None = None  # 1.0, also the starting ratio r0
     warmup_ratio: float | None = None  # 0.05: LATF warm-up as a fraction of all optimizer steps (the authors' 5%)

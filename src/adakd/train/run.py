@@ -105,6 +105,21 @@ def check_fresh_run(path: str, *, resume: str | bool | None, overwrite: bool) ->
             shutil.rmtree(target) if target.is_dir() else target.unlink()
 
 
+def optimizer_steps(args, num_examples: int) -> int:
+    """The run's optimizer steps, counted as ``transformers.Trainer`` counts them (``max_steps``, else
+    ceil(epochs × ceil(batches per rank / accumulation)), a fractional epoch count included), so that the LATF
+    warm-up and the ratio schedules span exactly the run. A test pins this against the Trainer's own count."""
+    if args.max_steps > 0:
+        return args.max_steps
+    world = max(1, args.world_size)
+    per_rank = math.ceil(num_examples / world)  # the distributed sampler pads every rank to the same length
+    batches = per_rank // args.per_device_train_batch_size
+    if not args.dataloader_drop_last and per_rank % args.per_device_train_batch_size:
+        batches += 1
+    per_epoch = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
+    return math.ceil(args.num_train_epochs * per_epoch)
+
+
 def check_tokenizers(config: DistillConfig, tokenizer) -> None:
     """Teacher and student must share a vocabulary (logit KD compares token ids); ``loss.allow_tokenizer_mismatch``
     skips the check. The teacher's tokenizer is ``teacher.tokenizer``, else its own files when it has any."""
@@ -213,11 +228,7 @@ def build_trainer(config: DistillConfig) -> AdaKDTrainer:
         total = sum(p.numel() for p in student.parameters())
         _log(args, f"LoRA: {trainable:,} trainable of {total:,} parameters")
 
-    world = max(1, args.world_size)
-    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
-    total_steps = (
-        args.max_steps if args.max_steps > 0 else math.ceil(len(examples) / per_step) * math.ceil(args.num_train_epochs)
-    )
+    total_steps = optimizer_steps(args, len(examples))
     loss_fn = config.build_loss(total_steps=total_steps, vocab_size=len(tokenizer))
     onpolicy = None
     if config.onpolicy.mode != "off":

@@ -189,6 +189,9 @@ class AdaKDTrainer(Trainer):
         self.add_callback(_LossStateCallback(self))
 
     # ----------------------------------------------------------------------------------------------------------
+    # Private hooks kept on purpose (pinned by tests/test_train.py::test_the_private_trainer_hooks_adakd_overrides_
+    # behave_as_relied_on): no callback may replace a step's batches before the Trainer counts their tokens, nor
+    # choose the folder a checkpoint is written into, which the atomic save below needs.
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
         """The Trainer's micro-batches of one optimizer step; on-policy modes may replace them (one decision for the
         whole step), and then the window's label tokens are counted again on the batches actually trained on."""
