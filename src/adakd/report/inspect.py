@@ -9,7 +9,6 @@ into a self-contained page (inline CSS, no script), :func:`render_text` into a t
 
 from __future__ import annotations
 
-import html
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -277,45 +276,6 @@ def _ink(background: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- HTML
 
-_CSS = """
-body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;color:#1a1a1a;
-  background:#fafafa;margin:0;padding:24px 32px;max-width:1100px}
-h1{font-size:20px;margin:0 0 12px}
-h2{font-size:16px;margin:28px 0 8px}
-dl.settings{display:grid;grid-template-columns:max-content 1fr max-content 1fr;gap:2px 14px;margin:0 0 14px;
-  font-size:13.5px}
-dl.settings dt{color:#555}
-dl.settings dd{margin:0;font-family:ui-monospace,Menlo,Consolas,"DejaVu Sans Mono",monospace;
-  overflow-wrap:anywhere}
-.legend{display:flex;align-items:center;gap:18px;flex-wrap:wrap;font-size:13px;margin:6px 0 14px}
-.scale{width:320px}
-.bar{height:14px;border:1px solid #999;border-radius:2px}
-.ticks{display:flex;justify-content:space-between;font-size:11.5px;color:#444;margin-top:2px}
-.chip{padding:1px 6px;border-radius:2px;font-family:ui-monospace,Menlo,Consolas,"DejaVu Sans Mono",monospace}
-.text{white-space:pre-wrap;overflow-wrap:anywhere;font:16px/2.1 ui-monospace,Menlo,Consolas,"DejaVu Sans Mono",
-  monospace;background:#fff;border:1px solid #ddd;border-radius:4px;padding:14px 16px}
-.tok{border-radius:2px;padding:2px 0;cursor:default}
-.tok.kept{font-weight:700;box-shadow:inset 0 0 0 1px rgba(0,0,0,.6)}
-.tok.drop{opacity:.5}
-.tok:hover{outline:2px solid #0a66d8;opacity:1}
-.tok.nl::before{content:"\\21B5";opacity:.55}
-.tok.empty::before{content:"\\00B7";opacity:.55}
-.tok.special{font-style:italic}
-details{margin:0 0 14px;font-size:13.5px}
-details pre{white-space:pre-wrap;background:#fff;border:1px solid #ddd;padding:8px 10px;margin:6px 0 0}
-.wide{overflow-x:auto}
-table{border-collapse:collapse;font-size:13.5px;background:#fff}
-th,td{border:1px solid #ddd;padding:3px 9px;text-align:right}
-th.t{text-align:left}
-th{background:#f0f0f0;font-weight:600;white-space:nowrap}
-th.sorted{background:#e4e4e4}
-td.t{text-align:left;font-family:ui-monospace,Menlo,Consolas,"DejaVu Sans Mono",monospace;white-space:pre}
-td.d{min-width:120px}
-.cell-bar{display:inline-block;height:9px;margin-right:6px;vertical-align:middle;border:1px solid #0003}
-tr:nth-child(even) td{background:#fcfcfc}
-.note{color:#555;font-size:12.5px}
-"""
-
 
 def _visible(piece: str, special: bool = False) -> str:
     """A one-line rendering of a token for tables and tooltips: whitespace shown as ␣ ↵ ⇥."""
@@ -324,15 +284,6 @@ def _visible(piece: str, special: bool = False) -> str:
     if special:
         return piece
     return piece.replace(" ", "\u2423").replace("\n", "\u21b5").replace("\t", "\u21e5").replace("\r", "\u240d")
-
-
-def _text_html(piece: str) -> str:
-    # A raw CR would be normalised to LF by the HTML parser; a character reference keeps it.
-    return html.escape(piece, quote=False).replace("\r", "&#13;")
-
-
-def _attr(text: str) -> str:
-    return html.escape(text, quote=True).replace("\n", "&#10;")
 
 
 def _num(value: float | None, digits: int = 4) -> str:
@@ -355,78 +306,10 @@ def _tooltip(t: TokenInfo, n: int) -> str:
     )
 
 
-def _token_span(t: TokenInfo, n: int, scale: tuple[float, float]) -> str:
-    bg = colour(t.score, *scale)
-    classes = ["tok", "kept" if t.kept else "drop"]
-    if t.special:
-        classes.append("special")
-    if t.text == "":
-        classes.append("empty")
-    elif "\n" in t.text and not t.text.strip():
-        classes.append("nl")
-    return (
-        f'<span class="{" ".join(classes)}" style="background:{bg};color:{_ink(bg)}" data-i="{t.position}" '
-        f'data-score="{t.score:.6f}" title="{_attr(_tooltip(t, n))}">{_text_html(t.text)}</span>'
-    )
-
-
-def _legend(scale: tuple[float, float]) -> str:
-    low, high = scale
-    stops = ",".join(f"{c} {100 * i / (len(PALETTE) - 1):.1f}%" for i, c in enumerate(PALETTE))
-    ticks = "".join(f"<span>{low + (high - low) * i / 4:.4g}</span>" for i in range(5))
-    kept_bg, drop_bg = colour(0.8, 0.0, 1.0), colour(0.15, 0.0, 1.0)
-    return (
-        '<div class="legend">'
-        f'<div class="scale"><div class="bar" style="background:linear-gradient(to right,{stops})"></div>'
-        f'<div class="ticks">{ticks}</div></div>'
-        "<div>difficulty, easy \u2192 hard: the Hellinger distance between the teacher's and the student's "
-        "next-token distributions (0 = the same, 1 = disjoint)"
-        f"{'' if (low, high) == (0.0, 1.0) else '; the colours span this range'}</div>"
-        f'<div><span class="chip" style="background:{kept_bg};color:{_ink(kept_bg)};font-weight:700;'
-        f'box-shadow:inset 0 0 0 1px rgba(0,0,0,.6)">kept</span> bold, outlined: in the loss, with its \u03c4'
-        f'</div><div><span class="chip" style="background:{drop_bg};opacity:.5">dropped</span> dimmed</div>'
-        "</div>"
-    )
-
-
-def _settings_block(infos: Sequence[TokenInfo], settings: Mapping[str, Any]) -> str:
-    stats = summarize_tokens(infos)
-    rows = [(str(k), v) for k, v in settings.items()]
-    rows += [
-        ("kept", f"{stats['k']} of {stats['n']} tokens"),
-        ("median m (kept)", _num(stats["median"])),
-        ("threshold (k-th score)", _num(stats["kept_min_score"])),
-        ("\u03c4 range (kept)", f"{_num(stats['tau_min'])} \u2013 {_num(stats['tau_max'])}"),
-        ("mean difficulty", _num(stats["mean_score"])),
-    ]
-    items = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(_fmt(v))}</dd>" for k, v in rows)
-    return f'<dl class="settings">{items}</dl>'
-
-
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     return "\u2013" if value is None else str(value)
-
-
-def _top_table(infos: Sequence[TokenInfo], scale: tuple[float, float], top: int) -> str:
-    hardest = sorted(infos, key=lambda t: t.rank)[:top]
-    head = (
-        '<tr><th class="sorted">rank \u25b2</th><th>pos \u21c5</th><th class="t">token</th><th>id</th>'
-        '<th class="sorted">difficulty \u25bc</th><th>kept</th><th>\u03c4 \u21c5</th><th>p_teacher \u21c5</th>'
-        "<th>p_student \u21c5</th></tr>"
-    )
-    rows = []
-    for t in hardest:
-        bg = colour(t.score, *scale)
-        width = round(100 * min(max(t.score, 0.0), 1.0))  # on [0, 1], unlike the colour
-        rows.append(
-            f'<tr><td>{t.rank}</td><td>{t.position}</td><td class="t">{html.escape(_visible(t.text, t.special))}'
-            f'</td><td>{t.token_id}</td><td class="d"><span class="cell-bar" style="width:{width}px;'
-            f'background:{bg}"></span>{t.score:.4f}</td><td>{"yes" if t.kept else "no"}</td><td>{_num(t.tau)}</td>'
-            f"<td>{t.p_teacher:.4f}</td><td>{t.p_student:.4f}</td></tr>"
-        )
-    return f'<div class="wide"><table><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table></div>'
 
 
 def render_html(
@@ -458,26 +341,76 @@ def render_html(
     ends = (auto[0] if scale[0] is None else float(scale[0]), auto[1] if scale[1] is None else float(scale[1]))
     if not ends[0] < ends[1]:
         raise ValueError(f"the colour scale needs low < high, got {ends[0]} and {ends[1]}")
-    spans = "".join(_token_span(t, n, ends) for t in infos)
-    prompt_block = (
-        f"<details><summary>prompt (not scored)</summary><pre>{_text_html(prompt)}</pre></details>" if prompt else ""
+    stats = summarize_tokens(infos)
+    rows = [(str(k), _fmt(v)) for k, v in settings.items()]
+    rows += [
+        ("kept", f"{stats['k']} of {stats['n']} tokens"),
+        ("median m (kept)", _num(stats["median"])),
+        ("threshold (k-th score)", _num(stats["kept_min_score"])),
+        ("\u03c4 range (kept)", f"{_num(stats['tau_min'])} \u2013 {_num(stats['tau_max'])}"),
+        ("mean difficulty", _num(stats["mean_score"])),
+    ]
+    low, high = ends
+    kept_bg, drop_bg = colour(0.8, 0.0, 1.0), colour(0.15, 0.0, 1.0)
+    legend = {
+        "stops": ",".join(f"{c} {100 * i / (len(PALETTE) - 1):.1f}%" for i, c in enumerate(PALETTE)),
+        "ticks": [f"{low + (high - low) * i / 4:.4g}" for i in range(5)],
+        "unit_scale": (low, high) == (0.0, 1.0),
+        "kept_bg": kept_bg, "kept_ink": _ink(kept_bg), "drop_bg": drop_bg,
+    }  # fmt: skip
+    return _template().render(
+        title=title, settings=rows, legend=legend, prompt=prompt,
+        tokens=[_token_view(t, n, ends) for t in infos],
+        top_rows=[_row_view(t, ends) for t in sorted(infos, key=lambda t: t.rank)[:top]],
+    )  # fmt: skip
+
+
+def _template():
+    """The page template (``templates/tokens.html.j2``), HTML-escaped by default; ``text`` keeps a raw CR as a
+    character reference (the HTML parser would turn it into LF) and ``attr`` does the same for LF in attributes."""
+    import jinja2
+    from markupsafe import Markup, escape
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("adakd.report", "templates"), autoescape=True, keep_trailing_newline=True
     )
-    return (
-        "<!DOCTYPE html>\n"
-        f'<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-        f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{_CSS}</style></head>\n<body>\n'
-        f"<h1>{html.escape(title)}</h1>\n"
-        f"{_settings_block(infos, settings)}\n"
-        f"{_legend(ends)}\n"
-        f"{prompt_block}\n"
-        '<p class="note">Hover a token for its difficulty, rank, \u03c4 and probabilities. \u21b5 marks a newline, '
-        "\u00b7 a token ending inside a multi-byte character (the next token shows it); the last token is the eos "
-        "that training appends.</p>\n"
-        f'<div class="text">{spans}</div>\n'
-        f"<h2>The {min(top, n)} hardest tokens</h2>\n"
-        f"{_top_table(infos, ends, top)}\n"
-        "</body></html>\n"
+    env.filters["text"] = lambda piece: Markup(str(escape(piece)).replace("\r", "&#13;"))
+    env.filters["attr"] = lambda text: Markup(str(escape(text)).replace("\n", "&#10;").replace("\r", "&#13;"))
+    return env.get_template("tokens.html.j2")
+
+
+def _token_view(t: TokenInfo, n: int, scale: tuple[float, float]) -> dict[str, Any]:
+    bg = colour(t.score, *scale)
+    classes = ["tok", "kept" if t.kept else "drop"]
+    if t.special:
+        classes.append("special")
+    if t.text == "":
+        classes.append("empty")
+    elif "\n" in t.text and not t.text.strip():
+        classes.append("nl")
+    state = "dropped (no loss)"
+    if t.kept and t.tau is not None:
+        weight = "" if t.weight is None else f" \u00b7 loss weight {t.weight:.4f}"
+        state = f"kept \u00b7 \u03c4 = {t.tau:.4f}{weight}"
+    tooltip = (
+        f"token {t.position}: \u201c{_visible(t.text, t.special)}\u201d "
+        f"(id {t.token_id}{', eos' if t.special else ''})\n"
+        f"difficulty {t.score:.4f} \u00b7 rank {t.rank} of {n}\n{state}\n"
+        f"p_teacher {t.p_teacher:.4f} \u00b7 p_student {t.p_student:.4f}"
     )
+    return {
+        "classes": " ".join(classes), "bg": bg, "ink": _ink(bg), "position": t.position,
+        "score": f"{t.score:.6f}", "tooltip": tooltip, "text": t.text,
+    }  # fmt: skip
+
+
+def _row_view(t: TokenInfo, scale: tuple[float, float]) -> dict[str, Any]:
+    return {
+        "rank": t.rank, "position": t.position, "token": _visible(t.text, t.special), "token_id": t.token_id,
+        "width": round(100 * min(max(t.score, 0.0), 1.0)),  # on [0, 1], unlike the colour
+        "bg": colour(t.score, *scale), "score": f"{t.score:.4f}", "kept": "yes" if t.kept else "no",
+        "tau": _num(t.tau), "p_teacher": f"{t.p_teacher:.4f}", "p_student": f"{t.p_student:.4f}",
+    }  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- text
