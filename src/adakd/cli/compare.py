@@ -84,7 +84,9 @@ def run(args: argparse.Namespace) -> int:
     print(table)
     if args.output:
         _write_parent(args.output)
-        Path(args.output).write_text(table + "\n", encoding="utf-8")
+        from ..files import write_text
+
+        write_text(args.output, table + "\n")
     if args.plot:
         _write_parent(args.plot)
         bar_chart(results, labels, args.plot)

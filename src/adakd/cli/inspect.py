@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..files import write_text
+
 __all__ = ["add_parser", "load_causal_lm", "run"]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -221,12 +223,12 @@ def run(args: argparse.Namespace) -> int:
         if args.output is None:
             sys.stdout.write(table)
         else:
-            Path(args.output).write_text(table, encoding="utf-8")
+            write_text(args.output, table)
             print(f"[adakd] inspect: wrote {args.output}", file=sys.stderr)
         return 0
     title = args.title or f"AdaKD token inspection: {Path(args.student).name or args.student}"
     page = render_html(infos, title, settings, prompt=prompt, scale=(args.scale_min, args.scale_max))
-    Path(args.output).write_text(page, encoding="utf-8")
+    write_text(args.output, page)
     stats = summarize_tokens(infos)
     print(
         f"[adakd] inspect: kept {stats['k']} of {stats['n']} tokens (median m {stats['median']:.4f}); "

@@ -7,7 +7,6 @@ Pairwise comparison by an OpenAI-compatible chat model, each pair judged in both
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -95,11 +94,9 @@ def default_cache_path(output: str | os.PathLike[str]) -> Path:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    # Through a temporary file, so that an interrupted write never leaves half a report.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    from ..files import write_json
+
+    write_json(path, payload)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from ..files import write_text
 from ..report.stats import format_difference, format_mean_std, paired_difference
 from .tasks import FAMILIES, SOFT_FAMILIES
 
@@ -216,7 +217,7 @@ def write_report(out: Path, s: Any, results, comparison, times, final_ratios, vo
         "",
     ]
     path = out / "report.md"
-    path.write_text("\n".join(lines))
+    write_text(path, "\n".join(lines))
     return path
 
 

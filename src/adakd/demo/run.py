@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ..data import Record
+from ..files import write_jsonl, write_text
 from .report import (
     LABELS,
     comparison_table,
@@ -94,10 +95,7 @@ class DemoSettings:
 
 
 def _write_jsonl(path: Path, records: list[Record]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for r in records:
-            f.write(json.dumps({"prompt": r.prompt, "output": r.response}) + "\n")
+    write_jsonl(path, ({"prompt": r.prompt, "output": r.response} for r in records))
 
 
 def train_tokenizer(records: list[Record], vocab_size: int, folder: Path):
@@ -350,7 +348,7 @@ def run_demo(
         "final_ratios": {str(k): v.ratio for k, v in loss_fns.items()},
         "seconds": times,
     }
-    (out / "demo.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_text(out / "demo.json", json.dumps(summary, indent=2, default=str))
     report = write_report(out, s, results, comparison, times, summary["final_ratios"], len(tokenizer), quick)
     log("\n" + scores_table(results))
     if comparison:

@@ -7,13 +7,12 @@ per-seed average over sets.
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+from ..files import write_json, write_jsonl
 from .generate import GenerationConfig
 from .rouge import rouge_l
 from .sets import EvalSet
@@ -32,12 +31,7 @@ def predictions_dir(output: str | Path) -> Path:
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)  # a crash leaves either the old file or the new one, never half of one
+    write_jsonl(path, rows)  # a crash leaves either the old file or the new one, never half of one
 
 
 def evaluate(
@@ -97,11 +91,7 @@ def evaluate(
         "wall_seconds": time.perf_counter() - start,
         "scoring_seconds": scoring_seconds,
     }
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, output)
+    write_json(output, results)
     return results
 
 

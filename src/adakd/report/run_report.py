@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..files import write_text
 from .plots import plot_losses, plot_ratio, plot_temperatures, read_rows, series, training_rows
 
 __all__ = [
@@ -269,7 +270,7 @@ def _write(run_dirs: Sequence[Path], labels: Sequence[str], out: Path, title: st
             lines.append("Not applicable: no run logged it (SFT runs have no LATF ratio nor IDTS temperatures).")
         lines.append("")
     report = out / REPORT_FILE
-    report.write_text("\n".join(lines), encoding="utf-8")
+    write_text(report, "\n".join(lines))
     return report, summaries
 
 

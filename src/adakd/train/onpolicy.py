@@ -29,6 +29,7 @@ import torch
 
 from ..data import DistillCollator
 from ..eval.generate import generate_ids
+from ..files import torch_save
 
 __all__ = [
     "ONPOLICY_STATE_FILE",
@@ -309,11 +310,7 @@ class OnPolicyController:
 
     def save(self, folder: str | os.PathLike, rank: int = 0) -> Path:
         """Write the state atomically next to ``adakd_state.pt`` (a crash mid-write leaves the old file)."""
-        path = Path(folder) / state_file(rank)
-        tmp = path.with_suffix(".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
-        return path
+        return torch_save(self.state_dict(), Path(folder) / state_file(rank))
 
     def load(self, folder: str | os.PathLike, rank: int = 0) -> None:
         path = Path(folder) / state_file(rank)

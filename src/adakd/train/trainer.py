@@ -42,6 +42,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import Trainer, TrainerCallback
 
 from .. import AdaKDLoss
+from ..files import torch_save
 from ..loss import LossReport, NonFiniteLossError
 from .config import NONFINITE_POLICIES
 from .engines import call_through, check_linear_head, engine_of, full_parameters, unwrap
@@ -83,11 +84,7 @@ LOGGED = ("ratio", "kept_tokens", "valid_tokens", "tau_mean", "tau_min", "tau_ma
 
 def save_loss_state(loss_fn: AdaKDLoss, folder: str | os.PathLike) -> Path:
     """Write the loss state atomically (a crash mid-write leaves the previous file intact)."""
-    path = Path(folder) / STATE_FILE
-    tmp = path.with_suffix(".tmp")
-    torch.save(loss_fn.state_dict(), tmp)
-    os.replace(tmp, path)
-    return path
+    return torch_save(loss_fn.state_dict(), Path(folder) / STATE_FILE)
 
 
 def _chunked_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, bias, labels: torch.Tensor, chunk: int):
