@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from adakd.demo.run import METHODS as PRESETS  # noqa: E402  (one definition of each method's loss section)
+from adakd.markdown import table  # noqa: E402
 from adakd.report.stats import format_difference, format_mean_std, paired_difference, plot_differences  # noqa: E402
 
 DEFAULT_METHODS = [
@@ -221,11 +222,11 @@ def summary_table(rows: list[dict[str, Any]], baseline: str) -> str:
     """A markdown table: per method, ROUGE-L (sampled, greedy) mean ± std over training seeds, the paired
     difference to ``baseline`` with its 95% interval (``*``: the interval excludes 0), and the sampling noise."""
     methods = sorted(dict.fromkeys(r["method"] for r in rows), key=lambda m: m != TEACHER)
-    lines = [
-        f"| method | training seeds | ROUGE-L, sampled | ROUGE-L, greedy | − {baseline}, sampled [95%] | "
-        f"− {baseline}, greedy [95%] | sampling spread |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    header = [
+        "method", "training seeds", "ROUGE-L, sampled", "ROUGE-L, greedy", f"− {baseline}, sampled [95%]",
+        f"− {baseline}, greedy [95%]", "sampling spread",
+    ]  # fmt: skip
+    body = []
     for m in methods:
         mine = [r for r in rows if r["method"] == m]
         sampled = format_mean_std([r["rouge_sampled"] for r in mine])
@@ -237,9 +238,8 @@ def summary_table(rows: list[dict[str, Any]], baseline: str) -> str:
             sampled, greedy = f"{mine[0]['rouge_sampled']:.2f}", f"{mine[0]['rouge_greedy']:.2f}"
             d_s = d_g = None
         seeds = "– (one model)" if m == TEACHER else len(mine)
-        diffs = f"{format_difference(d_s)} | {format_difference(d_g)}"
-        lines.append(f"| {m} | {seeds} | {sampled} | {greedy} | {diffs} | {noise:.2f} |")
-    return "\n".join(lines)
+        body.append([m, seeds, sampled, greedy, format_difference(d_s), format_difference(d_g), f"{noise:.2f}"])
+    return table(header, body)
 
 
 def plot(rows: list[dict[str, Any]], baseline: str, path: Path) -> None:

@@ -342,7 +342,7 @@ def test_cli_two_runs_make_one_combined_report(adakd_run, sft_run, tmp_path, cap
     assert out[1].startswith("adakd-run: AdaKD") and out[2].startswith("sft-run: SFT")
     text = (out_dir / "report.md").read_text()
     assert text.startswith("# Training report: adakd-run vs sft-run\n")
-    assert "| | adakd-run | sft-run |" in text
+    assert "|  | adakd-run | sft-run |" in text
     assert "| final loss | 0.4 | 2.5 |" in text
     assert "| final ratio r | 0.500 | — |" in text
     for name in ("loss.png", "ratio.png", "temperatures.png"):

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import write_text
+from ..markdown import table
 from ..report.stats import format_difference, format_mean_std, paired_difference
 from .tasks import FAMILIES, SOFT_FAMILIES
 
@@ -51,22 +52,20 @@ def scores_table(results: dict[str, Any]) -> str:
     """ROUGE-L per model, task kind and decoding: mean ± std over training seeds (one value for one model)."""
     kinds = _kinds(results)
     cols = [f"{KINDS[k]}, {d}" for k in kinds for d in ("sampled", "greedy")]
-    lines = ["| model | training seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    rows = []
     for name, by_seed in results.items():
         seeds = "–" if None in by_seed else str(len(by_seed))
         cells = [format_mean_std([r[d][k] for r in by_seed.values()]) for k in kinds for d in ("sampled", "greedy")]
-        lines.append(f"| {LABELS[name]} | {seeds} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append([LABELS[name], seeds, *cells])
+    return table(["model", "training seeds", *cols], rows)
 
 
 def comparison_table(comparison: dict[str, Any]) -> str:
     """Paired differences to RKL with their 95% intervals (``*``: the interval excludes 0)."""
     keys = list(next(iter(comparison.values())))
     cols = [f"{KINDS[k.split('/')[0]]}, {k.split('/')[1]} [95%]" for k in keys]
-    lines = ["| − RKL, paired by training seed | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    for name, diffs in comparison.items():
-        lines.append(f"| {LABELS[name]} | " + " | ".join(format_difference(diffs[k]) for k in keys) + " |")
-    return "\n".join(lines)
+    rows = [[LABELS[name], *(format_difference(diffs[k]) for k in keys)] for name, diffs in comparison.items()]
+    return table(["− RKL, paired by training seed", *cols], rows)
 
 
 def reading(comparison: dict[str, Any]) -> list[str]:
@@ -136,10 +135,13 @@ def plot_comparison(comparison: dict[str, Any], path: Path) -> None:
 def write_report(out: Path, s: Any, results, comparison, times, final_ratios, vocab: int, quick: bool):
     kinds = _kinds(results)
     fam_names = list(next(iter(results["teacher"].values()))["families"])
-    fam_rows = ["| model | " + " | ".join(fam_names) + " |", "|---|" + "---|" * len(fam_names)]
-    for name, by_seed in results.items():
-        cells = [statistics.fmean(r["families"][f] for r in by_seed.values()) for f in fam_names]
-        fam_rows.append(f"| {LABELS[name]} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+    fam_table = table(
+        ["model", *fam_names],
+        [
+            [LABELS[name], *(f"{statistics.fmean(r['families'][f] for r in by_seed.values()):.1f}" for f in fam_names)]
+            for name, by_seed in results.items()
+        ],
+    )
     n_seeds = len(s.train_seeds)
     if comparison:
         verdict = [
@@ -187,7 +189,7 @@ def write_report(out: Path, s: Any, results, comparison, times, final_ratios, vo
         "",
         "ROUGE-L by task family (sampled, mean over sampling and training seeds):",
         "",
-        *fam_rows,
+        fam_table,
         "",
         "## What AdaKD did",
         "",
@@ -211,9 +213,7 @@ def write_report(out: Path, s: Any, results, comparison, times, final_ratios, vo
         *_settings_lines(s, vocab),
         "## Wall times (s)",
         "",
-        "| stage | seconds |",
-        "|---|---|",
-        *[f"| {k} | {v:.1f} |" for k, v in times.items()],
+        table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in times.items()]),
         "",
     ]
     path = out / "report.md"

@@ -97,10 +97,12 @@ def evaluate(
 
 def format_table(results: dict[str, Any]) -> str:
     """A markdown table: ROUGE-L mean ± std per set, then the average."""
-    lines = ["| set | n | ROUGE-L |", "|---|---|---|"]
-    for name, d in results["datasets"].items():
-        r = d["rougeL"]
-        lines.append(f"| {name} | {d['n']} | {r['mean']:.2f} ± {r['std']:.2f} |")
+    from ..markdown import table
+
+    rows = [
+        [name, d["n"], f"{d['rougeL']['mean']:.2f} ± {d['rougeL']['std']:.2f}"]
+        for name, d in results["datasets"].items()
+    ]
     avg = results["average"]
-    lines.append(f"| average | | {avg['mean']:.2f} ± {avg['std']:.2f} |")
-    return "\n".join(lines)
+    rows.append(["average", "", f"{avg['mean']:.2f} ± {avg['std']:.2f}"])
+    return table(["set", "n", "ROUGE-L"], rows)

@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..markdown import table as markdown_table
+
 __all__ = ["MINUS", "bar_chart", "compare_table", "default_labels", "load_results", "summary_line", "validate_results"]
 
 #: Negative deltas use the typographic minus sign (U+2212) so that ``+0.84`` and ``−0.31`` line up in a table.
@@ -200,11 +202,6 @@ def _fmt_delta(value: float | None) -> str:
     return "+" + text
 
 
-def _md_cell(text: str) -> str:
-    # A '|' inside a label would split the cell.
-    return text.replace("|", "\\|")
-
-
 def compare_table(results: list[dict], labels: list[str] | None = None, baseline: int = 0) -> str:
     """A GitHub markdown table comparing results files, one row per dataset plus a final ``average`` row.
 
@@ -243,7 +240,7 @@ def compare_table(results: list[dict], labels: list[str] | None = None, baseline
     rows = [row(name, [_stat(r, name) for r in results]) for name in datasets]
     rows.append(row("average", [r["average"] for r in results]))
 
-    lines = ["| " + " | ".join(_md_cell(c) for c in cells) + " |" for cells in [header, align, *rows]]
+    lines = markdown_table(header, rows, align).split("\n")
     # Averages over different dataset sets are not comparable; say so rather than let the delta pass as one.
     lacking = [
         f"{label} lacks {', '.join(n for n in datasets if n not in r['datasets'])}"

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import write_text
+from ..markdown import cell, table
 from .plots import plot_losses, plot_ratio, plot_temperatures, read_rows, series, training_rows
 
 __all__ = [
@@ -167,19 +168,9 @@ def _tau_range(s: Mapping[str, Any]) -> str:
     return f"{s['tau_min']:.3f} – {s['tau_max']:.3f}"
 
 
-def _cell(text: str) -> str:
-    # A '|' in a folder name would split the cell.
-    return str(text).replace("|", "\\|")
-
-
 def _table(labels: Sequence[str], summaries: Sequence[Mapping[str, Any]]) -> list[str]:
-    lines = [
-        "| | " + " | ".join(_cell(label) for label in labels) + " |",
-        "| :--- | " + " | ".join("---:" for _ in labels) + " |",
-    ]
-    for name, fmt in _TABLE_ROWS:
-        lines.append(f"| {name} | " + " | ".join(_cell(fmt(s)) for s in summaries) + " |")
-    return lines
+    rows = [[name, *(fmt(s) for s in summaries)] for name, fmt in _TABLE_ROWS]
+    return table(["", *labels], rows, [":---", *("---:" for _ in labels)]).split("\n")
 
 
 def _link(target: Path, base: Path) -> str:
@@ -192,7 +183,7 @@ def _link(target: Path, base: Path) -> str:
 
 def _files(label: str, run_dir: Path, out: Path) -> list[str]:
     metrics = run_dir / "metrics.jsonl"
-    lines = [f"- {_cell(label)}: `{run_dir}`", f"  - metrics: [metrics.jsonl]({_link(metrics, out)})"]
+    lines = [f"- {cell(label)}: `{run_dir}`", f"  - metrics: [metrics.jsonl]({_link(metrics, out)})"]
     final = run_dir / "final"
     lines.append(f"  - final model: [final/]({_link(final, out)})" if final.is_dir() else "  - final model: none")
     checkpoints = sorted(
