@@ -139,23 +139,10 @@ def _record(path: str, index: int) -> tuple[str, str]:
 
 
 def load_causal_lm(path: str, flag: str, *, base: str | None = None, device: str = "cpu") -> Any:
-    """A float32 causal LM in eval mode on ``device``: ``path`` itself, or the LoRA adapter ``path`` merged into
-    ``base``. A model that cannot be loaded is a ValueError naming ``flag``."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    """A float32 causal LM in eval mode on ``device`` (:func:`adakd.models.load_causal_lm`)."""
+    from ..models import load_causal_lm as load
 
-    try:
-        if base is not None:
-            from peft import PeftModel
-
-            model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-            model = PeftModel.from_pretrained(model, path).merge_and_unload()
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        where = f"{flag} {path}" + (f" (base {base})" if base is not None else "")
-        raise ValueError(f"{where}: cannot load ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    return model.to(device).eval()
+    return load(path, base=base, dtype="float32", name=flag).to(device).eval()
 
 
 def _tokenizer_source(args: argparse.Namespace) -> str:

@@ -32,6 +32,7 @@ import torch
 
 from ..data import Record
 from ..files import write_jsonl, write_text
+from ..models import load_causal_lm
 from .report import (
     LABELS,
     comparison_table,
@@ -202,13 +203,12 @@ def score_model(folder: Path, tokenizer, test: list[TaskRecord], test_path: Path
     """Score one saved model on the test prompts: sampled over ``eval_seeds`` and greedy, with ``adakd eval``'s
     code. Returns, per decoding, ROUGE-L and exact match (an answer equal to any valid one) over all prompts and
     per task kind (``all``, ``exact``, ``soft``), the spread over sampling seeds, and ROUGE-L per family."""
-    from transformers import AutoModelForCausalLM
 
     from ..eval.generate import GenerationConfig, HFBackend
     from ..eval.run import evaluate, predictions_dir
     from ..eval.sets import EvalSet
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = load_causal_lm(str(folder), dtype="float32")
     backend = HFBackend(model, tokenizer)
     sets = [EvalSet("test", test_path, test)]
     common = dict(max_length=128, max_prompt_length=96, batch_size=48)
@@ -383,7 +383,6 @@ def _train_students(s, methods, runs_dir, tok_dir, train_file, init_dir, teacher
 def _plots(plots: Path, s, methods, results, comparison, metrics, finals, loss_fns, teacher_dir, tokenizer, splits):
     """The report's figures: scores, paired differences, the LATF ratio, the losses and τ against difficulty (the
     first training seed's AdaKD student, by its own loss settings)."""
-    from transformers import AutoModelForCausalLM
 
     from ..report.plots import plot_losses, plot_ratio, plot_tau_vs_difficulty
 
@@ -393,8 +392,8 @@ def _plots(plots: Path, s, methods, results, comparison, metrics, finals, loss_f
         plot_comparison(comparison, plots / "paired.png")
     plot_ratio({f"AdaKD-RKL, training seed {k}": v for k, v in metrics["adakd-rkl"].items()}, plots / "ratio.png")
     plot_losses({LABELS[k]: metrics[k][first] for k in methods}, plots / "losses.png")
-    teacher_model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
-    student_model = AutoModelForCausalLM.from_pretrained(finals["adakd-rkl"][first], dtype=torch.float32).eval()
+    teacher_model = load_causal_lm(str(teacher_dir), dtype="float32").eval()
+    student_model = load_causal_lm(str(finals["adakd-rkl"][first]), dtype="float32").eval()
     loss_fn = loss_fns[first]
     scores, taus, kept, median = _difficulty_sample(
         teacher_model, student_model, tokenizer, splits["validation"][:64], loss_fn

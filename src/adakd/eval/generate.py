@@ -198,17 +198,7 @@ def load_backend(
         if base_model is not None:
             raise ValueError("--backend vllm: merge the LoRA adapter first (--base-model is for --backend hf)")
         return VLLMBackend(model_path, tokenizer=tok)
-    from transformers import AutoModelForCausalLM
+    from ..models import load_causal_lm
 
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    try:
-        if base_model is not None:
-            from peft import PeftModel
-
-            base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch_dtype)
-            model = PeftModel.from_pretrained(base, model_path).merge_and_unload()  # merged: faster generation
-        else:
-            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
-    except OSError as e:
-        raise ValueError(f"--model {model_path}: cannot load ({str(e).splitlines()[0]})") from None
+    model = load_causal_lm(model_path, base=base_model, dtype=dtype, name="--model")
     return HFBackend(model, tok, device=device)
