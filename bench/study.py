@@ -141,14 +141,14 @@ def method_specs(args: argparse.Namespace) -> list[str]:
 
 
 def study_settings(quick: bool, tasks: str):
-    """The study's sizes: the demo's models and budgets on one task set (its own data, n_train 6000, n_test 150,
-    the sizes of the tables in docs/study.md), or the demo's --quick sizes."""
+    """The study's sizes: the demo's models on one task set with the budgets of the tables in docs/study.md
+    (n_train 6000, n_test 150, warm-start 800, 350 steps per method), or the demo's --quick sizes."""
     from adakd.demo.run import DemoSettings
 
     base = DemoSettings.for_run(quick, seed=0)
     if quick:
         return dataclasses.replace(base, tasks=tasks)
-    return dataclasses.replace(base, tasks=tasks, n_train=6000, n_test=150, init_steps=800)
+    return dataclasses.replace(base, tasks=tasks, n_train=6000, n_test=150, init_steps=800, student_steps=350)
 
 
 def run_study(args: argparse.Namespace, log=print) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ def add_parser(sub) -> None:
         description=(
             "A teacher trained from scratch and one long SFT warm-start of a smaller student; RKL and AdaKD-RKL "
             "continued from it for 3 training seeds; ROUGE-L sampled and greedy on single-answer and several-answer "
-            "tasks; AdaKD - RKL paired by training seed with a 95%% interval; report.md with plots. About 5-6 minutes "
+            "tasks; AdaKD - RKL paired by training seed with a 95%% interval; report.md with plots. About 5 minutes "
             "on a 2-core CPU (--quick: a 1-2 minute smoke check with one training seed and no comparison)."
         ),
     )

@@ -72,7 +72,7 @@ class DemoSettings:
     vocab_size: int = 448
     teacher_steps: int = 1000
     init_steps: int = 800  # the students' shared SFT warm-start: long, so they start close to the teacher
-    student_steps: int = 350  # then each objective, from the same warm-start
+    student_steps: int = 300  # then each objective, from the same warm-start
     batch_size: int = 32
     lr: float = 3e-3
     train_seeds: tuple[int, ...] = (0, 1, 2)
