@@ -227,10 +227,12 @@ def select_tokens(
     median = kept_scores.detach().median()
     if temperature == "fixed":
         return TokenSelection(kept, index, float(tau_base), median)
-    idts = idts_temperatures_with_grad if differentiable else idts_temperatures
-    return TokenSelection(
-        kept, index, idts(kept_scores, c=c, tau_base=tau_base, reverse=temperature == "reverse"), median
-    )
+    reverse = temperature == "reverse"
+    if differentiable:  # the median itself carries a gradient here: let autograd take it again, attached
+        tau = idts_temperatures_with_grad(kept_scores, c=c, tau_base=tau_base, reverse=reverse)
+    else:  # the median just taken, not a second one
+        tau = idts_from_median(kept_scores, median, c=c, tau_base=tau_base, reverse=reverse)
+    return TokenSelection(kept, index, tau, median)
 
 
 def keep_count(num_valid: int, ratio: float) -> int:

@@ -232,13 +232,13 @@ def score_model(folder: Path, tokenizer, test: list[TaskRecord], test_path: Path
                 exact.setdefault(key, []).append(hit)
         return {k: statistics.fmean(v) for k, v in rouge.items()}, {k: statistics.fmean(v) for k, v in exact.items()}
 
-    sampled = [by_kind(read(out_json, seed)) for seed in eval_seeds]
+    sampled_rows = [read(out_json, seed) for seed in eval_seeds]
+    sampled = [by_kind(rows) for rows in sampled_rows]
     greedy_rouge, greedy_exact = by_kind(read(greedy_json, 0))
     kinds = list(sampled[0][0])
     families: dict[str, list[float]] = {}
-    for seed in eval_seeds:
-        for row in read(out_json, seed):
-            families.setdefault(family[row["prompt"]][0], []).append(row["rougeL"])
+    for row in (row for rows in sampled_rows for row in rows):
+        families.setdefault(family[row["prompt"]][0], []).append(row["rougeL"])
     return {
         "sampled": {k: statistics.fmean(r[k] for r, _ in sampled) for k in kinds},
         "sampling_std": {k: statistics.stdev(r[k] for r, _ in sampled) if len(sampled) > 1 else 0.0 for k in kinds},
