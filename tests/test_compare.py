@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
 
 from adakd.cli import compare as compare_cmd
-from adakd.eval.tables import MINUS, bar_chart, compare_table, load_results, summary_line, validate_results
+from adakd.errors import InputError
+from adakd.eval.tables import MINUS, compare_table, load_results, rouge_groups, summary_line, validate_results
+from adakd.report.plots import plot_rouge
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -180,7 +183,7 @@ def test_malformed_file_errors_name_file_and_key(tmp_path, data, key):
 
 def test_unreadable_files(tmp_path):
     missing = tmp_path / "missing.json"
-    with pytest.raises(OSError, match="missing.json: cannot read"):
+    with pytest.raises(InputError, match="missing.json: cannot read"):
         load_results(missing)
     bad_json = _write(tmp_path, "truncated.json", '{"model": "x", "datasets": {')
     with pytest.raises(ValueError, match=r"truncated\.json: not valid JSON \(line 1"):
@@ -220,10 +223,19 @@ def test_cli_plot_writes_a_png(tmp_path, capsys):
     assert 400 <= height <= 2000 and 600 <= width <= 4000
 
 
-def test_bar_chart_single_file_default_labels(tmp_path):
+def test_rouge_chart_single_file_default_labels(tmp_path):
     png = tmp_path / "one.png"
-    bar_chart([SFT], None, png)
+    assert plot_rouge([SFT], None, png) == png
     assert png.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_rouge_groups_leave_a_gap_for_a_missing_dataset():
+    lacking = _broken(lambda d: d["datasets"].pop("sinst"))
+    names, bars = rouge_groups([SFT, lacking], ["a", "b"])
+    assert names == ["dolly", "sinst", "average"]
+    assert bars[0] == ("a", [26.1, 20.0, 23.05], [0.3, 0.5, 0.2])
+    label, means, stds = bars[1]
+    assert label == "b" and means[0] == 26.1 and math.isnan(means[1]) and stds[1] == 0.0
 
 
 @pytest.mark.parametrize(
@@ -248,7 +260,7 @@ def test_cli_file_errors_and_no_partial_outputs(tmp_path, capsys):
     out, png = tmp_path / "table.md", tmp_path / "chart.png"
     with pytest.raises(ValueError, match=rf"^{bad}: missing key 'datasets\.dolly\.rougeL'$"):
         _run(str(a), str(bad), "--output", str(out), "--plot", str(png))
-    with pytest.raises(OSError, match="nope.json: cannot read"):
+    with pytest.raises(InputError, match="nope.json: cannot read"):
         _run(str(a), str(tmp_path / "nope.json"))
     assert not out.exists() and not png.exists()
     assert capsys.readouterr().out == ""

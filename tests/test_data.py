@@ -34,6 +34,7 @@ from adakd.data import (
     tokenizer_for,
 )
 from adakd.data.templates import MINILLM_PROMPT_NO_INPUT, MINILLM_PROMPT_WITH_INPUT
+from adakd.errors import InputError
 
 SHARED = Path(os.environ.get("ADAKD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 EVAL_FILES = {  # file -> record count (see each folder's SOURCE.md)
@@ -136,7 +137,7 @@ def test_format_prompt_qwen2_exact():
 
 
 def test_format_prompt_unknown_template():
-    with pytest.raises(ValueError, match="unknown template 'alpaca'.*minillm, qwen2"):
+    with pytest.raises(InputError, match="unknown template 'alpaca'.*minillm, qwen2"):
         format_prompt("x", template="alpaca")
 
 
@@ -172,7 +173,7 @@ def test_read_minillm_jsonl_limit_and_blank_lines(tmp_path):
     ]
     assert read_minillm_jsonl(path, limit=2) == read_minillm_jsonl(path)[:2]
     assert read_minillm_jsonl(path, limit=0) == []
-    with pytest.raises(ValueError, match="limit"):
+    with pytest.raises(InputError, match="limit"):
         read_minillm_jsonl(path, limit=-1)
 
 
@@ -192,7 +193,7 @@ def test_read_minillm_jsonl_limit_and_blank_lines(tmp_path):
 def test_read_minillm_jsonl_errors_name_path_and_line(tmp_path, bad_line, message):
     # Line 2 is blank, so the bad record is on line 3 of the file (not the 2nd record).
     path = write_lines(tmp_path / "bad.jsonl", [json.dumps({"prompt": "P", "output": "R"}), "", bad_line])
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(InputError) as err:
         read_minillm_jsonl(path)
     assert str(err.value).startswith(f"{path}:3: ")
     assert message in str(err.value)
@@ -235,13 +236,13 @@ def test_read_instruction_jsonl_dolly_keys_and_templates(tmp_path):
 )
 def test_read_instruction_jsonl_errors(tmp_path, row, message):
     path = write_lines(tmp_path / "bad.jsonl", [json.dumps(row)])
-    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}:1: {re.escape(message)}"):
+    with pytest.raises(InputError, match=f"^{re.escape(str(path))}:1: {re.escape(message)}"):
         read_instruction_jsonl(path)
 
 
 def test_read_instruction_jsonl_unknown_template_names_line(tmp_path):
     path = write_lines(tmp_path / "x.jsonl", [json.dumps({"instruction": "I", "response": "R"})])
-    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}:1: unknown template 'chatml'"):
+    with pytest.raises(InputError, match=f"^{re.escape(str(path))}:1: unknown template 'chatml'"):
         read_instruction_jsonl(path, template="chatml")
 
 
@@ -327,7 +328,7 @@ def test_read_token_shards_uint16_and_int32(tmp_path):
 )
 def test_read_token_shards_errors(tmp_path, kwargs, items, suffix, message):
     prefix = write_shard(tmp_path / "s", items, **kwargs)
-    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 's') + suffix)}: {message}"):
+    with pytest.raises(InputError, match=f"^{re.escape(str(tmp_path / 's') + suffix)}: {message}"):
         read_token_shards(prefix)
 
 
@@ -336,10 +337,23 @@ def test_read_token_shards_truncated_files(tmp_path):
     bin_path = Path(str(prefix) + ".bin")
     bin_path.write_bytes(bin_path.read_bytes()[:-2])
     assert read_token_shards(prefix, limit=1) == [TokenRecord([1], [2])]  # only the bytes it needs
-    with pytest.raises(ValueError, match="index points up to byte 16"):
+    with pytest.raises(InputError, match="index points up to byte 16"):
         read_token_shards(prefix)
     Path(str(prefix) + ".idx").write_bytes(b"MMIDIDX")
-    with pytest.raises(ValueError, match="too short for the 34-byte MMIDIDX header"):
+    with pytest.raises(InputError, match="too short for the 34-byte MMIDIDX header"):
+        read_token_shards(prefix)
+
+
+def test_missing_files_are_input_errors_naming_them(tmp_path):
+    """A file that is not there is the user's to fix: an InputError naming it, never a bare FileNotFoundError."""
+    with pytest.raises(InputError, match=f"^{re.escape(str(tmp_path / 'gone.jsonl'))}: no such file"):
+        read_minillm_jsonl(tmp_path / "gone.jsonl")
+    with pytest.raises(InputError, match=f"^{re.escape(str(tmp_path / 's.idx'))}: no such file"):
+        read_token_shards(tmp_path / "s")
+    prefix = write_shard(tmp_path / "s", [[1, 65535, 2, 9]])
+    Path(str(prefix) + ".bin").unlink()
+    assert read_token_shards(prefix, limit=0) == []  # the .bin is not needed for no item
+    with pytest.raises(InputError, match=f"^{re.escape(str(prefix) + '.bin')}: no such file"):
         read_token_shards(prefix)
 
 
@@ -368,7 +382,7 @@ def test_load_hf_dataset_local_json_matches_jsonl_reader(tmp_path, hf_cache):
 def test_load_hf_dataset_minillm_rows(tmp_path, hf_cache):
     path = write_lines(tmp_path / "m.jsonl", [json.dumps({"prompt": "P", "output": ["a", "b"]})])
     assert load_hf_dataset(f"json:{path}") == [Record("P", "a", ("a", "b"))]
-    with pytest.raises(ValueError, match=r"row 0: only a preformatted 'prompt'.*'qwen2'"):
+    with pytest.raises(InputError, match=r"row 0: only a preformatted 'prompt'.*'qwen2'"):
         load_hf_dataset(f"json:{path}", template="qwen2")
 
 
@@ -383,9 +397,21 @@ def test_load_hf_dataset_hub_name_is_forwarded(monkeypatch, hf_cache):
     assert load_hf_dataset("databricks/databricks-dolly-15k", split="train", limit=1) == [
         Record(format_prompt("I"), "R", ("R",))
     ]
-    with pytest.raises(ValueError, match=r"^databricks/databricks-dolly-15k \(test\) row 1: missing key"):
+    with pytest.raises(InputError, match=r"^databricks/databricks-dolly-15k \(test\) row 1: missing key"):
         load_hf_dataset("databricks/databricks-dolly-15k", split="test")
     assert calls == [("databricks/databricks-dolly-15k", "train"), ("databricks/databricks-dolly-15k", "test")]
+
+
+def test_load_hf_dataset_that_cannot_load_names_the_label_and_chains_the_cause(tmp_path, hf_cache):
+    missing = tmp_path / "gone.jsonl"
+    with pytest.raises(
+        InputError, match=rf"^data.path: json:{re.escape(str(missing))} \(train\): cannot load \("
+    ) as info:
+        load_hf_dataset(f"json:{missing}", label="data.path")
+    assert isinstance(info.value.__cause__, FileNotFoundError)
+    path = write_lines(tmp_path / "d.jsonl", [json.dumps({"instruction": "I", "response": "R"})])
+    with pytest.raises(InputError, match=rf"^json:{re.escape(str(path))} \(nope\): cannot load \("):
+        load_hf_dataset(f"json:{path}", split="nope")
 
 
 # ---------------------------------------------------------------------------------------------- synthetic
@@ -402,7 +428,7 @@ def test_synthetic_instructions_deterministic_and_varied():
     instructions = {r.prompt.split("### Instruction:\n")[1].split("\n")[0] for r in a}
     assert len(instructions) > 50  # varied, not one prompt repeated
     assert any("### Input:" in r.prompt for r in a) and any("### Input:" not in r.prompt for r in a)
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError):
         synthetic_instructions(-1)
 
 
@@ -464,7 +490,7 @@ def test_build_examples_skips_fully_truncated_responses(byte_tok):
 
 
 def test_build_examples_errors(byte_tok):
-    with pytest.raises(ValueError, match="no eos_token_id"):
+    with pytest.raises(InputError, match="no eos_token_id"):
         build_examples([TokenRecord([1], [2])], SimpleNamespace(eos_token_id=None))
     with pytest.raises(ValueError, match="record 1: expected Record or TokenRecord, got dict"):
         build_examples([TokenRecord([1], [2]), {"prompt": "p"}], byte_tok)
@@ -533,3 +559,22 @@ def test_tokenizer_for_gpt2_sets_eos_and_pad(gpt2):
     assert len(gpt2) == 50257
     assert gpt2.eos_token == "<|endoftext|>" and gpt2.eos_token_id == GPT2_EOS
     assert gpt2.pad_token_id == GPT2_EOS
+
+
+def test_tokenizer_for_a_folder_that_cannot_load_names_it(tmp_path):
+    missing = tmp_path / "no-tokenizer"
+    with pytest.raises(
+        InputError, match=f"^--tokenizer {re.escape(str(missing))}: cannot load the tokenizer \\(no such"
+    ):
+        tokenizer_for(str(missing), label="--tokenizer")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match=f"^{re.escape(str(empty))}: cannot load the tokenizer \\(no tokenizer files"):
+        tokenizer_for(str(empty))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text("{not json")
+    (broken / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+    with pytest.raises(InputError, match=f"^{re.escape(str(broken))}: cannot load the tokenizer") as info:
+        tokenizer_for(str(broken))
+    assert info.value.__cause__ is not None  # the library's own error is chained

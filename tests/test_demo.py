@@ -167,6 +167,16 @@ def test_demo_rejects_repeated_training_seeds(tmp_path, capsys):
     assert not (tmp_path / "d").exists()
 
 
+def test_demo_output_that_cannot_be_created_is_one_line(tmp_path, capsys):
+    from adakd.cli import main
+
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file, not a folder")
+    assert main(["demo", "--quick", "--output", str(blocker / "d")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"adakd: error: --output {blocker / 'd'}: cannot create the folder (Not a directory)"
+
+
 def test_every_demo_record_knows_its_family_and_kind():
     from adakd.demo import SOFT_FAMILIES
 

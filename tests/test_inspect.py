@@ -20,18 +20,10 @@ import torch
 
 from adakd import difficulty_scores, idts_temperatures
 from adakd.adaptive import keep_count
+from adakd.analysis import TokenInfo, analyse, summarize_tokens, token_pieces
 from adakd.cli import inspect as inspect_cli
 from adakd.data import tokenizer_for
-from adakd.report.inspect import (
-    TokenInfo,
-    analyse,
-    colour,
-    render_html,
-    render_text,
-    scale_range,
-    summarize_tokens,
-    token_pieces,
-)
+from adakd.report.tokens import colour, render_html, render_text, scale_range
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,8 +1,10 @@
 """LLM-as-judge: verdict parsing, both-orders win/tie/loss, the HTTP client's retries and errors, the cache, the CLI.
 
-A chat-completions server on 127.0.0.1 (port 0, in a thread) stands in for the judge. It answers from the content:
-an answer holding GOOD beats one without; both or neither -> [[tie]]; an answer holding BIAS makes it always say
-[[1]] (a position-biased judge, so the two orders disagree); GARBAGE anywhere -> a reply without a verdict.
+A chat-completions server on 127.0.0.1 (port 0, in a thread) stands in for the judge, and the client (the openai SDK)
+really talks HTTP to it. It answers from the content: an answer holding GOOD beats one without; both or neither ->
+[[tie]]; an answer holding BIAS makes it always say [[1]] (a position-biased judge, so the two orders disagree);
+GARBAGE anywhere -> a reply without a verdict. Its error replies ask for a 10 ms wait (``retry-after-ms``), which the
+SDK honours, so that retries cost the tests nothing.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,7 +22,10 @@ from pathlib import Path
 import pytest
 
 from adakd.cli import judge as judge_cli
+from adakd.cli import main
+from adakd.errors import AdakdError, InputError
 from adakd.eval import judge as J
+from adakd.eval.judge.run import _outcome, _preferred
 
 
 def _answer(text: str, k: int) -> str:
@@ -44,7 +51,8 @@ class FakeJudge:
 
     def __init__(self) -> None:
         self.requests: list[dict] = []
-        self.script: list[tuple[int, str]] = []  # (status, body) answered before any real reply
+        # (status, body) or (status, body, headers) answered before any real reply
+        self.script: list[tuple] = []
         self.delays: list[float] = []  # seconds to stall the next requests (for timeouts)
         self.lock = threading.Lock()
         self.url = ""
@@ -63,15 +71,24 @@ def _handler(state: FakeJudge):
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             with state.lock:
-                state.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                state.requests.append(
+                    {
+                        "path": self.path,
+                        "headers": {k.lower(): v for k, v in self.headers.items()},
+                        "body": body,
+                        "time": time.monotonic(),
+                    }
+                )
                 scripted = state.script.pop(0) if state.script else None
                 delay = state.delays.pop(0) if state.delays else 0.0
             if delay:
                 time.sleep(delay)
             if self.path != "/v1/chat/completions":
                 scripted = (404, json.dumps({"error": {"message": f"no route {self.path}"}}))
+            headers = {}
             if scripted is not None:
-                status, text = scripted
+                status, text, *extra = scripted
+                headers = extra[0] if extra else {"retry-after-ms": "10"}
             else:
                 content = _decide(body["messages"][-1]["content"])
                 status = 200
@@ -84,6 +101,8 @@ def _handler(state: FakeJudge):
             try:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
+                for name, value in headers.items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", str(len(text.encode())))
                 self.end_headers()
                 self.wfile.write(text.encode())
@@ -117,7 +136,7 @@ def server(monkeypatch):
 
 
 def _client(server: FakeJudge, **kw) -> J.ChatClient:
-    kw = {"timeout": 5.0, "retries": 3, "backoff": 0.01, **kw}
+    kw = {"timeout": 5.0, "retries": 3, **kw}
     return J.ChatClient(server.url, "judge-model", **kw)
 
 
@@ -168,13 +187,8 @@ def test_chat_completions_url():
     assert J.chat_completions_url("http://h:8000/v1/") == "http://h:8000/v1/chat/completions"
     assert J.chat_completions_url("https://h/v1/chat/completions") == "https://h/v1/chat/completions"
     for bad in ("h:8000/v1", "ftp://h/v1", ""):
-        with pytest.raises(ValueError, match="--endpoint"):
+        with pytest.raises(InputError, match="--endpoint"):
             J.chat_completions_url(bad)
-
-
-def test_cli_defaults_match_module():
-    assert judge_cli.DEFAULT_TEMPERATURE == J.DEFAULT_TEMPERATURE == 0.2
-    assert judge_cli.DEFAULT_MAX_TOKENS == J.DEFAULT_MAX_TOKENS
 
 
 # --- win / tie / loss ---------------------------------------------------------------------------------------------
@@ -233,8 +247,8 @@ def test_one_unparsed_order_is_a_tie():
     ]
     summary = J.aggregate(examples)
     assert summary["unparsed"] == 1 and summary["unparsed_examples"] == 1 and summary["cached"] == 1
-    assert J._outcome("A", "tie") == "tie" and J._outcome("A", "A") == "win" and J._outcome("B", "B") == "loss"
-    assert J._preferred(None, 1) == "tie" and J._preferred("2", 2) == "A" and J._preferred("2", 1) == "B"
+    assert _outcome("A", "tie") == "tie" and _outcome("A", "A") == "win" and _outcome("B", "B") == "loss"
+    assert _preferred(None, 1) == "tie" and _preferred("2", 2) == "A" and _preferred("2", 1) == "B"
 
 
 def test_aggregate_empty():
@@ -252,7 +266,6 @@ def test_identical_requests_are_sent_once(server):
 
 
 def test_request_body_and_authorization_header(server, monkeypatch):
-    monkeypatch.setenv("MY_JUDGE_KEY", "sk-secret-123")
     client = _client(server, api_key="sk-secret-123", max_tokens=77)
     assert "sk-secret" not in repr(client)
     messages = J.build_messages("Q", "R", "GOOD", "bad")
@@ -266,6 +279,8 @@ def test_request_body_and_authorization_header(server, monkeypatch):
     assert headers["authorization"] == "Bearer sk-secret-123"
     assert headers["content-type"] == "application/json"
 
+    # No key, no header: not even the SDK's own fallback to $OPENAI_API_KEY.
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-the-environment")
     _client(server).complete(messages)
     assert "authorization" not in {k.lower() for k in server.requests[-1]["headers"]}
 
@@ -277,12 +292,12 @@ def test_retries_after_503_and_429_then_succeeds(server):
     assert server.count == 3 and client.http_requests == 3
 
 
-def test_backoff_is_exponential_and_capped():
-    client = J.ChatClient("http://127.0.0.1:9/v1", "m", backoff=0.5, max_backoff=4.0)
-    assert [client._delay(k) for k in range(5)] == [0.5, 1.0, 2.0, 4.0, 4.0]
-    assert client._delay(0, retry_after="3") == 3.0
-    assert client._delay(0, retry_after="100") == 4.0
-    assert client._delay(1, retry_after="Wed, 21 Oct 2015 07:28:00 GMT") == 1.0
+def test_retry_waits_as_long_as_the_server_asks(server):
+    server.script = [(429, '{"error": {"message": "slow down"}}', {"retry-after-ms": "300"})]
+    client = _client(server)
+    assert J.parse_verdict(client.complete(J.build_messages("Q", "R", "GOOD", "x"))) == "1"
+    first, second = server.requests
+    assert second["time"] - first["time"] >= 0.29  # not before the 300 ms the server asked for
 
 
 def test_gives_up_after_retries(server):
@@ -318,12 +333,12 @@ def test_wrong_path_is_a_clear_404(server):
 
 
 def test_timeout_is_retried(server):
-    server.delays = [1.0]
+    server.delays = [3.0]
     client = _client(server, timeout=0.25)
     start = time.monotonic()
     assert J.parse_verdict(client.complete(J.build_messages("Q", "R", "x", "GOOD"))) == "2"
     assert server.count == 2
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < 3.0  # the stalled reply was not waited for
 
 
 def test_connection_refused_is_retried_then_reported():
@@ -332,10 +347,13 @@ def test_connection_refused_is_retried_then_reported():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
-    client = J.ChatClient(f"http://127.0.0.1:{port}/v1", "m", retries=2, backoff=0.01)
-    with pytest.raises(OSError, match=rf"127.0.0.1:{port}/v1/chat/completions: giving up after 3 attempts.*connection"):
+    # One retry: without a server to send Retry-After, the SDK's own backoff (about 0.5 s) applies.
+    client = J.ChatClient(f"http://127.0.0.1:{port}/v1", "m", retries=1)
+    with pytest.raises(
+        J.JudgeRequestError, match=rf"127.0.0.1:{port}/v1/chat/completions: giving up after 2 attempts.*connection"
+    ):
         client.complete(J.build_messages("Q", "R", "a", "b"))
-    assert client.http_requests == 3
+    assert client.http_requests == 2
 
 
 def test_a_non_chat_reply_is_a_clear_error(server):
@@ -351,15 +369,26 @@ def test_fatal_error_in_the_pool_is_raised(server):
     assert server.count < 40  # the queued requests were dropped
 
 
+def test_stopped_run_sends_nothing_more(server):
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(J.JudgeRequestError, match="request abandoned"):
+        _client(server).complete(J.build_messages("Q", "R", "a", "b"), stop=stop)
+    assert server.count == 0
+
+
 def test_client_rejects_bad_settings():
     for kw, flag in (
         ({"timeout": 0}, "--timeout"),
         ({"retries": -1}, "--retries"),
         ({"temperature": -1}, "--temperature"),
+        ({"max_tokens": 0}, "--max-tokens"),
     ):
-        with pytest.raises(ValueError, match=flag):
+        with pytest.raises(InputError, match=flag):
             J.ChatClient("http://127.0.0.1:1/v1", "m", **kw)
-    with pytest.raises(ValueError, match="--concurrency"):
+    with pytest.raises(InputError, match="--model"):
+        J.ChatClient("http://127.0.0.1:1/v1", "")
+    with pytest.raises(InputError, match="--concurrency"):
         J.judge_pairs([], J.ChatClient("http://127.0.0.1:1/v1", "m"), concurrency=0)
 
 
@@ -460,7 +489,7 @@ def test_make_pairs_against_reference_and_against_other_predictions():
         (f"prompt {i}", f"pred {i}", f"other {i}") for i in range(3)
     ]
 
-    with pytest.raises(ValueError, match="no prediction for the prompt 'prompt 2'"):
+    with pytest.raises(InputError, match="no prediction for the prompt 'prompt 2'"):
         J.make_pairs(a, b[2:])
 
 
@@ -475,17 +504,17 @@ def test_make_pairs_repeated_prompts_take_b_in_turn():
 @pytest.mark.parametrize(
     ("content", "match"),
     [
-        ('{"prompt": "p", "prediction": "x", "references": ["r"]}\nnot json\n', "line 2: not valid JSON"),
-        ('{"prompt": "p", "references": ["r"]}\n', "line 1: 'prediction' must be a string"),
-        ('{"prompt": "p", "prediction": "x", "references": []}\n', "line 1: 'references' must be a non-empty list"),
-        ("[1, 2]\n", "line 1: expected a JSON object"),
+        ('{"prompt": "p", "prediction": "x", "references": ["r"]}\nnot json\n', ":2: invalid JSON"),
+        ('{"prompt": "p", "references": ["r"]}\n', ":1: 'prediction' must be a string"),
+        ('{"prompt": "p", "prediction": "x", "references": []}\n', ":1: 'references' must be a non-empty list"),
+        ("[1, 2]\n", ":1: expected a JSON object"),
         ("\n\n", "no records"),
     ],
 )
 def test_load_predictions_errors_name_file_and_line(tmp_path, content, match):
     path = tmp_path / "bad.jsonl"
     path.write_text(content)
-    with pytest.raises(ValueError, match=match) as e:
+    with pytest.raises(InputError, match=match) as e:
         J.load_predictions(path, "--against")
     assert str(e.value).startswith(f"--against {path}")
 
@@ -540,7 +569,7 @@ def test_cli_against_reference_end_to_end(server, tmp_path, monkeypatch, capsys)
     assert [e["id"] for e in report["examples"]] == ["ex0", "ex1", "ex2", "ex3"]
     assert [e["outcome"] for e in report["examples"]] == ["win", "tie", "loss", "win"]
     assert "sk-cli-key" not in out.read_text()
-    assert all(r["headers"].get("Authorization") == "Bearer sk-cli-key" for r in server.requests)
+    assert all(r["headers"].get("authorization") == "Bearer sk-cli-key" for r in server.requests)
     assert all(r["body"]["model"] == "jm" and r["body"]["temperature"] == 0.2 for r in server.requests)
 
     cache = out.parent / "judge.cache.jsonl"
@@ -611,7 +640,7 @@ def test_cli_warns_when_the_named_key_variable_is_unset(server, tmp_path, monkey
     assert "$NO_SUCH_KEY_VAR is not set" in capsys.readouterr().err
 
 
-def test_cli_user_errors_are_one_line_value_or_os_errors(server, tmp_path):
+def test_cli_user_errors_are_one_line_input_errors(server, tmp_path):
     a = _write_jsonl(tmp_path / "a.jsonl", _records(2))
     b = _write_jsonl(tmp_path / "b.jsonl", _records(1))
     base = ["--endpoint", server.url, "--model", "m", "--output", str(tmp_path / "j.json")]
@@ -631,18 +660,49 @@ def test_cli_user_errors_are_one_line_value_or_os_errors(server, tmp_path):
         ),
     ]
     for argv, match in cases:
-        with pytest.raises((ValueError, OSError), match=match) as e:
+        with pytest.raises(InputError, match=match) as e:
             judge_cli.run(_parse(argv + base if "--endpoint" not in argv else argv + base[2:]))
         assert "\n" not in str(e.value)
     assert server.count == 0
 
     server.script = [(400, '{"error": {"message": "unknown model m"}}')] * 4
-    with pytest.raises(OSError, match=rf"{re.escape(server.url)}/chat/completions: HTTP 400: unknown model m"):
+    with pytest.raises(
+        J.JudgeRequestError, match=rf"{re.escape(server.url)}/chat/completions: HTTP 400: unknown model m"
+    ):
         judge_cli.run(_parse(["--predictions", str(a), "--against", "reference", *base]))
     assert not (tmp_path / "j.json").exists()
+
+
+def test_cli_exit_status_and_one_line_errors(server, tmp_path, capsys):
+    a = _write_jsonl(tmp_path / "a.jsonl", _records(1))
+    argv = ["judge", "--against", "reference", "--endpoint", server.url, "--model", "m", "--retries", "1",
+            "--output", str(tmp_path / "j.json")]  # fmt: skip
+    assert main([*argv, "--predictions", str(tmp_path / "missing.jsonl")]) == 2  # bad input
+    assert capsys.readouterr().err.strip().endswith("missing.jsonl: no such file")
+
+    server.script = [(500, "internal error")] * 4  # the server stays broken: adakd's own error, not a bug
+    assert main([*argv, "--predictions", str(a)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("adakd: error: ") and "giving up after 2 attempts" in err
+    assert issubclass(J.JudgeRequestError, AdakdError) and not issubclass(J.JudgeRequestError, InputError)
 
 
 def test_progress_bar_does_not_disturb_results(server, capsys):
     examples = J.judge_pairs([_pair("GOOD", "x"), _pair("x", "GOOD", prompt="q2")], _client(server), progress=True)
     assert [e["outcome"] for e in examples] == ["win", "loss"]
     assert capsys.readouterr().out == ""  # the bar goes to stderr, stdout stays for the summary line
+
+
+def test_cli_without_openai_names_the_missing_module(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "openai", None)  # makes `import openai` fail as if it were not installed
+    a = _write_jsonl(tmp_path / "a.jsonl", _records(1))
+    argv = ["judge", "--predictions", str(a), "--against", "reference", "--endpoint", "http://127.0.0.1:9/v1",
+            "--model", "m", "--output", str(tmp_path / "j.json")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "adakd judge needs the Python module 'openai'" in err and "pip install" in err
+
+
+def test_importing_the_judge_does_not_import_openai():
+    code = "import sys, adakd.eval.judge, adakd.cli.judge; assert 'openai' not in sys.modules, 'openai imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

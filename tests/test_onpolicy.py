@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -262,3 +264,13 @@ def test_resume_without_onpolicy_state_is_an_error(tmp_path):
     (tmp_path / "run" / "checkpoint-2" / ONPOLICY_STATE_FILE).unlink()
     with pytest.raises(ValueError, match=ONPOLICY_STATE_FILE):
         build_trainer(_config(GKD, tmp_path, *common, "training.max_steps=3")).train(resume_from_checkpoint=True)
+
+
+def test_training_samples_without_importing_evaluation():
+    """On-policy training and evaluation share adakd.generation; training pulls in neither eval/ nor report/."""
+    code = (
+        "import sys, adakd.train, adakd.train.onpolicy\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('adakd.eval', 'adakd.report'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"

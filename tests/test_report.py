@@ -24,7 +24,7 @@ from adakd.report import (
     write_comparison_report,
     write_run_report,
 )
-from adakd.report.plots import read_rows
+from adakd.report.metrics import read_rows
 from adakd.report.run_report import run_labels, summary_line
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -137,7 +137,7 @@ def test_read_metrics_missing_and_empty_files_name_the_file(tmp_path):
 @pytest.mark.parametrize(
     ("bad", "why"),
     [
-        ('{"step": 7, "loss": 0.3', "not valid JSON"),
+        ('{"step": 7, "loss": 0.3', "invalid JSON"),
         ("[1, 2]", "expected a JSON object"),
         ('{"loss": 0.3}', "'step'"),
         ('{"step": 7, "loss": "nan?"}', "'loss' must be a number"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect as pyinspect
 import json
 import math
 import os
@@ -283,7 +284,12 @@ def test_optimizer_steps_match_the_trainers_own_count(tmp_path, examples, batch,
     )  # fmt: skip
     trainer = build_trainer(config)
     n = len(trainer.train_dataset)  # the synthetic source skips some over-long prompts
-    want = trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
+    hook = trainer.set_initial_training_values
+    extra = {}
+    if "total_train_batch_size" in pyinspect.signature(hook).parameters:  # transformers 5.0 takes it as an argument
+        args = trainer.args
+        extra["total_train_batch_size"] = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+    want = hook(trainer.args, trainer.get_train_dataloader(), **extra)[-1]
     assert optimizer_steps(trainer.args, n) == want
     assert trainer.loss_fn.controller.warmup_steps == int(0.1 * want)  # the tiny config's warmup_ratio 0.1
 

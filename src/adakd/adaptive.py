@@ -16,7 +16,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .divergences import OptionError, _hellinger, _jsd, _kl, compute_dtype, log_probs
+from .divergences import _hellinger, _jsd, _kl, compute_dtype, log_probs
+from .errors import OptionError
 
 __all__ = [
     "INDICATORS",

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .errors import OptionError
+
 __all__ = [
     "DIVERGENCES",
     "DivergenceFn",
@@ -218,15 +220,6 @@ def _hellinger(lq: Tensor, lp: Tensor) -> Tensor:
     # rounding error of ~1e-7 becomes ~3e-4 after the square root for nearly equal distributions.
     d = (0.5 * lp).exp() - (0.5 * lq).exp()
     return _safe_sqrt((0.5 * (d * d).sum(-1)).clamp(max=1.0))
-
-
-class OptionError(ValueError):
-    """A bad option value. ``option`` names it as the config does (``c``, ``base_params.lam``, ...) and ``reason``
-    says what is wrong, so that a config layer can name the key without re-checking the value."""
-
-    def __init__(self, option: str, reason: str, message: str | None = None) -> None:
-        super().__init__(message or f"{option} {reason}")
-        self.option, self.reason = option, reason
 
 
 def _unit_interval(name: str) -> Callable[[float], str | None]:

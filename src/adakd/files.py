@@ -1,14 +1,19 @@
-"""Writing files so that a crash never leaves half of one: every writer goes through :func:`atomic_write`."""
+"""Files in and out: every writer goes through :func:`atomic_write`, so that a crash never leaves half a file, and
+every JSONL reader through :func:`iter_jsonl`, so that a bad line is reported one way everywhere
+(``[flag ]path:line: reason``, as an :class:`~adakd.errors.InputError`)."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "write_json", "write_jsonl", "write_text", "torch_save"]
+from .errors import InputError
+
+__all__ = ["atomic_write", "input_file", "iter_jsonl", "read_jsonl", "write_json", "write_jsonl", "write_text",
+           "torch_save"]  # fmt: skip
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -47,3 +52,62 @@ def torch_save(obj: Any, path: str | os.PathLike) -> Path:
     import torch
 
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def input_file(path: str | os.PathLike, label: str | None = None) -> Path:
+    """``path`` as a :class:`Path` if it is a readable file; otherwise an :class:`InputError` that names it (and the
+    flag or key ``label`` it came from)."""
+    path = Path(path)
+    where = f"{label} {path}" if label else str(path)
+    if not path.exists():
+        raise InputError(f"{where}: no such file")
+    if not path.is_file():
+        raise InputError(f"{where}: not a file")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{where}: permission denied")
+    return path
+
+
+def iter_jsonl(
+    path: str | os.PathLike, label: str | None = None, limit: int | None = None
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ``(where, object)`` for each non-blank line of a JSONL file, at most ``limit`` of them; ``where`` is
+    ``"[label ]path:line"``, for the caller's own messages about a record.
+
+    Raises :class:`InputError` naming the file and line for a missing file, bytes that are not UTF-8, invalid JSON
+    or a line that is not a JSON object.
+    """
+    path = input_file(path, label)
+    prefix = f"{label} {path}" if label else str(path)
+    count = 0
+    # Bytes, decoded line by line: a bad UTF-8 sequence is then reported with its line, not as a bare
+    # UnicodeDecodeError. Only "\n" ends a line (JSON escapes every control character inside strings).
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if limit is not None and count >= limit:
+                return
+            where = f"{prefix}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise InputError(f"{where}: not UTF-8 (byte {err.start + 1}: {err.reason})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InputError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+            except RecursionError:
+                raise InputError(f"{where}: invalid JSON (nested too deeply)") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            count += 1
+            yield where, row
+
+
+def read_jsonl(path: str | os.PathLike, label: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+    """The objects of a JSONL file, in order (see :func:`iter_jsonl`); an empty file is an :class:`InputError`."""
+    rows = [row for _, row in iter_jsonl(path, label, limit)]
+    if not rows and limit != 0:
+        raise InputError(f"{label + ' ' if label else ''}{path}: no records")
+    return rows

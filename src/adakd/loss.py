@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .adaptive import LATF, RatioSchedule, _check_ratio, keep_count, score_fn, select_tokens
-from .divergences import OptionError, compute_dtype, divergence_fn, log_probs
+from .adaptive import keep_count, score_fn, select_tokens
+from .divergences import compute_dtype, divergence_fn, log_probs
+from .errors import NonFiniteLossError
 from .fused import (
-    IMPLS,
     FusedKeptLoss,
     FusedKeptLossTauGrad,
     FusedOnePassLoss,
@@ -32,108 +31,11 @@ from .fused import (
     chunked_scores,
     default_chunk_size,
 )
+from .loss_options import C_MAX, build_controller, check_options
+from .loss_report import LossReport, make_report
+from .shapes import align_vocab, check_hidden_inputs, check_vocab_sizes
 
-__all__ = ["AdaKDLoss", "LossReport", "NonFiniteLossError", "align_vocab"]
-
-SELECTIONS = ("latf", "fixed", "linear", "cosine", "all")
-TEMPERATURES = ("inverse", "fixed", "reverse")
-TAU_WEIGHTS = ("squared", "none")
-REDUCTIONS = ("mean", "sum")
-STAT_KEYS = (
-    "ratio",
-    "valid_tokens",
-    "kept_tokens",
-    "tau_mean",
-    "tau_min",
-    "tau_max",
-    "score_median",
-    "score_threshold",
-    "loss",
-)
-
-
-def _choice(option: str, value: object, valid: tuple[str, ...]) -> OptionError:
-    message = f"unknown {option} {value!r}; valid: {', '.join(valid)}"
-    return OptionError(option, f"unknown {value!r}; valid: {', '.join(valid)}", message)
-
-
-@dataclass(frozen=True)
-class LossReport:
-    """What one forward of :class:`AdaKDLoss` did. ``loss`` is the returned value (per ``reduction``);
-    ``mean_loss`` is L_t, the mean over kept tokens of τ_i²·D (what LATF consumes), whatever the reduction. The
-    score statistics are NaN in plain-KD mode (keep all, one τ), which computes no scores; an empty batch (no
-    valid token) has ``kept_tokens == valid_tokens == 0``."""
-
-    loss: Tensor
-    ratio: float
-    valid_tokens: int
-    kept_tokens: int
-    tau_mean: float
-    tau_min: float
-    tau_max: float
-    score_median: float
-    score_threshold: float
-    mean_loss: float
-
-    def as_dict(self) -> dict[str, float]:
-        """The statistics by their ``STAT_KEYS`` names (``loss`` is ``mean_loss``), as logged."""
-        return {
-            "ratio": self.ratio, "valid_tokens": float(self.valid_tokens), "kept_tokens": float(self.kept_tokens),
-            "tau_mean": self.tau_mean, "tau_min": self.tau_min, "tau_max": self.tau_max,
-            "score_median": self.score_median, "score_threshold": self.score_threshold, "loss": self.mean_loss,
-        }  # fmt: skip
-
-
-class NonFiniteLossError(ValueError):
-    """The loss of a micro-batch is NaN or inf (bad logits); raised before any state (LATF, stats) is updated."""
-
-
-# IDTS bound: τ ∈ τ_base·(e^−c, e^c) ⊂ τ_base·(4.5e-5, 2.2e4) at c = 10, so logits/τ stay finite in float32.
-C_MAX = 10.0
-
-
-def check_vocab_sizes(v_student: int, v_teacher: int, vocab_size: int | None = None) -> None:
-    """Raise unless the teacher's V_t ≥ V_s rows can be cropped to the student's without losing a real token."""
-    if v_student > v_teacher:
-        raise ValueError(
-            f"the student's vocabulary ({v_student}) is larger than the teacher's ({v_teacher}); only the teacher "
-            "may carry padding rows"
-        )
-    if vocab_size is not None and vocab_size > v_student:
-        raise ValueError(
-            f"the tokenizer has {vocab_size} tokens but the student logits only {v_student}: cropping the teacher "
-            f"from {v_teacher} to {v_student} would drop real tokens"
-        )
-
-
-def align_vocab(student_logits: Tensor, teacher_logits: Tensor, vocab_size: int | None = None) -> tuple[Tensor, Tensor]:
-    """Crop the teacher's padding rows so both logits cover the student's vocabulary.
-
-    Qwen2-7B pads its lm_head to 152,064 rows and Qwen2-1.5B to 151,936, with fewer real tokens than either:
-    the extra teacher rows are padding and are dropped. A crop that would drop a real token is an error.
-
-    Args:
-        student_logits: ``[..., V_s]``.
-        teacher_logits: ``[..., V_t]`` with V_t ≥ V_s and the same leading shape.
-        vocab_size: the tokenizer's real vocabulary size, if known; must be ≤ V_s.
-
-    Returns:
-        ``(student_logits, teacher_logits[..., :V_s])`` (the student unchanged; the crop is a view).
-
-    Raises:
-        ValueError: the student's vocabulary is larger than the teacher's, ``vocab_size`` exceeds V_s (the crop
-            would cut off real tokens), or the leading shapes differ.
-    """
-    v_s, v_t = student_logits.shape[-1], teacher_logits.shape[-1]
-    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
-            "must agree on every dimension but the vocabulary"
-        )
-    check_vocab_sizes(v_s, v_t, vocab_size)
-    if v_t > v_s:
-        teacher_logits = teacher_logits[..., :v_s]
-    return student_logits, teacher_logits
+__all__ = ["C_MAX", "AdaKDLoss", "LossReport", "NonFiniteLossError", "align_vocab", "check_vocab_sizes"]
 
 
 class AdaKDLoss(nn.Module):
@@ -191,50 +93,16 @@ class AdaKDLoss(nn.Module):
         **latf_kwargs: Any,
     ) -> None:
         super().__init__()
+        check_options(
+            selection=selection, temperature=temperature, reduction=reduction, impl=impl, c=c,
+            tau_weight=tau_weight, detach_tau=detach_tau, one_pass=one_pass, tau_base=tau_base, ratio=ratio,
+            latf_kwargs=latf_kwargs,
+        )  # fmt: skip
         self.base = base
         self.base_params = dict(base_params or {})
         self.div = divergence_fn(base, **self.base_params)
         self.indicator = indicator
         self.score = score_fn(indicator)
-        if selection not in SELECTIONS:
-            raise _choice("selection", selection, SELECTIONS)
-        if temperature not in TEMPERATURES:
-            raise _choice("temperature", temperature, TEMPERATURES)
-        if reduction not in REDUCTIONS:
-            raise _choice("reduction", reduction, REDUCTIONS)
-        if impl not in IMPLS:
-            raise _choice("impl", impl, IMPLS)
-        if not (math.isfinite(c) and 0 <= c <= C_MAX):
-            # τ lies in τ_base·(e^−c, e^c) by construction; beyond c = C_MAX, z/τ overflows for ordinary logits.
-            raise OptionError("c", f"must be a number in [0, {C_MAX:g}] (τ stays in τ_base·(e^-c, e^c)), got {c}")
-        if tau_weight not in TAU_WEIGHTS:
-            raise _choice("tau_weight", tau_weight, TAU_WEIGHTS)
-        if not isinstance(detach_tau, bool):
-            raise OptionError("detach_tau", f"must be true or false, got {detach_tau!r}")
-        if one_pass and not detach_tau:
-            raise OptionError(
-                "detach_tau",
-                "false needs one_pass off (one_pass takes its temperatures from the previous batch)",
-                "one_pass supports detach_tau=True only (its temperatures come from the previous batch)",
-            )
-        if not (math.isfinite(tau_base) and tau_base > 0):
-            raise OptionError("tau_base", f"must be a positive finite number, got {tau_base}")
-        if ratio is not None:
-            _check_ratio("ratio", ratio)
-        if ratio is not None and selection == "latf":
-            # A ratio that LATF would ignore is a user's mistake, not a default: say where r_0 comes from.
-            reason = (
-                "applies to selection 'fixed', 'linear' and 'cosine'; LATF starts at max_ratio (r_0 = r_max) and "
-                "moves by itself"
-            )
-            raise OptionError("ratio", reason, f"ratio ({ratio}) {reason}")
-        if latf_kwargs and selection != "latf":
-            keys = ", ".join(sorted(latf_kwargs))
-            raise OptionError(
-                sorted(latf_kwargs)[0],
-                f"only applies to selection 'latf' (got selection {selection!r})",
-                f"{keys} only apply to selection='latf' (got selection={selection!r})",
-            )
         self.selection = selection
         self.temperature = temperature
         self.c = float(c)
@@ -242,18 +110,7 @@ class AdaKDLoss(nn.Module):
         self.vocab_size = vocab_size
         self.ignore_index = ignore_index
         self.reduction = reduction
-        self.controller: LATF | RatioSchedule | None
-        if selection == "latf":
-            valid = ("ema_decay", "tolerance", "step_size", "min_ratio", "max_ratio", "warmup_steps")
-            unknown = sorted(set(latf_kwargs) - set(valid))
-            if unknown:
-                message = f"unknown LATF argument(s) {', '.join(unknown)}; valid: {', '.join(valid)}"
-                raise OptionError(unknown[0], message, message)
-            self.controller = LATF(**latf_kwargs)
-        elif selection == "all":
-            self.controller = None
-        else:
-            self.controller = RatioSchedule(selection, ratio=1.0 if ratio is None else ratio, total_steps=total_steps)
+        self.controller = build_controller(selection, ratio, total_steps, latf_kwargs)
         self.impl = impl
         self.one_pass = bool(one_pass)
         self.tau_weight = tau_weight
@@ -347,29 +204,7 @@ class AdaKDLoss(nn.Module):
     ) -> LossReport:
         """The :class:`LossReport` of this forward, kept as ``last_report``; L_t joins :meth:`pending` in training
         mode when the batch had valid tokens. Called only once the loss is known to be finite."""
-        if k == 0:  # nothing valid in this batch
-            values = [self.tau_base] * 3 + [0.0] * 3
-        elif isinstance(mean_loss, float):  # the one-pass path has its statistics already
-            values = [*tau, *kept_scores, mean_loss]
-        else:
-            tau = tau.detach() if isinstance(tau, Tensor) else tau
-            kept_scores = None if kept_scores is None else kept_scores.detach()
-            loss_value = mean_loss.detach().float()
-            t = tau.float() if isinstance(tau, Tensor) else torch.full_like(loss_value, tau)
-            nan = torch.full_like(loss_value, math.nan)  # plain KD computes no scores
-            s = kept_scores.float() if kept_scores is not None else None
-            stacked = torch.stack(
-                [
-                    t.mean(),
-                    t.min(),
-                    t.max(),
-                    nan if s is None else s.median(),
-                    nan if s is None else s.min(),
-                    loss_value,
-                ]
-            )
-            values = stacked.tolist()  # one device sync for all the statistics
-        report = LossReport(loss, float(ratio), int(n), int(k), *values)
+        report = make_report(loss, ratio, n, k, tau, kept_scores, mean_loss, self.tau_base)
         self.last_report = report
         if self.training and k > 0:
             self._pending = (self._pending[0] + report.mean_loss, self._pending[1] + 1)
@@ -527,33 +362,13 @@ class AdaKDLoss(nn.Module):
             NonFiniteLossError: as :meth:`forward`, before any state changes.
         """
         impl = impl or self.impl
-        h_s, h_t = student_hidden.shape[-1], teacher_hidden.shape[-1]
-        lead = student_hidden.shape[:-1]
-        if teacher_hidden.shape[:-1] != lead or labels.shape != lead:
-            raise ValueError(
-                f"student_hidden {tuple(student_hidden.shape)}, teacher_hidden {tuple(teacher_hidden.shape)} and "
-                f"labels {tuple(labels.shape)} must share their leading shape"
-            )
-        if student_weight.dim() != 2 or student_weight.shape[1] != h_s:
-            raise ValueError(f"student_weight {tuple(student_weight.shape)} must be [V_s, {h_s}]")
-        if teacher_weight.dim() != 2 or teacher_weight.shape[1] != h_t:
-            raise ValueError(f"teacher_weight {tuple(teacher_weight.shape)} must be [V_t, {h_t}]")
-        v_s = student_weight.shape[0]
-        check_vocab_sizes(v_s, teacher_weight.shape[0], self.vocab_size)
-        for name, bias, rows_ in (("student_bias", student_bias, v_s), ("teacher_bias", teacher_bias, None)):
-            if bias is not None and (bias.dim() != 1 or bias.shape[0] != (rows_ or teacher_weight.shape[0])):
-                raise ValueError(f"{name} {tuple(bias.shape)} must be a vector over the vocabulary")
-        for name, t, ref in (
-            ("student_weight", student_weight, student_hidden),
-            ("student_bias", student_bias, student_hidden),
-            ("teacher_weight", teacher_weight, teacher_hidden),
-            ("teacher_bias", teacher_bias, teacher_hidden),
-        ):
-            if t is not None and t.dtype != ref.dtype:
-                raise ValueError(f"{name} is {t.dtype} but its hidden states are {ref.dtype}; cast one of them")
+        check_hidden_inputs(
+            student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
+            self.vocab_size,
+        )  # fmt: skip
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
-
+        h_s, h_t, v_s = student_hidden.shape[-1], teacher_hidden.shape[-1], student_weight.shape[0]
         hs = student_hidden.reshape(-1, h_s)
         ht = teacher_hidden.detach().reshape(-1, h_t)
         wt = teacher_weight.detach()[:v_s]
@@ -571,32 +386,33 @@ class AdaKDLoss(nn.Module):
             report = self._record(loss, self.ratio, 0, 0, self.tau_base, None, loss)
             return (loss, report) if return_report else loss
 
-        bs_detached = None if student_bias is None else student_bias.detach()
         targets = flat_labels.index_select(0, rows)
-        chunk_fn = self._chunk_fn(dtype, impl)
         one_pass = self.one_pass if one_pass is None else one_pass
         if one_pass and not self.detach_tau:
             raise ValueError("one_pass supports detach_tau=True only (its temperatures come from the previous batch)")
         if one_pass and self._needs_scores(n) and self._prev_scores is not None:
+            chunk_fn = self._chunk_fn(dtype, impl)
             done = self._one_pass(hs, student_weight, student_bias, ht, wt, bt, rows, targets, chunk_fn, chunk_size)
             if done is not None:
                 return done if return_report else done[0]
 
+        return self._fused_exact(
+            hs, student_weight, student_bias, ht, wt, bt, rows, targets, one_pass, dtype, impl, chunk_size,
+            return_report,
+        )  # fmt: skip
+
+    def _fused_exact(
+        self, hs, ws, bs, ht, wt, bt, rows, targets, one_pass, dtype, impl, chunk_size, return_report
+    ) -> Tensor | tuple[Tensor, LossReport]:
+        """forward_hidden's exact path: pass 1 scores every valid token (no gradient), the selection and τ follow,
+        pass 2 takes the loss and gradients of the kept tokens."""
+        n = rows.numel()
+        bs_detached = None if bs is None else bs.detach()
         scored: dict[str, Tensor] = {}
 
         def score_pass() -> Tensor:
             scores = chunked_scores(
-                self.score,
-                hs.detach(),
-                student_weight.detach(),
-                bs_detached,
-                ht,
-                wt,
-                bt,
-                rows,
-                targets,
-                chunk_size,
-                dtype,
+                self.score, hs.detach(), ws.detach(), bs_detached, ht, wt, bt, rows, targets, chunk_size, dtype
             )
             if one_pass:
                 scored["all"] = scores  # becomes the one-pass state once the loss is known to be finite
@@ -607,31 +423,15 @@ class AdaKDLoss(nn.Module):
             rows = rows[kept]
         scale = 1.0 / k if self.reduction == "mean" else 1.0
         if self.tau_has_grad and scores is not None:
+            # τ is returned by the Function: its gradient flows back through the kept tokens' scores.
             kept_targets = targets if kept is None else targets[kept]
             loss, tau = FusedKeptLossTauGrad.apply(
-                hs, student_weight, student_bias, ht, wt, bt, rows, scores, kept_targets, self.score_with_grad,
-                self.c, self.tau_base, self.temperature == "reverse", scale, self._chunk_fn(dtype, impl, True),
-                chunk_size, dtype,
+                hs, ws, bs, ht, wt, bt, rows, scores, kept_targets, self.score_with_grad, self.c, self.tau_base,
+                self.temperature == "reverse", scale, self._chunk_fn(dtype, impl, True), chunk_size, dtype,
             )  # fmt: skip
-            self._finite(loss)
-            self._prev_scores = scored.get("all", self._prev_scores)
-            mean_loss = loss.detach() if self.reduction == "mean" else loss.detach() / k
-            report = self._record(loss, ratio, n, k, tau, scores, mean_loss)
-            return (loss, report) if return_report else loss
-        loss = FusedKeptLoss.apply(
-            hs,
-            student_weight,
-            student_bias,
-            ht,
-            wt,
-            bt,
-            rows,
-            tau,
-            scale,
-            chunk_fn,
-            chunk_size,
-            dtype,
-        )
+        else:
+            chunk_fn = self._chunk_fn(dtype, impl)
+            loss = FusedKeptLoss.apply(hs, ws, bs, ht, wt, bt, rows, tau, scale, chunk_fn, chunk_size, dtype)
         self._finite(loss)
         self._prev_scores = scored.get("all", self._prev_scores)
         mean_loss = loss.detach() if self.reduction == "mean" else loss.detach() / k

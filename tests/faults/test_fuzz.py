@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from adakd import AdaKDLoss
 from adakd.data import read_instruction_jsonl, read_minillm_jsonl
+from adakd.errors import InputError
 from adakd.loss import NonFiniteLossError
 from adakd.train.config import ConfigError, DistillConfig, load_config
 
@@ -48,7 +49,7 @@ def test_jsonl_readers_give_records_or_a_located_error(lines):
         for reader in (read_minillm_jsonl, read_instruction_jsonl):
             try:
                 records = reader(path)
-            except ValueError as e:
+            except InputError as e:
                 assert re.match(rf"^{re.escape(str(path))}:\d+: ", str(e)), str(e)
             else:
                 assert all(r.response.strip() for r in records)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from adakd.data import read_instruction_jsonl, read_minillm_jsonl
+from adakd.errors import InputError
 from adakd.train import build_trainer
 from adakd.train.config import ConfigError
 from adakd.train.run import check_tokenizers
@@ -49,7 +50,7 @@ def test_unreadable_data_file(capsys, tmp_path):
 def test_bad_jsonl_line_names_path_and_line(capsys, tmp_path, content, expected):
     path = tmp_path / "data.jsonl"
     path.write_text(content)
-    with pytest.raises(ValueError, match=f"^{path}{expected}"):
+    with pytest.raises(InputError, match=f"^{path}{expected}"):
         read_minillm_jsonl(path)
     line = _train(capsys, tmp_path, "data.source=minillm_jsonl", f"data.path={path}")
     assert f"{path}{expected}" in line
@@ -58,14 +59,14 @@ def test_bad_jsonl_line_names_path_and_line(capsys, tmp_path, content, expected)
 def test_invalid_utf8_names_line(tmp_path):
     path = tmp_path / "bytes.jsonl"
     path.write_bytes(b'{"instruction": "a", "response": "b"}\n{"instruction": "\xff"}\n')
-    with pytest.raises(ValueError, match=f"^{path}:2: not UTF-8"):
+    with pytest.raises(InputError, match=f"^{path}:2: not UTF-8"):
         read_instruction_jsonl(path)
 
 
 def test_instruction_record_without_response(tmp_path):
     path = tmp_path / "inst.jsonl"
     path.write_text(json.dumps({"instruction": "a", "response": "   "}) + "\n")
-    with pytest.raises(ValueError, match=r":1: key 'response': empty response"):
+    with pytest.raises(InputError, match=r":1: key 'response': empty response"):
         read_instruction_jsonl(path)
 
 

@@ -9,8 +9,10 @@
     adakd inspect --teacher T --student S (--text "..." | --data FILE --index I) [--ratio r] --output tokens.html
     python -m adakd train ...
 
-Bad input ends with one line, ``adakd: error: ...`` naming the file, key or flag, and exit status 2; never a
-traceback. ``adakd --debug COMMAND ...`` re-raises instead, so the traceback shows.
+Bad input (an :class:`~adakd.errors.InputError`) ends with one line, ``adakd: error: ...`` naming the file, key or
+flag, and exit status 2; another of adakd's own errors (a non-finite loss, a judge endpoint that stops answering)
+with one line and exit status 1. Any other exception is a bug and shows its traceback. ``adakd --debug COMMAND ...``
+re-raises adakd's own errors too.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import AdakdError, InputError
 from . import compare as compare_cmd
 from . import demo as demo_cmd
 from . import eval as eval_cmd
@@ -34,13 +37,14 @@ EXTRAS = {
     "eval": ("train", "eval"),
     "compare": ("eval",),
     "demo": ("train", "eval"),
-    "judge": ("eval",),
+    "judge": ("judge",),
     "inspect": ("train", "eval"),
     "report": ("eval",),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``adakd`` parser: one subcommand per module of this package, each setting its ``handler``."""
     parser = argparse.ArgumentParser(prog="adakd", description="Token-adaptive knowledge distillation (AdaKD).")
     from .. import __version__
 
@@ -58,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``adakd ARGV`` (default: ``sys.argv[1:]``) and return its exit status.
+
+    0: done; 2: bad input (:class:`~adakd.errors.InputError`) or a missing optional dependency; 1: another of
+    adakd's own errors; 130: interrupted. Each error is one ``adakd: error: ...`` line on stderr; any other exception
+    propagates with its traceback (a bug), as do adakd's own under ``--debug``.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -78,10 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("adakd: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except AdakdError as e:
         if args.debug:
             raise
-        # ConfigError is a ValueError: its message already names the file and the key.
         message = str(e).splitlines()[0] if str(e) else e.__class__.__name__
         print(f"adakd: error: {message}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(e, InputError) else 1

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
+
+from ..errors import InputError
 
 
 def add_parser(sub) -> None:
@@ -37,16 +38,17 @@ def add_parser(sub) -> None:
 
 
 def _parse_labels(text: str | None, n_files: int) -> list[str] | None:
+    """``--labels A,B,...`` as a list, one non-empty, distinct label per results file; None when not given."""
     if text is None:
         return None
     labels = [label.strip() for label in text.split(",")]
     if len(labels) != n_files:
-        raise ValueError(f"--labels: got {len(labels)} label(s) for {n_files} results file(s)")
+        raise InputError(f"--labels: got {len(labels)} label(s) for {n_files} results file(s)")
     if any(not label for label in labels):
-        raise ValueError(f"--labels: empty label in {text!r}")
+        raise InputError(f"--labels: empty label in {text!r}")
     duplicates = sorted({label for label in labels if labels.count(label) > 1})
     if duplicates:
-        raise ValueError(f"--labels: label {duplicates[0]!r} is given more than once")
+        raise InputError(f"--labels: label {duplicates[0]!r} is given more than once")
     return labels
 
 
@@ -56,22 +58,17 @@ def _check_output(flag: str, path: str | None, inputs: list[str]) -> None:
         return
     target = Path(path).resolve()
     if any(Path(p).resolve() == target for p in inputs):
-        raise ValueError(f"{flag}: {path} is one of the results files; refusing to overwrite it")
-
-
-def _write_parent(path: str) -> None:
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
+        raise InputError(f"{flag}: {path} is one of the results files; refusing to overwrite it")
 
 
 def run(args: argparse.Namespace) -> int:
     """Print the comparison table; write it to ``--output`` and the chart to ``--plot`` when given."""
-    from ..eval.tables import bar_chart, compare_table, load_results
+    from ..eval.tables import compare_table, load_results
+    from ..files import write_text
 
     labels = _parse_labels(args.labels, len(args.results))
     if not 0 <= args.baseline < len(args.results):
-        raise ValueError(
+        raise InputError(
             f"--baseline: index {args.baseline} is out of range for {len(args.results)} results file(s) "
             f"(0 to {len(args.results) - 1})"
         )
@@ -83,11 +80,9 @@ def run(args: argparse.Namespace) -> int:
     table = compare_table(results, labels=labels, baseline=args.baseline)
     print(table)
     if args.output:
-        _write_parent(args.output)
-        from ..files import write_text
-
-        write_text(args.output, table + "\n")
+        write_text(args.output, table + "\n")  # creates the folder
     if args.plot:
-        _write_parent(args.plot)
-        bar_chart(results, labels, args.plot)
+        from ..report.plots import plot_rouge
+
+        plot_rouge(results, labels, args.plot)
     return 0

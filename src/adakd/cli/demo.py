@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: Any) -> None:
+    """Register ``adakd demo`` on the subcommand parsers ``sub``."""
     p = sub.add_parser(
         "demo",
         help="train a teacher and students on synthetic tasks, compare RKL and AdaKD-RKL over training seeds",
@@ -31,6 +33,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the demo into ``--output``; 0 when done (repeated ``--train-seeds`` are an InputError)."""
     from ..demo import run_demo
 
     run_demo(

@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from ..errors import InputError
+
 
 def _ints(flag: str):
     def parse(text: str) -> list[int]:
@@ -18,6 +20,7 @@ def _ints(flag: str):
 
 
 def add_parser(sub) -> None:
+    """Register the ``eval`` subcommand on ``sub`` (the result of ``ArgumentParser.add_subparsers()``)."""
     p = sub.add_parser(
         "eval",
         help="generate and score ROUGE-L on the paper's evaluation sets",
@@ -56,16 +59,17 @@ def _cuda() -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..eval.generate import GenerationConfig, load_backend
+    """Check the flags, load the sets and the model, evaluate, print the table; 0 on success."""
     from ..eval.run import evaluate, format_table, predictions_dir
     from ..eval.sets import load_eval_set, resolve_eval_sets
+    from ..generation import GenerationConfig, load_backend
 
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     if not 0 < args.max_prompt_length < args.max_length:
-        raise ValueError("--max-prompt-length must be positive and below --max-length")
+        raise InputError("--max-prompt-length must be positive and below --max-length")
     if not args.seeds:
-        raise ValueError("--seeds: give at least one seed")
+        raise InputError("--seeds: give at least one seed")
     paths = resolve_eval_sets(args.data_dir, [x for x in args.datasets.split(",") if x])
     sets = [load_eval_set(name, path, limit=args.limit) for name, path in paths.items()]
     for s in sets:

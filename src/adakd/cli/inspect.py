@@ -2,6 +2,10 @@
 
 adakd inspect --teacher T --student S (--text "..." [--prompt "..."] | --data FILE.jsonl --index I)
     [--ratio 0.75] [--c 0.5] [--tau-base 1.0] (--output tokens.html | --format text)
+
+The command composes :mod:`adakd.analysis` (loads and runs the two models, scores every token) and
+:mod:`adakd.report.tokens` (renders the result); here: the flags, the run's own settings, and where the text comes
+from.
 """
 
 from __future__ import annotations
@@ -12,14 +16,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..files import write_text
+from ..errors import InputError
+from ..files import input_file, write_text
 
-__all__ = ["add_parser", "load_causal_lm", "run"]
+__all__ = ["add_parser", "run"]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 def add_parser(sub) -> None:
+    """Register the ``inspect`` subcommand on ``sub`` (the result of ``ArgumentParser.add_subparsers()``)."""
     p = sub.add_parser(
         "inspect",
         help="show each response token's difficulty, whether LATF keeps it, and its IDTS temperature",
@@ -69,13 +75,13 @@ def add_parser(sub) -> None:
 
 def _resolve_settings(args: argparse.Namespace) -> dict[str, str]:
     """Fill the loss settings not given as flags: from the run's own ``adakd_state.pt`` next to ``--student`` (a
-    ``final/`` or ``checkpoint-N`` folder) when there is one, else :func:`analyse`'s defaults. Returns where each
-    value came from."""
+    ``final/`` or ``checkpoint-N`` folder) when there is one, else :func:`adakd.analysis.analyse`'s defaults.
+    Returns where each value came from: ``"flag"``, ``"the run's"`` or ``"default"``."""
     import inspect as pyinspect
 
     import torch
 
-    from ..report.inspect import analyse
+    from ..analysis import analyse
     from ..train.trainer import STATE_FILE
 
     state_path = Path(args.student) / STATE_FILE
@@ -85,7 +91,7 @@ def _resolve_settings(args: argparse.Namespace) -> dict[str, str]:
             state = torch.load(state_path, map_location="cpu", weights_only=True)
             run = dict((state.get("_extra_state") or {}).get("settings") or {})
         except Exception as e:  # noqa: BLE001 - any unreadable file: say so in one line
-            raise ValueError(f"--student {state_path}: unreadable ({str(e).splitlines()[0]})") from None
+            raise InputError(f"--student {state_path}: unreadable ({str(e).splitlines()[0]})") from None
     defaults = {k: v.default for k, v in pyinspect.signature(analyse).parameters.items()}
     defaults["detach_tau"] = True
     origin = {}
@@ -103,60 +109,110 @@ def _resolve_settings(args: argparse.Namespace) -> dict[str, str]:
 def _check_args(args: argparse.Namespace) -> None:
     """Reject bad flags before any model is loaded (loading a 7B teacher takes minutes)."""
     if not 0.0 < args.ratio <= 1.0:
-        raise ValueError(f"--ratio must be in (0, 1], got {args.ratio}")
+        raise InputError(f"--ratio must be in (0, 1], got {args.ratio}")
     if not math.isfinite(args.c):
-        raise ValueError(f"--c must be a finite number, got {args.c}")
+        raise InputError(f"--c must be a finite number, got {args.c}")
     if not (math.isfinite(args.tau_base) and args.tau_base > 0):
-        raise ValueError(f"--tau-base must be positive, got {args.tau_base}")
+        raise InputError(f"--tau-base must be positive, got {args.tau_base}")
     for flag, value in (("--scale-min", args.scale_min), ("--scale-max", args.scale_max)):
         if value is not None and not (math.isfinite(value) and 0.0 <= value <= 1.0):
-            raise ValueError(f"{flag} must be in [0, 1] (Hellinger distances), got {value}")
+            raise InputError(f"{flag} must be in [0, 1] (Hellinger distances), got {value}")
     if args.scale_min is not None and args.scale_max is not None and args.scale_min >= args.scale_max:
-        raise ValueError(f"--scale-min ({args.scale_min}) must be below --scale-max ({args.scale_max})")
+        raise InputError(f"--scale-min ({args.scale_min}) must be below --scale-max ({args.scale_max})")
     if args.data is not None:
         if args.index is None:
-            raise ValueError(f"--data {args.data}: give the record to analyse with --index")
+            raise InputError(f"--data {args.data}: give the record to analyse with --index")
         if args.prompt is not None:
-            raise ValueError("--prompt goes with --text; --data records carry their own prompt")
+            raise InputError("--prompt goes with --text; --data records carry their own prompt")
     elif args.index is not None:
-        raise ValueError("--index goes with --data")
+        raise InputError("--index goes with --data")
     if args.format == "html" and args.output is None:
-        raise ValueError("--output: give the HTML file to write (or use --format text)")
+        raise InputError("--output: give the HTML file to write (or use --format text)")
 
 
 def _record(path: str, index: int) -> tuple[str, str]:
     """(prompt, response) of record ``index`` of a MiniLLM JSONL; the response is the first output."""
     from ..data import read_minillm_jsonl
 
-    if not Path(path).is_file():
-        raise ValueError(f"--data {path}: no such file")
+    input_file(path, "--data")
     if index < 0:
-        raise ValueError(f"--index {index}: must be >= 0 (a record of --data {path})")
+        raise InputError(f"--index {index}: must be >= 0 (a record of --data {path})")
     records = read_minillm_jsonl(path, limit=index + 1)
     if index >= len(records):
-        raise ValueError(f"--index {index}: --data {path} has only {len(records)} records")
+        raise InputError(f"--index {index}: --data {path} has only {len(records)} records")
     return records[index].prompt, records[index].response
 
 
-def load_causal_lm(path: str, flag: str, *, base: str | None = None, device: str = "cpu") -> Any:
-    """A float32 causal LM in eval mode on ``device`` (:func:`adakd.models.load_causal_lm`)."""
-    from ..models import load_causal_lm as load
-
-    return load(path, base=base, dtype="float32", name=flag).to(device).eval()
-
-
-def _tokenizer_source(args: argparse.Namespace) -> str:
+def _tokenizer_source(args: argparse.Namespace) -> tuple[str, str]:
+    """Where the tokenizer comes from, and the flag that named it (for the error message)."""
     if args.tokenizer is not None:
-        return args.tokenizer
+        return args.tokenizer, "--tokenizer"
     # A LoRA adapter saved by `adakd train` holds the tokenizer; one saved elsewhere may not.
     if args.student_base is not None and not any((Path(args.student) / f).is_file() for f in _TOKENIZER_FILES):
-        return args.student_base
-    return args.student
+        return args.student_base, "--student-base"
+    return args.student, "--student"
+
+
+def _tokenizer(args: argparse.Namespace) -> tuple[Any, str]:
+    """The shared tokenizer and where it came from; one that cannot be loaded is an InputError naming the flag."""
+    from ..data import tokenizer_for
+
+    source, flag = _tokenizer_source(args)
+    return tokenizer_for(source, label=flag), source
+
+
+def _page_settings(args: argparse.Namespace, origin: dict[str, str], tokenizer: str, source: str) -> dict[str, str]:
+    """The HTML page's header, in order: the models, the text's source and each loss setting with its origin."""
+    weight = "\u03c4\u00b2 per kept token (Eq. 2)" if args.tau_weight == "squared" else "none (1 per kept token)"
+    through_tau = (
+        "no (detach_tau: true, the paper)"
+        if args.detach_tau == "true"
+        else "yes, through the scores and their median (detach_tau: false, the released code)"
+    )
+    return {
+        "teacher": args.teacher,
+        "student": args.student if args.student_base is None else f"{args.student} (LoRA on {args.student_base})",
+        "tokenizer": tokenizer,
+        "source": source,
+        "ratio r": f"{args.ratio:.4g} ({origin['ratio']})",
+        "c": f"{args.c:g} ({origin['c']})",
+        "\u03c4_base": f"{args.tau_base:g} ({origin['tau_base']})",
+        "loss weight": weight,
+        "gradient through \u03c4": through_tau,
+    }
+
+
+def _write_table(args: argparse.Namespace, infos: list) -> None:
+    from ..report.tokens import render_text
+
+    settings = {key: getattr(args, key) for key in ("ratio", "c", "tau_base", "tau_weight", "detach_tau")}
+    table = render_text(infos, settings)
+    if args.output is None:
+        sys.stdout.write(table)
+    else:
+        write_text(args.output, table)
+        print(f"[adakd] inspect: wrote {args.output}", file=sys.stderr)
+
+
+def _write_page(args: argparse.Namespace, infos: list, settings: dict[str, str], prompt: str | None) -> None:
+    from ..analysis import summarize_tokens
+    from ..report.tokens import render_html
+
+    title = args.title or f"AdaKD token inspection: {Path(args.student).name or args.student}"
+    write_text(args.output, render_html(infos, title, settings, prompt=prompt, scale=(args.scale_min, args.scale_max)))
+    stats = summarize_tokens(infos)
+    print(
+        f"[adakd] inspect: kept {stats['k']} of {stats['n']} tokens (median m {stats['median']:.4f}); "
+        f"wrote {args.output}",
+        file=sys.stderr,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import tokenizer_for
-    from ..report.inspect import analyse, render_html, render_text, summarize_tokens
+    """Check the flags (before any model is loaded), analyse the response and write the page or the table."""
+    import torch
+
+    from ..analysis import analyse, load_model
 
     origin = _resolve_settings(args)
     _check_args(args)
@@ -166,60 +222,16 @@ def run(args: argparse.Namespace) -> int:
     else:
         prompt, response = args.prompt, args.text
         source = "--text"
-
-    import torch
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tok_source = _tokenizer_source(args)
-    try:
-        tokenizer = tokenizer_for(tok_source)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--tokenizer {tok_source}: cannot load ({str(e).splitlines()[0]})") from None
-    teacher = load_causal_lm(args.teacher, "--teacher", device=device)
-    student = load_causal_lm(args.student, "--student", base=args.student_base, device=device)
+    tokenizer, tok_source = _tokenizer(args)
+    teacher = load_model(args.teacher, "--teacher", device=device)
+    student = load_model(args.student, "--student", base=args.student_base, device=device)
     infos = analyse(
         teacher, student, tokenizer, prompt, response, ratio=args.ratio, c=args.c, tau_base=args.tau_base,
         tau_weight=args.tau_weight,
     )  # fmt: skip
-    weight = "\u03c4\u00b2 per kept token (Eq. 2)" if args.tau_weight == "squared" else "none (1 per kept token)"
-    through_tau = (
-        "no (detach_tau: true, the paper)"
-        if args.detach_tau == "true"
-        else "yes, through the scores and their median (detach_tau: false, the released code)"
-    )
-
-    settings: dict[str, Any] = {
-        "teacher": args.teacher,
-        "student": args.student if args.student_base is None else f"{args.student} (LoRA on {args.student_base})",
-        "tokenizer": tok_source,
-        "source": source,
-        "ratio r": f"{args.ratio:.4g} ({origin['ratio']})",
-        "c": f"{args.c:g} ({origin['c']})",
-        "\u03c4_base": f"{args.tau_base:g} ({origin['tau_base']})",
-        "loss weight": weight,
-        "gradient through \u03c4": through_tau,
-    }
     if args.format == "text":
-        table = render_text(
-            infos,
-            {
-                "ratio": args.ratio, "c": args.c, "tau_base": args.tau_base, "tau_weight": args.tau_weight,
-                "detach_tau": args.detach_tau,
-            },
-        )  # fmt: skip
-        if args.output is None:
-            sys.stdout.write(table)
-        else:
-            write_text(args.output, table)
-            print(f"[adakd] inspect: wrote {args.output}", file=sys.stderr)
-        return 0
-    title = args.title or f"AdaKD token inspection: {Path(args.student).name or args.student}"
-    page = render_html(infos, title, settings, prompt=prompt, scale=(args.scale_min, args.scale_max))
-    write_text(args.output, page)
-    stats = summarize_tokens(infos)
-    print(
-        f"[adakd] inspect: kept {stats['k']} of {stats['n']} tokens (median m {stats['median']:.4f}); "
-        f"wrote {args.output}",
-        file=sys.stderr,
-    )
+        _write_table(args, infos)
+    else:
+        _write_page(args, infos, _page_settings(args, origin, tok_source, source), prompt)
     return 0

@@ -7,17 +7,25 @@ Pairwise comparison by an OpenAI-compatible chat model, each pair judged in both
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
-DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
-# Mirrors adakd.eval.judge's defaults (a test checks), so that building the parser imports nothing.
-DEFAULT_TEMPERATURE = 0.2
-DEFAULT_MAX_TOKENS = 1024
+from ..errors import InputError
+from ..eval.judge.defaults import (
+    DEFAULT_API_KEY_ENV,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_RETRIES,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TIMEOUT,
+)
+from ..files import write_json
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: Any) -> None:
     """Register the ``judge`` subcommand on ``sub`` (an ``argparse`` subparsers action)."""
     p = sub.add_parser(
         "judge",
@@ -36,6 +44,23 @@ def add_parser(sub) -> None:
         help="'reference' for the first reference answer of each record, or another predictions file "
         "(matched by prompt; write ./reference for a file of that name)",
     )
+    _add_judge_options(p)
+    p.add_argument(
+        "--cache",
+        default=None,
+        metavar="PATH",
+        help="JSONL cache of judge replies, reused by reruns (default: OUTPUT with the suffix .cache.jsonl)",
+    )
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write a cache")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="judge only the first N records of A")
+    p.add_argument(
+        "--output", default="judge.json", metavar="PATH", help="where to write the JSON report (default judge.json)"
+    )
+    p.set_defaults(handler=run)
+
+
+def _add_judge_options(p: argparse.ArgumentParser) -> None:
+    """The options of the judge itself: the server, the model, its sampling settings and the request policy."""
     p.add_argument(
         "--endpoint",
         required=True,
@@ -50,14 +75,27 @@ def add_parser(sub) -> None:
         metavar="VAR",
         help=f"environment variable holding the API key, sent as a Bearer token if set (default {DEFAULT_API_KEY_ENV})",
     )
-    p.add_argument("--concurrency", type=int, default=8, metavar="N", help="requests in flight at once (default 8)")
-    p.add_argument("--timeout", type=float, default=60.0, metavar="SEC", help="socket timeout per request (default 60)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=DEFAULT_CONCURRENCY,
+        metavar="N",
+        help=f"requests in flight at once (default {DEFAULT_CONCURRENCY})",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SEC",
+        help=f"limit on each connect and each read of a request (default {DEFAULT_TIMEOUT:g})",
+    )
     p.add_argument(
         "--retries",
         type=int,
-        default=4,
+        default=DEFAULT_RETRIES,
         metavar="N",
-        help="retries on connection errors, timeouts, HTTP 429 and 5xx, with backoff 0.5 s, 1 s, 2 s, ... (default 4)",
+        help="retries on connection errors, timeouts, HTTP 408, 409, 429 and 5xx, after the server's Retry-After or "
+        f"else 0.5 s, 1 s, 2 s, ... up to 8 s (default {DEFAULT_RETRIES})",
     )
     p.add_argument(
         "--temperature",
@@ -73,18 +111,6 @@ def add_parser(sub) -> None:
         metavar="N",
         help=f"judge reply length limit (default {DEFAULT_MAX_TOKENS})",
     )
-    p.add_argument(
-        "--cache",
-        default=None,
-        metavar="PATH",
-        help="JSONL cache of judge replies, reused by reruns (default: OUTPUT with the suffix .cache.jsonl)",
-    )
-    p.add_argument("--no-cache", action="store_true", help="neither read nor write a cache")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="judge only the first N records of A")
-    p.add_argument(
-        "--output", default="judge.json", metavar="PATH", help="where to write the JSON report (default judge.json)"
-    )
-    p.set_defaults(handler=run)
 
 
 def default_cache_path(output: str | os.PathLike[str]) -> Path:
@@ -93,57 +119,56 @@ def default_cache_path(output: str | os.PathLike[str]) -> Path:
     return output.with_name(output.stem + ".cache.jsonl")
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    from ..files import write_json
+def _api_key(name: str | None) -> str | None:
+    """The key in ``$name`` (default ``$OPENAI_API_KEY``); a variable named on the command line but unset warns."""
+    key_env = name or DEFAULT_API_KEY_ENV
+    api_key = os.environ.get(key_env) or None
+    if api_key is None and name:
+        print(f"adakd judge: warning: ${key_env} is not set, sending no Authorization header", file=sys.stderr)
+    return api_key
 
-    write_json(path, payload)
+
+def _pairs(args: argparse.Namespace) -> list[Any]:
+    """The pairs to judge: ``--predictions`` (its first ``--limit`` records) against ``--against``."""
+    from ..eval.judge import load_predictions, make_pairs
+
+    records = load_predictions(args.predictions, "--predictions", limit=args.limit)
+    others = None if args.against == "reference" else load_predictions(args.against, "--against")
+    return make_pairs(records, others, against_name=f"--against {args.against}")
 
 
 def run(args: argparse.Namespace) -> int:
     """Judge A against B or the references; print a one-line summary and write the ``--output`` report."""
-    from ..eval.judge import ChatClient, JudgeCache, aggregate, judge_pairs, load_predictions, make_pairs
+    from ..eval.judge import ChatClient, JudgeCache, aggregate, judge_pairs
 
     if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit {args.limit}: must be >= 1")
-    if args.concurrency < 1:
-        raise ValueError(f"--concurrency {args.concurrency}: must be >= 1")
+        raise InputError(f"--limit {args.limit}: must be >= 1")
     output = Path(args.output)
     if output.is_dir():
-        raise ValueError(f"--output {output}: is a directory, expected a .json file")
-
-    key_env = args.api_key_env or DEFAULT_API_KEY_ENV
-    api_key = os.environ.get(key_env) or None
-    if api_key is None and args.api_key_env:
-        print(f"adakd judge: warning: ${key_env} is not set, sending no Authorization header", file=sys.stderr)
+        raise InputError(f"--output {output}: is a directory, expected a .json file")
+    cache_path = None if args.no_cache else Path(args.cache) if args.cache else default_cache_path(output)
     client = ChatClient(
         args.endpoint,
         args.model,
-        api_key=api_key,
+        api_key=_api_key(args.api_key_env),
         temperature=args.temperature,
         max_tokens=args.max_tokens,
         timeout=args.timeout,
         retries=args.retries,
     )
-
-    records = load_predictions(args.predictions, "--predictions")
-    if args.limit is not None:
-        records = records[: args.limit]
-    against_reference = args.against == "reference"
-    others = None if against_reference else load_predictions(args.against, "--against")
-    pairs = make_pairs(records, others, against_name=f"--against {args.against}")
-
-    cache_path = None if args.no_cache else Path(args.cache) if args.cache else default_cache_path(output)
-    cache = JudgeCache(cache_path) if cache_path is not None else None
-    try:
-        examples = judge_pairs(pairs, client, cache=cache, concurrency=args.concurrency, progress=sys.stderr.isatty())
-    finally:
-        if cache is not None:
-            cache.close()
+    with client:
+        pairs = _pairs(args)
+        cache = JudgeCache(cache_path) if cache_path is not None else None
+        with cache if cache is not None else contextlib.nullcontext():
+            examples = judge_pairs(
+                pairs, client, cache=cache, concurrency=args.concurrency, progress=sys.stderr.isatty()
+            )
 
     summary = aggregate(examples)
+    against = "reference" if args.against == "reference" else str(args.against)
     report = {
         "predictions": str(args.predictions),
-        "against": "reference" if against_reference else str(args.against),
+        "against": against,
         "judge": {
             "endpoint": client.url,
             "model": client.model,
@@ -155,10 +180,9 @@ def run(args: argparse.Namespace) -> int:
         **summary,
         "examples": examples,
     }
-    _write_json(output, report)
-    n = summary["n"]
+    write_json(output, report)
     print(
-        f"judge {args.predictions} vs {report['against']} ({client.model}, n={n}): "
+        f"judge {args.predictions} vs {against} ({client.model}, n={summary['n']}): "
         f"win {summary['win']} ({summary['win_rate']:.1%}) / tie {summary['tie']} ({summary['tie_rate']:.1%}) / "
         f"loss {summary['loss']} ({summary['loss_rate']:.1%}), score {summary['score']:.3f}; "
         f"unparsed {summary['unparsed']}; {summary['n_judgements']} judgements, {summary['cached']} cached, "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..errors import InputError
+
 #: Where a report comparing several runs goes when --output is not given (one run's goes into RUN_DIR/report/).
 DEFAULT_COMPARISON_DIR = "adakd-report"
 
@@ -33,7 +35,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the report, print where it is and one summary line per run."""
-    from ..report.plots import read_rows
+    from ..report.metrics import read_rows
     from ..report.run_report import (
         run_labels,
         summarize,
@@ -44,9 +46,9 @@ def run(args: argparse.Namespace) -> int:
 
     for d in args.run_dirs:
         if not Path(d).exists():
-            raise ValueError(f"{d}: no such run directory")
+            raise InputError(f"{d}: no such run directory")
     if args.output is not None and Path(args.output).exists() and not Path(args.output).is_dir():
-        raise ValueError(f"--output: {args.output} exists and is not a directory")
+        raise InputError(f"--output: {args.output} exists and is not a directory")
 
     if len(args.run_dirs) == 1:
         report = write_run_report(args.run_dirs[0], args.output)

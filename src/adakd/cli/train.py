@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: Any) -> None:
+    """Register ``adakd train`` on the subcommand parsers ``sub``."""
     p = sub.add_parser(
         "train",
         help="train a student from a YAML config",
@@ -32,6 +34,11 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Load the config with its overrides, train, report the summary on stderr; 0 when done.
+
+    Bad input raises :class:`~adakd.errors.InputError` (the config, its files and models, the checkpoint to resume);
+    a non-finite loss under ``loss.nonfinite: error`` raises :class:`~adakd.errors.NonFiniteLossError`.
+    """
     from ..train import load_config
     from ..train import run as run_training
 

@@ -7,10 +7,12 @@ to ``input_ids`` on response tokens and the eos. Labels are NOT shifted; the tra
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..errors import InputError
 from .readers import Record, TokenRecord
 
 if TYPE_CHECKING:
@@ -62,12 +64,15 @@ def build_examples(
         ``(examples, counts)``: examples are ``{"input_ids": list[int], "labels": list[int]}`` of equal length
         (labels -100 on the prompt, unshifted); ``counts`` has ``kept``, ``skipped_long_prompt``, ``truncated``,
         ``skipped_empty_response``.
+
+    Raises:
+        InputError: lengths out of range, or a tokenizer without an eos token.
     """
     if max_length < 1 or max_prompt_length < 0:
-        raise ValueError(f"need max_length >= 1 and max_prompt_length >= 0, got {max_length}, {max_prompt_length}")
+        raise InputError(f"need max_length >= 1 and max_prompt_length >= 0, got {max_length}, {max_prompt_length}")
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise ValueError("tokenizer has no eos_token_id; load it with adakd.data.tokenizer_for or set eos_token")
+        raise InputError("tokenizer has no eos_token_id; load it with adakd.data.tokenizer_for or set eos_token")
     counts = {"kept": 0, "skipped_long_prompt": 0, "truncated": 0, "skipped_empty_response": 0}
     examples = []
     for prompt, response in _token_ids(records, tokenizer):
@@ -164,18 +169,38 @@ def byte_tokenizer() -> PreTrainedTokenizerBase:
     )
 
 
-def tokenizer_for(name_or_path: str) -> PreTrainedTokenizerBase:
+# The files a tokenizer folder holds at least one of (fast tokenizers, BPE vocabularies, SentencePiece models).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                    "spiece.model", "sentencepiece.bpe.model")  # fmt: skip
+
+
+def tokenizer_for(name_or_path: str, label: str | None = None) -> PreTrainedTokenizerBase:
     """``"byte"`` -> :func:`byte_tokenizer`; anything else -> ``AutoTokenizer.from_pretrained(name_or_path)``.
 
     A tokenizer without an eos gets ``<|endoftext|>`` when its vocabulary has it (GPT-2 loaded from bare
     ``tokenizer.json``/``vocab.json`` files has no eos under transformers 5). A tokenizer without a pad token gets
     pad = eos.
+
+    Raises:
+        InputError: the tokenizer cannot be loaded (no such folder, no tokenizer files, hub unreachable); the
+            message names ``label`` (the flag or key the path came from, when given) and the path, and the
+            library's error is chained.
     """
     if name_or_path == "byte":
         return byte_tokenizer()
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name_or_path)
+    from ..models import load_failure
+
+    where = f"{label} {name_or_path}" if label else name_or_path
+    folder = Path(name_or_path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        # Checked here: some transformers releases (5.0) build a 2-token placeholder tokenizer from an empty folder.
+        raise InputError(f"{where}: cannot load the tokenizer (no tokenizer files in the folder)")
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:  # transformers reports a bad folder as either
+        raise InputError(f"{where}: cannot load the tokenizer ({load_failure(name_or_path, e)})") from e
     if tok.eos_token is None and _EOS in tok.get_vocab():
         tok.eos_token = _EOS
     if tok.pad_token is None and tok.eos_token is not None:

@@ -9,16 +9,17 @@ give the same record.
 from __future__ import annotations
 
 import itertools
-import json
 import random
 import struct
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..errors import InputError
+from ..files import input_file, iter_jsonl
 from .templates import format_prompt
 
 __all__ = [
@@ -56,8 +57,9 @@ class TokenRecord:
 
 
 def _check_limit(limit: int | None) -> None:
+    """A reader's ``limit`` argument: None (every record) or a count."""
     if limit is not None and (not isinstance(limit, int) or limit < 0):
-        raise ValueError(f"limit must be None or a non-negative int, got {limit!r}")
+        raise InputError(f"limit must be None or a non-negative int, got {limit!r}")
 
 
 def _str_field(row: Mapping[str, Any], keys: tuple[str, ...], where: str, required: bool = True) -> str | None:
@@ -67,10 +69,10 @@ def _str_field(row: Mapping[str, Any], keys: tuple[str, ...], where: str, requir
         if value is None:
             continue
         if not isinstance(value, str):
-            raise ValueError(f"{where}: key {key!r} must be a str, got {type(value).__name__}")
+            raise InputError(f"{where}: key {key!r} must be a str, got {type(value).__name__}")
         return value
     if required:
-        raise ValueError(f"{where}: missing key {_names(keys)}")
+        raise InputError(f"{where}: missing key {_names(keys)}")
     return None
 
 
@@ -85,17 +87,19 @@ def _references(row: Mapping[str, Any], keys: tuple[str, ...], where: str) -> tu
         if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
             # Policy: an empty response is an error, not a silent skip; it would train on an eos alone.
             if not value[0].strip():
-                raise ValueError(f"{where}: key {key!r}: empty response")
+                raise InputError(f"{where}: key {key!r}: empty response")
             return tuple(value)
-        raise ValueError(f"{where}: key {key!r} must be a str or a non-empty list of str, got {_describe(value)}")
-    raise ValueError(f"{where}: missing key {_names(keys)}")
+        raise InputError(f"{where}: key {key!r} must be a str or a non-empty list of str, got {_describe(value)}")
+    raise InputError(f"{where}: missing key {_names(keys)}")
 
 
 def _names(keys: tuple[str, ...]) -> str:
+    """``'a' or 'b'``, for a message about alternative keys."""
     return " or ".join(repr(k) for k in keys)
 
 
 def _describe(value: Any) -> str:
+    """What a value that should have been references is, for a message."""
     if isinstance(value, list):
         return "an empty list" if not value else "a list with non-str items"
     return type(value).__name__
@@ -122,8 +126,8 @@ def instruction_record(row: Mapping[str, Any], template: str, where: str) -> Rec
     refs = _references(row, ("response", "output"), where)
     try:
         prompt = format_prompt(instruction, context, template)
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}") from None
+    except InputError as err:
+        raise InputError(f"{where}: {err}") from None
     return Record(prompt=prompt, response=refs[0], references=refs)
 
 
@@ -135,40 +139,12 @@ def record_from_row(row: Mapping[str, Any], template: str, where: str) -> Record
         return instruction_record(row, template, where)
     if "prompt" in row:
         if template != "minillm":
-            raise ValueError(f"{where}: only a preformatted 'prompt' (minillm), cannot apply template {template!r}")
+            raise InputError(f"{where}: only a preformatted 'prompt' (minillm), cannot apply template {template!r}")
         return minillm_record(row, where)
-    raise ValueError(f"{where}: missing key 'instruction' or 'prompt'")
+    raise InputError(f"{where}: missing key 'instruction' or 'prompt'")
 
 
 # ---------------------------------------------------------------------------------------------- JSONL
-
-
-def _iter_jsonl(path: Path, limit: int | None) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield ``("path:lineno", object)`` for each non-blank line, at most ``limit`` of them."""
-    count = 0
-    # Bytes, decoded line by line: a bad UTF-8 sequence is then reported with its line, not as a bare
-    # UnicodeDecodeError. Only "\n" ends a line (JSON escapes every control character inside strings).
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if limit is not None and count >= limit:
-                return
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise ValueError(f"{where}: not UTF-8 (byte {err.start + 1}: {err.reason})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
-            except RecursionError:
-                raise ValueError(f"{where}: invalid JSON (nested too deeply)") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            count += 1
-            yield where, row
 
 
 def read_minillm_jsonl(path: str | Path, limit: int | None = None) -> list[Record]:
@@ -177,7 +153,7 @@ def read_minillm_jsonl(path: str | Path, limit: int | None = None) -> list[Recor
     Returns at most ``limit`` records, in file order.
     """
     _check_limit(limit)
-    return [minillm_record(row, where) for where, row in _iter_jsonl(Path(path), limit)]
+    return [minillm_record(row, where) for where, row in iter_jsonl(path, limit=limit)]
 
 
 def read_instruction_jsonl(path: str | Path, template: str = "minillm", limit: int | None = None) -> list[Record]:
@@ -186,7 +162,7 @@ def read_instruction_jsonl(path: str | Path, template: str = "minillm", limit: i
     Returns at most ``limit`` records, in file order.
     """
     _check_limit(limit)
-    return [instruction_record(row, template, where) for where, row in _iter_jsonl(Path(path), limit)]
+    return [instruction_record(row, template, where) for where, row in iter_jsonl(path, limit=limit)]
 
 
 # ---------------------------------------------------------------------------------------------- token shards
@@ -201,19 +177,19 @@ _SHARD_DTYPES: dict[int, tuple[np.dtype, int]] = {4: (np.dtype("<i4"), -1), 8: (
 
 def _read_mmidx_index(idx_path: Path) -> tuple[np.dtype, int, np.ndarray, np.ndarray]:
     """Parse an MMIDIDX ``.idx``: (token dtype, separator, sizes int32 [count], byte pointers int64 [count])."""
-    raw = idx_path.read_bytes()
+    raw = input_file(idx_path).read_bytes()
     if len(raw) < _MMIDIDX_HEADER.size:
-        raise ValueError(f"{idx_path}: {len(raw)} bytes, too short for the {_MMIDIDX_HEADER.size}-byte MMIDIDX header")
+        raise InputError(f"{idx_path}: {len(raw)} bytes, too short for the {_MMIDIDX_HEADER.size}-byte MMIDIDX header")
     magic, version, code, count, _doc_count = _MMIDIDX_HEADER.unpack_from(raw)
     if magic != _MMIDIDX_MAGIC:
-        raise ValueError(f"{idx_path}: bad magic {magic!r}, expected {_MMIDIDX_MAGIC!r} (not an MMIDIDX index)")
+        raise InputError(f"{idx_path}: bad magic {magic!r}, expected {_MMIDIDX_MAGIC!r} (not an MMIDIDX index)")
     if version != 1:
-        raise ValueError(f"{idx_path}: unsupported MMIDIDX version {version}, expected 1")
+        raise InputError(f"{idx_path}: unsupported MMIDIDX version {version}, expected 1")
     if code not in _SHARD_DTYPES:
-        raise ValueError(f"{idx_path}: unsupported dtype code {code}, expected one of {sorted(_SHARD_DTYPES)}")
+        raise InputError(f"{idx_path}: unsupported dtype code {code}, expected one of {sorted(_SHARD_DTYPES)}")
     need = _MMIDIDX_HEADER.size + 12 * count
     if len(raw) < need:
-        raise ValueError(f"{idx_path}: {len(raw)} bytes, but {count} items need at least {need}")
+        raise InputError(f"{idx_path}: {len(raw)} bytes, but {count} items need at least {need}")
     dtype, sep = _SHARD_DTYPES[code]
     sizes = np.frombuffer(raw, dtype="<i4", count=count, offset=_MMIDIDX_HEADER.size)
     pointers = np.frombuffer(raw, dtype="<i8", count=count, offset=_MMIDIDX_HEADER.size + 4 * count)
@@ -239,23 +215,24 @@ def read_token_shards(prefix: str | Path, limit: int | None = None) -> list[Toke
         return []
     sizes, pointers = sizes[:n].astype(np.int64), pointers[:n]
     if (pointers % dtype.itemsize).any() or (sizes < 0).any() or (pointers < 0).any():
-        raise ValueError(f"{idx_path}: negative or misaligned sizes/pointers for {dtype} tokens")
+        raise InputError(f"{idx_path}: negative or misaligned sizes/pointers for {dtype} tokens")
     end = int((pointers + sizes * dtype.itemsize).max())
-    available = bin_path.stat().st_size
+    available = input_file(bin_path).stat().st_size
     if end > available:
-        raise ValueError(f"{bin_path}: {available} bytes, but the index points up to byte {end}")
+        raise InputError(f"{bin_path}: {available} bytes, but the index points up to byte {end}")
     tokens = np.fromfile(bin_path, dtype=dtype, count=end // dtype.itemsize)
     starts, stops = (pointers // dtype.itemsize).tolist(), (pointers // dtype.itemsize + sizes).tolist()
     return [_split_item(tokens[starts[i] : stops[i]], sep, bin_path, i) for i in range(n)]
 
 
 def _split_item(item: np.ndarray, sep: int, bin_path: Path, i: int) -> TokenRecord:
+    """Item ``i`` of the shard (``prompt, sep, response, eos``) as a :class:`TokenRecord` without the eos."""
     hits = np.flatnonzero(item == sep)
     if hits.size == 0:
-        raise ValueError(f"{bin_path}: item {i} has no separator {sep}")
+        raise InputError(f"{bin_path}: item {i} has no separator {sep}")
     k = int(hits[0])
     if k + 1 >= len(item):
-        raise ValueError(f"{bin_path}: item {i} ends at the separator (expected response tokens and an eos)")
+        raise InputError(f"{bin_path}: item {i} ends at the separator (expected response tokens and an eos)")
     return TokenRecord(prompt_ids=item[:k].tolist(), response_ids=item[k + 1 : -1].tolist())
 
 
@@ -266,21 +243,31 @@ _LOCAL_BUILDERS = ("json", "csv", "parquet")
 
 
 def load_hf_dataset(
-    name: str, split: str = "train", template: str = "minillm", limit: int | None = None
+    name: str, split: str = "train", template: str = "minillm", limit: int | None = None, label: str | None = None
 ) -> list[Record]:
     """Load a Hugging Face dataset and map its rows like the JSONL readers (see :func:`record_from_row`).
 
     ``name`` is a hub id (e.g. ``"databricks/databricks-dolly-15k"``) or ``"json:<path>"``, ``"csv:<path>"``,
     ``"parquet:<path>"`` for local files (their split is ``"train"``). Returns at most ``limit`` records.
+
+    Raises:
+        InputError: the dataset or split cannot be loaded (missing files, an unknown hub id or split, no network;
+            ``datasets``' error is chained), or a row lacks the fields. A load failure names ``label`` first (the
+            key or flag ``name`` came from), when given.
     """
     _check_limit(limit)
     import datasets  # heavy (about a second); only this reader needs it
 
     builder, colon, files = name.partition(":")
-    if colon and builder in _LOCAL_BUILDERS:
-        ds = datasets.load_dataset(builder, data_files=files, split=split)
-    else:
-        ds = datasets.load_dataset(name, split=split)
+    try:
+        if colon and builder in _LOCAL_BUILDERS:
+            ds = datasets.load_dataset(builder, data_files=files, split=split)
+        else:
+            ds = datasets.load_dataset(name, split=split)
+    except (OSError, ValueError) as e:  # datasets: FileNotFoundError, ConnectionError, "Unknown split" ValueError
+        where = f"{label}: {name}" if label else name
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"{where} ({split}): cannot load ({reason})") from e
     rows = itertools.islice(ds, limit)
     return [record_from_row(row, template, f"{name} ({split}) row {i}") for i, row in enumerate(rows)]
 
@@ -353,7 +340,7 @@ def synthetic_instructions(n: int = 256, seed: int = 0) -> list[Record]:
     The same ``(n, seed)`` always gives the same records; responses are at most about a dozen words.
     """
     if not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be a non-negative int, got {n!r}")
+        raise InputError(f"n must be a non-negative int, got {n!r}")
     rng = random.Random(seed)
     records = []
     for _ in range(n):

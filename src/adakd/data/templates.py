@@ -6,6 +6,8 @@ The MiniLLM texts were checked character for character against every record of t
 
 from __future__ import annotations
 
+from ..errors import InputError
+
 __all__ = [
     "MINILLM_PROMPT_NO_INPUT",
     "MINILLM_PROMPT_WITH_INPUT",
@@ -39,6 +41,9 @@ def format_prompt(instruction: str, input: str | None = None, template: str = "m
     Returns:
         The prompt string; ``"minillm"`` prompts end with ``"### Response:\\n"``, ``"qwen2"`` prompts with
         ``"<|im_start|>assistant\\n"``.
+
+    Raises:
+        InputError: an unknown ``template``.
     """
     if template == "minillm":
         # str.format parses only the template, so braces inside the user text stay as they are.
@@ -50,4 +55,4 @@ def format_prompt(instruction: str, input: str | None = None, template: str = "m
         return (
             f"<|im_start|>system\n{QWEN2_SYSTEM}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
         )
-    raise ValueError(f"unknown template {template!r}; valid templates: {', '.join(TEMPLATES)}")
+    raise InputError(f"unknown template {template!r}; valid templates: {', '.join(TEMPLATES)}")

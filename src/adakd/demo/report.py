@@ -26,6 +26,7 @@ KINDS = {"exact": "single-answer tasks", "soft": "several-answer tasks"}
 
 
 def _kinds(results: dict[str, Any]) -> list[str]:
+    """The task kinds the results cover, in :data:`KINDS` order."""
     first = next(iter(results["teacher"].values()))
     return [k for k in KINDS if k in first["sampled"]]
 
@@ -90,19 +91,17 @@ def reading(comparison: dict[str, Any]) -> list[str]:
 
 
 def _noise(results: dict[str, Any], kind: str) -> float:
+    """The std over sampling seeds of one model, averaged over every model: the decoding noise of ``kind``."""
     return statistics.fmean(r["sampling_std"][kind] for by_seed in results.values() for r in by_seed.values())
 
 
 def plot_scores(results: dict[str, Any], path: Path) -> None:
     """Grouped bars: sampled ROUGE-L per model and task kind, error bars the std over training seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..report.figures import figure, save
 
     kinds = _kinds(results)
     names = list(results)
-    fig, ax = plt.subplots(figsize=(9.5, 0.9 + 0.45 * len(names) * len(kinds)))
+    fig, ax = figure(9.5, 0.9 + 0.45 * len(names) * len(kinds), layout="tight")
     height = 0.8 / len(kinds)
     for j, kind in enumerate(kinds):
         means, errs = [], []
@@ -116,13 +115,11 @@ def plot_scores(results: dict[str, Any], path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("ROUGE-L, sampled (error bars: std over training seeds)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_comparison(comparison: dict[str, Any], path: Path) -> None:
+    """The paired differences to RKL with their 95% intervals, one row per method."""
     from ..report.stats import plot_differences
 
     rows = [
@@ -132,41 +129,31 @@ def plot_comparison(comparison: dict[str, Any], path: Path) -> None:
     plot_differences(rows, path, "ROUGE-L − RKL, paired by training seed (bars: 95% t interval)")
 
 
-def write_report(out: Path, s: Any, results, comparison, times, final_ratios, vocab: int, quick: bool):
-    kinds = _kinds(results)
-    fam_names = list(next(iter(results["teacher"].values()))["families"])
-    fam_table = table(
-        ["model", *fam_names],
-        [
-            [LABELS[name], *(f"{statistics.fmean(r['families'][f] for r in by_seed.values()):.1f}" for f in fam_names)]
-            for name, by_seed in results.items()
-        ],
-    )
-    n_seeds = len(s.train_seeds)
-    if comparison:
-        verdict = [
-            "## AdaKD-RKL against RKL",
-            "",
-            f"Differences to RKL, paired by training seed ({n_seeds} seeds, same warm-start), with a 95% t interval; "
-            "`*` marks an interval that excludes 0. Only those are differences this run can resolve.",
-            "",
-            comparison_table(comparison),
-            "",
-            *reading(comparison),
-            "",
-            "![paired differences](plots/paired.png)",
-            "",
-        ]
-    else:
-        verdict = [
-            "## No comparison",
-            "",
-            f"{'A smoke check' if quick else 'One training seed'}: every method was trained once, so a difference "
-            "between them cannot be told from the spread over training seeds, and none is claimed. Run the full "
-            "demo (three training seeds) for a comparison.",
-            "",
-        ]
-    noise = ", ".join(f"{KINDS[k]} {_noise(results, k):.2f}" for k in kinds)
+def write_report(
+    out: Path,
+    s: Any,
+    results: dict[str, Any],
+    comparison: dict[str, Any],
+    times: dict[str, float],
+    final_ratios: dict[str, float],
+    vocab: int,
+    quick: bool,
+) -> Path:
+    """Write ``out/report.md`` and return its path: the scores, the comparison (or why there is none), what AdaKD
+    did, the settings and the wall times; the figures are the ones :func:`adakd.demo.run.run_demo` drew into
+    ``out/plots``.
+
+    Args:
+        out: the demo's folder.
+        s: its :class:`adakd.demo.run.DemoSettings`.
+        results: scores by model and training seed (:func:`adakd.demo.scoring.score_model`).
+        comparison: :func:`comparisons` of ``results`` (``{}``: none is claimed).
+        times: wall seconds by stage.
+        final_ratios: the AdaKD students' final LATF ratio by training seed.
+        vocab: the tokenizer's size.
+        quick: a ``--quick`` smoke check.
+    """
+    noise = ", ".join(f"{KINDS[k]} {_noise(results, k):.2f}" for k in _kinds(results))
     lines = [
         "# adakd demo report",
         "",
@@ -184,13 +171,64 @@ def write_report(out: Path, s: Any, results, comparison, times, final_ratios, vo
         f"Decoding noise, apart: the std over sampling seeds of one trained model, averaged over models: {noise} "
         "ROUGE-L points. It measures the sampler, not training.",
         "",
-        *verdict,
+        *_verdict_lines(comparison, len(s.train_seeds), quick),
         "![ROUGE-L](plots/rouge.png)",
         "",
         "ROUGE-L by task family (sampled, mean over sampling and training seeds):",
         "",
-        fam_table,
+        _families_table(results),
         "",
+        *_adakd_lines(final_ratios),
+        *_settings_lines(s, vocab),
+        "## Wall times (s)",
+        "",
+        table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in times.items()]),
+        "",
+    ]
+    path = out / "report.md"
+    write_text(path, "\n".join(lines))
+    return path
+
+
+def _families_table(results: dict[str, Any]) -> str:
+    """Sampled ROUGE-L per model and task family, averaged over sampling and training seeds."""
+    names = list(next(iter(results["teacher"].values()))["families"])
+    rows = [
+        [LABELS[name], *(f"{statistics.fmean(r['families'][f] for r in by_seed.values()):.1f}" for f in names)]
+        for name, by_seed in results.items()
+    ]
+    return table(["model", *names], rows)
+
+
+def _verdict_lines(comparison: dict[str, Any], n_seeds: int, quick: bool) -> list[str]:
+    """The comparison section: paired differences and their reading, or why no comparison is claimed."""
+    if not comparison:
+        return [
+            "## No comparison",
+            "",
+            f"{'A smoke check' if quick else 'One training seed'}: every method was trained once, so a difference "
+            "between them cannot be told from the spread over training seeds, and none is claimed. Run the full "
+            "demo (three training seeds) for a comparison.",
+            "",
+        ]
+    return [
+        "## AdaKD-RKL against RKL",
+        "",
+        f"Differences to RKL, paired by training seed ({n_seeds} seeds, same warm-start), with a 95% t interval; "
+        "`*` marks an interval that excludes 0. Only those are differences this run can resolve.",
+        "",
+        comparison_table(comparison),
+        "",
+        *reading(comparison),
+        "",
+        "![paired differences](plots/paired.png)",
+        "",
+    ]
+
+
+def _adakd_lines(final_ratios: dict[str, float]) -> list[str]:
+    """The section on what AdaKD did: the LATF ratio, τ against difficulty, the training losses."""
+    return [
         "## What AdaKD did",
         "",
         "The LATF kept ratio over training, per training seed (final r: "
@@ -210,15 +248,7 @@ def write_report(out: Path, s: Any, results, comparison, times, final_ratios, vo
         "",
         "![losses](plots/losses.png)",
         "",
-        *_settings_lines(s, vocab),
-        "## Wall times (s)",
-        "",
-        table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in times.items()]),
-        "",
     ]
-    path = out / "report.md"
-    write_text(path, "\n".join(lines))
-    return path
 
 
 def _settings_lines(s: Any, vocab: int) -> list[str]:

@@ -22,15 +22,14 @@ import dataclasses
 import json
 import math
 import shutil
-import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..data import Record
+from ..errors import InputError
 from ..files import write_jsonl, write_text
 from ..models import load_causal_lm
 from .report import (
@@ -42,6 +41,7 @@ from .report import (
     scores_table,
     write_report,
 )
+from .scoring import difficulty_sample, score_model
 from .tasks import FAMILIES, SOFT_FAMILIES, TaskRecord, make_splits
 
 __all__ = ["ABLATIONS", "COMPARED", "METHODS", "DemoSettings", "run_demo"]
@@ -99,7 +99,7 @@ def _write_jsonl(path: Path, records: list[Record]) -> None:
     write_jsonl(path, ({"prompt": r.prompt, "output": r.response} for r in records))
 
 
-def train_tokenizer(records: list[Record], vocab_size: int, folder: Path):
+def train_tokenizer(records: list[Record], vocab_size: int, folder: Path) -> Any:
     """A byte-level BPE trained on the training prompts and answers, saved as a transformers tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -199,83 +199,11 @@ def _train(
     return final, [r for r in rows if "loss" in r], seconds, trainer
 
 
-def score_model(folder: Path, tokenizer, test: list[TaskRecord], test_path: Path, eval_seeds, out_json: Path):
-    """Score one saved model on the test prompts: sampled over ``eval_seeds`` and greedy, with ``adakd eval``'s
-    code. Returns, per decoding, ROUGE-L and exact match (an answer equal to any valid one) over all prompts and
-    per task kind (``all``, ``exact``, ``soft``), the spread over sampling seeds, and ROUGE-L per family."""
-
-    from ..eval.generate import GenerationConfig, HFBackend
-    from ..eval.run import evaluate, predictions_dir
-    from ..eval.sets import EvalSet
-
-    model = load_causal_lm(str(folder), dtype="float32")
-    backend = HFBackend(model, tokenizer)
-    sets = [EvalSet("test", test_path, test)]
-    common = dict(max_length=128, max_prompt_length=96, batch_size=48)
-    greedy_json = out_json.with_name(out_json.stem + "-greedy.json")
-    evaluate(backend, sets, list(eval_seeds), GenerationConfig(**common), out_json, "", show_progress=False)
-    evaluate(backend, sets, [0], GenerationConfig(**common, greedy=True), greedy_json, "", show_progress=False)
-
-    family = {r.prompt: (r.family, r.kind) for r in test}  # test prompts are distinct
-
-    def read(json_path: Path, seed: int) -> list[dict[str, Any]]:
-        path = predictions_dir(json_path) / f"test.seed{seed}.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()]
-
-    def by_kind(rows: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, float]]:
-        rouge: dict[str, list[float]] = {"all": []}
-        exact: dict[str, list[float]] = {"all": []}
-        for row in rows:
-            hit = 100.0 * any(row["prediction"].strip() == ref.strip() for ref in row["references"])
-            for key in ("all", family[row["prompt"]][1]):
-                rouge.setdefault(key, []).append(row["rougeL"])
-                exact.setdefault(key, []).append(hit)
-        return {k: statistics.fmean(v) for k, v in rouge.items()}, {k: statistics.fmean(v) for k, v in exact.items()}
-
-    sampled_rows = [read(out_json, seed) for seed in eval_seeds]
-    sampled = [by_kind(rows) for rows in sampled_rows]
-    greedy_rouge, greedy_exact = by_kind(read(greedy_json, 0))
-    kinds = list(sampled[0][0])
-    families: dict[str, list[float]] = {}
-    for row in (row for rows in sampled_rows for row in rows):
-        families.setdefault(family[row["prompt"]][0], []).append(row["rougeL"])
-    return {
-        "sampled": {k: statistics.fmean(r[k] for r, _ in sampled) for k in kinds},
-        "sampling_std": {k: statistics.stdev(r[k] for r, _ in sampled) if len(sampled) > 1 else 0.0 for k in kinds},
-        "greedy": greedy_rouge,
-        "exact_match_sampled": {k: statistics.fmean(e[k] for _, e in sampled) for k in kinds},
-        "exact_match_greedy": greedy_exact,
-        # single-answer families first, in the tasks module's order
-        "families": {k: statistics.fmean(families[k]) for k in (*FAMILIES, *SOFT_FAMILIES) if k in families},
-    }
-
-
-@torch.no_grad()
-def _difficulty_sample(teacher, student, tokenizer, records: list[Record], loss_fn):
-    """Per-token Hellinger difficulty, the kept mask and the IDTS τ on validation answers, by the run's own loss
-    settings (its final ratio, c and τ_base) and the loss's own rule (:func:`adakd.select_tokens`)."""
-    from .. import align_vocab, difficulty_scores, select_tokens
-    from ..adaptive import idts_from_median
-    from ..data import DistillCollator, build_examples
-
-    examples, _ = build_examples(records, tokenizer, max_length=128, max_prompt_length=96)
-    batch = DistillCollator(tokenizer.pad_token_id)(examples)
-    labels = batch["labels"][:, 1:]
-    zs = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    zt = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    zs, zt = align_vocab(zs, zt)
-    scores = difficulty_scores(loss_fn.indicator, zs, zt)[labels != -100]
-    sel = select_tokens(scores, loss_fn.ratio, c=loss_fn.c, tau_base=loss_fn.tau_base)
-    # Dropped tokens are shown at the τ they would have had (never used in training).
-    taus = idts_from_median(scores, sel.median, c=loss_fn.c, tau_base=loss_fn.tau_base)
-    return scores, taus, sel.kept, sel.median.item()
-
-
 def run_demo(
     output: str | Path,
     quick: bool = False,
     seed: int = 0,
-    log=print,
+    log: Callable[[str], Any] = print,
     *,
     train_seeds: tuple[int, ...] | None = None,
     ablations: bool = False,
@@ -284,15 +212,18 @@ def run_demo(
     """Run the demo into ``output``; returns the results (also in ``output/demo.json``).
 
     ``train_seeds`` overrides the settings' training seeds (at least two for a comparison); ``ablations`` adds the
-    SFT, LATF-only, IDTS-only and no-τ²-weight students; ``settings`` replaces the sizes of ``quick``/``seed``."""
-    s = settings if settings is not None else DemoSettings.for_run(quick, seed)
-    if train_seeds is not None:
-        if not train_seeds or len(set(train_seeds)) != len(train_seeds):
-            raise ValueError(f"--train-seeds: expected distinct seeds, got {' '.join(map(str, train_seeds)) or 'none'}")
-        s = dataclasses.replace(s, train_seeds=tuple(train_seeds))
+    SFT, LATF-only, IDTS-only and no-τ²-weight students; ``settings`` replaces the sizes of ``quick``/``seed``.
+
+    Raises:
+        InputError: repeated ``train_seeds``, or an ``output`` that cannot be created.
+    """
+    s = _settings(settings, quick, seed, train_seeds)
     methods = COMPARED + (ABLATIONS if ablations else ())
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission
+        raise InputError(f"--output {out}: cannot create the folder ({e.strerror or e})") from e
     times: dict[str, float] = {}
     t_all = time.perf_counter()
 
@@ -320,15 +251,8 @@ def run_demo(
     n_models = 2 + sum(len(v) for v in finals.values())
     log(f"[demo] evaluating {n_models} models on {len(splits['test'])} test prompts, sampled and greedy")
     start = time.perf_counter()
-    test_path = out / "data" / "test.jsonl"
-
-    def score(folder: Path, name: str) -> dict[str, Any]:
-        return score_model(folder, tokenizer, splits["test"], test_path, s.eval_seeds, out / "eval" / f"{name}.json")
-
-    results: dict[str, Any] = {"teacher": {None: score(teacher_dir, "teacher")}}
-    results["warm-start"] = {None: score(init_dir, "warm-start")}
-    for name, by_seed in finals.items():
-        results[name] = {seed_: score(folder, f"{name}-seed{seed_}") for seed_, folder in by_seed.items()}
+    models = {"teacher": {None: teacher_dir}, "warm-start": {None: init_dir}, **finals}
+    results = _score_all(out, s, tokenizer, splits["test"], models)
     times["evaluation"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -355,6 +279,39 @@ def run_demo(
         log("\n" + comparison_table(comparison))
     log(f"\n[demo] report: {report}  ({times['total']:.0f} s in all)")
     return summary
+
+
+def _settings(
+    settings: DemoSettings | None, quick: bool, seed: int, train_seeds: tuple[int, ...] | None
+) -> DemoSettings:
+    """The run's settings: ``settings``, else those of ``quick``/``seed``, with ``train_seeds`` (``--train-seeds``)
+    in place of their training seeds when given.
+
+    Raises:
+        InputError: ``train_seeds`` empty or repeated.
+    """
+    s = settings if settings is not None else DemoSettings.for_run(quick, seed)
+    if train_seeds is None:
+        return s
+    if not train_seeds or len(set(train_seeds)) != len(train_seeds):
+        raise InputError(f"--train-seeds: expected distinct seeds, got {' '.join(map(str, train_seeds)) or 'none'}")
+    return dataclasses.replace(s, train_seeds=tuple(train_seeds))
+
+
+def _score_all(
+    out: Path, s: DemoSettings, tokenizer: Any, test: list[TaskRecord], models: dict[str, dict[int | None, Path]]
+) -> dict[str, dict[int | None, dict[str, Any]]]:
+    """:func:`score_model` for every saved model, by name and training seed (None: a single model); the predictions
+    go to ``out/eval``."""
+    test_path = out / "data" / "test.jsonl"
+    results: dict[str, dict[int | None, dict[str, Any]]] = {}
+    for name, by_seed in models.items():
+        results[name] = {}
+        for seed, folder in by_seed.items():
+            stem = name if seed is None else f"{name}-seed{seed}"
+            out_json = out / "eval" / f"{stem}.json"
+            results[name][seed] = score_model(folder, tokenizer, test, test_path, s.eval_seeds, out_json)
+    return results
 
 
 def _train_students(s, methods, runs_dir, tok_dir, train_file, init_dir, teacher_dir, times, log):
@@ -395,7 +352,7 @@ def _plots(plots: Path, s, methods, results, comparison, metrics, finals, loss_f
     teacher_model = load_causal_lm(str(teacher_dir), dtype="float32").eval()
     student_model = load_causal_lm(str(finals["adakd-rkl"][first]), dtype="float32").eval()
     loss_fn = loss_fns[first]
-    scores, taus, kept, median = _difficulty_sample(
+    scores, taus, kept, median = difficulty_sample(
         teacher_model, student_model, tokenizer, splits["validation"][:64], loss_fn
     )
     plot_tau_vs_difficulty(

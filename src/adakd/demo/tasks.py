@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..data import Record, format_prompt
+from ..errors import InputError
 
 __all__ = ["FAMILIES", "SOFT_FAMILIES", "TASK_SETS", "TaskRecord", "make_splits"]
 
@@ -138,9 +139,13 @@ def make_splits(
     are also trained on: they measure recall of a table, the others generalisation.
 
     ``tasks``: ``exact`` (the six families with one right answer, the demo's), ``soft`` (the families with several
-    valid answers in known proportions; each record's references hold all of them) or ``mixed`` (both)."""
+    valid answers in known proportions; each record's references hold all of them) or ``mixed`` (both).
+
+    Raises:
+        InputError: an unknown ``tasks``, or sizes too large for the distinct prompts the families can make.
+    """
     if tasks not in TASK_SETS:
-        raise ValueError(f"unknown task set {tasks!r}; valid: {', '.join(TASK_SETS)}")
+        raise InputError(f"unknown task set {tasks!r}; valid: {', '.join(TASK_SETS)}")
     rng = random.Random(seed)
     families: list = []
     if tasks in ("exact", "mixed"):
@@ -155,7 +160,7 @@ def make_splits(
         while len(out[split]) < targets[split]:
             attempts += 1
             if attempts > 100 * targets[split] + 1000:
-                raise ValueError(f"cannot draw {targets[split]} distinct {split} examples; lower the sizes")
+                raise InputError(f"cannot draw {targets[split]} distinct {split} examples; lower the sizes")
             family, task = rng.choice(families)
             instruction, context, answer, *valid = task(rng)
             prompt = format_prompt(instruction, context)

@@ -1,6 +1,7 @@
-"""Evaluation: ROUGE-L (MiniLLM's metric), the five evaluation sets, generation backends, the protocol runner.
+"""Evaluation: ROUGE-L (MiniLLM's metric), the five evaluation sets, the protocol runner, result tables, the judge.
 
-Needs the ``eval`` extra (rouge-score, matplotlib) and, for generation, the ``train`` extra (transformers).
+Sampling lives in :mod:`adakd.generation` (shared with on-policy training) and the charts in :mod:`adakd.report.plots`.
+Needs the ``eval`` extra (rouge-score) and, for generation, the ``train`` extra (transformers).
 """
 
 from .rouge import lcs_length, rouge_l

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import write_json, write_jsonl
-from .generate import GenerationConfig
+from ..generation import GenerationConfig
 from .rouge import rouge_l
 from .sets import EvalSet
 
@@ -21,6 +21,7 @@ __all__ = ["evaluate", "format_table", "mean_std", "predictions_dir"]
 
 
 def mean_std(values: list[float]) -> dict[str, float]:
+    """``{"mean", "std"}`` of ``values`` (population std, ddof = 0, as the paper's tables; 0 for one value)."""
     return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0}
 
 
@@ -28,10 +29,6 @@ def predictions_dir(output: str | Path) -> Path:
     """Where the per-seed predictions of ``results.json`` go: ``results.predictions/``."""
     output = Path(output)
     return output.with_name(output.stem + ".predictions")
-
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    write_jsonl(path, rows)  # a crash leaves either the old file or the new one, never half of one
 
 
 def evaluate(
@@ -43,7 +40,21 @@ def evaluate(
     model_name: str,
     show_progress: bool = True,
 ) -> dict[str, Any]:
-    """Generate and score every set for every seed; write predictions and ``output``; return the results dict."""
+    """Generate and score every set for every seed; write predictions and ``output``; return the results dict.
+
+    Args:
+        backend: a :mod:`adakd.generation` backend (``generate(prompts, seed, config, progress) -> list[str]``).
+        sets: the evaluation sets (:func:`adakd.eval.sets.load_eval_set`).
+        seeds: one generation pass per seed and set.
+        config: the decoding settings; its ``stats`` accumulate the generated tokens and time.
+        output: the results JSON; the predictions go to :func:`predictions_dir` (``<set>.seed<seed>.jsonl``).
+        model_name: recorded as the results' ``model``.
+        show_progress: a tqdm bar over all examples × seeds.
+
+    Returns:
+        ``{"model", "datasets": {name: {"n", "path", "rougeL": {"mean", "std", "per_seed"}}}, "average",
+        "generation"}``, as written to ``output`` (ROUGE-L × 100).
+    """
     from tqdm.auto import tqdm
 
     pred_dir = predictions_dir(output)
@@ -68,7 +79,7 @@ def evaluate(
                     {"index": i, "prompt": r.prompt, "prediction": t, "references": list(r.references), "rougeL": sc}
                     for i, (r, t, sc) in enumerate(zip(s.records, texts, scores, strict=True))
                 ]
-                _write_jsonl(pred_dir / f"{s.name}.seed{seed}.jsonl", rows)
+                write_jsonl(pred_dir / f"{s.name}.seed{seed}.jsonl", rows)  # atomic: never half a file
             results["datasets"][s.name] = {
                 "n": len(s.records),
                 "path": str(s.path),

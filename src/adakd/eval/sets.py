@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data import Record, read_minillm_jsonl
+from ..errors import InputError
 
 __all__ = ["EVAL_SETS", "EvalSet", "load_eval_set", "resolve_eval_sets"]
 
@@ -21,6 +22,8 @@ EVAL_SETS: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class EvalSet:
+    """One evaluation set: its name, the file it came from, and its records (prompt and references)."""
+
     name: str
     path: Path
     records: list[Record]
@@ -30,7 +33,7 @@ def resolve_eval_sets(data_dir: str | Path | None, names: list[str]) -> dict[str
     """Map each requested set to its file: ``name`` under ``data_dir`` (MiniLLM's layout) or ``name=path``.
 
     Raises:
-        ValueError: an unknown name (listing the valid ones) or a missing file (naming the paths tried).
+        InputError: an unknown name (listing the valid ones) or a missing file (naming the paths tried).
     """
     out: dict[str, Path] = {}
     for item in names:
@@ -38,21 +41,25 @@ def resolve_eval_sets(data_dir: str | Path | None, names: list[str]) -> dict[str
         if sep:
             path = Path(explicit)
             if not path.is_file():
-                raise ValueError(f"--datasets {item}: {path} does not exist")
+                raise InputError(f"--datasets {item}: {path} does not exist")
             out[name] = path
             continue
         if name not in EVAL_SETS:
-            raise ValueError(f"--datasets: unknown set {name!r}; valid: {', '.join(EVAL_SETS)} (or name=path)")
+            raise InputError(f"--datasets: unknown set {name!r}; valid: {', '.join(EVAL_SETS)} (or name=path)")
         if data_dir is None:
-            raise ValueError(f"--data-dir is needed to find {name!r} (or pass {name}=path)")
+            raise InputError(f"--data-dir is needed to find {name!r} (or pass {name}=path)")
         candidates = [Path(data_dir) / rel for rel in EVAL_SETS[name]]
         found = next((p for p in candidates if p.is_file()), None)
         if found is None:
-            raise ValueError(f"--datasets {name}: none of {', '.join(map(str, candidates))} exists")
+            raise InputError(f"--datasets {name}: none of {', '.join(map(str, candidates))} exists")
         out[name] = found
     return out
 
 
 def load_eval_set(name: str, path: Path, limit: int | None = None) -> EvalSet:
-    """Read one set (``prompt``, ``output`` as one reference or a list of them)."""
+    """Read one set (``prompt``, ``output`` as one reference or a list of them), its first ``limit`` records.
+
+    Raises:
+        InputError: a malformed line (``path:line: reason``) or a record without ``prompt`` / ``output``.
+    """
     return EvalSet(name, path, read_minillm_jsonl(path, limit=limit))

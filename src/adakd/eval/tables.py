@@ -1,4 +1,5 @@
-"""Compare ``adakd eval --output results.json`` files: a markdown table, a grouped bar chart, a one-line summary.
+"""Compare ``adakd eval --output results.json`` files: a markdown table, a one-line summary, and the numbers of the
+grouped bar chart that :func:`adakd.report.plots.plot_rouge` draws.
 
 A results file looks like::
 
@@ -18,9 +19,18 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
 from ..markdown import table as markdown_table
 
-__all__ = ["MINUS", "bar_chart", "compare_table", "default_labels", "load_results", "summary_line", "validate_results"]
+__all__ = [
+    "MINUS",
+    "compare_table",
+    "default_labels",
+    "load_results",
+    "rouge_groups",
+    "summary_line",
+    "validate_results",
+]
 
 #: Negative deltas use the typographic minus sign (U+2212) so that ``+0.84`` and ``−0.31`` line up in a table.
 MINUS = "\u2212"
@@ -42,58 +52,59 @@ def _is_number(value: Any) -> bool:
 
 def _check_stat(stat: Any, source: str, key: str, *, require_std: bool = True) -> None:
     if not isinstance(stat, dict):
-        raise ValueError(f"{source}: key '{key}' must be an object with 'mean' and 'std', got {_type_name(stat)}")
+        raise InputError(f"{source}: key '{key}' must be an object with 'mean' and 'std', got {_type_name(stat)}")
     if "mean" not in stat:
-        raise ValueError(f"{source}: missing key '{key}.mean'")
+        raise InputError(f"{source}: missing key '{key}.mean'")
     if not _is_number(stat["mean"]):
-        raise ValueError(f"{source}: key '{key}.mean' must be a number, got {_type_name(stat['mean'])}")
+        raise InputError(f"{source}: key '{key}.mean' must be a number, got {_type_name(stat['mean'])}")
     if "std" not in stat:
         if require_std:
-            raise ValueError(f"{source}: missing key '{key}.std'")
+            raise InputError(f"{source}: missing key '{key}.std'")
     # A single-seed run has no spread; eval may write null for it.
     elif stat["std"] is not None and not _is_number(stat["std"]):
-        raise ValueError(f"{source}: key '{key}.std' must be a number or null, got {_type_name(stat['std'])}")
+        raise InputError(f"{source}: key '{key}.std' must be a number or null, got {_type_name(stat['std'])}")
 
 
 def validate_results(data: Any, source: str = "<results>") -> dict:
     """Check that ``data`` has the shape of a results file; return it unchanged.
 
-    Raises ``ValueError`` whose one-line message names ``source`` and the dotted key that is missing or ill-typed.
+    Raises :class:`~adakd.errors.InputError` whose one-line message names ``source`` and the dotted key that is
+    missing or ill-typed.
     """
     if not isinstance(data, dict):
-        raise ValueError(f"{source}: expected a JSON object at the top level, got {_type_name(data)}")
+        raise InputError(f"{source}: expected a JSON object at the top level, got {_type_name(data)}")
     if "model" not in data:
-        raise ValueError(f"{source}: missing key 'model'")
+        raise InputError(f"{source}: missing key 'model'")
     if not isinstance(data["model"], str):
-        raise ValueError(f"{source}: key 'model' must be a string, got {_type_name(data['model'])}")
+        raise InputError(f"{source}: key 'model' must be a string, got {_type_name(data['model'])}")
     if "datasets" not in data:
-        raise ValueError(f"{source}: missing key 'datasets'")
+        raise InputError(f"{source}: missing key 'datasets'")
     datasets = data["datasets"]
     if not isinstance(datasets, dict):
-        raise ValueError(f"{source}: key 'datasets' must be an object, got {_type_name(datasets)}")
+        raise InputError(f"{source}: key 'datasets' must be an object, got {_type_name(datasets)}")
     if not datasets:
-        raise ValueError(f"{source}: key 'datasets' is empty")
+        raise InputError(f"{source}: key 'datasets' is empty")
     for name, entry in datasets.items():
         key = f"datasets.{name}"
         if not isinstance(entry, dict):
-            raise ValueError(f"{source}: key '{key}' must be an object, got {_type_name(entry)}")
+            raise InputError(f"{source}: key '{key}' must be an object, got {_type_name(entry)}")
         if "n" in entry and (not isinstance(entry["n"], int) or isinstance(entry["n"], bool)):
-            raise ValueError(f"{source}: key '{key}.n' must be an integer, got {_type_name(entry['n'])}")
+            raise InputError(f"{source}: key '{key}.n' must be an integer, got {_type_name(entry['n'])}")
         if "rougeL" not in entry:
-            raise ValueError(f"{source}: missing key '{key}.rougeL'")
+            raise InputError(f"{source}: missing key '{key}.rougeL'")
         rouge = entry["rougeL"]
         _check_stat(rouge, source, f"{key}.rougeL")
         if "per_seed" in rouge:
             per_seed = rouge["per_seed"]
             if not isinstance(per_seed, dict):
-                raise ValueError(f"{source}: key '{key}.rougeL.per_seed' must be an object, got {_type_name(per_seed)}")
+                raise InputError(f"{source}: key '{key}.rougeL.per_seed' must be an object, got {_type_name(per_seed)}")
             for seed, value in per_seed.items():
                 if not _is_number(value):
-                    raise ValueError(
+                    raise InputError(
                         f"{source}: key '{key}.rougeL.per_seed.{seed}' must be a number, got {_type_name(value)}"
                     )
     if "average" not in data:
-        raise ValueError(f"{source}: missing key 'average'")
+        raise InputError(f"{source}: missing key 'average'")
     _check_stat(data["average"], source, "average")
     return data
 
@@ -102,20 +113,20 @@ def load_results(path: str | os.PathLike) -> dict:
     """Read and validate one ``adakd eval --output`` file.
 
     The returned dict is the file's content plus ``"_path"`` (the path as given), which :func:`compare_table`
-    uses to tell apart two files of the same model. Raises ``OSError`` when the file cannot be read and
-    ``ValueError`` for invalid JSON or a wrong shape; both messages name the file (and the key).
+    uses to tell apart two files of the same model. Raises :class:`~adakd.errors.InputError` when the file cannot
+    be read (missing, not UTF-8), is not valid JSON or has a wrong shape; the message names the file (and the key).
     """
     source = os.fspath(path)
     try:
         text = Path(source).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{source}: not a UTF-8 text file ({e.reason})") from e
+        raise InputError(f"{source}: not a UTF-8 text file ({e.reason})") from e
     except OSError as e:
-        raise OSError(f"{source}: cannot read results file ({e.strerror or e})") from e
+        raise InputError(f"{source}: cannot read results file ({e.strerror or e})") from e
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{source}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e
+        raise InputError(f"{source}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e
     validate_results(data, source)
     data[PATH_KEY] = source
     return data
@@ -127,7 +138,7 @@ def _source(result: dict, index: int) -> str:
 
 def _validated(results: list[dict]) -> list[dict]:
     if not results:
-        raise ValueError("no results to compare: give at least one results file")
+        raise InputError("no results to compare: give at least one results file")
     return [validate_results(r, _source(r, i)) for i, r in enumerate(results)]
 
 
@@ -160,12 +171,12 @@ def _resolve_labels(results: list[dict], labels: list[str] | None) -> list[str]:
         return default_labels(results)
     labels = list(labels)
     if len(labels) != len(results):
-        raise ValueError(f"labels: got {len(labels)} label(s) for {len(results)} results file(s)")
+        raise InputError(f"labels: got {len(labels)} label(s) for {len(results)} results file(s)")
     for label in labels:
         if not label.strip():
-            raise ValueError("labels: a label is empty")
+            raise InputError("labels: a label is empty")
         if labels.count(label) > 1:
-            raise ValueError(f"labels: label {label!r} is given more than once")
+            raise InputError(f"labels: label {label!r} is given more than once")
     return labels
 
 
@@ -214,7 +225,7 @@ def compare_table(results: list[dict], labels: list[str] | None = None, baseline
     results = _validated(results)
     labels = _resolve_labels(results, labels)
     if not 0 <= baseline < len(results):
-        raise ValueError(f"baseline: index {baseline} is out of range for {len(results)} results file(s)")
+        raise InputError(f"baseline: index {baseline} is out of range for {len(results)} results file(s)")
     base_label = labels[baseline]
 
     header = ["dataset"]
@@ -264,46 +275,26 @@ def summary_line(result: dict) -> str:
     return f"{result['model']}: {', '.join(parts)} | average {_fmt_stat(result['average'])}{seeds}"
 
 
-def bar_chart(results: list[dict], labels: list[str] | None, path: str | os.PathLike) -> None:
-    """Save a grouped bar chart of ROUGE-L to ``path`` (PNG): datasets on x, one bar per results file.
+def rouge_groups(
+    results: list[dict], labels: list[str] | None = None
+) -> tuple[list[str], list[tuple[str, list[float], list[float]]]]:
+    """ROUGE-L of each results file per dataset, as a grouped chart needs it (:func:`adakd.report.plots.plot_rouge`).
 
-    Error bars are the std over seeds; the average over datasets is the last group, set off by a dashed line.
-    Drawn on a bare :class:`matplotlib.figure.Figure` (the Agg canvas), so it neither needs a display nor
-    switches the backend of a caller that uses pyplot.
+    Returns:
+        ``(names, bars)``: the datasets in order of first appearance and then ``"average"``; one ``(label, means,
+        stds)`` per file, with a value per name. A dataset the file lacks has mean NaN (a gap, not a score of 0);
+        a missing std is 0.
+
+    Raises:
+        InputError: a malformed results dict, or labels that do not match the files.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     results = _validated(results)
     labels = _resolve_labels(results, labels)
     groups = _dataset_union(results)
-    n_groups, n_bars = len(groups) + 1, len(results)
-
-    fig = Figure(figsize=(max(6.0, 1.1 + n_groups * (0.45 * n_bars + 0.5)), 4.8), dpi=120, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    width = 0.8 / n_bars
-    for j, (r, label) in enumerate(zip(results, labels, strict=True)):
+    bars = []
+    for r, label in zip(results, labels, strict=True):
         stats = [_stat(r, g) for g in groups] + [r["average"]]
-        # A missing dataset is a gap (NaN draws nothing), not a zero-height bar that reads as a score of 0.
         means = [s["mean"] if s is not None else math.nan for s in stats]
         stds = [(s.get("std") or 0.0) if s is not None else 0.0 for s in stats]
-        xs = [g + (j - (n_bars - 1) / 2) * width for g in range(n_groups)]
-        bars = ax.bar(xs, means, width * 0.92, yerr=stds, capsize=3, label=label, error_kw={"elinewidth": 1})
-        ax.bar_label(bars, labels=[f"{m:.1f}" if not math.isnan(m) else "" for m in means], fontsize=7, padding=2)
-    names = [*groups, "average"]
-    ax.set_xticks(range(n_groups), names, fontsize=10)
-    if max(len(name) for name in names) > 14:
-        # Long dataset names would run into their neighbours when set level.
-        ax.tick_params(axis="x", labelrotation=20)
-        for tick in ax.get_xticklabels():
-            tick.set_horizontalalignment("right")
-    ax.axvline(n_groups - 1.5, color="0.6", linestyle="--", linewidth=0.8)
-    ax.set_ylabel("ROUGE-L")
-    ax.set_title("ROUGE-L by dataset (mean ± std over seeds)")
-    ax.margins(y=0.12)  # headroom for the value labels; bars keep the bottom at 0
-    ax.grid(axis="y", alpha=0.3)
-    ax.set_axisbelow(True)
-    # Below the plot (constrained layout makes room), so that it never covers a bar or a tick label.
-    fig.legend(fontsize=8, ncols=min(n_bars, 3), loc="outside lower center", frameon=False)
-    fig.savefig(os.fspath(path), format="png")
+        bars.append((label, means, stds))
+    return [*groups, "average"], bars

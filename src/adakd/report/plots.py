@@ -1,36 +1,25 @@
-"""Plots of a training run's ``metrics.jsonl``: the LATF ratio, the losses, the IDTS temperatures, and τ against
-per-token difficulty.
+"""Every chart adakd draws: a training run's curves (LATF ratio, losses, IDTS temperatures) from the rows of
+:mod:`adakd.report.metrics`, τ against per-token difficulty, and ROUGE-L of ``adakd eval`` results side by side
+(the numbers from :mod:`adakd.eval.tables`, which prints the same as a table).
 
-``adakd train`` appends one JSON object per logging step to ``RUN_DIR/metrics.jsonl``: ``step`` and ``loss``, and
-when distilling ``kd_loss``, ``ce_loss`` (kd_ratio < 1) and ``adakd/ratio``, ``adakd/kept_tokens``,
-``adakd/valid_tokens``, ``adakd/tau_mean``, ``adakd/tau_min``, ``adakd/tau_max``. The run's last line holds
-``train_runtime``, ``train_loss``, ... and no ``loss``. Unknown keys are ignored.
-
-Every chart is drawn on a bare :class:`matplotlib.figure.Figure` with the Agg canvas (the look of
-:func:`adakd.eval.tables.bar_chart`), so nothing here needs a display or switches the backend of a caller that
-uses pyplot. Each ``plot_*`` function writes one PNG and returns its path.
+Each chart is a bare :class:`matplotlib.figure.Figure` on the Agg canvas: no display is needed and a caller's
+pyplot backend is never switched. Each ``plot_*`` function writes one PNG (its folder is created), returns its path.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = [
-    "METRICS_FILE",
-    "plot_losses",
-    "plot_ratio",
-    "plot_tau_vs_difficulty",
-    "plot_temperatures",
-    "read_metrics",
-    "read_rows",
-]
+from .figures import colors as _colors
+from .figures import figure as _figure
+from .figures import save as _save
+from .metrics import is_number, series
 
-METRICS_FILE = "metrics.jsonl"
+__all__ = ["plot_losses", "plot_ratio", "plot_rouge", "plot_tau_vs_difficulty", "plot_temperatures"]
 
 # Dashed and dotted, so that KD and CE stay apart even in a grey-scale print; colour belongs to the run.
 _COMPONENTS = (("kd_loss", "KD loss", "--"), ("ce_loss", "CE loss", ":"))
@@ -38,106 +27,12 @@ _COMPONENTS = (("kd_loss", "KD loss", "--"), ("ce_loss", "CE loss", ":"))
 _LOG_SPAN = 20.0
 
 
-def _is_number(value: Any) -> bool:
-    # bool is an int subclass, but `"loss": true` is a broken line, not 1.0.
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _metrics_path(run_dir: str | os.PathLike) -> Path:
-    path = Path(run_dir)
-    # A metrics file given directly is as good as the folder that holds it.
-    return path if path.is_file() else path / METRICS_FILE
-
-
-def read_rows(run_dir: str | os.PathLike) -> list[dict]:
-    """Every JSON object of ``RUN_DIR/metrics.jsonl`` in file order (training rows and the run-end row).
-
-    ``run_dir`` may also be the metrics file itself. Blank lines are skipped.
-
-    Raises:
-        ValueError: the file is missing or empty (the message names it), or a line is not a JSON object with a
-            numeric ``step`` (and a numeric ``loss`` where it has one); the message names ``path:line``.
-    """
-    path = _metrics_path(run_dir)
-    if not path.is_file():
-        where = "no such file" if not path.exists() else "not a file"
-        raise ValueError(f"{path}: {where} (is {path.parent} a run directory written by `adakd train`?)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not a UTF-8 text file ({e.reason})") from e
-    except OSError as e:
-        raise OSError(f"{path}: cannot read ({e.strerror or e})") from e
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from e
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        if not _is_number(row.get("step")):
-            raise ValueError(f"{where}: missing or non-numeric 'step'")
-        if "loss" in row and not _is_number(row["loss"]):
-            raise ValueError(f"{where}: 'loss' must be a number, got {row['loss']!r}")
-        rows.append(row)
-    if not rows:
-        raise ValueError(f"{path}: empty file (no metrics logged)")
-    return rows
-
-
-def training_rows(rows: Sequence[Mapping]) -> list[dict]:
-    """The rows with a ``loss``, sorted by step; where a step appears twice, the later line wins.
-
-    A resumed run re-logs the steps after its checkpoint, and a run restarted into the same ``output_dir``
-    appends to the old file: in both cases the later line is the one that belongs to the run as it now stands.
-    """
-    by_step: dict[float, dict] = {}
-    for row in rows:
-        if "loss" in row:
-            by_step[row["step"]] = dict(row)
-    return [by_step[step] for step in sorted(by_step)]
-
-
-def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    """The training log of a run: the rows of ``RUN_DIR/metrics.jsonl`` that have a ``loss``, sorted by step.
-
-    ``run_dir`` may also be the metrics file itself. See :func:`training_rows` for repeated steps.
-
-    Raises:
-        ValueError: the file is missing or empty, or holds no training row (the message names it); a corrupt line
-            (the message names ``path:line``).
-    """
-    rows = training_rows(read_rows(run_dir))
-    if not rows:
-        raise ValueError(f"{_metrics_path(run_dir)}: no training rows (lines with 'loss') were logged")
-    return rows
-
-
-def series(rows: Sequence[Mapping], key: str) -> tuple[list[float], list[float]]:
-    """``(steps, values)`` of the rows that have a numeric ``key``."""
-    pairs = [(float(r["step"]), float(r[key])) for r in rows if _is_number(r.get(key))]
-    return [p[0] for p in pairs], [p[1] for p in pairs]
-
-
 # --- figure plumbing ---------------------------------------------------------------------------------------------
 
 
-def _figure(width: float = 7.5, height: float = 4.6):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=120, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig, fig.add_subplot()
-
-
-def _marker(n_points: int) -> str | None:
-    # A sparse log (logging_steps close to max_steps) would otherwise be a few unmarked kinks.
-    return "o" if n_points <= 30 else None
+def _curve(ax, steps: list[float], values: list[float], color, label: str) -> None:
+    # Markers only on a sparse log (logging_steps close to max_steps), which would otherwise be a few unmarked kinks.
+    ax.plot(steps, values, color=color, marker="o" if len(steps) <= 30 else None, markersize=3, label=label)
 
 
 def _step_axis(ax) -> None:
@@ -154,20 +49,6 @@ def _legend(fig, ax, n_entries: int) -> None:
         return
     # Below the plot (constrained layout makes room), so that it never covers a curve.
     fig.legend(fontsize=8, ncols=min(n_entries, 3), loc="outside lower center", frameon=False)
-
-
-def _save(fig, path: str | os.PathLike) -> Path:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(os.fspath(out), format="png")
-    return out
-
-
-def _colors(n: int) -> list:
-    from matplotlib import rcParams
-
-    cycle = rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
-    return [cycle[i % len(cycle)] for i in range(n)]
 
 
 def _check_runs(runs: Mapping[str, Sequence[Mapping]]) -> None:
@@ -195,7 +76,7 @@ def plot_ratio(runs: Mapping[str, Sequence[Mapping]], path: str | os.PathLike) -
     """The LATF kept ratio r (``adakd/ratio``) over optimizer steps, one line per run that logged it.
 
     Args:
-        runs: label → training rows (:func:`read_metrics`).
+        runs: label → training rows (:func:`adakd.report.metrics.read_metrics`).
         path: the PNG to write (its folder is created).
 
     Raises:
@@ -207,14 +88,7 @@ def plot_ratio(runs: Mapping[str, Sequence[Mapping]], path: str | os.PathLike) -
     for (label, rows), color in zip(runs.items(), _colors(len(runs)), strict=True):
         steps, ratio = series(rows, "adakd/ratio")
         if steps:
-            ax.plot(
-                steps,
-                ratio,
-                color=color,
-                marker=_marker(len(steps)),
-                markersize=3,
-                label=_name(label, "kept ratio r", runs),
-            )
+            _curve(ax, steps, ratio, color, _name(label, "kept ratio r", runs))
             drawn += 1
     if not drawn:
         raise ValueError(f"no run has 'adakd/ratio' to plot ({', '.join(runs)}); SFT runs have no LATF ratio")
@@ -233,7 +107,7 @@ def plot_losses(runs: Mapping[str, Sequence[Mapping]], path: str | os.PathLike) 
     The y axis turns logarithmic when the curves span more than a factor of 20 (CE ≈ 5 next to KD ≈ 0.01).
 
     Args:
-        runs: label → training rows (:func:`read_metrics`).
+        runs: label → training rows (:func:`adakd.report.metrics.read_metrics`).
         path: the PNG to write (its folder is created).
     """
     _check_runs(runs)
@@ -241,18 +115,16 @@ def plot_losses(runs: Mapping[str, Sequence[Mapping]], path: str | os.PathLike) 
     drawn, values = 0, []
     for (label, rows), color in zip(runs.items(), _colors(len(runs)), strict=True):
         steps, loss = series(rows, "loss")
-        ax.plot(steps, loss, color=color, marker=_marker(len(steps)), markersize=3, label=_name(label, "loss", runs))
+        _curve(ax, steps, loss, color, _name(label, "loss", runs))
         drawn += 1
         values += loss
         for key, what, style in _COMPONENTS:
             k_steps, k_values = series(rows, key)
-            if not k_steps:
-                continue
-            same = k_steps == steps and _close(k_values, loss)
-            if not same:
-                ax.plot(k_steps, k_values, color=color, linestyle=style, label=_name(label, what, runs))
-                drawn += 1
-                values += k_values
+            if not k_steps or (k_steps == steps and _close(k_values, loss)):
+                continue  # not logged, or the loss itself (kd_ratio = 1): a second line would hide the first
+            ax.plot(k_steps, k_values, color=color, linestyle=style, label=_name(label, what, runs))
+            drawn += 1
+            values += k_values
     positive = [v for v in values if math.isfinite(v) and v > 0]
     if positive and len(positive) == len([v for v in values if math.isfinite(v)]):
         if max(positive) / min(positive) > _LOG_SPAN:
@@ -271,7 +143,7 @@ def plot_temperatures(runs: Mapping[str, Sequence[Mapping]], path: str | os.Path
     typical spread of τ, not the most extreme token of the window. A dotted line marks τ = 1 (τ_base).
 
     Args:
-        runs: label → training rows (:func:`read_metrics`).
+        runs: label → training rows (:func:`adakd.report.metrics.read_metrics`).
         path: the PNG to write (its folder is created).
 
     Raises:
@@ -284,19 +156,15 @@ def plot_temperatures(runs: Mapping[str, Sequence[Mapping]], path: str | os.Path
         steps, mean = series(rows, "adakd/tau_mean")
         if not steps:
             continue
-        band = [r for r in rows if all(_is_number(r.get(f"adakd/tau_{k}")) for k in ("min", "max"))]
+        band = [r for r in rows if all(is_number(r.get(f"adakd/tau_{k}")) for k in ("min", "max"))]
         if band:
             ax.fill_between(
-                [float(r["step"]) for r in band],
-                [float(r["adakd/tau_min"]) for r in band],
-                [float(r["adakd/tau_max"]) for r in band],
-                color=color,
-                alpha=0.2 if len(runs) == 1 else 0.12,
-                linewidth=0,
-                label=_name(label, "τ min–max", runs),
-            )
+                [float(r["step"]) for r in band], [float(r["adakd/tau_min"]) for r in band],
+                [float(r["adakd/tau_max"]) for r in band], color=color, alpha=0.2 if len(runs) == 1 else 0.12,
+                linewidth=0, label=_name(label, "τ min–max", runs),
+            )  # fmt: skip
             drawn += 1
-        ax.plot(steps, mean, color=color, marker=_marker(len(steps)), markersize=3, label=_name(label, "mean τ", runs))
+        _curve(ax, steps, mean, color, _name(label, "mean τ", runs))
         drawn += 1
     if not drawn:
         raise ValueError(f"no run has 'adakd/tau_mean' to plot ({', '.join(runs)}); SFT runs have no temperatures")
@@ -312,6 +180,7 @@ def plot_temperatures(runs: Mapping[str, Sequence[Mapping]], path: str | os.Path
 
 
 def _vector(values: Any, name: str):
+    """``values`` (a tensor on any device and dtype, or a sequence) as a 1-D numpy array; ``name`` for the error."""
     import numpy as np
 
     if hasattr(values, "detach"):  # a torch tensor, possibly on a GPU or in bfloat16 (which numpy lacks)
@@ -320,6 +189,83 @@ def _vector(values: Any, name: str):
     if array.ndim != 1:
         raise ValueError(f"{name}: expected a 1-D sequence, got shape {tuple(array.shape)}")
     return array
+
+
+def _tau_points(scores: Any, taus: Any, kept: Any):
+    """``(s, k, t_kept, t_dropped)``: the scores ``[N]``, the kept mask ``[N]``, the kept tokens' τ ``[K]`` and the
+    dropped tokens' would-be τ ``[N − K]``, or None when ``taus`` holds the kept tokens' only."""
+    import numpy as np
+
+    s = _vector(scores, "scores").astype(float)
+    t = _vector(taus, "taus").astype(float)
+    k = _vector(kept, "kept")
+    if k.dtype != bool:
+        if not np.all(np.isin(k, (0, 1))):
+            raise ValueError("kept: expected booleans (True where LATF kept the token)")
+        k = k.astype(bool)
+    n, n_kept = len(s), int(k.sum())
+    if n == 0:
+        raise ValueError("scores: no tokens to plot")
+    if len(k) != n:
+        raise ValueError(f"kept: {len(k)} values for {n} scores")
+    if len(t) == n:
+        return s, k, t[k], t[~k]
+    if len(t) == n_kept:
+        return s, k, t, None
+    raise ValueError(f"taus: {len(t)} values; expected {n} (one per token) or {n_kept} (one per kept token)")
+
+
+def _idts_curve(median: float, c: float, tau_base: float) -> Callable:
+    """x ↦ τ(x) of IDTS at the run's own ``c``, ``tau_base`` and median, in float64 (numpy in, numpy out)."""
+    import torch
+
+    from ..adaptive import idts_from_median
+
+    def curve(x):
+        return idts_from_median(torch.as_tensor(x, dtype=torch.float64), median, c=c, tau_base=tau_base).numpy()
+
+    return curve
+
+
+def _draw_tokens(ax, s_kept, t_kept, s_dropped, t_dropped) -> int:
+    """Kept tokens filled, dropped ones hollow at their would-be τ (or ticks along the bottom without one); returns
+    the legend entries drawn."""
+    import numpy as np
+
+    entries = 0
+    if len(s_kept):
+        label = f"kept ({len(s_kept)}): τ from IDTS"
+        ax.scatter(s_kept, t_kept, s=14, color="C0", alpha=0.75, linewidths=0, label=label)
+        entries += 1
+    if not len(s_dropped):
+        return entries
+    if t_dropped is not None:
+        ax.scatter(
+            s_dropped, t_dropped, s=16, facecolors="none", edgecolors="0.55", linewidths=0.8,
+            label=f"dropped by LATF ({len(s_dropped)}): would-be τ, not used",
+        )  # fmt: skip
+    else:
+        # No τ to place them at: a rug along the bottom edge, x still their difficulty.
+        ax.plot(
+            s_dropped, np.full(len(s_dropped), 0.02), linestyle="none", marker="|", markersize=12,
+            color="0.55", transform=ax.get_xaxis_transform(),
+            label=f"dropped by LATF ({len(s_dropped)}): no τ (ticks at the bottom)",
+        )  # fmt: skip
+    return entries + 1
+
+
+def _draw_idts(ax, s, curve: Callable, median: float, c: float, tau_base: float) -> None:
+    """The IDTS curve over the scores' range."""
+    import numpy as np
+
+    lo, hi = float(np.min(s)), float(np.max(s))
+    # Start just above 0: the curve is flat there (tanh saturates) and log(0) is undefined.
+    xs = np.linspace(max(lo, 1e-6 * max(hi, 1e-12)), hi, 400) if hi > lo else np.array([lo])
+    base_text = "" if math.isclose(tau_base, 1.0, abs_tol=1e-4) else f"{tau_base:.3g}·"
+    ax.plot(
+        xs, curve(xs), color="C3", linewidth=1.5,
+        label=f"IDTS: τ = {base_text}exp(−c·tanh(log(s/m))), c = {c:.3g}, m = {median:.3g}",
+    )  # fmt: skip
 
 
 def plot_tau_vs_difficulty(
@@ -359,75 +305,24 @@ def plot_tau_vs_difficulty(
     Raises:
         ValueError: mismatched lengths, no tokens, or non-boolean ``kept`` (the message names the argument).
     """
-    import numpy as np
-
-    s = _vector(scores, "scores").astype(float)
-    t = _vector(taus, "taus").astype(float)
-    k = _vector(kept, "kept")
-    if k.dtype != bool:
-        if not np.all(np.isin(k, (0, 1))):
-            raise ValueError("kept: expected booleans (True where LATF kept the token)")
-        k = k.astype(bool)
-    n, n_kept = len(s), int(k.sum())
-    if n == 0:
-        raise ValueError("scores: no tokens to plot")
-    if len(k) != n:
-        raise ValueError(f"kept: {len(k)} values for {n} scores")
-    if len(t) == n:
-        t_kept, t_dropped = t[k], t[~k]
-    elif len(t) == n_kept:
-        t_kept, t_dropped = t, None
-    else:
-        raise ValueError(f"taus: {len(t)} values; expected {n} (one per token) or {n_kept} (one per kept token)")
-    s_kept, s_dropped = s[k], s[~k]
-
     import torch
 
-    from ..adaptive import idts_from_median
-
-    m = median if median is not None else (float(torch.as_tensor(s_kept).median()) if n_kept else None)
-    curve = None if m is None or c is None else (float(c), float(tau_base))
-
-    def idts(x):
-        return idts_from_median(torch.as_tensor(x, dtype=torch.float64), m, c=curve[0], tau_base=curve[1]).numpy()
-
+    s, k, t_kept, t_dropped = _tau_points(scores, taus, kept)
+    n, n_kept = len(s), int(k.sum())
+    m = median if median is not None else (float(torch.as_tensor(s[k]).median()) if n_kept else None)
+    curve = None if m is None or c is None else _idts_curve(m, float(c), float(tau_base))
     if t_dropped is None and curve is not None:
-        t_dropped = idts(s_dropped)
+        t_dropped = curve(s[~k])
 
     fig, ax = _figure(7.5, 5.0)
-    entries = 0
-    if n_kept:
-        ax.scatter(s_kept, t_kept, s=14, color="C0", alpha=0.75, linewidths=0, label=f"kept ({n_kept}): τ from IDTS")
-        entries += 1
-    if len(s_dropped):
-        if t_dropped is not None:
-            ax.scatter(
-                s_dropped, t_dropped, s=16, facecolors="none", edgecolors="0.55", linewidths=0.8,
-                label=f"dropped by LATF ({len(s_dropped)}): would-be τ, not used",
-            )  # fmt: skip
-        else:
-            # No τ to place them at: a rug along the bottom edge, x still their difficulty.
-            ax.plot(
-                s_dropped, np.full(len(s_dropped), 0.02), linestyle="none", marker="|", markersize=12,
-                color="0.55", transform=ax.get_xaxis_transform(),
-                label=f"dropped by LATF ({len(s_dropped)}): no τ (ticks at the bottom)",
-            )  # fmt: skip
-        entries += 1
+    entries = _draw_tokens(ax, s[k], t_kept, s[~k], t_dropped)
     if curve is not None:
-        lo, hi = float(np.min(s)), float(np.max(s))
-        # Start just above 0: the curve is flat there (tanh saturates) and log(0) is undefined.
-        xs = np.linspace(max(lo, 1e-6 * max(hi, 1e-12)), hi, 400) if hi > lo else np.array([lo])
-        c_, base = curve
-        base_text = "" if math.isclose(base, 1.0, abs_tol=1e-4) else f"{base:.3g}·"
-        ax.plot(
-            xs, idts(xs), color="C3", linewidth=1.5,
-            label=f"IDTS: τ = {base_text}exp(−c·tanh(log(s/m))), c = {c_:.3g}, m = {m:.3g}",
-        )  # fmt: skip
+        _draw_idts(ax, s, curve, m, float(c), float(tau_base))
         entries += 1
     if m is not None:
         ax.axvline(m, color="C3", linestyle=":", linewidth=1, label="median m of kept scores")
         entries += 1
-    ax.axhline(tau_base if curve is None else curve[1], color="0.5", linestyle="--", linewidth=0.8)
+    ax.axhline(float(tau_base), color="0.5", linestyle="--", linewidth=0.8)
     ax.set_xlabel(f"difficulty s ({indicator}; higher = harder)")
     ax.set_ylabel("temperature τ")
     r = ratio if ratio is not None else n_kept / n
@@ -436,4 +331,48 @@ def plot_tau_vs_difficulty(
     ax.set_axisbelow(True)
     ax.margins(y=0.08)
     _legend(fig, ax, min(entries, 2))
+    return _save(fig, path)
+
+
+# --- ROUGE-L of evaluation results ------------------------------------------------------------------------------
+
+
+def plot_rouge(results: list[dict], labels: list[str] | None, path: str | os.PathLike) -> Path:
+    """A grouped bar chart of ROUGE-L: datasets on x, one bar per results file (``adakd compare --plot``).
+
+    Error bars are the std over seeds; the average over datasets is the last group, set off by a dashed line. A
+    dataset that a file lacks is a gap, not a bar at 0.
+
+    Args:
+        results: ``adakd eval --output`` dicts (:func:`adakd.eval.tables.load_results`).
+        labels: one per file; None: :func:`adakd.eval.tables.default_labels`.
+        path: the PNG to write (its folder is created).
+
+    Raises:
+        InputError: a malformed results dict, or labels that do not match the files (see
+            :func:`adakd.eval.tables.rouge_groups`).
+    """
+    from ..eval.tables import rouge_groups
+
+    names, bars = rouge_groups(results, labels)
+    n_groups, n_bars = len(names), len(bars)
+    fig, ax = _figure(max(6.0, 1.1 + n_groups * (0.45 * n_bars + 0.5)), 4.8)
+    width = 0.8 / n_bars
+    for j, (label, means, stds) in enumerate(bars):
+        xs = [g + (j - (n_bars - 1) / 2) * width for g in range(n_groups)]
+        drawn = ax.bar(xs, means, width * 0.92, yerr=stds, capsize=3, label=label, error_kw={"elinewidth": 1})
+        ax.bar_label(drawn, labels=[f"{m:.1f}" if not math.isnan(m) else "" for m in means], fontsize=7, padding=2)
+    ax.set_xticks(range(n_groups), names, fontsize=10)
+    if max(len(name) for name in names) > 14:
+        # Long dataset names would run into their neighbours when set level.
+        ax.tick_params(axis="x", labelrotation=20)
+        for tick in ax.get_xticklabels():
+            tick.set_horizontalalignment("right")
+    ax.axvline(n_groups - 1.5, color="0.6", linestyle="--", linewidth=0.8)
+    ax.set_ylabel("ROUGE-L")
+    ax.set_title("ROUGE-L by dataset (mean ± std over seeds)")
+    ax.margins(y=0.12)  # headroom for the value labels; bars keep the bottom at 0
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    _legend(fig, ax, n_bars)
     return _save(fig, path)

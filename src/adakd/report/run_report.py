@@ -19,9 +19,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
 from ..files import write_text
 from ..markdown import cell, table
-from .plots import plot_losses, plot_ratio, plot_temperatures, read_rows, series, training_rows
+from .metrics import METRICS_FILE, is_number, read_rows, series, training_rows
+from .plots import plot_losses, plot_ratio, plot_temperatures
 
 __all__ = [
     "REPORT_FILE",
@@ -58,11 +60,11 @@ def summarize(rows: Sequence[Mapping]) -> dict[str, Any]:
     - ``train_runtime`` (s), ``train_loss``, ``train_samples_per_second``: from the run-end row.
 
     Raises:
-        ValueError: no training row (no row with ``loss``).
+        InputError: no training row (no row with ``loss``).
     """
     train = training_rows(rows)
     if not train:
-        raise ValueError("no training rows (lines with 'loss') to summarize")
+        raise InputError("no training rows (lines with 'loss') to summarize")
     steps, loss = series(train, "loss")
     last = steps[-1]
     tail = [v for s, v in zip(steps, loss, strict=True) if s > (1 - TAIL_FRACTION) * last] or loss[-1:]
@@ -76,7 +78,7 @@ def summarize(rows: Sequence[Mapping]) -> dict[str, Any]:
 
     def end_value(key: str) -> float | None:
         value = end.get(key)
-        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+        return float(value) if is_number(value) else None
 
     return {
         "kind": "adakd" if ratio else "sft",
@@ -182,7 +184,7 @@ def _link(target: Path, base: Path) -> str:
 
 
 def _files(label: str, run_dir: Path, out: Path) -> list[str]:
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir / METRICS_FILE
     lines = [f"- {cell(label)}: `{run_dir}`", f"  - metrics: [metrics.jsonl]({_link(metrics, out)})"]
     final = run_dir / "final"
     lines.append(f"  - final model: [final/]({_link(final, out)})" if final.is_dir() else "  - final model: none")
@@ -230,7 +232,7 @@ def _write(run_dirs: Sequence[Path], labels: Sequence[str], out: Path, title: st
     for label, rows, d in zip(labels, all_rows, run_dirs, strict=True):
         runs[label] = training_rows(rows)
         if not runs[label]:
-            raise ValueError(f"{d / 'metrics.jsonl'}: no training rows (lines with 'loss') were logged")
+            raise InputError(f"{d / METRICS_FILE}: no training rows (lines with 'loss') were logged")
     summaries = [summarize(rows) for rows in all_rows]
 
     out.mkdir(parents=True, exist_ok=True)
@@ -276,7 +278,7 @@ def write_run_report(run_dir: str | os.PathLike, output: str | os.PathLike | Non
         The path of ``report.md``.
 
     Raises:
-        ValueError: the metrics file is missing, empty, corrupt (``path:line``), or has no training row.
+        InputError: the metrics file is missing, empty, corrupt (``path:line``), or has no training row.
     """
     d = _run_dir(run_dir)
     out = Path(output) if output is not None else d / REPORT_DIR
@@ -297,14 +299,17 @@ def write_comparison_report(
 
     Returns:
         The path of ``report.md``.
+
+    Raises:
+        InputError: no runs, labels that do not match them, or a metrics file as in :func:`write_run_report`.
     """
     if not run_dirs:
-        raise ValueError("no runs to report on")
+        raise InputError("no runs to report on")
     dirs = [_run_dir(d) for d in run_dirs]
     labels = list(labels) if labels is not None else run_labels(dirs)
     if len(labels) != len(dirs):
-        raise ValueError(f"labels: got {len(labels)} label(s) for {len(dirs)} run(s)")
+        raise InputError(f"labels: got {len(labels)} label(s) for {len(dirs)} run(s)")
     if len(set(labels)) != len(labels):
-        raise ValueError("labels: a label is given more than once")
+        raise InputError("labels: a label is given more than once")
     report, _ = _write(dirs, labels, Path(output), "Training report: " + " vs ".join(labels))
     return report

@@ -69,14 +69,11 @@ def plot_differences(
 ) -> Path:
     """One line per row label; per series (e.g. ``sampled``, ``greedy``) a dot at the mean paired difference with
     its 95% interval as a bar, and a vertical line at 0."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .figures import figure, save
 
     series = list(dict.fromkeys(name for _, by_series in rows for name in by_series))
     colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
-    fig, ax = plt.subplots(figsize=(9.5, 1.0 + 0.55 * max(1, len(rows)) * max(1, len(series)) ** 0.5))
+    fig, ax = figure(9.5, 1.0 + 0.55 * max(1, len(rows)) * max(1, len(series)) ** 0.5, layout="tight")
     width = 0.6 / max(1, len(series))
     for j, name in enumerate(series):
         offset = (j - (len(series) - 1) / 2) * width
@@ -95,9 +92,4 @@ def plot_differences(
     ax.set_xlabel(xlabel)
     if series:  # beside the axes, where it cannot cover an interval
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save(fig, path)

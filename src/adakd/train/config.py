@@ -1,24 +1,25 @@
 """DistillConfig: the typed run configuration, loaded from YAML with dotted ``key=value`` overrides.
 
-Every field is checked when the config is built, and every error names the file and the dotted key
+Every field is checked when the config is built (its type by :mod:`.typed_yaml`, its value by
+:meth:`DistillConfig.validate`), and every error names the file and the dotted key
 (``configs/run.yaml: loss.selection: unknown selection 'topk'; valid: latf, fixed, linear, cosine, all``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
+import os
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
-from ..divergences import OptionError
+from ..data.templates import TEMPLATES
+from ..errors import OptionError
+from .typed_yaml import ConfigError, build, parse_yaml
 
 __all__ = [
     "ConfigError",
@@ -37,43 +38,19 @@ DATA_SOURCES = ("synthetic", "minillm_jsonl", "instructions", "shards", "hf")
 ONPOLICY_MODES = ("off", "gkd", "distillm")
 REPLAY_RATIOS = ("decreasing", "constant", "increasing")
 NONFINITE_POLICIES = ("error", "skip")
-
-
-class ConfigError(ValueError):
-    """A bad configuration; the message names the file (when known) and the dotted key."""
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.2 booleans: only true/false. YAML 1.1 also reads yes/no/on/off as booleans, which turns
-    ``save_strategy: no`` into False."""
-
-
-_REPLACED = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _REPLACED]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+# transformers 5.23 renamed these TrainingArguments fields (the old names stay as deprecated aliases until v6): a
+# config written with the new names runs on the earlier 5.x releases too.
+_RENAMED_TRAINING_FIELDS = {
+    "activation_checkpointing": "gradient_checkpointing",
+    "activation_checkpointing_kwargs": "gradient_checkpointing_kwargs",
 }
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-# YAML 1.2 floats: "1e-3" is a number (YAML 1.1 wants "1.0e-3").
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
-    ),
-    list("-+0123456789."),
-)
-
-
-def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass
 class LoraSection:
     """LoRA adapters on the student (the paper: r = 16, α = 64, dropout 0.1 on every linear layer)."""
 
+    TRUE_MEANS_DEFAULTS: ClassVar[bool] = True  # "lora: true" switches LoRA on with the paper's defaults
     r: int = 16
     alpha: int = 64
     dropout: float = 0.1
@@ -179,9 +156,10 @@ class DistillConfig:
     loss: LossSection = field(default_factory=LossSection)
     onpolicy: OnPolicySection = field(default_factory=OnPolicySection)
     training: dict[str, Any] = field(default_factory=dict)
-    origin: str | None = field(default=None, repr=False)  # the YAML file it came from, for messages
+    origin: str | None = field(default=None, init=False, repr=False)  # the YAML file it came from, for messages
 
     def error(self, key: str, message: str) -> ConfigError:
+        """A :class:`ConfigError` naming the file (when known) and ``key``; the caller raises it."""
         return ConfigError(f"{self.origin + ': ' if self.origin else ''}{key}: {message}")
 
     def validate(self) -> DistillConfig:
@@ -210,6 +188,11 @@ class DistillConfig:
             raise self.error("data.path", f"source {d.source!r} needs a path")
         if d.max_prompt_length < 1 or d.max_length <= d.max_prompt_length:
             raise self.error("data.max_length", "need max_length > max_prompt_length >= 1")
+        if d.template not in TEMPLATES:
+            raise self.error("data.template", f"unknown template {d.template!r}; valid: {', '.join(TEMPLATES)}")
+        for key, value in (("limit", d.limit), ("synthetic_size", d.synthetic_size)):
+            if value is not None and value < 0:
+                raise self.error(f"data.{key}", f"must be >= 0, got {value}")
         loss = self.loss
         if not 0.0 <= loss.kd_ratio <= 1.0:
             raise self.error("loss.kd_ratio", f"must be in [0, 1], got {loss.kd_ratio}")
@@ -232,20 +215,22 @@ class DistillConfig:
         try:
             self.build_loss(total_steps=1)
         except OptionError as e:
-            raise self.error(f"loss.{e.option}", e.reason) from None
-        except ValueError as e:
-            raise self.error("loss", str(e)) from None
+            raise self.error(f"loss.{e.option}", e.reason) from e
         if not self.training.get("output_dir"):
             raise self.error("training.output_dir", "is required")
         from transformers import TrainingArguments
 
         known = {f.name for f in dataclasses.fields(TrainingArguments)}
+        for new, old in _RENAMED_TRAINING_FIELDS.items():
+            if new in self.training and new not in known and old in known:
+                self.training[old] = self.training.pop(new)
         for key in self.training:
             if key not in known:
                 raise self.error(f"training.{key}", "unknown transformers.TrainingArguments field")
         return self
 
     def _validate_onpolicy(self) -> None:
+        """The ``onpolicy`` section; its values matter only when a mode is on."""
         op = self.onpolicy
         if op.mode not in ONPOLICY_MODES:
             raise self.error("onpolicy.mode", f"unknown mode {op.mode!r}; valid: {', '.join(ONPOLICY_MODES)}")
@@ -276,7 +261,7 @@ class DistillConfig:
         if op.eval_steps < 1:
             raise self.error("onpolicy.eval_steps", f"must be >= 1, got {op.eval_steps}")
 
-    def build_loss(self, total_steps: int, vocab_size: int | None = None):
+    def build_loss(self, total_steps: int, vocab_size: int | None = None) -> Any:
         """The run's :class:`adakd.AdaKDLoss` (``reduction="sum"``: the trainer normalises over the window)."""
         from .. import AdaKDLoss
 
@@ -317,83 +302,8 @@ class DistillConfig:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Check (and lightly coerce) a YAML value against a dataclass field type; raise ConfigError naming ``key``."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: expected {' or '.join(map(_type_name, args))}")
-    if dataclasses.is_dataclass(tp):
-        if value is True and tp is LoraSection:  # "lora: true" switches LoRA on with the paper's defaults
-            value = {}
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return _build(tp, value, key)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported type {tp}")  # a bug in the schema, not in the YAML
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "origin"}
-    # str(): YAML allows non-string keys (``1: x``), which must be reported, not crash the sort.
-    unknown = sorted(str(k) for k in set(data) - set(fields))
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        close = difflib.get_close_matches(unknown[0], list(fields), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{where}{unknown[0]}: unknown key{hint}; valid: {', '.join(fields)}")
-    kwargs = {}
-    for name, f in fields.items():
-        key = f"{prefix}.{name}" if prefix else name
-        if name in data:
-            kwargs[name] = _convert(data[name], hints[name], key)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{key}: is required")
-    return cls(**kwargs)
-
-
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """``data[a][b][c] = value`` for ``dotted`` ``"a.b.c"``, creating missing sections."""
     node = data
     parts = dotted.split(".")
     for part in parts[:-1]:
@@ -407,21 +317,31 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.sub=value`` overrides (values parsed as YAML: ``3`` is an int, ``null`` is None)."""
+    """Apply ``key.sub=value`` overrides to the mapping ``data`` in place, and return it (values parsed as YAML:
+    ``3`` is an int, ``null`` is None).
+
+    Raises:
+        ConfigError: an override that is not ``key.sub=value``, a value that is not YAML, or a key whose parent is
+            not a section.
+    """
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r}: expected key.sub=value")
         try:
-            value = _yaml(raw) if raw else ""
+            value = parse_yaml(raw) if raw else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: {e.__class__.__name__}: {str(e).splitlines()[0]}") from None
         _set_dotted(data, key, value)
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, data: dict | None = None):
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, data: dict[str, Any] | None = None
+) -> DistillConfig:
     """Load and validate a :class:`DistillConfig` from a YAML file (or a dict), then ``overrides``.
+
+    ``$VAR`` / ``${VAR}`` in model, tokenizer, data and output paths come from the environment.
 
     Raises:
         ConfigError: unreadable file, bad YAML (with its line), unknown key, wrong type or invalid value; the
@@ -432,9 +352,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             text = Path(path).read_text()
         except OSError as e:
-            raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+            raise ConfigError(f"{path}: cannot read ({e.strerror})") from e
         try:
-            data = _yaml(text) or {}
+            data = parse_yaml(text) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
@@ -444,7 +364,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data = dict(data or {})
     apply_overrides(data, list(overrides or []))
     try:
-        config = _build(DistillConfig, data, "")
+        config = build(DistillConfig, data)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}" if source else str(e)) from None
     config.origin = source
@@ -458,8 +378,6 @@ _VARIABLE = re.compile(r"\$(\{[A-Za-z_][A-Za-z0-9_]*\}|[A-Za-z_][A-Za-z0-9_]*)")
 def _expand(config: DistillConfig, key: str, value: str) -> str:
     """``value`` with ``$VAR`` / ``${VAR}`` from the environment; an unset variable is an error naming it (left
     literal, it would become a folder named ``${VAR}``)."""
-    import os
-
     for match in _VARIABLE.finditer(value):
         name = match.group(1).strip("{}")
         if name not in os.environ:

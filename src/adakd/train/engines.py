@@ -42,7 +42,7 @@ __all__ = [
 ENGINES = ("single", "ddp", "fsdp2", "deepspeed")
 
 
-def engine_of(accelerator) -> str:
+def engine_of(accelerator: Any) -> str:
     """The run's engine: ``single``, ``ddp`` (also several CPU processes), ``fsdp2`` or ``deepspeed``.
 
     FSDP version 1 is refused: it is deprecated in transformers and accelerate, and its flat parameters would need
@@ -135,7 +135,7 @@ def full_parameters(*params: torch.Tensor | None) -> Iterator[list[torch.Tensor 
         yield [None if p is None else p.detach() for p in out]
 
 
-def shard_teacher_fsdp2(teacher: torch.nn.Module, accelerator) -> torch.nn.Module:
+def shard_teacher_fsdp2(teacher: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
     """Shard the frozen teacher with FSDP2 (``fully_shard``) over all ranks: each transformer block (the model's
     ``_no_split_modules``), then the root, parameters resharded after every forward. It takes no gradient, so it
     gets no optimizer state; it keeps its own dtype (mixed precision does not apply to a model that only infers)."""
@@ -207,7 +207,7 @@ def check_linear_head(model: torch.nn.Module, role: str) -> None:
         )
 
 
-def save_final(trainer, folder: str | Path) -> None:
+def save_final(trainer: Any, folder: str | Path) -> None:
     """A complete model (or the LoRA adapter of a PEFT student) and the tokenizer in ``folder``, loadable with
     ``from_pretrained``, under every engine: the full state dict is gathered with the engine's API
     (``Accelerator.get_state_dict``: FSDP2 shards, ZeRO-3 partitions) and written by the main process."""

@@ -7,18 +7,28 @@ from typing import Any
 
 import torch
 
+from ..models import load_failure
 from .config import ConfigError, ModelSection
 
 __all__ = ["apply_lora", "load_model", "prepare_teacher", "torch_dtype"]
 
 
 def torch_dtype(name: str) -> torch.dtype | str:
+    """A config's dtype name (``"float32"``, ``"bfloat16"``, ...) as a torch dtype; ``"auto"`` stays a string."""
     return "auto" if name == "auto" else getattr(torch, name)
 
 
-def load_model(section: ModelSection, role: str):
+def load_model(section: ModelSection, role: str) -> Any:
     """A causal LM from ``section``: ``from_pretrained`` for a hub id or local path (the hub is only contacted when
-    the path is not local), ``from_config`` with a fixed seed for an inline config (tiny random models)."""
+    the path is not local), ``from_config`` with a fixed seed for an inline config (tiny random models).
+
+    ``role`` (``"student"`` or ``"teacher"``) is the config section, for messages.
+
+    Raises:
+        ConfigError: the inline config is not valid for its ``model_type``, or ``name_or_path`` cannot be loaded
+            (no such folder, no ``config.json``, hub unreachable); the message names the key and the path, and the
+            library's error is chained.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = torch_dtype(section.dtype)
@@ -28,22 +38,25 @@ def load_model(section: ModelSection, role: str):
         try:
             config = AutoConfig.for_model(model_type, **cfg)
         except (ValueError, TypeError) as e:
-            raise ConfigError(f"{role}.config: {e}") from None
+            raise ConfigError(f"{role}.config: {e}") from e
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(section.seed)
             model = AutoModelForCausalLM.from_config(config)
         return model.to(torch.float32 if dtype == "auto" else dtype)
     try:
         return AutoModelForCausalLM.from_pretrained(section.name_or_path, dtype=dtype)
-    except OSError as e:
-        raise ConfigError(
-            f"{role}.name_or_path: cannot load {section.name_or_path!r} ({str(e).splitlines()[0]})"
-        ) from None
+    except (OSError, ValueError) as e:  # transformers reports a bad folder as either
+        reason = load_failure(section.name_or_path, e)
+        raise ConfigError(f"{role}.name_or_path: cannot load {section.name_or_path!r} ({reason})") from e
 
 
-def apply_lora(model, section: ModelSection):
+def apply_lora(model: Any, section: ModelSection) -> Any:
     """Wrap the student in PEFT LoRA adapters when ``section.lora`` is set (else train every weight); the adapters
-    are initialised from ``section.seed``, the same on every rank."""
+    are initialised from ``section.seed``, the same on every rank.
+
+    Raises:
+        ConfigError: PEFT refuses ``student.lora`` (e.g. ``target_modules`` that match no layer of the model).
+    """
     if section.lora is None:
         return model
     from peft import LoraConfig, get_peft_model
@@ -61,10 +74,13 @@ def apply_lora(model, section: ModelSection):
     # does not broadcast), and a run must start the same under every engine and number of processes.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(section.seed)
-        return get_peft_model(model, config)
+        try:
+            return get_peft_model(model, config)
+        except ValueError as e:
+            raise ConfigError(f"student.lora: {str(e).splitlines()[0]}") from e
 
 
-def prepare_teacher(teacher, accelerator) -> Any:
+def prepare_teacher(teacher: Any, accelerator: Any) -> Any:
     """Place the frozen teacher for the run's distributed setup.
 
     - DeepSpeed ZeRO-3: an inference engine sharded like the student (a 7B teacher does not fit next to the

@@ -28,8 +28,9 @@ from typing import Any
 import torch
 
 from ..data import DistillCollator
-from ..eval.generate import generate_ids
+from ..errors import InputError
 from ..files import torch_save
+from ..generation import generate_ids
 
 __all__ = [
     "ONPOLICY_STATE_FILE",
@@ -51,7 +52,8 @@ def state_file(rank: int) -> str:
 
 
 def split_prompts(batch: dict[str, torch.Tensor]) -> list[list[int]]:
-    """The prompt of every row of a right-padded collated batch: the tokens before the first label."""
+    """The prompt of every row of a right-padded collated batch (``input_ids``, ``labels``, ``attention_mask``, each
+    ``[B, T]``): the tokens before the first label, or the whole unpadded row when it has no label."""
     prompts = []
     for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):
         answer = (labels != IGNORE_INDEX).nonzero()
@@ -89,6 +91,7 @@ class ReplayBuffer:
         return len(self.memory)
 
     def add(self, examples: list[Example]) -> None:
+        """Append copies of ``examples`` (the oldest drop out beyond ``capacity``)."""
         self.memory.extend({"input_ids": list(e["input_ids"]), "labels": list(e["labels"])} for e in examples)
 
     def sample(self, k: int) -> list[Example]:
@@ -139,6 +142,7 @@ class AdaptiveSchedule:
         return self.threshold
 
     def sampling_threshold(self, step: int, total: int) -> float:
+        """``samp = threshold·f(t)`` at optimizer step ``step`` of ``total`` (t = step / total)."""
         t = step / max(1, total)
         if self.replay_ratio == "constant":
             return self.threshold * 0.5
@@ -298,8 +302,9 @@ class OnPolicyController:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; a checkpoint of another mode (``gkd`` / ``distillm``) is an InputError."""
         if state["mode"] != self.mode:
-            raise ValueError(f"the checkpoint's on-policy mode is {state['mode']!r}, the config's {self.mode!r}")
+            raise InputError(f"the checkpoint's on-policy mode is {state['mode']!r}, the config's {self.mode!r}")
         self.rng.setstate(state["rng"])
         self.steps, self.student_steps = state["steps"], state["student_steps"]
         self._logged_steps = self.steps
@@ -313,7 +318,8 @@ class OnPolicyController:
         return torch_save(self.state_dict(), Path(folder) / state_file(rank))
 
     def load(self, folder: str | os.PathLike, rank: int = 0) -> None:
+        """Resume from the checkpoint ``folder``; one without the state file is an InputError naming both."""
         path = Path(folder) / state_file(rank)
         if not path.is_file():
-            raise ValueError(f"{folder}: no {path.name}; cannot resume the on-policy state")
+            raise InputError(f"{folder}: no {path.name}; cannot resume the on-policy state")
         self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))

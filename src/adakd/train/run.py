@@ -6,11 +6,13 @@ import contextlib
 import math
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..errors import InputError
 from ..loss import check_vocab_sizes
 from .config import ConfigError, DistillConfig
 from .engines import save_final
@@ -18,7 +20,20 @@ from .models import apply_lora, load_model
 from .onpolicy import OnPolicyController
 from .trainer import AdaKDTrainer, save_loss_state
 
-__all__ = ["ExampleDataset", "build_trainer", "load_records", "run"]
+__all__ = [
+    "ExampleDataset",
+    "build_trainer",
+    "check_fresh_run",
+    "check_output_dir",
+    "check_tokenizers",
+    "load_models",
+    "load_records",
+    "load_tokenizer",
+    "optimizer_steps",
+    "run",
+    "training_arguments",
+    "training_examples",
+]
 
 
 class ExampleDataset(torch.utils.data.Dataset):
@@ -35,27 +50,43 @@ class ExampleDataset(torch.utils.data.Dataset):
 
 
 def load_records(config: DistillConfig) -> list[Any]:
-    """The configured data source's records (text records, or token records for MiniLLM shards)."""
+    """The configured data source's records (text records, or token records for MiniLLM shards).
+
+    Raises:
+        ConfigError: a data file that is missing or unreadable, named under ``data.path``.
+        InputError: a bad record or shard, named by its file and line or item (see :mod:`adakd.data.readers`), or a
+            ``datasets`` source that cannot be loaded.
+    """
     from .. import data
 
     d = config.data
+    if d.source == "synthetic":
+        return data.synthetic_instructions(d.synthetic_size, seed=d.seed)
+    if d.source == "hf":
+        return data.load_hf_dataset(d.path, split=d.split, template=d.template, limit=d.limit, label="data.path")
+    for path in (d.path + ".idx", d.path + ".bin") if d.source == "shards" else (d.path,):
+        _check_readable("data.path", path)
+    if d.source == "minillm_jsonl":
+        return data.read_minillm_jsonl(d.path, limit=d.limit)
+    if d.source == "instructions":
+        return data.read_instruction_jsonl(d.path, template=d.template, limit=d.limit)
+    return data.read_token_shards(d.path, limit=d.limit)
+
+
+def _check_readable(key: str, path: str) -> None:
+    """Open ``path`` once, so that a missing or unreadable data file is reported under its config key (the readers
+    name the file alone)."""
     try:
-        if d.source == "synthetic":
-            return data.synthetic_instructions(d.synthetic_size, seed=d.seed)
-        if d.source == "minillm_jsonl":
-            return data.read_minillm_jsonl(d.path, limit=d.limit)
-        if d.source == "instructions":
-            return data.read_instruction_jsonl(d.path, template=d.template, limit=d.limit)
-        if d.source == "shards":
-            return data.read_token_shards(d.path, limit=d.limit)
-        return data.load_hf_dataset(d.path, split=d.split, template=d.template, limit=d.limit)
+        with open(path, "rb"):
+            pass
     except FileNotFoundError as e:
-        raise ConfigError(f"data.path: {e.filename or d.path}: no such file") from None
+        raise ConfigError(f"{key}: {path}: no such file") from e
     except OSError as e:  # a directory, no permission, an I/O error
-        raise ConfigError(f"data.path: {e.filename or d.path}: cannot read ({e.strerror or e})") from None
+        raise ConfigError(f"{key}: {path}: cannot read ({e.strerror or e})") from e
 
 
-def _log(trainer_args, message: str) -> None:
+def _log(trainer_args: Any, message: str) -> None:
+    """Print ``message`` once, on the main process."""
     if trainer_args.process_index == 0:
         print(f"[adakd] {message}", flush=True)
 
@@ -69,7 +100,7 @@ def check_output_dir(path: str) -> None:
         probe.write_bytes(b"")
         os.remove(probe)
     except OSError as e:
-        raise ConfigError(f"training.output_dir: {path}: not writable ({e.strerror or e})") from None
+        raise ConfigError(f"training.output_dir: {path}: not writable ({e.strerror or e})") from e
 
 
 def _earlier_run(folder: Path) -> list[str]:
@@ -105,7 +136,7 @@ def check_fresh_run(path: str, *, resume: str | bool | None, overwrite: bool) ->
             shutil.rmtree(target) if target.is_dir() else target.unlink()
 
 
-def optimizer_steps(args, num_examples: int) -> int:
+def optimizer_steps(args: Any, num_examples: int) -> int:
     """The run's optimizer steps, counted as ``transformers.Trainer`` counts them (``max_steps``, else
     ceil(epochs × ceil(batches per rank / accumulation)), a fractional epoch count included), so that the LATF
     warm-up and the ratio schedules span exactly the run. A test pins this against the Trainer's own count."""
@@ -120,7 +151,7 @@ def optimizer_steps(args, num_examples: int) -> int:
     return math.ceil(args.num_train_epochs * per_epoch)
 
 
-def check_tokenizers(config: DistillConfig, tokenizer) -> None:
+def check_tokenizers(config: DistillConfig, tokenizer: Any) -> None:
     """Teacher and student must share a vocabulary (logit KD compares token ids); ``loss.allow_tokenizer_mismatch``
     skips the check. The teacher's tokenizer is ``teacher.tokenizer``, else its own files when it has any."""
     from ..data import tokenizer_for
@@ -131,9 +162,9 @@ def check_tokenizers(config: DistillConfig, tokenizer) -> None:
     source = teacher.tokenizer or teacher.name_or_path
     try:
         other = tokenizer_for(source)
-    except (OSError, ValueError):
+    except InputError as e:
         if teacher.tokenizer:  # named explicitly: it must load
-            raise ConfigError(f"teacher.tokenizer: cannot load {teacher.tokenizer!r}") from None
+            raise ConfigError(f"teacher.tokenizer: cannot load {teacher.tokenizer!r}") from e
         return  # a teacher without tokenizer files: nothing to compare
     a, b = tokenizer.get_vocab(), other.get_vocab()
     if a != b:
@@ -146,7 +177,7 @@ def check_tokenizers(config: DistillConfig, tokenizer) -> None:
 
 
 @contextlib.contextmanager
-def _seeded_init(args, section):
+def _seeded_init(args: Any, section: Any) -> Iterator[None]:
     """Build a model from an inline config outside DeepSpeed's zero.Init: zero.Init skips the usual weight
     initialisation and initialises after partitioning, which draws other random numbers, so the same seed would
     give other weights under ZeRO-3 than on one process. Such models are small (tests, demos); ZeRO-3 partitions
@@ -164,53 +195,91 @@ def _seeded_init(args, section):
         set_hf_deepspeed_config(args.hf_deepspeed_config)
 
 
-def _vocab_rows(model) -> int:
+def _vocab_rows(model: Any) -> int:
     """The lm_head's row count, also for a model built partitioned by DeepSpeed ZeRO-3 (whose weight is empty)."""
     weight = model.get_output_embeddings().weight
     return weight.ds_shape[0] if hasattr(weight, "ds_shape") else weight.shape[0]
 
 
-def build_trainer(config: DistillConfig) -> AdaKDTrainer:
-    """Everything a run needs, checked before any training step: tokenizer, data, models, vocabularies, loss."""
-    from transformers import TrainingArguments
+def training_arguments(config: DistillConfig) -> Any:
+    """``config.training`` as ``transformers.TrainingArguments``, with the process group already set up.
 
-    from ..data import DistillCollator, build_examples, tokenizer_for
+    Raises:
+        ConfigError: a value ``TrainingArguments`` refuses, under the key ``training``.
+    """
+    from transformers import TrainingArguments
 
     try:
         args = TrainingArguments(**config.training)
     except (ValueError, TypeError) as e:
-        raise config.error("training", str(e).splitlines()[0]) from None
+        raise config.error("training", str(e).splitlines()[0]) from e
     # Set up the process group now: DeepSpeed ZeRO-3 builds the models already partitioned (zero.Init) and must
-    # know the world size when they are loaded below. On a CPU, accelerate starts torch.distributed (gloo) but not
+    # know the world size when they are loaded. On a CPU, accelerate starts torch.distributed (gloo) but not
     # DeepSpeed's own communication layer, which zero.Init reads: attach it to the same group.
     _ = args.device
     if args.deepspeed and torch.distributed.is_initialized():
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
-    check_output_dir(args.output_dir)
-    student_cfg = config.student
-    tokenizer = tokenizer_for(student_cfg.tokenizer or student_cfg.name_or_path)
-    check_tokenizers(config, tokenizer)
+    return args
+
+
+def load_tokenizer(config: DistillConfig) -> Any:
+    """The student's tokenizer (``student.tokenizer``, else the student's own files).
+
+    Raises:
+        ConfigError: it cannot be loaded, or it has no eos token (every response ends with one); the message names
+            the key it came from.
+    """
+    from ..data import tokenizer_for
+
+    section = config.student
+    key = "student.tokenizer" if section.tokenizer else "student.name_or_path"
+    source = section.tokenizer or section.name_or_path
+    try:
+        tokenizer = tokenizer_for(source)
+    except InputError as e:
+        raise ConfigError(f"{key}: {e}") from e
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"{key}: the tokenizer {source!r} has no eos token, which ends every response")
+    return tokenizer
+
+
+def training_examples(config: DistillConfig, args: Any, tokenizer: Any) -> tuple[list[Any], list[Any]]:
+    """``(train, held out)`` tokenised examples; DistiLLM holds its validation set (the last
+    ``onpolicy.eval_examples``) out of training, other modes hold nothing out.
+
+    Raises:
+        ConfigError: no example is left after tokenisation, or the held-out set would take them all.
+    """
+    from ..data import build_examples
+
+    d = config.data
     examples, counts = build_examples(
-        load_records(config),
-        tokenizer,
-        max_length=config.data.max_length,
-        max_prompt_length=config.data.max_prompt_length,
+        load_records(config), tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length
     )
     _log(args, "data: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     if not examples:
         raise ConfigError(f"data: no example left after tokenisation ({counts})")
-    eval_examples: list = []
-    if config.onpolicy.mode == "distillm":  # DistiLLM's validation set: the last eval_examples, held out of training
-        n = config.onpolicy.eval_examples
-        if n >= len(examples):
-            raise ConfigError(f"onpolicy.eval_examples: {n} leaves no training example (of {len(examples)})")
-        examples, eval_examples = examples[:-n], examples[-n:]
-        _log(args, f"on-policy: {n} examples held out for validation")
+    if config.onpolicy.mode != "distillm":
+        return examples, []
+    n = config.onpolicy.eval_examples
+    if n >= len(examples):
+        raise ConfigError(f"onpolicy.eval_examples: {n} leaves no training example (of {len(examples)})")
+    _log(args, f"on-policy: {n} examples held out for validation")
+    return examples[:-n], examples[-n:]
 
-    with _seeded_init(args, student_cfg):
-        student = load_model(student_cfg, "student")
+
+def load_models(config: DistillConfig, args: Any, tokenizer: Any) -> tuple[Any, Any]:
+    """``(student, teacher)``: the student with its LoRA adapters when configured; the teacher, or None when the run
+    distils nothing (no teacher, or ``loss.kd_ratio: 0``).
+
+    Raises:
+        ConfigError: a model that cannot be loaded, or vocabularies that do not fit the tokenizer and each other.
+    """
+    section = config.student
+    with _seeded_init(args, section):
+        student = load_model(section, "student")
     v_s = _vocab_rows(student)
     if len(tokenizer) > v_s:
         raise ConfigError(f"student: its vocabulary ({v_s}) is smaller than the tokenizer's ({len(tokenizer)})")
@@ -221,15 +290,32 @@ def build_trainer(config: DistillConfig) -> AdaKDTrainer:
         try:
             check_vocab_sizes(v_s, _vocab_rows(teacher), len(tokenizer))
         except ValueError as e:
-            raise ConfigError(f"teacher: {e}") from None
-    student = apply_lora(student, student_cfg)
-    if student_cfg.lora is not None and args.process_index == 0:
+            raise ConfigError(f"teacher: {e}") from e
+    student = apply_lora(student, section)
+    if section.lora is not None and args.process_index == 0:
         trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
         total = sum(p.numel() for p in student.parameters())
         _log(args, f"LoRA: {trainable:,} trainable of {total:,} parameters")
+    return student, teacher
 
-    total_steps = optimizer_steps(args, len(examples))
-    loss_fn = config.build_loss(total_steps=total_steps, vocab_size=len(tokenizer))
+
+def build_trainer(config: DistillConfig) -> AdaKDTrainer:
+    """Everything a run needs, checked before any training step: output folder, tokenizer, data, models,
+    vocabularies, loss.
+
+    Raises:
+        InputError: (a :class:`ConfigError` for most) anything in the config, its files or its models that the run
+            cannot use; the message names the key, file or model.
+    """
+    from ..data import DistillCollator
+
+    args = training_arguments(config)
+    check_output_dir(args.output_dir)
+    tokenizer = load_tokenizer(config)
+    check_tokenizers(config, tokenizer)
+    examples, eval_examples = training_examples(config, args, tokenizer)
+    student, teacher = load_models(config, args, tokenizer)
+    loss_fn = config.build_loss(total_steps=optimizer_steps(args, len(examples)), vocab_size=len(tokenizer))
     onpolicy = None
     if config.onpolicy.mode != "off":
         onpolicy = OnPolicyController(

@@ -14,7 +14,7 @@ The training step, spelled out (``compute_loss``):
 The trainer reads nothing else from the loss: the report of each forward, and ``AdaKDLoss.pending()`` (the sum
 and count of L_t since the last step, training-mode forwards only), which it all-reduces once per optimizer step
 and passes to ``AdaKDLoss.step``, so every rank holds the same ratio. The loss state (LATF) is saved in every
-checkpoint (``adakd_state.pt``) and restored on resume.
+checkpoint (``adakd_state.pt``; :mod:`adakd.train.checkpoints`) and restored on resume.
 
 Several processes (DDP, FSDP2, DeepSpeed; :mod:`adakd.train.engines`): the student is always called through the
 engine's wrapper, on the fused path too (forward redirection: the fused loss runs inside the lm_head's forward,
@@ -42,49 +42,26 @@ from torch.utils.checkpoint import checkpoint
 from transformers import Trainer, TrainerCallback
 
 from .. import AdaKDLoss
-from ..files import torch_save
-from ..loss import LossReport, NonFiniteLossError
+from ..errors import NonFiniteLossError
+from ..loss import LossReport
+from .checkpoints import (
+    STAGING_DIR,
+    STATE_FILE,
+    CheckpointError,
+    complete_checkpoints,
+    load_loss_state,
+    publish_checkpoint,
+    resolve_checkpoint,
+    save_loss_state,
+)
 from .config import NONFINITE_POLICIES
 from .engines import call_through, check_linear_head, engine_of, full_parameters, unwrap
 from .onpolicy import OnPolicyController
 
-__all__ = ["STATE_FILE", "AdaKDTrainer", "CheckpointError", "complete_checkpoints", "save_loss_state"]
-
-STATE_FILE = "adakd_state.pt"
-STAGING_DIR = ".adakd-staging"  # checkpoints are written here, then renamed into output_dir once complete
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed from (missing or corrupted files); the message names it."""
-
-
-def _checkpoint_step(folder: Path) -> int | None:
-    name = folder.name
-    prefix = "checkpoint-"
-    return int(name[len(prefix) :]) if name.startswith(prefix) and name[len(prefix) :].isdigit() else None
-
-
-def complete_checkpoints(output_dir: str | os.PathLike, need_state: bool = True) -> list[Path]:
-    """``checkpoint-N`` folders of ``output_dir`` that hold a trainer state (and the loss state when ``need_state``),
-    newest first. The staging folder of an interrupted save is not a checkpoint."""
-    root = Path(output_dir)
-    found = []
-    for folder in root.iterdir() if root.is_dir() else ():
-        step = _checkpoint_step(folder)
-        if step is None or not folder.is_dir() or not (folder / "trainer_state.json").is_file():
-            continue
-        if need_state and not (folder / STATE_FILE).is_file():
-            continue
-        found.append((step, folder))
-    return [folder for _, folder in sorted(found, reverse=True)]
-
+# The checkpoint names are re-exported: callers read STATE_FILE and CheckpointError next to the trainer.
+__all__ = ["STAGING_DIR", "STATE_FILE", "AdaKDTrainer", "CheckpointError", "complete_checkpoints", "save_loss_state"]
 
 LOGGED = ("ratio", "kept_tokens", "valid_tokens", "tau_mean", "tau_min", "tau_max")
-
-
-def save_loss_state(loss_fn: AdaKDLoss, folder: str | os.PathLike) -> Path:
-    """Write the loss state atomically (a crash mid-write leaves the previous file intact)."""
-    return torch_save(loss_fn.state_dict(), Path(folder) / STATE_FILE)
 
 
 def _chunked_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, bias, labels: torch.Tensor, chunk: int):
@@ -139,8 +116,8 @@ class AdaKDTrainer(Trainer):
 
     def __init__(
         self,
-        model,
-        teacher_model=None,
+        model: torch.nn.Module,
+        teacher_model: torch.nn.Module | None = None,
         *,
         loss_fn: AdaKDLoss,
         kd_ratio: float = 1.0,
@@ -189,7 +166,7 @@ class AdaKDTrainer(Trainer):
     # Private hooks kept on purpose (pinned by tests/test_train.py::test_the_private_trainer_hooks_adakd_overrides_
     # behave_as_relied_on): no callback may replace a step's batches before the Trainer counts their tokens, nor
     # choose the folder a checkpoint is written into, which the atomic save below needs.
-    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
         """The Trainer's micro-batches of one optimizer step; on-policy modes may replace them (one decision for the
         whole step), and then the window's label tokens are counted again on the batches actually trained on."""
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
@@ -364,7 +341,29 @@ class AdaKDTrainer(Trainer):
         kd = next(terms) if result["kd"] is not None else None
         return ce, kd, None, result.get("report")
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, None]:
+        """The micro-batch's loss, (1 − kd_ratio)·CE + kd_ratio·KD, normalised over the accumulation window.
+
+        Args:
+            model: the student, as the engine wraps it.
+            inputs: ``input_ids``, ``labels`` (unshifted, -100 on prompt and padding) and ``attention_mask``,
+                each [B, T].
+            return_outputs: return ``(loss, None)``, as the Trainer's evaluation loop asks.
+            num_items_in_batch: the window's valid-token count over every micro-batch and rank (the Trainer's);
+                None normalises by this micro-batch alone (evaluation, or a caller outside the Trainer).
+
+        Returns:
+            A scalar; a zero with a zero gradient when the micro-batch is skipped under ``nonfinite="skip"``.
+
+        Raises:
+            NonFiniteLossError: non-finite logits, hidden states or loss under ``nonfinite="error"``.
+        """
         ids, mask = inputs["input_ids"], inputs.get("attention_mask")
         labels = inputs["labels"][:, 1:]
         valid = (labels != -100).sum()
@@ -431,7 +430,9 @@ class AdaKDTrainer(Trainer):
         if float(total[1]) > 0:
             self.loss_fn.step(float(total[0] / total[1]))  # also clears the loss's pending sums
 
-    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """The Trainer's log, plus the window's CE and KD terms, the loss's statistics (``adakd/...``), the counts
+        of empty and skipped micro-batches and the on-policy metrics."""
         w, self._window = self._window, {}
         n = w.pop("n", 0)
         if "loss" in logs and n:
@@ -481,53 +482,26 @@ class AdaKDTrainer(Trainer):
             self.onpolicy.save(folder, rank=self.args.process_index)
         self.accelerator.wait_for_everyone()  # every rank's files are in before the rename
         if self.args.should_save:
-            final = Path(run_dir) / name
-            if final.exists():  # the same step saved again (e.g. a resumed run): the new one replaces it
-                shutil.rmtree(final)
-            os.replace(folder, final)
-            shutil.rmtree(staging, ignore_errors=True)
-            if self.state.best_model_checkpoint and Path(staging) in Path(self.state.best_model_checkpoint).parents:
-                self.state.best_model_checkpoint = str(Path(run_dir) / Path(self.state.best_model_checkpoint).name)
-            from transformers.trainer_utils import rotate_checkpoints
-
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=True,
+            self.state.best_model_checkpoint = publish_checkpoint(
+                folder, run_dir, self.state.best_model_checkpoint, self.args.save_total_limit
             )
         self.accelerator.wait_for_everyone()
 
     def resolve_checkpoint(self, resume_from_checkpoint: str | bool) -> str:
-        """The checkpoint to resume from: the given folder (checked), or with ``True`` the newest complete one."""
-        need_state = self.kd_ratio > 0
-        if resume_from_checkpoint is True:
-            found = complete_checkpoints(self.args.output_dir, need_state=need_state)
-            if not found:
-                raise CheckpointError(f"{self.args.output_dir}: no complete checkpoint to resume from")
-            return str(found[0])
-        folder = Path(resume_from_checkpoint)
-        if not folder.is_dir():
-            raise CheckpointError(f"{folder}: no such checkpoint folder")
-        if not (folder / "trainer_state.json").is_file():
-            raise CheckpointError(f"{folder}: incomplete checkpoint (no trainer_state.json)")
-        if need_state and not (folder / STATE_FILE).is_file():
-            raise CheckpointError(f"{folder / STATE_FILE}: missing; cannot resume the AdaKD loss state")
-        return str(folder)
+        """The checkpoint to resume from: the given folder (checked), or with ``True`` the newest complete one
+        (:func:`adakd.train.checkpoints.resolve_checkpoint`); the loss state is required when the run distils."""
+        return resolve_checkpoint(self.args.output_dir, resume_from_checkpoint, need_state=self.kd_ratio > 0)
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """``Trainer.train``; on resume, the AdaKD loss state is restored from the checkpoint first."""
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+        """``Trainer.train``; on resume, the AdaKD loss state (and the on-policy state) is restored first.
+
+        Raises:
+            CheckpointError: the checkpoint to resume from is missing, incomplete or corrupted.
+            NonFiniteLossError: a non-finite loss under ``nonfinite="error"``.
+        """
         if resume_from_checkpoint:
             resume_from_checkpoint = self.resolve_checkpoint(resume_from_checkpoint)
-            state = Path(resume_from_checkpoint) / STATE_FILE
-            if state.is_file():
-                try:
-                    loaded = torch.load(state, map_location="cpu", weights_only=False)
-                    self.loss_fn.load_state_dict(loaded)
-                except Exception as e:  # truncated or foreign file: torch raises several unrelated types
-                    raise CheckpointError(
-                        f"{state}: corrupted ({e.__class__.__name__}); resume from an earlier checkpoint"
-                    ) from None
+            load_loss_state(self.loss_fn, resume_from_checkpoint)
             if self.onpolicy is not None:
                 self.onpolicy.load(resume_from_checkpoint, rank=self.args.process_index)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)

@@ -1,7 +1,10 @@
-"""Generation backends for evaluation: Hugging Face ``generate`` (default, tested) and vLLM (when installed).
+"""Sampling from a causal LM: :func:`generate_ids`, shared by evaluation and on-policy training, and the text-level
+backends of ``adakd eval``: Hugging Face ``generate`` (default, tested) and vLLM (when installed).
 
-The paper's protocol: sampling with temperature 1.0, top-p 1.0, top-k 0 (off), total length ≤ 512 tokens with the
-prompt ≤ 256 (longer prompts keep their last 256 tokens, which hold the instruction's end and "### Response:").
+It lives outside both ``eval/`` and ``train/`` so that training samples exactly as evaluation does without importing
+the evaluation package. The paper's protocol: sampling with temperature 1.0, top-p 1.0, top-k 0 (off), total length
+≤ 512 tokens with the prompt ≤ 256 (longer prompts keep their last 256 tokens, which hold the instruction's end and
+"### Response:").
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import InputError
+
 __all__ = ["BACKENDS", "GenerationConfig", "HFBackend", "VLLMBackend", "generate_ids", "load_backend"]
 
 BACKENDS = ("hf", "vllm")
@@ -18,7 +23,8 @@ BACKENDS = ("hf", "vllm")
 
 @dataclass
 class GenerationConfig:
-    """How to decode. ``greedy`` overrides the sampling parameters."""
+    """How ``adakd eval`` decodes. ``greedy`` overrides the sampling parameters; lengths are in tokens; ``stats``
+    accumulates the generated tokens and the seconds spent generating, for the tokens/s figure."""
 
     max_length: int = 512
     max_prompt_length: int = 256
@@ -44,7 +50,10 @@ class HFBackend:
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seed: int, config: GenerationConfig, progress=None) -> list[str]:
-        """Texts generated for ``prompts`` (in order). Same seed and batch size: the same texts."""
+        """Texts generated for ``prompts`` (in order), without the eos. Same seed and batch size: the same texts.
+
+        ``progress``: a tqdm-like object advanced by each batch's size, or None.
+        """
         tok = self.tokenizer
         encoded = self._encode(prompts, config)
         torch.manual_seed(seed)
@@ -105,6 +114,8 @@ def generate_ids(
     ends where decoding starts). Shared by evaluation (:class:`HFBackend`) and on-policy training.
 
     Args:
+        model: a ``transformers`` causal LM, on its device; its mode is the caller's (eval for no dropout).
+        prompts: token ids of each prompt, of any lengths (left-padded to ``[B, max len]`` here).
         max_length: total length limit (prompt + new tokens; at least one new token); or give ``max_new_tokens``.
         vocab_size: never sample ids at or beyond it (the tokenizer's size, when the lm_head has padding rows).
 
@@ -146,11 +157,12 @@ class VLLMBackend:
         try:
             from vllm import LLM
         except ImportError:
-            raise ValueError("--backend vllm: vllm is not installed (pip install vllm)") from None
+            raise InputError("--backend vllm: vllm is not installed (pip install vllm)") from None
         self.llm = LLM(model=model_path, **engine_kwargs)
         self.tokenizer = tokenizer or self.llm.get_tokenizer()
 
     def generate(self, prompts: list[str], seed: int, config: GenerationConfig, progress=None) -> list[str]:
+        """As :meth:`HFBackend.generate`; prompt i samples with seed ``seed + i`` (vLLM seeds per request)."""
         from vllm import SamplingParams, TokensPrompt
 
         encoded = [
@@ -187,18 +199,23 @@ def load_backend(
     tokenizer: str | None = None,
     device: str = "cpu",
     dtype: str = "auto",
-):
-    """Load the model to evaluate: a full model directory, or a LoRA adapter on ``base_model``."""
-    from ..data import tokenizer_for
+) -> HFBackend | VLLMBackend:
+    """Load the model to evaluate: a full model directory (or hub id), or a LoRA adapter on ``base_model``.
+
+    Raises:
+        InputError: an unknown backend, a LoRA adapter with vLLM, or a model or tokenizer that cannot be loaded
+            (the message names the flag, ``--model`` or ``--tokenizer``, and the path).
+    """
+    from .data import tokenizer_for
+    from .models import load_causal_lm
 
     if backend not in BACKENDS:
-        raise ValueError(f"--backend: unknown {backend!r}; valid: {', '.join(BACKENDS)}")
-    tok = tokenizer_for(tokenizer or model_path)
+        raise InputError(f"--backend: unknown {backend!r}; valid: {', '.join(BACKENDS)}")
+    flag, source = ("--tokenizer", tokenizer) if tokenizer is not None else ("--model", model_path)
+    tok = tokenizer_for(source, label=flag)
     if backend == "vllm":
         if base_model is not None:
-            raise ValueError("--backend vllm: merge the LoRA adapter first (--base-model is for --backend hf)")
+            raise InputError("--backend vllm: merge the LoRA adapter first (--base-model is for --backend hf)")
         return VLLMBackend(model_path, tokenizer=tok)
-    from ..models import load_causal_lm
-
     model = load_causal_lm(model_path, base=base_model, dtype=dtype, name="--model")
     return HFBackend(model, tok, device=device)

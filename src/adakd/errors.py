@@ -1,0 +1,32 @@
+"""The project's own exceptions, in one module that imports nothing (the torch-only math modules use it too).
+
+The command line turns an :class:`AdakdError` into one line, ``adakd: error: ...``, and a non-zero exit: status 2
+for an :class:`InputError` (the user can fix the file, key, flag or value it names), 1 for the others. Any other
+exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = ["AdakdError", "InputError", "NonFiniteLossError", "OptionError"]
+
+
+class AdakdError(Exception):
+    """Base of the errors adakd raises on purpose; the message is one line that names what went wrong."""
+
+
+class InputError(AdakdError, ValueError):
+    """Bad input: a file, line, key, flag or value, named in the message. A ``ValueError``, so that callers of the
+    Python API can catch it as one."""
+
+
+class OptionError(InputError):
+    """A bad option value. ``option`` names it as the config does (``c``, ``base_params.lam``, ...) and ``reason``
+    says what is wrong, so that a config layer can name the key without re-checking the value."""
+
+    def __init__(self, option: str, reason: str, message: str | None = None) -> None:
+        super().__init__(message or f"{option} {reason}")
+        self.option, self.reason = option, reason
+
+
+class NonFiniteLossError(AdakdError, ValueError):
+    """The loss of a micro-batch is NaN or inf (bad logits); raised before any state (LATF, stats) is updated."""

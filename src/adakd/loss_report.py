@@ -1,0 +1,76 @@
+"""What one forward of :class:`adakd.AdaKDLoss` did: the :class:`LossReport` (imports only torch)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["LossReport", "make_report"]
+
+
+@dataclass(frozen=True)
+class LossReport:
+    """What one forward of :class:`AdaKDLoss` did. ``loss`` is the returned value (per ``reduction``);
+    ``mean_loss`` is L_t, the mean over kept tokens of τ_i²·D (what LATF consumes), whatever the reduction. The
+    score statistics are NaN in plain-KD mode (keep all, one τ), which computes no scores; an empty batch (no
+    valid token) has ``kept_tokens == valid_tokens == 0``."""
+
+    loss: Tensor
+    ratio: float
+    valid_tokens: int
+    kept_tokens: int
+    tau_mean: float
+    tau_min: float
+    tau_max: float
+    score_median: float
+    score_threshold: float
+    mean_loss: float
+
+    def as_dict(self) -> dict[str, float]:
+        """The statistics by their logged names (``loss`` is ``mean_loss``)."""
+        return {
+            "ratio": self.ratio, "valid_tokens": float(self.valid_tokens), "kept_tokens": float(self.kept_tokens),
+            "tau_mean": self.tau_mean, "tau_min": self.tau_min, "tau_max": self.tau_max,
+            "score_median": self.score_median, "score_threshold": self.score_threshold, "loss": self.mean_loss,
+        }  # fmt: skip
+
+
+def make_report(
+    loss: Tensor,
+    ratio: float,
+    n: int,
+    k: int,
+    tau: Tensor | float | list[float],
+    kept_scores: Tensor | list[float] | None,
+    mean_loss: Tensor | float,
+    tau_base: float,
+) -> LossReport:
+    """The report of a forward that kept ``k`` of ``n`` valid tokens.
+
+    Args:
+        loss: the returned loss (scalar).
+        ratio: the ratio r the forward used.
+        tau: the kept tokens' temperatures ``[k]`` or one τ; the one-pass path passes ``[mean, min, max]``.
+        kept_scores: the kept tokens' scores ``[k]``, None in plain-KD mode (no scores), or ``[median, min]``
+            from the one-pass path (which passes ``mean_loss`` as a float).
+        mean_loss: L_t (scalar tensor or float).
+        tau_base: τ reported for an empty batch.
+    """
+    if k == 0:  # nothing valid in this batch
+        values = [tau_base] * 3 + [0.0] * 3
+    elif isinstance(mean_loss, float):  # the one-pass path has its statistics already
+        values = [*tau, *kept_scores, mean_loss]
+    else:
+        tau = tau.detach() if isinstance(tau, Tensor) else tau
+        kept_scores = None if kept_scores is None else kept_scores.detach()
+        loss_value = mean_loss.detach().float()
+        t = tau.float() if isinstance(tau, Tensor) else torch.full_like(loss_value, tau)
+        nan = torch.full_like(loss_value, math.nan)  # plain KD computes no scores
+        s = kept_scores.float() if kept_scores is not None else None
+        median, low = (nan, nan) if s is None else (s.median(), s.min())
+        stacked = torch.stack([t.mean(), t.min(), t.max(), median, low, loss_value])
+        values = stacked.tolist()  # one device sync for all the statistics
+    return LossReport(loss, float(ratio), int(n), int(k), *values)

@@ -1,0 +1,91 @@
+"""Input checks shared by both loss paths: leading shapes, vocabularies (teacher padding rows) and dtypes.
+
+Imports only torch.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+__all__ = ["align_vocab", "check_hidden_inputs", "check_vocab_sizes"]
+
+
+def check_vocab_sizes(v_student: int, v_teacher: int, vocab_size: int | None = None) -> None:
+    """Raise unless the teacher's V_t ≥ V_s rows can be cropped to the student's without losing a real token."""
+    if v_student > v_teacher:
+        raise ValueError(
+            f"the student's vocabulary ({v_student}) is larger than the teacher's ({v_teacher}); only the teacher "
+            "may carry padding rows"
+        )
+    if vocab_size is not None and vocab_size > v_student:
+        raise ValueError(
+            f"the tokenizer has {vocab_size} tokens but the student logits only {v_student}: cropping the teacher "
+            f"from {v_teacher} to {v_student} would drop real tokens"
+        )
+
+
+def align_vocab(student_logits: Tensor, teacher_logits: Tensor, vocab_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """Crop the teacher's padding rows so both logits cover the student's vocabulary.
+
+    Qwen2-7B pads its lm_head to 152,064 rows and Qwen2-1.5B to 151,936, with fewer real tokens than either:
+    the extra teacher rows are padding and are dropped. A crop that would drop a real token is an error.
+
+    Args:
+        student_logits: ``[..., V_s]``.
+        teacher_logits: ``[..., V_t]`` with V_t ≥ V_s and the same leading shape.
+        vocab_size: the tokenizer's real vocabulary size, if known; must be ≤ V_s.
+
+    Returns:
+        ``(student_logits, teacher_logits[..., :V_s])`` (the student unchanged; the crop is a view).
+
+    Raises:
+        ValueError: the student's vocabulary is larger than the teacher's, ``vocab_size`` exceeds V_s (the crop
+            would cut off real tokens), or the leading shapes differ.
+    """
+    v_s, v_t = student_logits.shape[-1], teacher_logits.shape[-1]
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
+            "must agree on every dimension but the vocabulary"
+        )
+    check_vocab_sizes(v_s, v_t, vocab_size)
+    if v_t > v_s:
+        teacher_logits = teacher_logits[..., :v_s]
+    return student_logits, teacher_logits
+
+
+def check_hidden_inputs(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    student_bias: Tensor | None,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    teacher_bias: Tensor | None,
+    labels: Tensor,
+    vocab_size: int | None,
+) -> None:
+    """Raise ``ValueError`` unless :meth:`AdaKDLoss.forward_hidden`'s inputs agree in shape, vocabulary and dtype."""
+    h_s, h_t = student_hidden.shape[-1], teacher_hidden.shape[-1]
+    lead = student_hidden.shape[:-1]
+    if teacher_hidden.shape[:-1] != lead or labels.shape != lead:
+        raise ValueError(
+            f"student_hidden {tuple(student_hidden.shape)}, teacher_hidden {tuple(teacher_hidden.shape)} and "
+            f"labels {tuple(labels.shape)} must share their leading shape"
+        )
+    if student_weight.dim() != 2 or student_weight.shape[1] != h_s:
+        raise ValueError(f"student_weight {tuple(student_weight.shape)} must be [V_s, {h_s}]")
+    if teacher_weight.dim() != 2 or teacher_weight.shape[1] != h_t:
+        raise ValueError(f"teacher_weight {tuple(teacher_weight.shape)} must be [V_t, {h_t}]")
+    v_s = student_weight.shape[0]
+    check_vocab_sizes(v_s, teacher_weight.shape[0], vocab_size)
+    for name, bias, rows_ in (("student_bias", student_bias, v_s), ("teacher_bias", teacher_bias, None)):
+        if bias is not None and (bias.dim() != 1 or bias.shape[0] != (rows_ or teacher_weight.shape[0])):
+            raise ValueError(f"{name} {tuple(bias.shape)} must be a vector over the vocabulary")
+    for name, t, ref in (
+        ("student_weight", student_weight, student_hidden),
+        ("student_bias", student_bias, student_hidden),
+        ("teacher_weight", teacher_weight, teacher_hidden),
+        ("teacher_bias", teacher_bias, teacher_hidden),
+    ):
+        if t is not None and t.dtype != ref.dtype:
+            raise ValueError(f"{name} is {t.dtype} but its hidden states are {ref.dtype}; cast one of them")
