@@ -86,8 +86,10 @@ def test_public_api():
     assert set(data.__all__) == {
         "Record", "TokenRecord", "TEMPLATES", "format_prompt", "read_minillm_jsonl", "read_instruction_jsonl",
         "read_token_shards", "load_hf_dataset", "synthetic_instructions", "build_examples", "DistillCollator",
-        "tokenizer_for",
+        "tokenizer_for", "fit_example", "FORMATS", "CHAT_TEMPLATES", "chat_example", "detect_format", "load_rows",
+        "tokenize_rows", "TokenizedData", "ExampleStream",
     }  # fmt: skip
+    assert data.FORMATS == ("messages", "prompt_completion", "minillm", "instructions")
     assert data.TEMPLATES == ("minillm", "qwen2")
 
 
@@ -386,20 +388,32 @@ def test_load_hf_dataset_minillm_rows(tmp_path, hf_cache):
         load_hf_dataset(f"json:{path}", template="qwen2")
 
 
-def test_load_hf_dataset_hub_name_is_forwarded(monkeypatch, hf_cache):
-    calls = []
+def test_load_hf_dataset_hub_name_is_forwarded(tmp_path, monkeypatch, hf_cache):
+    # No hub here: the recording wrapper takes the call a hub id makes and answers it from a local dataset folder.
+    folder = tmp_path / "dolly-folder"
+    folder.mkdir()
+    rows = [
+        {"instruction": "I", "context": None, "response": "R"},
+        {"instruction": None, "context": "", "response": "R"},
+    ]
+    write_lines(folder / "train.jsonl", [json.dumps(r) for r in rows])
+    write_lines(folder / "test.jsonl", [json.dumps(r) for r in rows])
+    real, calls = hf_cache.load_dataset, []
 
-    def fake_load_dataset(name, split):
-        calls.append((name, split))
-        return [{"instruction": "I", "context": None, "response": "R"}, {"context": "", "response": "R"}]
+    def recording_load_dataset(name, *args, **kwargs):
+        calls.append((name, *args, kwargs["split"]))
+        return real(str(folder), *args, **kwargs)
 
-    monkeypatch.setattr(hf_cache, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(hf_cache, "load_dataset", recording_load_dataset)
     assert load_hf_dataset("databricks/databricks-dolly-15k", split="train", limit=1) == [
         Record(format_prompt("I"), "R", ("R",))
     ]
     with pytest.raises(InputError, match=r"^databricks/databricks-dolly-15k \(test\) row 1: missing key"):
         load_hf_dataset("databricks/databricks-dolly-15k", split="test")
-    assert calls == [("databricks/databricks-dolly-15k", "train"), ("databricks/databricks-dolly-15k", "test")]
+    assert calls == [
+        ("databricks/databricks-dolly-15k", None, "train"),
+        ("databricks/databricks-dolly-15k", None, "test"),
+    ]
 
 
 def test_load_hf_dataset_that_cannot_load_names_the_label_and_chains_the_cause(tmp_path, hf_cache):

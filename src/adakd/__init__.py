@@ -4,6 +4,7 @@ The public Python API. The math lives in :mod:`adakd.divergences` and :mod:`adak
 :mod:`adakd.loss` composes them into :class:`AdaKDLoss`.
 """
 
+from ._version import __version__
 from .adaptive import INDICATORS, LATF, RatioSchedule, difficulty_scores, idts_temperatures, select_tokens
 from .divergences import DIVERGENCES, divergence, hellinger_distance
 from .loss import AdaKDLoss, align_vocab
@@ -15,8 +16,6 @@ def rouge_l(prediction: str, references: str | list[str]) -> float:
 
     return _rouge_l(prediction, references)
 
-
-__version__ = "0.1.0"
 
 __all__ = [
     "DIVERGENCES",

@@ -18,6 +18,7 @@ re-raises adakd's own errors too.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from ..errors import AdakdError, InputError
@@ -30,6 +31,11 @@ from . import report as report_cmd
 from . import train as train_cmd
 
 __all__ = ["main"]
+
+# bitsandbytes (the `quant` extra) warns when transformers imports it, on CPUs with AVX512-BF16, that an optional
+# faster kernel package is missing, and falls back to its own kernel: a line on every command, which would break
+# the one-line error contract. Its real errors still show.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 # The optional dependencies (pyproject extras) each command imports.
 EXTRAS = {

@@ -6,7 +6,8 @@ to ``input_ids`` on response tokens and the eos. Labels are NOT shifted; the tra
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,16 @@ from .readers import Record, TokenRecord
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["IGNORE_INDEX", "DistillCollator", "build_examples", "byte_tokenizer", "tokenizer_for"]
+__all__ = [
+    "IGNORE_INDEX",
+    "OUTCOMES",
+    "DistillCollator",
+    "build_examples",
+    "byte_tokenizer",
+    "fit_example",
+    "response_example",
+    "tokenizer_for",
+]
 
 IGNORE_INDEX = -100
 _EOS = "<|endoftext|>"
@@ -46,13 +56,48 @@ def _token_ids(records: Sequence[Record | TokenRecord], tokenizer: Any) -> list[
     return out
 
 
+# What the length policy did with an example; "kept" and "truncated" examples are trained on.
+OUTCOMES = ("kept", "truncated", "skipped_long_prompt", "skipped_empty_response")
+
+
+def fit_example(
+    input_ids: list[int], labels: list[int], max_length: int, max_prompt_length: int
+) -> tuple[list[int], list[int], str]:
+    """MiniLLM's length policy on one example, whatever its format; the prompt is every token before the first
+    supervised label (for a conversation: everything before the first trained assistant turn).
+
+    The example is
+      - skipped if its prompt is longer than ``max_prompt_length`` tokens (``"skipped_long_prompt"``);
+      - cut to its first ``max_length`` tokens if it is longer (``"truncated"``): whatever follows the cut is lost,
+        the eos or end-of-turn token, and for a conversation its later turns;
+      - skipped if that cut leaves no supervised token (``"skipped_empty_response"``).
+
+    Returns:
+        ``(input_ids, labels, outcome)``, outcome one of :data:`OUTCOMES`; skipped examples come back empty.
+    """
+    prompt = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+    if prompt > max_prompt_length:
+        return [], [], "skipped_long_prompt"
+    if len(input_ids) <= max_length:
+        return input_ids, labels, "kept"
+    if prompt >= max_length:
+        return [], [], "skipped_empty_response"
+    return input_ids[:max_length], labels[:max_length], "truncated"
+
+
+def response_example(prompt_ids: list[int], response_ids: list[int], eos_token_id: int) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` of a prompt/response pair: ``prompt + response + eos``, labels -100 on the prompt."""
+    input_ids = [*prompt_ids, *response_ids, eos_token_id]
+    return input_ids, [IGNORE_INDEX] * len(prompt_ids) + input_ids[len(prompt_ids) :]
+
+
 def build_examples(
     records: Sequence[Record | TokenRecord],
     tokenizer: PreTrainedTokenizerBase,
     max_length: int = 512,
     max_prompt_length: int = 256,
 ) -> tuple[list[dict[str, list[int]]], dict[str, int]]:
-    """Tokenize records into training examples with MiniLLM's length policy.
+    """Tokenize records into training examples with MiniLLM's length policy (:func:`fit_example`).
 
     ``Record``: prompt and response are tokenized without special tokens; ``TokenRecord`` ids are used as they are.
     Both get ``tokenizer.eos_token_id`` appended to the response. Then an example is
@@ -68,28 +113,37 @@ def build_examples(
     Raises:
         InputError: lengths out of range, or a tokenizer without an eos token.
     """
-    if max_length < 1 or max_prompt_length < 0:
-        raise InputError(f"need max_length >= 1 and max_prompt_length >= 0, got {max_length}, {max_prompt_length}")
+    check_lengths(max_length, max_prompt_length)
     eos = tokenizer.eos_token_id
     if eos is None:
         raise InputError("tokenizer has no eos_token_id; load it with adakd.data.tokenizer_for or set eos_token")
-    counts = {"kept": 0, "skipped_long_prompt": 0, "truncated": 0, "skipped_empty_response": 0}
+    outcomes = []
     examples = []
     for prompt, response in _token_ids(records, tokenizer):
-        if len(prompt) > max_prompt_length:
-            counts["skipped_long_prompt"] += 1
-            continue
-        input_ids = prompt + response + [eos]
-        if len(input_ids) > max_length:
-            if len(prompt) >= max_length:
-                counts["skipped_empty_response"] += 1
-                continue
-            input_ids = input_ids[:max_length]
-            counts["truncated"] += 1
-        labels = [IGNORE_INDEX] * len(prompt) + input_ids[len(prompt) :]
-        examples.append({"input_ids": input_ids, "labels": labels})
-        counts["kept"] += 1
-    return examples, counts
+        input_ids, labels = response_example(prompt, response, eos)
+        input_ids, labels, outcome = fit_example(input_ids, labels, max_length, max_prompt_length)
+        outcomes.append(outcome)
+        if input_ids:
+            examples.append({"input_ids": input_ids, "labels": labels})
+    return examples, count_outcomes(outcomes)
+
+
+def check_lengths(max_length: int, max_prompt_length: int) -> None:
+    """The length policy's bounds: ``max_length >= 1``, ``max_prompt_length >= 0``."""
+    if max_length < 1 or max_prompt_length < 0:
+        raise InputError(f"need max_length >= 1 and max_prompt_length >= 0, got {max_length}, {max_prompt_length}")
+
+
+def count_outcomes(outcomes: Iterable[str]) -> dict[str, int]:
+    """The counts :func:`build_examples` reports: ``kept`` (truncated ones included), ``skipped_long_prompt``,
+    ``truncated``, ``skipped_empty_response``."""
+    tally = Counter(outcomes)
+    return {
+        "kept": tally["kept"] + tally["truncated"],
+        "skipped_long_prompt": tally["skipped_long_prompt"],
+        "truncated": tally["truncated"],
+        "skipped_empty_response": tally["skipped_empty_response"],
+    }
 
 
 class DistillCollator:
@@ -174,8 +228,9 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vo
                     "spiece.model", "sentencepiece.bpe.model")  # fmt: skip
 
 
-def tokenizer_for(name_or_path: str, label: str | None = None) -> PreTrainedTokenizerBase:
-    """``"byte"`` -> :func:`byte_tokenizer`; anything else -> ``AutoTokenizer.from_pretrained(name_or_path)``.
+def tokenizer_for(name_or_path: str, label: str | None = None, **kwargs: Any) -> PreTrainedTokenizerBase:
+    """``"byte"`` -> :func:`byte_tokenizer`; anything else -> ``AutoTokenizer.from_pretrained(name_or_path, **kwargs)``
+    (``kwargs``: e.g. ``revision``).
 
     A tokenizer without an eos gets ``<|endoftext|>`` when its vocabulary has it (GPT-2 loaded from bare
     ``tokenizer.json``/``vocab.json`` files has no eos under transformers 5). A tokenizer without a pad token gets
@@ -198,7 +253,7 @@ def tokenizer_for(name_or_path: str, label: str | None = None) -> PreTrainedToke
         # Checked here: some transformers releases (5.0) build a 2-token placeholder tokenizer from an empty folder.
         raise InputError(f"{where}: cannot load the tokenizer (no tokenizer files in the folder)")
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path)
+        tok = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as e:  # transformers reports a bad folder as either
         raise InputError(f"{where}: cannot load the tokenizer ({load_failure(name_or_path, e)})") from e
     if tok.eos_token is None and _EOS in tok.get_vocab():

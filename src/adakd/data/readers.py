@@ -8,7 +8,6 @@ give the same record.
 
 from __future__ import annotations
 
-import itertools
 import random
 import struct
 from collections.abc import Callable, Mapping
@@ -238,37 +237,25 @@ def _split_item(item: np.ndarray, sep: int, bin_path: Path, i: int) -> TokenReco
 
 # ---------------------------------------------------------------------------------------------- Hugging Face
 
-# "json:<path>" style names load local files through these packaged ``datasets`` builders (no hub access).
-_LOCAL_BUILDERS = ("json", "csv", "parquet")
-
 
 def load_hf_dataset(
     name: str, split: str = "train", template: str = "minillm", limit: int | None = None, label: str | None = None
 ) -> list[Record]:
     """Load a Hugging Face dataset and map its rows like the JSONL readers (see :func:`record_from_row`).
 
-    ``name`` is a hub id (e.g. ``"databricks/databricks-dolly-15k"``) or ``"json:<path>"``, ``"csv:<path>"``,
-    ``"parquet:<path>"`` for local files (their split is ``"train"``). Returns at most ``limit`` records.
+    ``name`` is anything :func:`adakd.data.hf.load_rows` loads: a hub id (e.g.
+    ``"databricks/databricks-dolly-15k"``), a local dataset folder, or local data files (``"json:<path>"``,
+    ``"data.parquet"``, ...; their split is ``"train"``). Returns at most ``limit`` records. Conversations (the
+    chat formats) are not records: :func:`adakd.data.tokenize_rows` tokenises those.
 
     Raises:
         InputError: the dataset or split cannot be loaded (missing files, an unknown hub id or split, no network;
             ``datasets``' error is chained), or a row lacks the fields. A load failure names ``label`` first (the
             key or flag ``name`` came from), when given.
     """
-    _check_limit(limit)
-    import datasets  # heavy (about a second); only this reader needs it
+    from .hf import load_rows  # imports datasets, which only this reader needs
 
-    builder, colon, files = name.partition(":")
-    try:
-        if colon and builder in _LOCAL_BUILDERS:
-            ds = datasets.load_dataset(builder, data_files=files, split=split)
-        else:
-            ds = datasets.load_dataset(name, split=split)
-    except (OSError, ValueError) as e:  # datasets: FileNotFoundError, ConnectionError, "Unknown split" ValueError
-        where = f"{label}: {name}" if label else name
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise InputError(f"{where} ({split}): cannot load ({reason})") from e
-    rows = itertools.islice(ds, limit)
+    rows = load_rows(name, split=split, limit=limit, label=label)
     return [record_from_row(row, template, f"{name} ({split}) row {i}") for i, row in enumerate(rows)]
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -25,6 +26,7 @@ __all__ = [
     "ConfigError",
     "DataSection",
     "DistillConfig",
+    "EvalSection",
     "LoraSection",
     "LossSection",
     "ModelSection",
@@ -67,21 +69,43 @@ class ModelSection:
     dtype: str = "float32"
     seed: int = 0  # initialisation seed of an inline config and of LoRA adapters
     lora: LoraSection | None = None  # the student's adapters; None trains every weight
+    # Loading (docs/models.md). model_kwargs go to from_pretrained as they are (attn_implementation, revision,
+    # trust_remote_code, ...); an inline config takes attn_implementation and trust_remote_code only.
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    tokenizer_revision: str | None = None  # default: model_kwargs.revision when the tokenizer is name_or_path's own
+    adapter: str | None = None  # a LoRA adapter trained on name_or_path, merged once at load
+    quantization: dict[str, Any] | None = None  # transformers.BitsAndBytesConfig arguments: {load_in_4bit: true, ...}
+    license: str | None = None  # student only: the license in final/'s model card (e.g. apache-2.0)
 
 
 @dataclass
 class DataSection:
-    """Training data: a built-in synthetic source, MiniLLM JSONL, raw instruction JSONL, token shards or a hub set."""
+    """Training data (docs/data.md): a built-in synthetic source, MiniLLM JSONL, raw instruction JSONL, token shards,
+    or (source ``hf``) a Hugging Face dataset or local data files read through ``datasets``, in any of the formats
+    of :data:`adakd.data.FORMATS` (TRL's ``messages`` and ``prompt``/``completion`` included)."""
 
-    source: str = "synthetic"
-    path: str | None = None  # file, shard prefix (".../train_0") or dataset name
-    split: str = "train"  # for source "hf"
-    template: str = "minillm"  # prompt template of raw instruction records
+    # synthetic | minillm_jsonl | instructions | shards | hf; None: hf when name is given, or path is a data file
+    # (.json, .jsonl, .parquet, .arrow, .csv) or a folder; synthetic when neither is given
+    source: str | None = None
+    path: str | None = None  # file, shard prefix (".../train_0"), or (hf) data files, a folder or a dataset name
+    name: str | None = None  # hf: a hub dataset id or a local dataset folder (load_dataset(name, config, ...))
+    config: str | None = None  # hf: the dataset's configuration (subset) of name
+    split: str = "train"  # for source "hf" (datasets split syntax: "train[:1000]")
+    revision: str | None = None  # hf: a hub branch, tag or commit of name
+    streaming: bool = False  # hf: read the dataset as a stream, never whole (needs training.max_steps)
+    format: str | None = None  # hf: messages | prompt_completion | minillm | instructions; None: from the first row
+    # instructions: minillm (default) or qwen2; conversations: qwen2 or a Jinja chat-template file (None: the
+    # student tokenizer's own chat template)
+    template: str | None = None
     max_length: int = 512
     max_prompt_length: int = 256
     limit: int | None = None  # use the first N records
     synthetic_size: int = 256
     seed: int = 0
+    # Evaluation set (docs/training-eval.md): read and tokenised exactly as the training data.
+    eval_path: str | None = None  # a file (shard prefix, dataset name) in data.source's format
+    eval_split: str | None = None  # source "hf": a split of data.path (or of eval_path), e.g. "validation"
+    eval_limit: int | None = None  # use the first N eval records
 
 
 LATF_KEYS = ("ema_decay", "tolerance", "step_size", "min_ratio", "max_ratio", "warmup_ratio", "warmup_steps")
@@ -147,6 +171,22 @@ class OnPolicySection:
 
 
 @dataclass
+class EvalSection:
+    """ROUGE-L during training (docs/training-eval.md): every ``rouge_every`` optimizer steps, answers sampled on a
+    small MiniLLM-format set and scored with ``adakd eval``'s own code. The eval set's losses are configured by
+    ``data.eval_*`` and scheduled by ``training.eval_strategy`` / ``eval_steps``."""
+
+    rouge_every: int = 0  # generate and score every N optimizer steps; 0: off
+    rouge_examples: str | None = None  # MiniLLM JSONL: prompt, output (one reference or a list)
+    rouge_limit: int | None = 32  # its first N records; null: all of them
+    max_length: int | None = None  # prompt + answer tokens (adakd eval --max-length); null: data.max_length
+    max_prompt_length: int | None = None  # longer prompts keep their last tokens; null: data.max_prompt_length
+    batch_size: int = 8  # prompts per generate call (adakd eval --batch-size)
+    seed: int = 10  # the sampling seed (adakd eval --seeds)
+    greedy: bool = False  # greedy decoding instead of the paper's sampling (temperature 1, top-p 1, top-k off)
+
+
+@dataclass
 class DistillConfig:
     """A whole distillation run. ``training`` is passed to ``transformers.TrainingArguments``."""
 
@@ -155,6 +195,7 @@ class DistillConfig:
     data: DataSection = field(default_factory=DataSection)
     loss: LossSection = field(default_factory=LossSection)
     onpolicy: OnPolicySection = field(default_factory=OnPolicySection)
+    eval: EvalSection = field(default_factory=EvalSection)
     training: dict[str, Any] = field(default_factory=dict)
     origin: str | None = field(default=None, init=False, repr=False)  # the YAML file it came from, for messages
 
@@ -175,24 +216,19 @@ class DistillConfig:
                 raise self.error(f"{name}.dtype", f"unknown dtype {model.dtype!r}; valid: {', '.join(DTYPES)}")
             if model.name_or_path is None and model.tokenizer is None:
                 raise self.error(f"{name}.tokenizer", "an inline model needs a tokenizer (a path, or 'byte')")
+            from .models import check_loading  # models imports this module
+
+            try:
+                check_loading(model, name)  # model_kwargs, adapter, quantization, license
+            except OptionError as e:
+                raise self.error(e.option, e.reason) from e
         if self.teacher is not None and self.teacher.lora is not None:
             raise self.error("teacher.lora", "the teacher is frozen; LoRA applies to the student only")
         lora = self.student.lora
         if lora is not None:
             if lora.r < 1 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
                 raise self.error("student.lora", f"need r >= 1, alpha > 0, 0 <= dropout < 1, got {lora}")
-        d = self.data
-        if d.source not in DATA_SOURCES:
-            raise self.error("data.source", f"unknown source {d.source!r}; valid: {', '.join(DATA_SOURCES)}")
-        if d.source != "synthetic" and not d.path:
-            raise self.error("data.path", f"source {d.source!r} needs a path")
-        if d.max_prompt_length < 1 or d.max_length <= d.max_prompt_length:
-            raise self.error("data.max_length", "need max_length > max_prompt_length >= 1")
-        if d.template not in TEMPLATES:
-            raise self.error("data.template", f"unknown template {d.template!r}; valid: {', '.join(TEMPLATES)}")
-        for key, value in (("limit", d.limit), ("synthetic_size", d.synthetic_size)):
-            if value is not None and value < 0:
-                raise self.error(f"data.{key}", f"must be >= 0, got {value}")
+        self._validate_data()
         loss = self.loss
         if not 0.0 <= loss.kd_ratio <= 1.0:
             raise self.error("loss.kd_ratio", f"must be in [0, 1], got {loss.kd_ratio}")
@@ -210,6 +246,7 @@ class DistillConfig:
         if lam is not None and not isinstance(lam, (int, float)):
             raise self.error("loss.base_params.lam", f"must be a number, got {lam!r}")
         self._validate_onpolicy()
+        self._validate_eval()
         # The loss's own constructor is the one place its values are checked (ranges, choices, combinations);
         # building it is cheap and side-effect free, and its OptionError names the key.
         try:
@@ -228,6 +265,70 @@ class DistillConfig:
             if key not in known:
                 raise self.error(f"training.{key}", "unknown transformers.TrainingArguments field")
         return self
+
+    def _validate_data(self) -> None:
+        """The ``data`` section; a missing ``source`` is inferred here (see :class:`DataSection`)."""
+        from ..data.hf import FILE_BUILDERS, FORMATS, dataset_builder
+
+        d = self.data
+        if d.source is None:
+            if d.name is not None or (d.path and (dataset_builder(d.path) or Path(d.path).is_dir())):
+                d.source = "hf"
+            elif d.path is None:
+                d.source = "synthetic"
+            else:
+                raise self.error(
+                    "data.source",
+                    f"cannot tell how to read data.path {d.path!r}: give data.source ({', '.join(DATA_SOURCES[1:])}) "
+                    f"or a data file ({', '.join(FILE_BUILDERS)})",
+                )
+        if d.source not in DATA_SOURCES:
+            raise self.error("data.source", f"unknown source {d.source!r}; valid: {', '.join(DATA_SOURCES)}")
+        if d.source == "hf":
+            if (d.name is None) == (d.path is None):
+                raise self.error(
+                    "data.name", "source 'hf' needs one of data.name (a hub id or dataset folder) and data.path (files)"
+                )
+        else:
+            for key in ("name", "config", "revision", "streaming"):
+                if getattr(d, key):
+                    raise self.error(f"data.{key}", f"applies to datasets (source 'hf'), not to source {d.source!r}")
+            if d.source != "synthetic" and not d.path:
+                raise self.error("data.path", f"source {d.source!r} needs a path")
+        for key in ("config", "revision"):
+            if getattr(d, key) is not None and d.name is None:
+                raise self.error(f"data.{key}", "applies to a dataset named by data.name, not to data files")
+        if d.format is not None:
+            if d.format not in FORMATS:
+                raise self.error("data.format", f"unknown format {d.format!r}; valid: {', '.join(FORMATS)}")
+            own = {"minillm_jsonl": "minillm", "instructions": "instructions"}.get(d.source)
+            if d.source != "hf" and d.format != own:
+                raise self.error(
+                    "data.format", f"source {d.source!r} reads its own format; data.format {d.format} needs source 'hf'"
+                )
+        if d.streaming:
+            max_steps = self.training.get("max_steps", -1)
+            if not isinstance(max_steps, int) or max_steps <= 0:
+                raise self.error(
+                    "training.max_steps", "data.streaming needs it (> 0): a stream has no length to count epochs in"
+                )
+            if self.onpolicy.mode == "distillm":
+                raise self.error(
+                    "data.streaming", "not with onpolicy.mode distillm, which holds out the data's last examples"
+                )
+        if d.max_prompt_length < 1 or d.max_length <= d.max_prompt_length:
+            raise self.error("data.max_length", "need max_length > max_prompt_length >= 1")
+        if d.template is not None and d.template not in TEMPLATES:
+            # Anything that reads like a path is a Jinja chat-template file (for conversations); a bare word is a
+            # template name with a typo.
+            if "/" in d.template or os.sep in d.template or Path(d.template).suffix in (".jinja", ".j2", ".jinja2"):
+                if not Path(d.template).is_file():
+                    raise self.error("data.template", f"{d.template}: no such file (a Jinja chat template)")
+            elif not Path(d.template).is_file():
+                raise self.error("data.template", f"unknown template {d.template!r}; valid: {', '.join(TEMPLATES)}")
+        for key, value in (("limit", d.limit), ("synthetic_size", d.synthetic_size)):
+            if value is not None and value < 0:
+                raise self.error(f"data.{key}", f"must be >= 0, got {value}")
 
     def _validate_onpolicy(self) -> None:
         """The ``onpolicy`` section; its values matter only when a mode is on."""
@@ -260,6 +361,59 @@ class DistillConfig:
             raise self.error("onpolicy.eval_examples", "distillm needs a validation set: give a count >= 1")
         if op.eval_steps < 1:
             raise self.error("onpolicy.eval_steps", f"must be >= 1, got {op.eval_steps}")
+
+    def _validate_eval(self) -> None:
+        """``data.eval_*``, the ``eval`` section, and how they meet ``training.eval_strategy``.
+
+        Asking for evaluation with nothing to evaluate is an error (an eval strategy, or ``eval_on_start``, without
+        an eval set; ``eval.rouge_every`` without ``eval.rouge_examples``). Giving something to evaluate without a
+        schedule is a warning: a base config may keep its eval set while an override turns evaluation off.
+        """
+        d, ev = self.data, self.eval
+        if d.eval_path:
+            d.eval_path = _expand(self, "data.eval_path", d.eval_path)
+        if ev.rouge_examples:
+            ev.rouge_examples = _expand(self, "eval.rouge_examples", ev.rouge_examples)
+        if d.eval_split is not None and d.source != "hf":
+            raise self.error("data.eval_split", f"source {d.source!r} has no splits (only 'hf'): give data.eval_path")
+        if d.eval_path is not None and d.source == "synthetic":
+            raise self.error(
+                "data.eval_path", "source 'synthetic' reads no file; give the training data as a file source too"
+            )
+        if d.eval_limit is not None and d.eval_limit < 1:
+            raise self.error("data.eval_limit", f"must be >= 1, got {d.eval_limit}")
+        has_eval_set = d.eval_path is not None or d.eval_split is not None
+        strategy = self.training.get("eval_strategy", "no")
+        strategy = str(getattr(strategy, "value", strategy)).lower()  # a Python caller may pass the enum
+        if not has_eval_set and (strategy != "no" or self.training.get("eval_on_start")):
+            key = "training.eval_strategy" if strategy != "no" else "training.eval_on_start"
+            raise self.error(key, "needs an eval set: give data.eval_path (or data.eval_split for source 'hf')")
+        if has_eval_set and strategy == "no" and not self.training.get("eval_on_start"):
+            warnings.warn(
+                f"{self.origin + ': ' if self.origin else ''}data.eval_{'path' if d.eval_path else 'split'} is set "
+                "but training.eval_strategy is 'no': the eval set is never evaluated during training (set "
+                "training.eval_strategy: steps and training.eval_steps)",
+                UserWarning,
+                stacklevel=3,
+            )
+        if ev.rouge_every < 0:
+            raise self.error("eval.rouge_every", f"must be >= 0 (0: off), got {ev.rouge_every}")
+        if ev.rouge_every > 0 and not ev.rouge_examples:
+            raise self.error("eval.rouge_every", "needs eval.rouge_examples (a MiniLLM JSONL file: prompt, output)")
+        if ev.rouge_examples and ev.rouge_every == 0:
+            warnings.warn(
+                f"{self.origin + ': ' if self.origin else ''}eval.rouge_examples is set but eval.rouge_every is 0: "
+                "no ROUGE-L is computed during training",
+                UserWarning,
+                stacklevel=3,
+            )
+        for key, value in (("rouge_limit", ev.rouge_limit), ("batch_size", ev.batch_size)):
+            if value is not None and value < 1:
+                raise self.error(f"eval.{key}", f"must be >= 1, got {value}")
+        length = d.max_length if ev.max_length is None else ev.max_length
+        prompt = d.max_prompt_length if ev.max_prompt_length is None else ev.max_prompt_length
+        if not 0 < prompt < length:
+            raise self.error("eval.max_prompt_length", f"need 0 < it < max_length, got {prompt} and {length}")
 
     def build_loss(self, total_steps: int, vocab_size: int | None = None) -> Any:
         """The run's :class:`adakd.AdaKDLoss` (``reduction="sum"``: the trainer normalises over the window)."""
@@ -389,11 +543,13 @@ def _expand_paths(config: DistillConfig) -> None:
     """``$VAR`` / ``${VAR}`` in paths (e.g. ``${ADAKD_DATA}/dolly``) come from the environment."""
     for section, model in (("student", config.student), ("teacher", config.teacher)):
         if model is not None:
-            for name in ("name_or_path", "tokenizer"):
+            for name in ("name_or_path", "tokenizer", "adapter"):
                 value = getattr(model, name)
                 if value:
                     setattr(model, name, _expand(config, f"{section}.{name}", value))
-    if config.data.path:
-        config.data.path = _expand(config, "data.path", config.data.path)
+    for name in ("path", "name", "template", "eval_path"):
+        value = getattr(config.data, name, None)
+        if value:
+            setattr(config.data, name, _expand(config, f"data.{name}", value))
     if config.training.get("output_dir"):
         config.training["output_dir"] = _expand(config, "training.output_dir", str(config.training["output_dir"]))

@@ -1,16 +1,47 @@
-"""Loading the student and the teacher: hub ids, local paths or inline configs; LoRA; distributed teachers."""
+"""Loading the student and the teacher: hub ids, local paths or inline configs; ``from_pretrained`` arguments;
+LoRA adapters merged at load; bitsandbytes quantisation (a 4/8-bit frozen teacher, a QLoRA student); LoRA on the
+student; distributed teachers."""
 
 from __future__ import annotations
 
 import copy
+import difflib
+import inspect
 from typing import Any
 
 import torch
 
-from ..models import load_failure
+from ..errors import OptionError
+from ..models import ModelLoadError, from_pretrained_merged
 from .config import ConfigError, ModelSection
 
-__all__ = ["apply_lora", "load_model", "prepare_teacher", "torch_dtype"]
+__all__ = [
+    "CONFIG_MODEL_KWARGS",
+    "apply_lora",
+    "bnb_config",
+    "check_loading",
+    "check_quantization_backend",
+    "load_model",
+    "prepare_teacher",
+    "tokenizer_kwargs",
+    "torch_dtype",
+]
+
+# The from_pretrained arguments adakd sets itself, with the key that sets them.
+_RESERVED_MODEL_KWARGS = {
+    "dtype": "{role}.dtype",
+    "torch_dtype": "{role}.dtype",
+    "quantization_config": "{role}.quantization",
+    "load_in_4bit": "{role}.quantization",
+    "load_in_8bit": "{role}.quantization",
+}
+# What an inline config (``from_config``) takes; revision, cache_dir, token, ... concern files it does not read.
+CONFIG_MODEL_KWARGS = ("attn_implementation", "trust_remote_code")
+# BitsAndBytesConfig's dtype-valued keys and the names each takes (it reads them with getattr(torch, name)).
+_BNB_DTYPES = {
+    "bnb_4bit_compute_dtype": ("float32", "float16", "bfloat16"),
+    "bnb_4bit_quant_storage": ("uint8", "int8", "float32", "float16", "bfloat16"),
+}
 
 
 def torch_dtype(name: str) -> torch.dtype | str:
@@ -18,20 +49,149 @@ def torch_dtype(name: str) -> torch.dtype | str:
     return "auto" if name == "auto" else getattr(torch, name)
 
 
-def load_model(section: ModelSection, role: str) -> Any:
+def bnb_config(options: dict[str, Any]) -> Any:
+    """``transformers.BitsAndBytesConfig(**options)``, every key and value checked first (BitsAndBytesConfig itself
+    accepts unknown keys silently). Needs no bitsandbytes: the backend is checked at load
+    (:func:`check_quantization_backend`).
+
+    Raises:
+        OptionError: ``option`` is the key (``load_in_4bit``, ``bnb_4bit_compute_dtype``, ...) that is unknown or
+            invalid, or ``""`` when neither ``load_in_4bit`` nor ``load_in_8bit`` is on.
+    """
+    from transformers import BitsAndBytesConfig
+
+    params = inspect.signature(BitsAndBytesConfig.__init__).parameters
+    valid = [name for name in params if name not in ("self", "kwargs")]
+    for key in options:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise OptionError(str(key), f"unknown BitsAndBytesConfig argument{hint}; valid: {', '.join(valid)}")
+    for key in ("load_in_4bit", "load_in_8bit"):
+        if key in options and not isinstance(options[key], bool):
+            raise OptionError(key, f"expected true or false, got {options[key]!r}")
+    if bool(options.get("load_in_4bit")) == bool(options.get("load_in_8bit")):
+        raise OptionError("", "set exactly one of load_in_4bit: true and load_in_8bit: true")
+    for key, names in _BNB_DTYPES.items():
+        value = options.get(key)
+        if value is not None and value not in names:
+            raise OptionError(key, f"unknown dtype {value!r}; valid: {', '.join(names)}")
+    try:
+        return BitsAndBytesConfig(**options)
+    except (TypeError, ValueError) as e:  # its own type and range checks, e.g. "llm_int8_threshold must be a float"
+        raise OptionError("", str(e).splitlines()[0]) from e
+
+
+def check_loading(section: ModelSection, role: str) -> None:
+    """The loading keys of ``section`` (``model_kwargs``, ``adapter``, ``quantization``, ``license``), checked when
+    the config is built: nothing is loaded and the machine is not looked at.
+
+    Raises:
+        OptionError: ``option`` is the dotted key (``teacher.model_kwargs.dtype``), ``reason`` what is wrong.
+    """
+    inline = section.config is not None
+    for key in section.model_kwargs:
+        where = f"{role}.model_kwargs.{key}"
+        if key in _RESERVED_MODEL_KWARGS:
+            owner = _RESERVED_MODEL_KWARGS[key].format(role=role)
+            raise OptionError(where, f"adakd sets it from {owner}: set {owner} instead")
+        if key == "device_map":
+            raise OptionError(
+                where, "adakd places the models itself (a copy per process, or sharded by the distributed engine)"
+            )
+        if inline and key not in CONFIG_MODEL_KWARGS:
+            raise OptionError(
+                where,
+                f"applies to a pretrained model (name_or_path); an inline config takes only "
+                f"{', '.join(CONFIG_MODEL_KWARGS)}",
+            )
+    for key in ("adapter", "quantization"):
+        if inline and getattr(section, key) is not None:
+            raise OptionError(f"{role}.{key}", "applies to a pretrained model (name_or_path), not to an inline config")
+    if section.tokenizer_revision is not None and section.tokenizer == "byte":
+        raise OptionError(f"{role}.tokenizer_revision", "the built-in byte tokenizer has no revision")
+    if section.license is not None and role != "student":
+        raise OptionError(f"{role}.license", "the model card describes the student: set student.license")
+    if section.quantization is None:
+        return
+    try:
+        bnb_config(section.quantization)
+    except OptionError as e:
+        raise OptionError(f"{role}.quantization" + (f".{e.option}" if e.option else ""), e.reason) from e
+    if role == "student" and section.lora is None:
+        raise OptionError(
+            "student.quantization",
+            "a quantised student trains LoRA adapters on its frozen base (QLoRA): set student.lora",
+        )
+
+
+def tokenizer_kwargs(section: ModelSection) -> dict[str, Any]:
+    """``AutoTokenizer.from_pretrained`` arguments for ``section``'s tokenizer: ``tokenizer_revision``; for the
+    model's own tokenizer (no ``tokenizer`` key) the model's ``revision`` by default, and its ``trust_remote_code``
+    (a model's custom code usually ships its tokenizer too). Empty when nothing is set."""
+    kwargs: dict[str, Any] = {}
+    own = section.tokenizer is None
+    revision = section.tokenizer_revision or (section.model_kwargs.get("revision") if own else None)
+    if revision is not None:
+        kwargs["revision"] = revision
+    if own and section.model_kwargs.get("trust_remote_code"):
+        kwargs["trust_remote_code"] = True
+    return kwargs
+
+
+def check_quantization_backend(section: ModelSection, role: str, device: torch.device | str) -> None:
+    """Refuse, before any model is loaded, a quantised model that this machine cannot load: bitsandbytes missing
+    or older than transformers needs, or the run's ``device`` not among the devices it supports.
+
+    Raises:
+        ConfigError: naming ``{role}.quantization``, what is missing and how to get it.
+    """
+    if section.quantization is None:
+        return
+    from packaging.version import Version
+    from transformers.utils.import_utils import BITSANDBYTES_MIN_VERSION
+
+    bits = 4 if section.quantization.get("load_in_4bit") else 8
+    device = torch.device(device)
+    need = f"{role}.quantization: {bits}-bit loading needs bitsandbytes >= {BITSANDBYTES_MIN_VERSION}"
+    try:
+        import bitsandbytes
+    except ImportError as e:
+        raise ConfigError(
+            f"{need}, which is not installed: pip install 'bitsandbytes>={BITSANDBYTES_MIN_VERSION}'"
+        ) from e
+    version = getattr(bitsandbytes, "__version__", "0")
+    if Version(version) < Version(BITSANDBYTES_MIN_VERSION):
+        raise ConfigError(f"{need}; {version} is installed: pip install -U bitsandbytes")
+    supported = sorted(getattr(bitsandbytes, "supported_torch_devices", ()))
+    if device.type not in supported:
+        raise ConfigError(
+            f"{role}.quantization: bitsandbytes {version} runs on {', '.join(supported) or 'no device'}, "
+            f"not on this run's device ({device.type})"
+        )
+
+
+def load_model(section: ModelSection, role: str, device: torch.device | str | None = None) -> Any:
     """A causal LM from ``section``: ``from_pretrained`` for a hub id or local path (the hub is only contacted when
     the path is not local), ``from_config`` with a fixed seed for an inline config (tiny random models).
+
+    ``model_kwargs`` go to ``from_pretrained`` as they are (``from_config`` takes ``attn_implementation`` and
+    ``trust_remote_code``). A LoRA adapter (``adapter``, or ``name_or_path`` itself an adapter) is merged into its
+    base here, once. ``quantization`` loads the weights through ``BitsAndBytesConfig``, placed on ``device`` (the
+    run's device: a quantised model cannot be moved afterwards).
 
     ``role`` (``"student"`` or ``"teacher"``) is the config section, for messages.
 
     Raises:
-        ConfigError: the inline config is not valid for its ``model_type``, or ``name_or_path`` cannot be loaded
-            (no such folder, no ``config.json``, hub unreachable); the message names the key and the path, and the
-            library's error is chained.
+        ConfigError: the inline config is not valid for its ``model_type``, ``name_or_path`` or ``adapter`` cannot
+            be loaded (no such folder, no ``config.json``, hub unreachable, an adapter for another base), or the
+            machine cannot load the quantisation; the message names the key and the path, and the library's
+            error is chained.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = torch_dtype(section.dtype)
+    kwargs = dict(section.model_kwargs)
     if section.config is not None:
         cfg = dict(section.config)
         model_type = cfg.pop("model_type")
@@ -41,26 +201,40 @@ def load_model(section: ModelSection, role: str) -> Any:
             raise ConfigError(f"{role}.config: {e}") from e
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(section.seed)
-            model = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
         return model.to(torch.float32 if dtype == "auto" else dtype)
+    if section.quantization is not None:
+        device = torch.device("cpu") if device is None else torch.device(device)
+        check_quantization_backend(section, role, device)
+        kwargs["quantization_config"] = bnb_config(section.quantization)
+        kwargs["device_map"] = {"": device}
     try:
-        return AutoModelForCausalLM.from_pretrained(section.name_or_path, dtype=dtype)
-    except (OSError, ValueError) as e:  # transformers reports a bad folder as either
-        reason = load_failure(section.name_or_path, e)
-        raise ConfigError(f"{role}.name_or_path: cannot load {section.name_or_path!r} ({reason})") from e
+        return from_pretrained_merged(section.name_or_path, adapter=section.adapter, dtype=dtype, **kwargs)
+    except ModelLoadError as e:  # named by its key, the library's error chained
+        if e.part == "adapter" and section.adapter is not None:
+            raise ConfigError(f"{role}.adapter: cannot load {e.path!r} ({e.reason})") from e.__cause__
+        if e.adapter is not None:
+            raise ConfigError(
+                f"{role}.name_or_path: cannot load {e.path!r}, the base model of the adapter {e.adapter!r} ({e.reason})"
+            ) from e.__cause__
+        raise ConfigError(f"{role}.name_or_path: cannot load {e.path!r} ({e.reason})") from e.__cause__
 
 
-def apply_lora(model: Any, section: ModelSection) -> Any:
+def apply_lora(model: Any, section: ModelSection, gradient_checkpointing: bool = False) -> Any:
     """Wrap the student in PEFT LoRA adapters when ``section.lora`` is set (else train every weight); the adapters
-    are initialised from ``section.seed``, the same on every rank.
+    are initialised from ``section.seed``, the same on every rank. A quantised base (QLoRA) is first prepared with
+    ``peft.prepare_model_for_kbit_training`` (frozen base, norms in float32, gradients into the inputs; activation
+    checkpointing when the run asks for it).
 
     Raises:
         ConfigError: PEFT refuses ``student.lora`` (e.g. ``target_modules`` that match no layer of the model).
     """
     if section.lora is None:
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    if getattr(model, "is_quantized", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     lora = section.lora
     config = LoraConfig(
         r=lora.r,
@@ -86,15 +260,27 @@ def prepare_teacher(teacher: Any, accelerator: Any) -> Any:
     - DeepSpeed ZeRO-3: an inference engine sharded like the student (a 7B teacher does not fit next to the
       student on every rank otherwise); other DeepSpeed stages keep a full replica (stage 0).
     - FSDP2: sharded with ``fully_shard`` over the same ranks (:func:`adakd.train.engines.shard_teacher_fsdp2`).
-    - Otherwise (one device, DDP): moved to the device; it needs no wrapper since it takes no gradient.
+    - Otherwise (one device, DDP): moved to the device; it needs no wrapper since it takes no gradient. A quantised
+      teacher was loaded onto its device and stays there.
 
-    FSDP version 1 is refused (:func:`adakd.train.engines.engine_of`).
+    FSDP version 1 is refused (:func:`adakd.train.engines.engine_of`), and so is a quantised teacher under DeepSpeed
+    or FSDP2 (neither shards bitsandbytes weights here).
+
+    Raises:
+        ConfigError: FSDP version 1, or a quantised teacher under DeepSpeed or FSDP2.
     """
     from .engines import engine_of, shard_teacher_fsdp2
 
     teacher.eval()
     teacher.requires_grad_(False)
     kind = engine_of(accelerator)
+    if getattr(teacher, "is_quantized", False):
+        if kind in ("deepspeed", "fsdp2"):
+            raise ConfigError(
+                f"teacher.quantization: a quantised teacher runs on one device per process (DDP or a single "
+                f"process), not under {kind}: drop teacher.quantization, or launch without {kind}"
+            )
+        return teacher
     if kind == "deepspeed":
         import deepspeed
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import uuid
@@ -16,7 +17,8 @@ from ..errors import InputError
 from ..loss import check_vocab_sizes
 from .config import ConfigError, DistillConfig
 from .engines import save_final
-from .models import apply_lora, load_model
+from .hub import hub_target, push_final, trainer_training, write_model_card
+from .models import apply_lora, check_quantization_backend, load_model, tokenizer_kwargs
 from .onpolicy import OnPolicyController
 from .trainer import AdaKDTrainer, save_loss_state
 
@@ -26,6 +28,7 @@ __all__ = [
     "check_fresh_run",
     "check_output_dir",
     "check_tokenizers",
+    "evaluation_data",
     "load_models",
     "load_records",
     "load_tokenizer",
@@ -37,9 +40,22 @@ __all__ = [
 
 
 class ExampleDataset(torch.utils.data.Dataset):
-    """Tokenised examples (``input_ids``, ``labels`` lists) for the Trainer's data loader."""
+    """Tokenised examples (``input_ids``, ``labels`` lists) for the Trainer's data loader: a list, or a
+    ``datasets.Dataset`` (source ``hf``).
 
-    def __init__(self, examples: list[dict[str, list[int]]]) -> None:
+    Given an :class:`adakd.data.ExampleStream` (``data.streaming``), the constructor returns the stream's
+    ``datasets.IterableDataset`` itself (as ``pathlib.Path(...)`` returns a ``PosixPath``): a stream cannot be
+    indexed, and the Trainer iterates an ``IterableDataset`` as it comes.
+    """
+
+    def __new__(cls, examples: Any = None) -> Any:  # pickle (data-loader workers) calls it without arguments
+        from ..data import ExampleStream
+
+        if isinstance(examples, ExampleStream):
+            return examples.dataset
+        return super().__new__(cls)
+
+    def __init__(self, examples: Any) -> None:
         self.examples = examples
 
     def __len__(self) -> int:
@@ -49,8 +65,10 @@ class ExampleDataset(torch.utils.data.Dataset):
         return self.examples[i]
 
 
-def load_records(config: DistillConfig) -> list[Any]:
-    """The configured data source's records (text records, or token records for MiniLLM shards).
+def load_records(config: DistillConfig) -> Any:
+    """The configured data source's records: text records (token records for MiniLLM shards), or for source ``hf``
+    the dataset's rows (a ``datasets.Dataset``; an ``IterableDataset`` when streaming), which
+    :func:`training_examples` tokenises.
 
     Raises:
         ConfigError: a data file that is missing or unreadable, named under ``data.path``.
@@ -63,13 +81,17 @@ def load_records(config: DistillConfig) -> list[Any]:
     if d.source == "synthetic":
         return data.synthetic_instructions(d.synthetic_size, seed=d.seed)
     if d.source == "hf":
-        return data.load_hf_dataset(d.path, split=d.split, template=d.template, limit=d.limit, label="data.path")
+        # data.path before data.name: an eval set's config (data.eval_path) sets path and keeps the name.
+        spec, key = (d.path, "data.path") if d.path else (d.name, "data.name")
+        return data.load_rows(
+            spec, config=d.config, split=d.split, revision=d.revision, streaming=d.streaming, limit=d.limit, label=key
+        )
     for path in (d.path + ".idx", d.path + ".bin") if d.source == "shards" else (d.path,):
         _check_readable("data.path", path)
     if d.source == "minillm_jsonl":
         return data.read_minillm_jsonl(d.path, limit=d.limit)
     if d.source == "instructions":
-        return data.read_instruction_jsonl(d.path, template=d.template, limit=d.limit)
+        return data.read_instruction_jsonl(d.path, template=d.template or "minillm", limit=d.limit)
     return data.read_token_shards(d.path, limit=d.limit)
 
 
@@ -104,11 +126,12 @@ def check_output_dir(path: str) -> None:
 
 
 def _earlier_run(folder: Path) -> list[str]:
-    """What an earlier run left in ``folder``: its checkpoints, final model and metrics (names, sorted)."""
+    """What an earlier run left in ``folder``: its checkpoints, final model, metrics and ROUGE-during-training
+    results (names, sorted)."""
     if not folder.is_dir():
         return []
     found = [p.name for p in folder.glob("checkpoint-*") if p.is_dir()]
-    found += [name for name in ("final", "metrics.jsonl") if (folder / name).exists()]
+    found += [name for name in ("final", "metrics.jsonl", "rouge") if (folder / name).exists()]
     return sorted(found)
 
 
@@ -161,7 +184,7 @@ def check_tokenizers(config: DistillConfig, tokenizer: Any) -> None:
         return
     source = teacher.tokenizer or teacher.name_or_path
     try:
-        other = tokenizer_for(source)
+        other = tokenizer_for(source, **tokenizer_kwargs(teacher))
     except InputError as e:
         if teacher.tokenizer:  # named explicitly: it must load
             raise ConfigError(f"teacher.tokenizer: cannot load {teacher.tokenizer!r}") from e
@@ -210,7 +233,8 @@ def training_arguments(config: DistillConfig) -> Any:
     from transformers import TrainingArguments
 
     try:
-        args = TrainingArguments(**config.training)
+        # Without the hub keys: adakd uploads final/ itself, the Trainer must never push output_dir.
+        args = TrainingArguments(**trainer_training(config.training))
     except (ValueError, TypeError) as e:
         raise config.error("training", str(e).splitlines()[0]) from e
     # Set up the process group now: DeepSpeed ZeRO-3 builds the models already partitioned (zero.Init) and must
@@ -225,7 +249,8 @@ def training_arguments(config: DistillConfig) -> Any:
 
 
 def load_tokenizer(config: DistillConfig) -> Any:
-    """The student's tokenizer (``student.tokenizer``, else the student's own files).
+    """The student's tokenizer (``student.tokenizer``, else the student's own files), at ``student.tokenizer_revision``
+    (for the student's own files, by default the model's ``model_kwargs.revision``).
 
     Raises:
         ConfigError: it cannot be loaded, or it has no eos token (every response ends with one); the message names
@@ -237,7 +262,7 @@ def load_tokenizer(config: DistillConfig) -> Any:
     key = "student.tokenizer" if section.tokenizer else "student.name_or_path"
     source = section.tokenizer or section.name_or_path
     try:
-        tokenizer = tokenizer_for(source)
+        tokenizer = tokenizer_for(source, **tokenizer_kwargs(section))
     except InputError as e:
         raise ConfigError(f"{key}: {e}") from e
     if tokenizer.eos_token_id is None:
@@ -245,21 +270,51 @@ def load_tokenizer(config: DistillConfig) -> Any:
     return tokenizer
 
 
-def training_examples(config: DistillConfig, args: Any, tokenizer: Any) -> tuple[list[Any], list[Any]]:
+def training_examples(config: DistillConfig, args: Any, tokenizer: Any) -> tuple[Any, list[Any]]:
     """``(train, held out)`` tokenised examples; DistiLLM holds its validation set (the last
     ``onpolicy.eval_examples``) out of training, other modes hold nothing out.
 
+    ``train`` is a list of examples, or for source ``hf`` a ``datasets.Dataset`` tokenised with ``map`` (cached by
+    ``datasets``), or an :class:`adakd.data.ExampleStream` when ``data.streaming``. Conversations are rendered with
+    the student tokenizer's chat template, or the one ``data.template`` names, which then becomes the tokenizer's
+    ``chat_template``: the tokenizer saved with the model formats conversations as the model was trained on them.
+
     Raises:
         ConfigError: no example is left after tokenisation, or the held-out set would take them all.
+        InputError: a record that fits no format or lacks what its format needs, or a chat format without a chat
+            template (see :func:`adakd.data.tokenize_rows`).
     """
-    from ..data import build_examples
+    from .. import data
 
     d = config.data
-    examples, counts = build_examples(
-        load_records(config), tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length
-    )
+    if d.source == "hf":
+        # Several processes: the main one loads and tokenises first, filling the datasets cache, then the others
+        # find the same map (same fingerprint) there instead of tokenising again.
+        with args.main_process_first(desc="adakd: data"):
+            made = data.tokenize_rows(
+                load_records(config),
+                tokenizer,
+                data_format=d.format,
+                template=d.template,
+                max_length=d.max_length,
+                max_prompt_length=d.max_prompt_length,
+                where=f"{d.path or d.name} ({d.split})",
+                tokenizer_name=config.student.tokenizer or config.student.name_or_path,
+            )
+        if made.chat_template is not None and d.template is not None:
+            tokenizer.chat_template = made.chat_template
+        _log(args, f"data: format {made.format}" + ("" if d.format else " (detected from the first record)"))
+        examples, counts = made.examples, made.counts
+        if counts is None:
+            _log(args, "data: streamed; examples are tokenised as they are read (the length policy is not counted)")
+            per_process = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
+            return data.ExampleStream(examples, per_process), []
+    else:
+        examples, counts = data.build_examples(
+            load_records(config), tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length
+        )
     _log(args, "data: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    if not examples:
+    if not len(examples):
         raise ConfigError(f"data: no example left after tokenisation ({counts})")
     if config.onpolicy.mode != "distillm":
         return examples, []
@@ -267,7 +322,10 @@ def training_examples(config: DistillConfig, args: Any, tokenizer: Any) -> tuple
     if n >= len(examples):
         raise ConfigError(f"onpolicy.eval_examples: {n} leaves no training example (of {len(examples)})")
     _log(args, f"on-policy: {n} examples held out for validation")
-    return examples[:-n], examples[-n:]
+    if isinstance(examples, list):
+        return examples[:-n], examples[-n:]
+    cut = len(examples) - n
+    return examples.select(range(cut)), [examples[i] for i in range(cut, len(examples))]
 
 
 def load_models(config: DistillConfig, args: Any, tokenizer: Any) -> tuple[Any, Any]:
@@ -275,28 +333,105 @@ def load_models(config: DistillConfig, args: Any, tokenizer: Any) -> tuple[Any, 
     distils nothing (no teacher, or ``loss.kd_ratio: 0``).
 
     Raises:
-        ConfigError: a model that cannot be loaded, or vocabularies that do not fit the tokenizer and each other.
+        ConfigError: a model that cannot be loaded (or quantised on this machine), or vocabularies that do not fit
+            the tokenizer and each other.
     """
     section = config.student
+    teaching = config.teacher is not None and config.loss.kd_ratio > 0
+    # Before any model is loaded: a quantisation this machine cannot run would otherwise stop the run only after
+    # the student (or a 70B teacher) was read.
+    check_quantization_backend(section, "student", args.device)
+    if teaching:
+        check_quantization_backend(config.teacher, "teacher", args.device)
     with _seeded_init(args, section):
-        student = load_model(section, "student")
+        student = load_model(section, "student", device=args.device)
     v_s = _vocab_rows(student)
     if len(tokenizer) > v_s:
         raise ConfigError(f"student: its vocabulary ({v_s}) is smaller than the tokenizer's ({len(tokenizer)})")
     teacher = None
-    if config.teacher is not None and config.loss.kd_ratio > 0:
+    if teaching:
         with _seeded_init(args, config.teacher):
-            teacher = load_model(config.teacher, "teacher")
+            teacher = load_model(config.teacher, "teacher", device=args.device)
         try:
             check_vocab_sizes(v_s, _vocab_rows(teacher), len(tokenizer))
         except ValueError as e:
             raise ConfigError(f"teacher: {e}") from e
-    student = apply_lora(student, section)
+    student = apply_lora(student, section, gradient_checkpointing=bool(args.gradient_checkpointing))
     if section.lora is not None and args.process_index == 0:
         trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
         total = sum(p.numel() for p in student.parameters())
         _log(args, f"LoRA: {trainable:,} trainable of {total:,} parameters")
     return student, teacher
+
+
+def _under_key(message: str, key: str) -> str:
+    """A data error about the eval set, named under ``key`` (``data.eval_path`` / ``data.eval_split``) instead of
+    the training data's ``data.path`` / ``data``, which the shared readers name."""
+    for old in ("data.path", "data"):
+        if message.startswith(old + ":"):
+            return key + message[len(old) :]
+    return f"{key}: {message}"
+
+
+def evaluation_data(config: DistillConfig, args: Any, tokenizer: Any) -> tuple[ExampleDataset | None, Any]:
+    """``(eval set, ROUGE-L scorer)`` for evaluation during training (``docs/training-eval.md``); each is None when
+    not configured.
+
+    The eval set is read and tokenised exactly as the training data: :func:`training_examples` runs on the config
+    with ``data.path``, ``data.split`` and ``data.limit`` replaced by ``data.eval_path`` (else ``data.path``),
+    ``data.eval_split`` (else ``data.split``) and ``data.eval_limit``, never streamed, and nothing held out for
+    on-policy validation. The ROUGE-L set (``eval.rouge_examples``) is read by ``adakd eval``'s own loader.
+
+    Raises:
+        ConfigError: an eval file that is missing, unreadable, malformed or left without an example, named under
+            its key.
+    """
+    import dataclasses
+
+    d = config.data
+    eval_dataset = None
+    if d.eval_path is not None or d.eval_split is not None:
+        key = "data.eval_path" if d.eval_path is not None else "data.eval_split"
+        eval_config = copy.copy(config)
+        # Never streamed: evaluation passes over the same set every time (data.eval_limit bounds it).
+        eval_config.data = dataclasses.replace(
+            d, path=d.eval_path or d.path, split=d.eval_split or d.split, limit=d.eval_limit, streaming=False
+        )
+        eval_config.onpolicy = dataclasses.replace(config.onpolicy, mode="off")
+        try:
+            examples, _ = training_examples(eval_config, args, tokenizer)
+        except InputError as e:
+            raise ConfigError(_under_key(str(e), key)) from e
+        _log(args, f"eval set: {len(examples)} examples ({key}: {d.eval_path or d.eval_split})")
+        eval_dataset = ExampleDataset(examples)
+    rouge = None
+    ev = config.eval
+    if ev.rouge_every > 0:
+        import importlib.util
+
+        from ..eval.sets import load_eval_set
+        from ..generation import GenerationConfig
+        from .evaluation import RougeDuringTraining
+
+        if importlib.util.find_spec("rouge_score") is None:  # at start, not at the first scoring step
+            raise ConfigError("eval.rouge_every: ROUGE-L needs the eval extra: pip install 'adakd[eval]'")
+        _check_readable("eval.rouge_examples", ev.rouge_examples)
+        path = Path(ev.rouge_examples)
+        try:
+            eval_set = load_eval_set(path.stem, path, limit=ev.rouge_limit)
+        except InputError as e:
+            raise ConfigError(f"eval.rouge_examples: {e}") from e
+        if not eval_set.records:
+            raise ConfigError(f"eval.rouge_examples: {path}: no record")
+        generation = GenerationConfig(
+            max_length=d.max_length if ev.max_length is None else ev.max_length,
+            max_prompt_length=d.max_prompt_length if ev.max_prompt_length is None else ev.max_prompt_length,
+            greedy=ev.greedy,
+            batch_size=ev.batch_size,
+        )
+        rouge = RougeDuringTraining(ev.rouge_every, eval_set, generation, ev.seed)
+        _log(args, f"ROUGE-L every {ev.rouge_every} steps on {len(eval_set.records)} examples of {path}")
+    return eval_dataset, rouge
 
 
 def build_trainer(config: DistillConfig) -> AdaKDTrainer:
@@ -314,6 +449,7 @@ def build_trainer(config: DistillConfig) -> AdaKDTrainer:
     tokenizer = load_tokenizer(config)
     check_tokenizers(config, tokenizer)
     examples, eval_examples = training_examples(config, args, tokenizer)
+    eval_dataset, rouge = evaluation_data(config, args, tokenizer)
     student, teacher = load_models(config, args, tokenizer)
     loss_fn = config.build_loss(total_steps=optimizer_steps(args, len(examples)), vocab_size=len(tokenizer))
     onpolicy = None
@@ -335,25 +471,31 @@ def build_trainer(config: DistillConfig) -> AdaKDTrainer:
         chunk_size=config.loss.chunk_size,
         onpolicy=onpolicy,
         nonfinite=config.loss.nonfinite,
+        rouge=rouge,
         args=args,
         train_dataset=ExampleDataset(examples),
+        eval_dataset=eval_dataset,
         data_collator=DistillCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
     )
 
 
 def run(config: DistillConfig, resume: str | bool | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """Train, then save the final model (or LoRA adapter), the tokenizer and the loss state in ``output_dir/final``.
+    """Train, then save the final model (or LoRA adapter), the tokenizer, the loss state and a model card
+    (``README.md``, :mod:`.hub`) in ``output_dir/final``; with ``training.push_to_hub``, upload ``final/`` (and
+    nothing else) from the main process.
 
     An ``output_dir`` that already holds a run is refused unless ``resume`` continues it or ``overwrite`` starts
     over (:func:`check_fresh_run`)."""
+    target = hub_target(config)  # before anything runs: a hub_strategy adakd cannot honour is refused
     check_fresh_run(config.training["output_dir"], resume=resume, overwrite=overwrite)
-    trainer = build_trainer(config)
+    # The Trainer gets no hub key: it would push output_dir (checkpoints, optimizer state) and save the token.
+    trainer_config = copy.copy(config)
+    trainer_config.training = trainer_training(config.training)
+    trainer = build_trainer(trainer_config)
     result = trainer.train(resume_from_checkpoint=resume)
     final = Path(trainer.args.output_dir) / "final"
     save_final(trainer, final)  # the adapter only, for a PEFT student; gathered from the shards under FSDP2 / ZeRO-3
-    if trainer.is_world_process_zero():
-        save_loss_state(trainer.loss_fn, final)
     summary = {
         "global_step": trainer.state.global_step,
         "train_loss": result.training_loss,
@@ -361,4 +503,10 @@ def run(config: DistillConfig, resume: str | bool | None = None, overwrite: bool
         "final": str(final),
         "rank": trainer.args.process_index,
     }
+    if trainer.is_world_process_zero():
+        save_loss_state(trainer.loss_fn, final)
+        write_model_card(final, config, trainer)
+        if target is not None:
+            summary["hub_repo"] = push_final(final, target)
+            _log(trainer.args, f"uploaded {final} to {summary['hub_repo']}")
     return summary

@@ -24,12 +24,16 @@ forward; every rank enters every collective at every optimizer step.
 On-policy modes (GKD, DistiLLM; ``adakd.train.onpolicy``) hook in at ``get_batch_samples``: once per optimizer step
 the step's micro-batches may be replaced by generated ones before the window's tokens are counted; their state
 (replay buffer, schedule, RNG) is checkpointed next to the loss state.
+
+Evaluation (``Trainer.evaluate``, scheduled by ``eval_strategy``) logs the eval set's token-weighted CE, KD at τ = 1
+over all tokens, Hellinger difficulty and ``eval_loss`` (:mod:`adakd.train.evaluation`); it never calls the loss, so
+it moves neither LATF nor the loss's pending sums. ROUGE-L of sampled answers is scored every ``eval.rouge_every``
+optimizer steps on the main process (:class:`adakd.train.evaluation.RougeDuringTraining`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import warnings
@@ -39,11 +43,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
 from .. import AdaKDLoss
 from ..errors import NonFiniteLossError
+from ..integrations import step_latf, window_mean
 from ..loss import LossReport
+from .callbacks import LossStateCallback
 from .checkpoints import (
     STAGING_DIR,
     STATE_FILE,
@@ -54,8 +60,9 @@ from .checkpoints import (
     resolve_checkpoint,
     save_loss_state,
 )
-from .config import NONFINITE_POLICIES
+from .config import NONFINITE_POLICIES, ConfigError
 from .engines import call_through, check_linear_head, engine_of, full_parameters, unwrap
+from .evaluation import EvaluationMixin, RougeDuringTraining
 from .onpolicy import OnPolicyController
 
 # The checkpoint names are re-exported: callers read STATE_FILE and CheckpointError next to the trainer.
@@ -80,27 +87,7 @@ def _chunked_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, bias, labels: to
     return total
 
 
-class _LossStateCallback(TrainerCallback):
-    """Steps LATF after every optimizer step, saves its state with every checkpoint, writes metrics.jsonl."""
-
-    def __init__(self, trainer: AdaKDTrainer) -> None:
-        self.trainer = trainer
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer._validate_onpolicy(initial=True)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.trainer._end_optimizer_step()
-        self.trainer._validate_onpolicy()
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-            with open(Path(args.output_dir) / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
-
-
-class AdaKDTrainer(Trainer):
+class AdaKDTrainer(EvaluationMixin, Trainer):
     """``transformers.Trainer`` with a frozen teacher and the AdaKD loss.
 
     Args:
@@ -111,6 +98,8 @@ class AdaKDTrainer(Trainer):
         fused: use ``AdaKDLoss.forward_hidden`` (never materialise the logits).
         chunk_size: rows per chunk of the fused path.
         onpolicy: GKD / DistiLLM batch generation (:class:`adakd.train.onpolicy.OnPolicyController`), or None.
+        nonfinite: ``error`` (stop the run) or ``skip`` (drop the micro-batch) on non-finite logits or loss.
+        rouge: ROUGE-L during training (:class:`adakd.train.evaluation.RougeDuringTraining`), or None.
         **kwargs: ``transformers.Trainer`` arguments (``args``, ``train_dataset``, ``data_collator``, ...).
     """
 
@@ -125,6 +114,7 @@ class AdaKDTrainer(Trainer):
         chunk_size: int | None = None,
         onpolicy: OnPolicyController | None = None,
         nonfinite: str = "error",
+        rouge: RougeDuringTraining | None = None,
         **kwargs: Any,
     ) -> None:
         if loss_fn.reduction != "sum":
@@ -160,7 +150,11 @@ class AdaKDTrainer(Trainer):
 
             self.teacher = prepare_teacher(teacher_model, self.accelerator)
         self._window: dict[str, float] = {}  # sums for logging since the last log
-        self.add_callback(_LossStateCallback(self))
+        self.rouge = rouge
+        if rouge is not None and self.engine_shards_params:  # generation on one rank cannot gather the shards
+            raise ConfigError(f"eval.rouge_every: ROUGE-L during training runs on one process, not under {self.engine}")
+        self._eval_totals: torch.Tensor | None = None  # [4] float64 sums of the evaluation in progress
+        self.add_callback(LossStateCallback(self))
 
     # ----------------------------------------------------------------------------------------------------------
     # Private hooks kept on purpose (pinned by tests/test_train.py::test_the_private_trainer_hooks_adakd_overrides_
@@ -395,8 +389,7 @@ class AdaKDTrainer(Trainer):
             # KD is a mean over kept tokens: this micro-batch's sum over its kept tokens, scaled to the window by
             # its share of the window's valid tokens. With every token kept this is Σ/valid-in-window exactly
             # (invariant to how the window is split); otherwise each micro-batch uses the count it really kept.
-            kept_fraction = report.kept_tokens / report.valid_tokens if report.valid_tokens else 1.0
-            kd = kd_sum / (denom * kept_fraction)
+            kd = window_mean(kd_sum, report, denom)
         loss = sum(w * term for w, term in ((1 - self.kd_ratio, ce), (self.kd_ratio, kd)) if term is not None)
         if model.training:  # evaluation batches must not move the training logs
             self._accumulate(ce, kd, scale, report)
@@ -424,16 +417,15 @@ class AdaKDTrainer(Trainer):
         """
         if self.teacher is None or self.kd_ratio == 0:  # the same on every rank: no KD, no LATF, no collective
             return
-        total = torch.tensor(self.loss_fn.pending(), dtype=torch.float64, device=self.args.device)
-        if self.accelerator.num_processes > 1:
-            total = self.accelerator.reduce(total, reduction="sum")
-        if float(total[1]) > 0:
-            self.loss_fn.step(float(total[0] / total[1]))  # also clears the loss's pending sums
+        step_latf(self.loss_fn, self.accelerator)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """The Trainer's log, plus the window's CE and KD terms, the loss's statistics (``adakd/...``), the counts
-        of empty and skipped micro-batches and the on-policy metrics."""
-        w, self._window = self._window, {}
+        of empty and skipped micro-batches and the on-policy metrics. Evaluation rows (no ``loss``) leave the
+        window to the next training row, which averages over the same steps as the Trainer's ``loss``."""
+        w = {}
+        if "loss" in logs:
+            w, self._window = self._window, {}
         n = w.pop("n", 0)
         if "loss" in logs and n:
             # ce_loss / kd_loss are per-micro-step window-normalised terms: summed over micro-steps they make the

@@ -1,0 +1,42 @@
+"""The AdaKD trainer's callback: LATF after every optimizer step, ROUGE-L every ``eval.rouge_every`` steps, and the
+metrics file (``output_dir/metrics.jsonl``, one JSON line per ``Trainer.log``: training rows, eval rows)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from transformers import TrainerCallback
+
+if TYPE_CHECKING:
+    from .trainer import AdaKDTrainer
+
+__all__ = ["METRICS_FILE", "LossStateCallback"]
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class LossStateCallback(TrainerCallback):
+    """Steps LATF after every optimizer step, scores ROUGE-L when due, writes metrics.jsonl (main process)."""
+
+    def __init__(self, trainer: AdaKDTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._validate_onpolicy(initial=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._end_optimizer_step()
+        self.trainer._validate_onpolicy()
+        # After the optimizer step and before the Trainer's checkpoint of this step: the model scored is the one
+        # saved as checkpoint-{step}.
+        rouge = self.trainer.rouge
+        if rouge is not None and rouge.due(state.global_step):
+            self.trainer.log_rouge()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            with open(Path(args.output_dir) / METRICS_FILE, "a") as f:
+                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
