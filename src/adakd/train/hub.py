@@ -245,6 +245,57 @@ def _command() -> str:
     return shlex.join(argv)
 
 
+def _front_matter(config: DistillConfig, adapter: bool) -> dict[str, Any]:
+    """The card's YAML front matter: what the Hub indexes (library, base model, tags, datasets, license)."""
+    student = config.student
+    front: dict[str, Any] = {"library_name": "peft" if adapter else "transformers"}
+    base = _hub_id(student.name_or_path)
+    if base:
+        front["base_model"] = base
+    front["tags"] = list(TAGS) + (["lora"] if student.lora is not None else [])
+    datasets = _dataset_ids(config)
+    if datasets:
+        front["datasets"] = datasets
+    if student.license:
+        front["license"] = student.license
+    front["pipeline_tag"] = "text-generation"
+    return front
+
+
+def _what(config: DistillConfig, adapter: bool) -> str:
+    """The card's first words: what ``final/`` holds and how it was made."""
+    student, teacher = config.student, config.teacher
+    kind = "A LoRA adapter" if adapter else "A causal language model"
+    student_name = f"`{student.name_or_path}`" if student.name_or_path else "a randomly initialised model"
+    if teacher is None or config.loss.kd_ratio == 0:
+        return f"{kind} fine-tuned from {student_name} without a teacher (plain SFT)"
+    teacher_name = f"`{teacher.name_or_path}`" if teacher.name_or_path else "a randomly initialised model"
+    return f"{kind} distilled from the teacher {teacher_name} into the student {student_name}"
+
+
+def _training_rows(args: Any, global_step: int) -> list[tuple[str, Any]]:
+    """The training settings the run used, from its ``TrainingArguments``."""
+    world = getattr(args, "world_size", 1) or 1
+    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "float32 (no mixed precision)"
+    return [
+        ("optimizer steps run", global_step),
+        ("max_steps", args.max_steps if args.max_steps > 0 else f"– ({_show(args.num_train_epochs)} epochs)"),
+        ("learning_rate", _show(args.learning_rate)),
+        ("lr_scheduler_type", getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+        ("warmup_steps", _show(args.warmup_steps)),
+        ("weight_decay", _show(args.weight_decay)),
+        ("optim", getattr(args.optim, "value", args.optim)),
+        ("per_device_train_batch_size", args.per_device_train_batch_size),
+        ("gradient_accumulation_steps", args.gradient_accumulation_steps),
+        ("processes", world),
+        ("sequences per optimizer step", batch),
+        ("max_grad_norm", _show(args.max_grad_norm)),
+        ("precision", precision),
+        ("seed", args.seed),
+    ]
+
+
 def model_card(
     config: DistillConfig,
     *,
@@ -271,50 +322,10 @@ def model_card(
     """
     from .. import __version__
 
-    student = config.student
-    front: dict[str, Any] = {"library_name": "peft" if adapter else "transformers"}
-    base = _hub_id(student.name_or_path)
-    if base:
-        front["base_model"] = base
-    tags = list(TAGS) + (["lora"] if student.lora is not None else [])
-    front["tags"] = tags
-    datasets = _dataset_ids(config)
-    if datasets:
-        front["datasets"] = datasets
-    if student.license:
-        front["license"] = student.license
-    front["pipeline_tag"] = "text-generation"
-
+    student, teacher = config.student, config.teacher
     name = config.training.get("hub_model_id") or Path(config.training["output_dir"]).name
-    teacher = config.teacher
-    kind = "A LoRA adapter" if adapter else "A causal language model"
-    student_name = f"`{student.name_or_path}`" if student.name_or_path else "a randomly initialised model"
-    if teacher is None or config.loss.kd_ratio == 0:
-        how = f"fine-tuned from {student_name} without a teacher (plain SFT)"
-    else:
-        teacher_name = f"`{teacher.name_or_path}`" if teacher.name_or_path else "a randomly initialised model"
-        how = f"distilled from the teacher {teacher_name} into the student {student_name}"
     d = config.data
     data_rows = [(f"data.{f.name}", _show(getattr(d, f.name))) for f in dataclasses.fields(d)]
-    world = getattr(args, "world_size", 1) or 1
-    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
-    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "float32 (no mixed precision)"
-    training_rows = [
-        ("optimizer steps run", global_step),
-        ("max_steps", args.max_steps if args.max_steps > 0 else f"– ({_show(args.num_train_epochs)} epochs)"),
-        ("learning_rate", _show(args.learning_rate)),
-        ("lr_scheduler_type", getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
-        ("warmup_steps", _show(args.warmup_steps)),
-        ("weight_decay", _show(args.weight_decay)),
-        ("optim", getattr(args.optim, "value", args.optim)),
-        ("per_device_train_batch_size", args.per_device_train_batch_size),
-        ("gradient_accumulation_steps", args.gradient_accumulation_steps),
-        ("processes", world),
-        ("sequences per optimizer step", batch),
-        ("max_grad_norm", _show(args.max_grad_norm)),
-        ("precision", precision),
-        ("seed", args.seed),
-    ]
     config_yaml = yaml.safe_dump(
         _redacted({k: v for k, v in dataclasses.asdict(config).items() if k != "origin"}),
         sort_keys=False,
@@ -323,14 +334,14 @@ def model_card(
     )
     lines = [
         "---",
-        yaml.safe_dump(front, sort_keys=False, allow_unicode=True).strip(),
+        yaml.safe_dump(_front_matter(config, adapter), sort_keys=False, allow_unicode=True).strip(),
         "---",
         "",
         f"# {name}",
         "",
-        f"{kind} {how} with adakd {__version__}: token-adaptive knowledge distillation (AdaKD), which trains on "
-        "the tokens the student finds hardest (Hellinger distance to the teacher, a share set by the loss), each "
-        "at its own temperature.",
+        f"{_what(config, adapter)} with adakd {__version__}: token-adaptive knowledge distillation (AdaKD), "
+        "which trains on the tokens the student finds hardest (Hellinger distance to the teacher, a share set by "
+        "the loss), each at its own temperature.",
         "",
         "## Models",
         "",
@@ -349,7 +360,7 @@ def model_card(
         "",
         "## Training",
         "",
-        table(["setting", "value"], training_rows),
+        table(["setting", "value"], _training_rows(args, global_step)),
         "",
         "## Results",
         "",
