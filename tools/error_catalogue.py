@@ -83,6 +83,11 @@ def _messages(path: Path) -> list[tuple[int, str, str]]:
     return sorted(set(found), key=lambda m: (m[1].lower(), m[0]))
 
 
+def _code(message: str) -> str:
+    """``message`` as inline code; one that holds a backtick is fenced with two (Markdown's rule)."""
+    return f"`` {message} ``" if "`" in message else f"`{message}`"
+
+
 def _group(rel: str) -> str:
     for key in sorted(FIXES, key=len, reverse=True):
         if rel == key or rel.startswith(key.rstrip("/") + "/"):
@@ -112,7 +117,7 @@ def render() -> str:
         messages = sorted(set(groups[key]), key=lambda m: (m[1].lower(), m[0]))
         total += len(messages)
         out += [f"## `{key}`", "", f"**What to do.** {FIXES[key]}", ""]
-        out += [f"- `{m}`" + (" *exit 1*" if status == 1 else "") for status, m, _ in messages]
+        out += [f"- {_code(m)}" + (" *exit 1*" if status == 1 else "") for status, m, _ in messages]
         out.append("")
     out.insert(6, f"{total} messages in {len(groups)} groups.")
     out.insert(7, "")
