@@ -8,6 +8,7 @@ from ._version import __version__
 from .adaptive import INDICATORS, LATF, RatioSchedule, difficulty_scores, idts_temperatures, select_tokens
 from .divergences import DIVERGENCES, divergence, hellinger_distance
 from .loss import AdaKDLoss, align_vocab
+from .sparse import SparseTeacher, sparse_divergence, sparse_from_logits
 
 
 def rouge_l(prediction: str, references: str | list[str]) -> float:
@@ -23,6 +24,7 @@ __all__ = [
     "LATF",
     "AdaKDLoss",
     "RatioSchedule",
+    "SparseTeacher",
     "__version__",
     "align_vocab",
     "difficulty_scores",
@@ -31,4 +33,6 @@ __all__ = [
     "idts_temperatures",
     "rouge_l",
     "select_tokens",
+    "sparse_divergence",
+    "sparse_from_logits",
 ]

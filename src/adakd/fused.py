@@ -31,8 +31,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .adaptive import ScoreFn, idts_from_median, idts_temperatures_with_grad
-from .divergences import DivergenceFn, log_probs
+from .adaptive import idts_from_median, idts_temperatures_with_grad
+from .divergences import DivergenceFn
+from .sparse import LogitScore, SparseTeacher, pair_log_probs
 
 __all__ = [
     "IMPLS",
@@ -47,8 +48,9 @@ __all__ = [
 
 IMPLS = ("torch", "compile")
 
-# (student_logits [c, V], teacher_logits [c, V], tau [c] | float) -> (Σ τ²·D over the chunk, d/d student_logits)
-ChunkFn = Callable[[Tensor, Tensor, "Tensor | float"], tuple[Tensor, Tensor]]
+# (student_logits [c, V], teacher_logits [c, V] | SparseTeacher [c], tau [c] | float)
+#   -> (Σ τ²·D over the chunk, d/d student_logits)
+ChunkFn = Callable[[Tensor, "Tensor | SparseTeacher", "Tensor | float"], tuple[Tensor, Tensor]]
 
 
 def default_chunk_size(vocab: int, device: torch.device) -> int:
@@ -76,17 +78,22 @@ def chunk_logits(
     chunk_size: int,
 ):
     """For each chunk of ``rows``: ``(start, rows [c], student hidden [c, H_s], student logits [c, V],
-    teacher logits [c, V])``, the logits in the inputs' dtype. The one loop every pass of the fused loss runs."""
+    teacher logits [c, V])``, the logits in the inputs' dtype; for a :class:`SparseTeacher` ``teacher_hidden`` (with
+    weight and bias None) the teacher part is its ``[c]`` rows. The one loop every pass of the fused loss runs."""
+    sparse = isinstance(teacher_hidden, SparseTeacher)
     for start in range(0, rows.numel(), chunk_size):
         r = rows[start : start + chunk_size]
         h = student_hidden.index_select(0, r)
-        z_t = linear(teacher_hidden.index_select(0, r), teacher_weight, teacher_bias)
+        if sparse:
+            z_t = teacher_hidden.index_select(r)
+        else:
+            z_t = linear(teacher_hidden.index_select(0, r), teacher_weight, teacher_bias)
         yield start, r, h, linear(h, student_weight, student_bias), z_t
 
 
 @torch.no_grad()
 def chunked_scores(
-    score: ScoreFn,
+    score: LogitScore,
     student_hidden: Tensor,
     student_weight: Tensor,
     student_bias: Tensor | None,
@@ -101,9 +108,10 @@ def chunked_scores(
     """Pass 1: the difficulty score of each given row, one chunk of logits at a time.
 
     Args:
-        score: an indicator from :func:`adakd.adaptive.score_fn`.
+        score: an indicator on logits (:func:`adakd.sparse.logit_scorer` of :func:`adakd.adaptive.score_fn`).
         student_hidden: ``[N, H_s]``; student_weight ``[V, H_s]``; student_bias ``[V]`` or None.
-        teacher_hidden: ``[N, H_t]``; teacher_weight ``[V, H_t]`` (already cropped to V); teacher_bias ``[V]``.
+        teacher_hidden: ``[N, H_t]``; teacher_weight ``[V, H_t]`` (already cropped to V); teacher_bias ``[V]``;
+            or a :class:`SparseTeacher` over the N rows with teacher_weight and teacher_bias None.
         rows: ``[n]`` row indices to score (the valid positions).
         targets: ``[n]`` the rows' labels (for the ``ce`` indicator).
         chunk_size: rows per chunk.
@@ -116,8 +124,7 @@ def chunked_scores(
     out = torch.empty(n, dtype=dtype, device=student_hidden.device)
     parts = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
     for start, r, _, z_s, z_t in chunk_logits(*parts, rows, chunk_size):
-        lq, lp = log_probs(z_s, 1.0, dtype), log_probs(z_t, 1.0, dtype)
-        out[start : start + r.numel()] = score(lq, lp, targets[start : start + chunk_size])
+        out[start : start + r.numel()] = score(z_s, z_t, targets[start : start + chunk_size])
     return out
 
 
@@ -134,13 +141,13 @@ def chunk_loss_fn(
         raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
     squared = tau_weight == "squared"
 
-    def value(student_logits: Tensor, teacher_logits: Tensor, tau: Tensor | float) -> Tensor:
-        per_token = div(log_probs(student_logits, tau, dtype), log_probs(teacher_logits, tau, dtype))
+    def value(student_logits: Tensor, teacher_logits: Tensor | SparseTeacher, tau: Tensor | float) -> Tensor:
+        per_token = div(*pair_log_probs(student_logits, teacher_logits, tau, dtype))
         return (per_token * (tau * tau)).sum() if squared else per_token.sum()
 
     grad_and_value = torch.func.grad_and_value(value, argnums=(0, 2) if tau_grad else 0)
 
-    def chunk(student_logits: Tensor, teacher_logits: Tensor, tau: Tensor | float):
+    def chunk(student_logits: Tensor, teacher_logits: Tensor | SparseTeacher, tau: Tensor | float):
         grad, loss = grad_and_value(student_logits.to(dtype), teacher_logits, tau)
         return (loss, *grad) if tau_grad else (loss, grad)
 
@@ -222,7 +229,7 @@ class FusedKeptLossTauGrad(torch.autograd.Function):
         rows: Tensor,
         kept_scores: Tensor,
         targets: Tensor,
-        score: ScoreFn,
+        score: LogitScore,
         c: float,
         tau_base: float,
         reverse: bool,
@@ -248,10 +255,9 @@ class FusedKeptLossTauGrad(torch.autograd.Function):
         if grads.any:
             (grad_scores,) = torch.autograd.grad(tau_graph, s_k, grad_outputs=grad_tau * scale)
             for start, r, h, z_s, z_t in chunk_logits(*parts, rows, chunk_size):
-                lp = log_probs(z_t, 1.0, dtype)
                 with torch.enable_grad():
                     z_s = z_s.detach().to(dtype).requires_grad_(True)
-                    s = score(log_probs(z_s, 1.0, dtype), lp, targets[start : start + chunk_size])
+                    s = score(z_s, z_t, targets[start : start + chunk_size])
                     (g,) = torch.autograd.grad(s, z_s, grad_outputs=grad_scores[start : start + r.numel()])
                 grads.add(r, h, g, accumulate=True)
         ctx.save_for_backward(grads.h, grads.w, grads.b)
@@ -344,7 +350,7 @@ class FusedOnePassLoss(torch.autograd.Function):
         tau_base: float,
         reverse: bool,
         mean: bool,
-        score: ScoreFn,
+        score: LogitScore,
         chunk: ChunkFn,
         chunk_size: int,
         dtype: torch.dtype,
@@ -360,7 +366,7 @@ class FusedOnePassLoss(torch.autograd.Function):
         count = 0
         parts = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
         for start, r, h, z_s, z_t in chunk_logits(*parts, rows, chunk_size):
-            s = score(log_probs(z_s, 1.0, dtype), log_probs(z_t, 1.0, dtype), targets[start : start + chunk_size])
+            s = score(z_s, z_t, targets[start : start + chunk_size])
             scores[start : start + r.numel()] = s
             keep = (s >= threshold).nonzero().squeeze(1)
             if keep.numel() == 0:
@@ -368,7 +374,8 @@ class FusedOnePassLoss(torch.autograd.Function):
             count += keep.numel()
             if keep.numel() < r.numel():
                 r, h, s = r.index_select(0, keep), h.index_select(0, keep), s.index_select(0, keep)
-                z_s, z_t = z_s.index_select(0, keep), z_t.index_select(0, keep)
+                z_s = z_s.index_select(0, keep)
+                z_t = z_t.index_select(keep) if isinstance(z_t, SparseTeacher) else z_t.index_select(0, keep)
             if median is None:
                 tau: Tensor | float = tau_base
                 tau_sum += tau_base * keep.numel()

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .adaptive import keep_count, score_fn, select_tokens
-from .divergences import compute_dtype, divergence_fn, log_probs
+from .divergences import compute_dtype, divergence_fn
 from .errors import NonFiniteLossError
 from .fused import (
     FusedKeptLoss,
@@ -34,8 +34,17 @@ from .fused import (
 from .loss_options import C_MAX, build_controller, check_options
 from .loss_report import LossReport, make_report
 from .shapes import align_vocab, check_hidden_inputs, check_vocab_sizes
+from .sparse import FULL_STUDENT_INDICATORS, SparseTeacher, check_sparse, logit_scorer, pair_log_probs
 
-__all__ = ["C_MAX", "AdaKDLoss", "LossReport", "NonFiniteLossError", "align_vocab", "check_vocab_sizes"]
+__all__ = [
+    "C_MAX",
+    "AdaKDLoss",
+    "LossReport",
+    "NonFiniteLossError",
+    "SparseTeacher",
+    "align_vocab",
+    "check_vocab_sizes",
+]
 
 
 class AdaKDLoss(nn.Module):
@@ -218,6 +227,11 @@ class AdaKDLoss(nn.Module):
                 "probability 0 and the other does not"
             )
 
+    def _scorer(self, dtype: torch.dtype, differentiable: bool = False):
+        """The indicator on logits (dense or sparse teacher), at τ = 1."""
+        score = self.score_with_grad if differentiable else self.score
+        return logit_scorer(score, dtype, self.indicator in FULL_STUDENT_INDICATORS)
+
     def _needs_scores(self, n: int) -> bool:
         """Whether n valid tokens need difficulty scores: not in plain-KD mode (keep all, one τ)."""
         keeps_all = self.controller is None or keep_count(n, self.ratio) == n
@@ -251,13 +265,21 @@ class AdaKDLoss(nn.Module):
         return ratio, k, None, scores, tau
 
     def forward(
-        self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, return_report: bool = False
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor | SparseTeacher,
+        labels: Tensor,
+        *,
+        return_report: bool = False,
     ) -> Tensor | tuple[Tensor, LossReport]:
         """The AdaKD loss of one micro-batch, on materialised logits (the reference path).
 
         Args:
             student_logits: ``[..., V_s]``; position i predicts ``labels[i]`` (the caller shifts).
             teacher_logits: ``[..., V_t]``, V_t ≥ V_s (cropped by :func:`align_vocab`). No gradient flows to it.
+                Or a :class:`adakd.sparse.SparseTeacher` with the same leading shape (top-k ids < V_s, their
+                log-probabilities and the tail; a teacher cache): the divergence, the scores and IDTS then work on
+                the k + 1 coarse outcomes (``docs/method.md``, "Sparse teacher").
             labels: ``[...]`` target ids; ``ignore_index`` (-100) marks positions without loss.
 
             return_report: also return the :class:`LossReport` (what was kept, τ, L_t).
@@ -269,16 +291,25 @@ class AdaKDLoss(nn.Module):
         Raises:
             NonFiniteLossError: the loss is NaN or inf; nothing (statistics, LATF) has changed then.
         """
-        student_logits, teacher_logits = align_vocab(student_logits, teacher_logits, self.vocab_size)
+        sparse = isinstance(teacher_logits, SparseTeacher)
+        if sparse:
+            check_sparse(teacher_logits, student_logits.shape[:-1], student_logits.shape[-1])
+            check_vocab_sizes(student_logits.shape[-1], student_logits.shape[-1], self.vocab_size)
+        else:
+            student_logits, teacher_logits = align_vocab(student_logits, teacher_logits, self.vocab_size)
         if labels.shape != student_logits.shape[:-1]:
             raise ValueError(
                 f"labels {tuple(labels.shape)} must have the logits' leading shape {tuple(student_logits.shape[:-1])}"
             )
         vocab = student_logits.shape[-1]
         student = student_logits.reshape(-1, vocab)
-        teacher = teacher_logits.detach().reshape(-1, vocab)
+        if sparse:
+            teacher = SparseTeacher(*(t.detach() for t in teacher_logits)).reshape(-1)
+            dtype = compute_dtype(student, teacher.logprobs)
+        else:
+            teacher = teacher_logits.detach().reshape(-1, vocab)
+            dtype = compute_dtype(student, teacher)
         flat_labels = labels.reshape(-1)
-        dtype = compute_dtype(student, teacher)
         rows = (flat_labels != self.ignore_index).nonzero().squeeze(1)
         n = rows.numel()
         if n == 0:
@@ -288,26 +319,19 @@ class AdaKDLoss(nn.Module):
             return (loss, report) if return_report else loss
 
         def score_pass() -> Tensor:
+            targets = flat_labels.index_select(0, rows)
             if self.tau_has_grad:  # τ will carry the gradient back through these scores
-                return self.score_with_grad(
-                    log_probs(student.index_select(0, rows), 1.0, dtype),
-                    log_probs(teacher.index_select(0, rows), 1.0, dtype),
-                    flat_labels.index_select(0, rows),
-                )
+                return self._scorer(dtype, True)(student.index_select(0, rows), _rows(teacher, rows), targets)
             with torch.no_grad():
-                return self.score(
-                    log_probs(student.detach().index_select(0, rows), 1.0, dtype),
-                    log_probs(teacher.index_select(0, rows), 1.0, dtype),
-                    flat_labels.index_select(0, rows),
-                )
+                return self._scorer(dtype)(student.detach().index_select(0, rows), _rows(teacher, rows), targets)
 
         ratio, k, kept, scores, tau = self._select(n, score_pass)
         if kept is not None:
             rows = rows[kept]
         # One gather of the rows that take loss, straight from the inputs (no intermediate copy of all valid rows).
         if rows.numel() < student.shape[0]:
-            student, teacher = student.index_select(0, rows), teacher.index_select(0, rows)
-        per_token = self.div(log_probs(student, tau, dtype), log_probs(teacher, tau, dtype))
+            student, teacher = student.index_select(0, rows), _rows(teacher, rows)
+        per_token = self.div(*pair_log_probs(student, teacher, tau, dtype))
         per_token = per_token * self._weight(tau)
         loss = per_token.mean() if self.reduction == "mean" else per_token.sum()
         self._finite(loss)
@@ -318,8 +342,8 @@ class AdaKDLoss(nn.Module):
         self,
         student_hidden: Tensor,
         student_weight: Tensor,
-        teacher_hidden: Tensor,
-        teacher_weight: Tensor,
+        teacher_hidden: Tensor | SparseTeacher,
+        teacher_weight: Tensor | None,
         labels: Tensor,
         *,
         student_bias: Tensor | None = None,
@@ -339,7 +363,9 @@ class AdaKDLoss(nn.Module):
         Args:
             student_hidden: ``[N, H_s]`` (or ``[..., H_s]``), the student's final hidden states.
             student_weight: ``[V_s, H_s]``, the student's lm_head weight.
-            teacher_hidden: ``[N, H_t]`` (or ``[..., H_t]``, the same leading shape). No gradient flows to it.
+            teacher_hidden: ``[N, H_t]`` (or ``[..., H_t]``, the same leading shape). No gradient flows to it. Or a
+                :class:`adakd.sparse.SparseTeacher` with the same leading shape (a teacher cache), with
+                ``teacher_weight`` and ``teacher_bias`` None: the student's logits are still never materialised.
             teacher_weight: ``[V_t, H_t]``, V_t ≥ V_s; rows beyond V_s are padding and are cropped.
             labels: ``[N]`` (or ``[...]``) target ids; ``ignore_index`` marks positions without loss.
             student_bias: ``[V_s]`` or None.
@@ -368,13 +394,17 @@ class AdaKDLoss(nn.Module):
         )  # fmt: skip
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
-        h_s, h_t, v_s = student_hidden.shape[-1], teacher_hidden.shape[-1], student_weight.shape[0]
+        h_s, v_s = student_hidden.shape[-1], student_weight.shape[0]
         hs = student_hidden.reshape(-1, h_s)
-        ht = teacher_hidden.detach().reshape(-1, h_t)
-        wt = teacher_weight.detach()[:v_s]
-        bt = None if teacher_bias is None else teacher_bias.detach()[:v_s]
+        if isinstance(teacher_hidden, SparseTeacher):
+            ht, wt, bt = SparseTeacher(*(t.detach() for t in teacher_hidden)).reshape(-1), None, None
+            dtype = compute_dtype(hs, ht.logprobs)
+        else:
+            ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+            wt = teacher_weight.detach()[:v_s]
+            bt = None if teacher_bias is None else teacher_bias.detach()[:v_s]
+            dtype = compute_dtype(hs, ht)
         flat_labels = labels.reshape(-1)
-        dtype = compute_dtype(hs, ht)
         chunk_size = chunk_size or default_chunk_size(v_s, hs.device)
         rows = (flat_labels != self.ignore_index).nonzero().squeeze(1)
         n = rows.numel()
@@ -412,8 +442,9 @@ class AdaKDLoss(nn.Module):
 
         def score_pass() -> Tensor:
             scores = chunked_scores(
-                self.score, hs.detach(), ws.detach(), bs_detached, ht, wt, bt, rows, targets, chunk_size, dtype
-            )
+                self._scorer(dtype), hs.detach(), ws.detach(), bs_detached, ht, wt, bt, rows, targets, chunk_size,
+                dtype,
+            )  # fmt: skip
             if one_pass:
                 scored["all"] = scores  # becomes the one-pass state once the loss is known to be finite
             return scores
@@ -426,7 +457,7 @@ class AdaKDLoss(nn.Module):
             # τ is returned by the Function: its gradient flows back through the kept tokens' scores.
             kept_targets = targets if kept is None else targets[kept]
             loss, tau = FusedKeptLossTauGrad.apply(
-                hs, ws, bs, ht, wt, bt, rows, scores, kept_targets, self.score_with_grad, self.c, self.tau_base,
+                hs, ws, bs, ht, wt, bt, rows, scores, kept_targets, self._scorer(dtype, True), self.c, self.tau_base,
                 self.temperature == "reverse", scale, self._chunk_fn(dtype, impl, True), chunk_size, dtype,
             )  # fmt: skip
         else:
@@ -448,10 +479,10 @@ class AdaKDLoss(nn.Module):
         top = prev.topk(k_prev).values  # descending: the last is the k-th score
         threshold = top[-1].item() if k_prev < prev.numel() else -math.inf
         median = None if self.temperature == "fixed" else top.median().item()
-        dtype = compute_dtype(hs, ht)
+        dtype = compute_dtype(hs, ht.logprobs if isinstance(ht, SparseTeacher) else ht)
         loss, scores, info = FusedOnePassLoss.apply(
             hs, ws, bs, ht, wt, bt, rows, targets, threshold, median, self.c, self.tau_base,
-            self.temperature == "reverse", self.reduction == "mean", self.score, chunk_fn, chunk_size, dtype,
+            self.temperature == "reverse", self.reduction == "mean", self._scorer(dtype), chunk_fn, chunk_size, dtype,
         )  # fmt: skip
         count, tau_sum, tau_min, tau_max = info.tolist()
         if count == 0:
@@ -470,3 +501,8 @@ class AdaKDLoss(nn.Module):
         if key not in self._chunk_fns:
             self._chunk_fns[key] = chunk_loss_fn(self.div, dtype, impl, tau_weight=self.tau_weight, tau_grad=tau_grad)
         return self._chunk_fns[key]
+
+
+def _rows(teacher: Tensor | SparseTeacher, rows: Tensor) -> Tensor | SparseTeacher:
+    """The ``rows`` of a flat teacher: ``[N, V]`` logits or an ``[N]`` sparse teacher."""
+    return teacher.index_select(rows) if isinstance(teacher, SparseTeacher) else teacher.index_select(0, rows)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from .sparse import SparseTeacher, check_sparse
+
 __all__ = ["align_vocab", "check_hidden_inputs", "check_vocab_sizes"]
 
 
@@ -58,13 +60,17 @@ def check_hidden_inputs(
     student_hidden: Tensor,
     student_weight: Tensor,
     student_bias: Tensor | None,
-    teacher_hidden: Tensor,
-    teacher_weight: Tensor,
+    teacher_hidden: Tensor | SparseTeacher,
+    teacher_weight: Tensor | None,
     teacher_bias: Tensor | None,
     labels: Tensor,
     vocab_size: int | None,
 ) -> None:
     """Raise ``ValueError`` unless :meth:`AdaKDLoss.forward_hidden`'s inputs agree in shape, vocabulary and dtype."""
+    if isinstance(teacher_hidden, SparseTeacher):
+        _check_sparse_hidden(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                             teacher_bias, labels, vocab_size)  # fmt: skip
+        return
     h_s, h_t = student_hidden.shape[-1], teacher_hidden.shape[-1]
     lead = student_hidden.shape[:-1]
     if teacher_hidden.shape[:-1] != lead or labels.shape != lead:
@@ -89,3 +95,32 @@ def check_hidden_inputs(
     ):
         if t is not None and t.dtype != ref.dtype:
             raise ValueError(f"{name} is {t.dtype} but its hidden states are {ref.dtype}; cast one of them")
+
+
+def _check_sparse_hidden(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    student_bias: Tensor | None,
+    teacher: SparseTeacher,
+    teacher_weight: Tensor | None,
+    teacher_bias: Tensor | None,
+    labels: Tensor,
+    vocab_size: int | None,
+) -> None:
+    """:func:`check_hidden_inputs` for a sparse teacher (no teacher weight or bias)."""
+    if teacher_weight is not None or teacher_bias is not None:
+        raise ValueError("a sparse teacher takes no teacher_weight or teacher_bias (pass None)")
+    lead, h_s = student_hidden.shape[:-1], student_hidden.shape[-1]
+    if labels.shape != lead:
+        raise ValueError(f"student_hidden {tuple(student_hidden.shape)} and labels {tuple(labels.shape)} must share "
+                         "their leading shape")  # fmt: skip
+    if student_weight.dim() != 2 or student_weight.shape[1] != h_s:
+        raise ValueError(f"student_weight {tuple(student_weight.shape)} must be [V_s, {h_s}]")
+    v_s = student_weight.shape[0]
+    check_vocab_sizes(v_s, v_s, vocab_size)
+    if student_bias is not None and (student_bias.dim() != 1 or student_bias.shape[0] != v_s):
+        raise ValueError(f"student_bias {tuple(student_bias.shape)} must be a vector over the vocabulary")
+    for name, t in (("student_weight", student_weight), ("student_bias", student_bias)):
+        if t is not None and t.dtype != student_hidden.dtype:
+            raise ValueError(f"{name} is {t.dtype} but its hidden states are {student_hidden.dtype}; cast one of them")
+    check_sparse(teacher, lead, v_s)
