@@ -27,6 +27,9 @@ FIXES = {
     "train": "The message names the config key or the checkpoint; fix that key, point it at an existing file or "
     "folder, or resume from another checkpoint (`--resume outputs/run/checkpoint-N`).",
     "data": "Fix the data file at the line named (or the record index), or the `data.*` key.",
+    "cache": "A flag of `adakd cache` or its `--output` folder (use another folder, or `--overwrite`), or a "
+    "`teacher.cache` made for another run: the message names what differs; compute the cache again for this run "
+    "([the teacher cache](cache.md)).",
     "loss_options.py": "Set the loss option (the `AdaKDLoss` argument, or `loss.<option>` in a config, where the "
     "line reads `FILE: loss.<option>: <reason>`) to a valid value; the message lists them.",
     "adaptive.py": "Set the LATF or schedule option (`loss.<option>`) in range.",

@@ -199,9 +199,11 @@ def sparse_divergence(
     """Per-position divergence D(p̃^τ, q̃^τ) between a sparse teacher and the student's coarse view of itself.
 
     Args:
-        name, temperature, params: as :func:`adakd.divergence`.
+        name: the base divergence, as :func:`adakd.divergence`.
         student_logits: ``[..., V]``.
         teacher: a :class:`SparseTeacher` with leading shape ``[...]``.
+        temperature: τ, a float or one per position ``[...]``; applied to the k + 1 outcomes.
+        **params: the divergence's parameters, as :func:`adakd.divergence`.
 
     Returns:
         ``[...]`` float32 (float64 for float64 logits), no reduction.

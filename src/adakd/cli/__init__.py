@@ -1,6 +1,7 @@
 """The ``adakd`` command line: one entry point, one small module per subcommand.
 
     adakd train CONFIG.yaml [key.sub=value ...] [--resume [CHECKPOINT]]
+    adakd cache CONFIG.yaml --output DIR [--top-k K] [key.sub=value ...]
     adakd eval --model PATH --data-dir DIR --output results.json [...]
     adakd compare results_a.json results_b.json ... [--plot chart.png]
     adakd demo [--output DIR] [--quick] [--train-seeds S ...] [--ablations]
@@ -22,6 +23,7 @@ import logging
 import sys
 
 from ..errors import AdakdError, InputError
+from . import cache as cache_cmd
 from . import compare as compare_cmd
 from . import demo as demo_cmd
 from . import eval as eval_cmd
@@ -40,6 +42,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # The optional dependencies (pyproject extras) each command imports.
 EXTRAS = {
     "train": ("train",),
+    "cache": ("train",),
     "eval": ("train", "eval"),
     "compare": ("eval",),
     "demo": ("train", "eval"),
@@ -58,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train_cmd.add_parser(sub)
+    cache_cmd.add_parser(sub)
     eval_cmd.add_parser(sub)
     compare_cmd.add_parser(sub)
     demo_cmd.add_parser(sub)

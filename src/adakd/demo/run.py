@@ -142,9 +142,11 @@ def _train(
     sizes: dict[str, Any] | None = None,
     init: Path | None = None,
     teacher: Path | None = None,
+    teacher_cache: Path | None = None,
 ):
     """Train one model through the library's own trainer, from an inline config (``sizes``) or a saved model
-    (``init``); returns (final dir, metrics rows, seconds, trainer)."""
+    (``init``), distilling from ``teacher`` (a saved model) or ``teacher_cache`` (an ``adakd cache`` folder);
+    returns (final dir, metrics rows, seconds, trainer)."""
     from transformers.trainer_callback import ProgressCallback
 
     from ..train import build_trainer, load_config
@@ -178,6 +180,8 @@ def _train(
     }
     if teacher is not None:
         spec["teacher"] = {"name_or_path": str(teacher), "tokenizer": str(tok_dir)}
+    if teacher_cache is not None:
+        spec["teacher"] = {"cache": str(teacher_cache)}
     config = load_config(data=spec)
     # The demo (and the study) own their run folders: a rerun, or a run cut short before, starts over instead of
     # appending to the earlier run's metrics.

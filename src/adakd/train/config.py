@@ -76,6 +76,9 @@ class ModelSection:
     adapter: str | None = None  # a LoRA adapter trained on name_or_path, merged once at load
     quantization: dict[str, Any] | None = None  # transformers.BitsAndBytesConfig arguments: {load_in_4bit: true, ...}
     license: str | None = None  # student only: the license in final/'s model card (e.g. apache-2.0)
+    # teacher only: a folder written by `adakd cache` (docs/cache.md); training reads the teacher's top-k
+    # distributions from it and loads no teacher model (name_or_path and config may then be left out)
+    cache: str | None = None
 
 
 @dataclass
@@ -208,6 +211,10 @@ class DistillConfig:
         for name, model in (("student", self.student), ("teacher", self.teacher)):
             if model is None:
                 continue
+            if model.cache is not None and name == "student":
+                raise self.error("student.cache", "only the teacher can be read from a cache (teacher.cache)")
+            if model.cache is not None and model.name_or_path is None and model.config is None:
+                continue  # a cached teacher needs no model
             if (model.name_or_path is None) == (model.config is None):
                 raise self.error(name, "give exactly one of name_or_path (hub id or path) and config (inline)")
             if model.config is not None and "model_type" not in model.config:
@@ -247,6 +254,7 @@ class DistillConfig:
             raise self.error("loss.base_params.lam", f"must be a number, got {lam!r}")
         self._validate_onpolicy()
         self._validate_eval()
+        self._validate_cache()
         # The loss's own constructor is the one place its values are checked (ranges, choices, combinations);
         # building it is cheap and side-effect free, and its OptionError names the key.
         try:
@@ -415,6 +423,31 @@ class DistillConfig:
         if not 0 < prompt < length:
             raise self.error("eval.max_prompt_length", f"need 0 < it < max_length, got {prompt} and {length}")
 
+    def _validate_cache(self) -> None:
+        """``teacher.cache``: what a teacher read from disk cannot do (docs/cache.md)."""
+        if self.teacher is None or self.teacher.cache is None:
+            return
+        refusals = (
+            (self.loss.kd_ratio == 0, "loss.kd_ratio is 0: nothing would read the cache"),
+            (
+                self.onpolicy.mode != "off",
+                f"onpolicy.mode {self.onpolicy.mode!r} trains on newly generated sequences, which need a live "
+                "teacher: remove teacher.cache (and give teacher.name_or_path) or set onpolicy.mode: off",
+            ),
+            (
+                self.data.streaming,
+                "data.streaming: a cache is read by example index, which a stream does not have",
+            ),
+            (
+                self.data.eval_path is not None or self.data.eval_split is not None,
+                "evaluation during training (data.eval_path / data.eval_split) needs the teacher on the eval set, "
+                "which the cache does not hold: leave the eval set out, or train with a live teacher",
+            ),
+        )
+        for refused, message in refusals:
+            if refused:
+                raise self.error("teacher.cache", message)
+
     def build_loss(self, total_steps: int, vocab_size: int | None = None) -> Any:
         """The run's :class:`adakd.AdaKDLoss` (``reduction="sum"``: the trainer normalises over the window)."""
         from .. import AdaKDLoss
@@ -543,7 +576,7 @@ def _expand_paths(config: DistillConfig) -> None:
     """``$VAR`` / ``${VAR}`` in paths (e.g. ``${ADAKD_DATA}/dolly``) come from the environment."""
     for section, model in (("student", config.student), ("teacher", config.teacher)):
         if model is not None:
-            for name in ("name_or_path", "tokenizer", "adapter"):
+            for name in ("name_or_path", "tokenizer", "adapter", "cache"):
                 value = getattr(model, name)
                 if value:
                     setattr(model, name, _expand(config, f"{section}.{name}", value))

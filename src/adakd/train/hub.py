@@ -270,6 +270,9 @@ def _what(config: DistillConfig, adapter: bool) -> str:
     if teacher is None or config.loss.kd_ratio == 0:
         return f"{kind} fine-tuned from {student_name} without a teacher (plain SFT)"
     teacher_name = f"`{teacher.name_or_path}`" if teacher.name_or_path else "a randomly initialised model"
+    if teacher.cache is not None:
+        teacher_name = f"`{teacher.name_or_path}`" if teacher.name_or_path else "a teacher"
+        teacher_name += " (its top-k distributions, read from an `adakd cache` folder)"
     return f"{kind} distilled from the teacher {teacher_name} into the student {student_name}"
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "load_tokenizer",
     "optimizer_steps",
     "run",
+    "teacher_cache",
     "training_arguments",
     "training_examples",
 ]
@@ -181,6 +182,8 @@ def check_tokenizers(config: DistillConfig, tokenizer: Any) -> None:
 
     teacher = config.teacher
     if teacher is None or config.loss.kd_ratio == 0 or config.loss.allow_tokenizer_mismatch:
+        return
+    if teacher.cache is not None:  # the cache's manifest holds the tokenizer it was made with (open_cache checks)
         return
     source = teacher.tokenizer or teacher.name_or_path
     try:
@@ -337,7 +340,7 @@ def load_models(config: DistillConfig, args: Any, tokenizer: Any) -> tuple[Any, 
             the tokenizer and each other.
     """
     section = config.student
-    teaching = config.teacher is not None and config.loss.kd_ratio > 0
+    teaching = config.teacher is not None and config.loss.kd_ratio > 0 and config.teacher.cache is None
     # Before any model is loaded: a quantisation this machine cannot run would otherwise stop the run only after
     # the student (or a 70B teacher) was read.
     check_quantization_backend(section, "student", args.device)
@@ -434,6 +437,30 @@ def evaluation_data(config: DistillConfig, args: Any, tokenizer: Any) -> tuple[E
     return eval_dataset, rouge
 
 
+def teacher_cache(config: DistillConfig, args: Any, tokenizer: Any, examples: Any, student_rows: int) -> Any:
+    """The run's :class:`adakd.cache.TeacherCache` (``teacher.cache``), checked against this run's tokenizer, data
+    and student; None without one. The Trainer then keeps the batches' ``example_index`` column.
+
+    Raises:
+        ConfigError: under ``teacher.cache``: a cache that is incomplete, corrupt, or made for other data, another
+            tokenizer or another student vocabulary (see :func:`adakd.cache.open_cache`).
+    """
+    if config.teacher is None or config.teacher.cache is None or config.loss.kd_ratio == 0:
+        return None
+    from ..cache import open_cache
+
+    cache = open_cache(config.teacher.cache, config=config, tokenizer=tokenizer, examples=examples)
+    if cache.vocab_size != student_rows:
+        raise ConfigError(
+            f"teacher.cache: {config.teacher.cache}: made for a student vocabulary of {cache.vocab_size} rows, this "
+            f"student has {student_rows}"
+        )
+    args.remove_unused_columns = False  # the collator needs each example's index
+    made = cache.manifest.get("teacher", {}).get("name_or_path") or "an inline teacher"
+    _log(args, f"teacher: read from the cache {config.teacher.cache} (top-{cache.top_k} of {made}); no model loaded")
+    return cache
+
+
 def build_trainer(config: DistillConfig) -> AdaKDTrainer:
     """Everything a run needs, checked before any training step: output folder, tokenizer, data, models,
     vocabularies, loss.
@@ -451,6 +478,7 @@ def build_trainer(config: DistillConfig) -> AdaKDTrainer:
     examples, eval_examples = training_examples(config, args, tokenizer)
     eval_dataset, rouge = evaluation_data(config, args, tokenizer)
     student, teacher = load_models(config, args, tokenizer)
+    cache = teacher_cache(config, args, tokenizer, examples, _vocab_rows(student))
     loss_fn = config.build_loss(total_steps=optimizer_steps(args, len(examples)), vocab_size=len(tokenizer))
     onpolicy = None
     if config.onpolicy.mode != "off":
@@ -462,6 +490,12 @@ def build_trainer(config: DistillConfig) -> AdaKDTrainer:
             max_length=config.data.max_length,
             eval_examples=eval_examples,
         )
+    collator = DistillCollator(tokenizer.pad_token_id)
+    train_dataset = ExampleDataset(examples)
+    if cache is not None:
+        from ..cache import CachedTeacherCollator, IndexedExamples
+
+        collator, train_dataset = CachedTeacherCollator(collator, cache), IndexedExamples(examples)
     return AdaKDTrainer(
         student,
         teacher,
@@ -472,10 +506,11 @@ def build_trainer(config: DistillConfig) -> AdaKDTrainer:
         onpolicy=onpolicy,
         nonfinite=config.loss.nonfinite,
         rouge=rouge,
+        teacher_cache=cache is not None,
         args=args,
-        train_dataset=ExampleDataset(examples),
+        train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=DistillCollator(tokenizer.pad_token_id),
+        data_collator=collator,
         processing_class=tokenizer,
     )
 

@@ -49,6 +49,7 @@ from .. import AdaKDLoss
 from ..errors import NonFiniteLossError
 from ..integrations import step_latf, window_mean
 from ..loss import LossReport
+from ..sparse import SparseTeacher
 from .callbacks import LossStateCallback
 from .checkpoints import (
     STAGING_DIR,
@@ -100,6 +101,10 @@ class AdaKDTrainer(EvaluationMixin, Trainer):
         onpolicy: GKD / DistiLLM batch generation (:class:`adakd.train.onpolicy.OnPolicyController`), or None.
         nonfinite: ``error`` (stop the run) or ``skip`` (drop the micro-batch) on non-finite logits or loss.
         rouge: ROUGE-L during training (:class:`adakd.train.evaluation.RougeDuringTraining`), or None.
+        teacher_cache: no teacher model: every batch carries the teacher's top-k distributions read from an
+            ``adakd cache`` folder (``teacher_ids``, ``teacher_logprobs`` [B, T−1, k] and ``teacher_tail`` [B, T−1],
+            aligned with the shifted labels; :class:`adakd.cache.CachedTeacherCollator`), which the loss takes as
+            a :class:`adakd.sparse.SparseTeacher`.
         **kwargs: ``transformers.Trainer`` arguments (``args``, ``train_dataset``, ``data_collator``, ...).
     """
 
@@ -115,12 +120,15 @@ class AdaKDTrainer(EvaluationMixin, Trainer):
         onpolicy: OnPolicyController | None = None,
         nonfinite: str = "error",
         rouge: RougeDuringTraining | None = None,
+        teacher_cache: bool = False,
         **kwargs: Any,
     ) -> None:
         if loss_fn.reduction != "sum":
             raise ValueError("AdaKDTrainer needs AdaKDLoss(reduction='sum'): it normalises over the whole window")
-        if teacher_model is None and kd_ratio > 0:
+        if teacher_model is None and kd_ratio > 0 and not teacher_cache:
             raise ValueError("no teacher: kd_ratio must be 0 (plain SFT)")
+        if teacher_cache and (teacher_model is not None or onpolicy is not None):
+            raise ValueError("teacher_cache replaces the teacher model, and cannot serve on-policy generation")
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite: unknown policy {nonfinite!r}; valid: {', '.join(NONFINITE_POLICIES)}")
         super().__init__(model=model, **kwargs)
@@ -129,6 +137,7 @@ class AdaKDTrainer(EvaluationMixin, Trainer):
         self.fused = fused
         self.chunk_size = chunk_size
         self.onpolicy = onpolicy
+        self.teacher_cache = teacher_cache
         self.nonfinite = nonfinite
         self.empty_batches = 0  # micro-batches with no supervised token (loss 0, zero gradient)
         self.skipped_nonfinite = 0  # micro-batches dropped under nonfinite="skip"
@@ -238,14 +247,19 @@ class AdaKDTrainer(EvaluationMixin, Trainer):
         self.skipped_nonfinite += 1
         warnings.warn(f"adakd: step {step}: non-finite {what}; micro-batch skipped", RuntimeWarning, stacklevel=3)
 
-    def _logits_terms(self, model, ids, mask, labels) -> tuple[Any, Any, Any, LossReport | None]:
+    @property
+    def distils(self) -> bool:
+        """Whether the run has a KD term: a teacher (a model, or a cache) and ``kd_ratio > 0``."""
+        return (self.teacher is not None or self.teacher_cache) and self.kd_ratio > 0
+
+    def _logits_terms(self, model, ids, mask, labels, cached) -> tuple[Any, Any, Any, LossReport | None]:
         """(Σ CE, Σ KD, zero loss if the micro-batch is skipped, the loss's report) on materialised logits."""
         student = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        teacher = None
+        teacher = cached
         if self.teacher is not None and self.kd_ratio > 0:
             with torch.no_grad():
                 teacher = self.teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        for name, x in (("student", student), ("teacher", teacher)):
+        for name, x in (("student", student), ("teacher", None if cached is not None else teacher)):
             if x is not None and not bool(torch.isfinite(x).all()):
                 self._skip(f"{name} logits")
                 return None, None, self._zero_loss(model, student if name == "teacher" else None), None
@@ -262,7 +276,7 @@ class AdaKDTrainer(EvaluationMixin, Trainer):
                 return None, None, self._zero_loss(model, student), None
         return ce, kd, None, report
 
-    def _fused_terms(self, model, ids, mask, labels) -> tuple[Any, Any, Any, LossReport | None]:
+    def _fused_terms(self, model, ids, mask, labels, cached) -> tuple[Any, Any, Any, LossReport | None]:
         """(Σ CE, Σ KD, zero loss if skipped, the loss's report) from hidden states and lm_head weights: the
         student's decoder runs through its engine wrapper, and the loss inside its lm_head's forward, where the
         engine holds the full weight (see :mod:`adakd.train.engines`)."""
@@ -306,7 +320,12 @@ class AdaKDTrainer(EvaluationMixin, Trainer):
             try:
                 if ce is not None and not bool(torch.isfinite(ce)):
                     raise NonFiniteLossError("non-finite cross-entropy")
-                if self.kd_ratio > 0:
+                if self.kd_ratio > 0 and cached is not None:
+                    kd, result["report"] = self.loss_fn.forward_hidden(
+                        hidden, weight, cached, None, labels, student_bias=bias, chunk_size=self.chunk_size,
+                        return_report=True,
+                    )  # fmt: skip
+                elif self.kd_ratio > 0:
                     dtype = teacher_hidden.dtype
                     kd, result["report"] = self.loss_fn.forward_hidden(
                         hidden, weight, teacher_hidden, t_weight.to(dtype), labels,
@@ -374,7 +393,7 @@ class AdaKDTrainer(EvaluationMixin, Trainer):
         # Evaluation forwards must not move LATF: the loss counts L_t towards its next step in training mode only.
         self.loss_fn.train(model.training)
         terms = self._fused_terms if self.fused else self._logits_terms
-        ce_sum, kd_sum, zero, report = terms(model, ids, mask, labels)
+        ce_sum, kd_sum, zero, report = terms(model, ids, mask, labels, self._cached_teacher(inputs))
         if zero is not None:
             return (zero, None) if return_outputs else zero
         if num_items_in_batch is None:  # evaluation, or a caller outside the Trainer loop: this batch alone
@@ -396,6 +415,18 @@ class AdaKDTrainer(EvaluationMixin, Trainer):
         loss = loss * scale
         return (loss, None) if return_outputs else loss
 
+    def _cached_teacher(self, inputs: dict[str, torch.Tensor]) -> SparseTeacher | None:
+        """The batch's sparse teacher ``[B, T−1]`` when the run reads a teacher cache, else None."""
+        if not self.teacher_cache or self.kd_ratio == 0:
+            return None
+        try:
+            return SparseTeacher(inputs["teacher_ids"], inputs["teacher_logprobs"], inputs["teacher_tail"])
+        except KeyError as e:
+            missing = e.args[0]
+            raise ValueError(
+                f"teacher_cache: the batch has no {missing!r} (use adakd.cache.CachedTeacherCollator)"
+            ) from None
+
     # ----------------------------------------------------------------------------------------------------------
     def _accumulate(self, ce, kd, scale: float, report: LossReport | None) -> None:
         # Scaled like the returned loss, so that (1 − kd_ratio)·ce_loss + kd_ratio·kd_loss = loss on one process.
@@ -415,7 +446,7 @@ class AdaKDTrainer(EvaluationMixin, Trainer):
         Every rank enters the all-reduce at every optimizer step, also one whose micro-batches were all skipped (it
         contributes a zero count); a step in which no rank kept a micro-batch leaves LATF where it is, on every rank.
         """
-        if self.teacher is None or self.kd_ratio == 0:  # the same on every rank: no KD, no LATF, no collective
+        if not self.distils:  # the same on every rank: no KD, no LATF, no collective
             return
         step_latf(self.loss_fn, self.accelerator)
 

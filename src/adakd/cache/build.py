@@ -1,0 +1,378 @@
+"""``adakd cache``: run the teacher once over the training data and store its top-k at every supervised position.
+
+The examples are built exactly as ``adakd train`` builds them (same tokenizer, template, masking and length policy),
+so that a training run reading the cache (``teacher.cache``) finds one row per supervised position.
+
+Resumable: ``plan.json`` (what the cache is made of) is written before any shard, and shards are written atomically;
+the same command run again skips the shards already there, another command is refused. Several processes
+(``torchrun``): shard s is computed by rank s % world, rank 0 writes ``manifest.json`` once all are there.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+from pathlib import Path
+from typing import Any
+
+from ..files import write_json
+from ..shapes import check_vocab_sizes
+from .format import (
+    FORMAT,
+    MANIFEST,
+    PLAN,
+    data_info,
+    digest_examples,
+    first_difference,
+    id_dtype,
+    is_cache_file,
+    sha256_file,
+    shard_name,
+    show,
+    template_info,
+    tokenizer_info,
+)
+from .writer import compute_shard, linear_head, student_vocab_rows, vocab_rows, write_shard
+
+__all__ = ["LOGPROB_DTYPES", "build_cache", "check_cache_config"]
+
+LOGPROB_DTYPES = ("float16", "float32")
+# A process that finished its shards waits at the final barrier for the others' (a shard of a large teacher can
+# take longer than the process group's default 30 minutes).
+_FINAL_WAIT = datetime.timedelta(days=7)
+
+
+def check_cache_config(config: Any) -> None:
+    """Refuse a config whose run ``adakd cache`` cannot serve; raises :class:`ConfigError` naming the key."""
+    if config.teacher is None:
+        raise config.error("teacher", "adakd cache runs the teacher, and the config has none")
+    cached = getattr(config.teacher, "cache", None)
+    if cached:
+        raise config.error(
+            "teacher.cache", f"is set ({cached}): adakd cache computes a cache from the live teacher; drop the key"
+        )
+    if config.loss.kd_ratio == 0:
+        raise config.error("loss.kd_ratio", "is 0: the run trains without the teacher, so there is nothing to cache")
+    if config.onpolicy.mode != "off":
+        raise config.error(
+            "onpolicy.mode",
+            f"{config.onpolicy.mode} distils on text generated during training, which needs the live teacher: a cache "
+            "holds the teacher on the training data only",
+        )
+    if config.data.streaming:
+        raise config.error(
+            "data.streaming", "a cache is indexed by example, and a stream has no index: set data.streaming: false"
+        )
+
+
+def _check_options(top_k: int, dtype: str, batch_size: int, shard_examples: int) -> None:
+    from ..errors import InputError
+
+    for flag, value in (("--top-k", top_k), ("--batch-size", batch_size), ("--shard-examples", shard_examples)):
+        if not isinstance(value, int) or value < 1:
+            raise InputError(f"{flag}: must be a positive integer, got {value}")
+    if dtype not in LOGPROB_DTYPES:
+        raise InputError(f"--dtype: {dtype!r} is not one of {', '.join(LOGPROB_DTYPES)}")
+
+
+def _plan(config: Any, tokenizer: Any, digest: Any, conversations: bool, **fields: Any) -> dict[str, Any]:
+    """What the cache is made of, in the order a difference is reported (the manifest less ``created`` and
+    ``shards``). ``fields``: ``top_k``, ``logprob_dtype``, ``shard_examples``, and once the teacher is loaded
+    ``vocab_size`` and ``id_dtype``."""
+    t, d = config.teacher, config.data
+    teacher = {
+        "name_or_path": t.name_or_path,
+        "revision": t.model_kwargs.get("revision"),
+        "dtype": t.dtype,
+        "adapter": t.adapter,
+        "quantization": t.quantization,
+        "config": t.config,
+    }
+    if t.config is not None:
+        teacher["seed"] = t.seed  # an inline teacher's weights are drawn from it
+    plan = {"format": FORMAT, "teacher": teacher}
+    keys = ("vocab_size", "teacher_vocab_size", "top_k", "logprob_dtype", "id_dtype")
+    plan.update({key: fields[key] for key in keys if key in fields})
+    plan["tokenizer"] = tokenizer_info(config.student.tokenizer or config.student.name_or_path, tokenizer)
+    plan.update(data=data_info(d), template=template_info(d.template, tokenizer, conversations))
+    plan.update(max_length=d.max_length, max_prompt_length=d.max_prompt_length, shard_examples=fields["shard_examples"])
+    plan.update(examples=digest.count, positions=digest.total, examples_sha256=digest.sha256)
+    return plan
+
+
+def _conversations(config: Any) -> bool:
+    """Whether the training examples are conversations rendered with a chat template (as
+    :func:`adakd.data.tokenize_rows` decides: from ``data.format``, else the first row)."""
+    if config.data.source != "hf":
+        return False
+    from ..data import detect_format
+    from ..train.run import load_records
+
+    first = next(iter(load_records(config)), None)
+    if first is None:
+        return False
+    data_format = config.data.format or detect_format(first, "data row 0")
+    return data_format == "messages" or (data_format == "prompt_completion" and isinstance(first.get("prompt"), list))
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+class _Folder:
+    """The ``--output`` folder as found at start: its plan and manifest (None when absent or unreadable)."""
+
+    def __init__(self, output: str, overwrite: bool) -> None:
+        from ..errors import InputError
+
+        self.output, self.path = output, Path(output)
+        if self.path.exists() and not self.path.is_dir():
+            raise InputError(f"--output {output}: exists and is not a folder")
+        self.plan = self.manifest = None
+        if overwrite or not self.path.is_dir():
+            return
+        self.plan, self.manifest = _read_json(self.path / PLAN), _read_json(self.path / MANIFEST)
+        others = sorted(p.name for p in self.path.iterdir() if not is_cache_file(p.name))
+        if self.plan is None and (others or any(self.path.iterdir())):
+            shown = ", ".join(others[:3]) or "cache files without plan.json"
+            raise InputError(f"--output {output}: not empty and holds no adakd cache ({shown}); use another folder")
+
+    def check(self, plan: dict[str, Any]) -> dict[str, Any]:
+        """Refuse a folder that holds a cache made another way, naming the first field that differs; returns
+        ``plan``, its ``top_k`` made effective (min(k, V_t)) from the old plan when the teacher is not loaded yet."""
+        if self.plan is None:
+            return plan
+        from ..errors import InputError
+
+        old = self.plan
+        if "vocab_size" not in plan and isinstance(old.get("vocab_size"), int):
+            plan = {**plan, "top_k": min(plan["top_k"], old["vocab_size"])}
+        diff = first_difference(old, plan)
+        if diff is not None:
+            key, was, now = diff
+            raise InputError(
+                f"--output {self.output}: holds a cache made with {key} {show(was)}, not {show(now)}; use another "
+                "folder or --overwrite"
+            )
+        return plan
+
+    def complete(self, plan: dict[str, Any]) -> bool:
+        """Whether the manifest is there, matches ``plan`` and every shard it lists is there with its size."""
+        m = self.manifest
+        return m is not None and first_difference(m, plan) is None and not self.damaged(missing=True)
+
+    def damaged(self, missing: bool = False) -> set[str]:
+        """The shards the manifest lists whose file has another size (truncated), and with ``missing`` those that
+        are not there: they are computed again."""
+        out = set()
+        for shard in (self.manifest or {}).get("shards", []):
+            path = self.path / str(shard.get("file"))
+            if path.is_file() and path.stat().st_size != shard.get("bytes"):
+                out.add(path.name)
+            elif missing and not path.is_file():
+                out.add(path.name)
+        return out
+
+
+class _Ranks:
+    """The processes of a ``torchrun`` launch (one process: no-ops)."""
+
+    def __init__(self, args: Any) -> None:
+        import torch.distributed as dist
+
+        self.rank, self.world = args.process_index, max(1, args.world_size)
+        self.group = None
+        if self.world > 1 and dist.is_available() and dist.is_initialized():
+            self.group = dist.new_group(backend="gloo", timeout=_FINAL_WAIT)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.group is not None:
+            import torch.distributed as dist
+
+            dist.barrier(group=self.group)
+
+
+def _log(ranks: _Ranks, message: str) -> None:
+    if ranks.main:
+        print(f"[adakd] {message}", flush=True)
+
+
+def _prepare(folder: _Folder, plan: dict[str, Any], overwrite: bool, ranks: _Ranks) -> None:
+    """Rank 0, while the others wait: delete the old cache (``--overwrite``) or an outdated manifest and the
+    temporary files an interrupted run left, then write ``plan.json``."""
+    if ranks.main:
+        folder.path.mkdir(parents=True, exist_ok=True)
+        damaged = folder.damaged()
+        for path in folder.path.iterdir():
+            stale = overwrite or ".tmp" in path.name or path.name == MANIFEST or path.name in damaged
+            if stale and is_cache_file(path.name):
+                path.unlink()
+        write_json(folder.path / PLAN, plan)
+    ranks.barrier()
+
+
+def _teacher(config: Any, args: Any) -> Any:
+    """The teacher alone, on the run's device, in eval mode, without gradients."""
+    from ..train.models import check_quantization_backend, load_model
+
+    check_quantization_backend(config.teacher, "teacher", args.device)
+    model = load_model(config.teacher, "teacher", device=args.device)
+    if not getattr(model, "is_quantized", False):  # a quantised model was loaded onto its device
+        model = model.to(args.device)
+    return model.eval().requires_grad_(False)
+
+
+def _shards(digest: Any, shard_examples: int) -> list[tuple[int, int, int]]:
+    """``(first example, examples, positions)`` of each shard."""
+    out = []
+    for first in range(0, digest.count, shard_examples):
+        count = min(shard_examples, digest.count - first)
+        out.append((first, count, int(digest.positions[first : first + count].sum())))
+    return out
+
+
+def _compute(model: Any, examples: Any, shards: list, folder: Path, ranks: _Ranks, **options: Any) -> int:
+    """Compute and write this process's missing shards (shard s belongs to rank s % world); returns their count.
+    ``options``: :func:`~adakd.cache.writer.compute_shard`'s keywords."""
+    from tqdm.auto import tqdm
+
+    mine = [s for s in range(len(shards)) if s % ranks.world == ranks.rank]
+    todo = [s for s in mine if not (folder / shard_name(s)).is_file()]
+    if len(todo) < len(mine):
+        _log(ranks, f"cache: {len(mine) - len(todo)} of this process's {len(mine)} shards already written, kept")
+    total = sum(shards[s][1] for s in todo)
+    with tqdm(total=total, desc="adakd cache", unit="ex", disable=not ranks.main) as progress:
+        for s in todo:
+            first, count, positions = shards[s]
+            tensors = compute_shard(model, examples, first, count, progress=progress, **options)
+            if int(tensors["offsets"][-1]) != positions:  # the collator masks as the digest counts: a bug otherwise
+                raise RuntimeError(f"shard {s}: {int(tensors['offsets'][-1])} rows for {positions} positions")
+            write_shard(folder / shard_name(s), tensors)
+    return len(todo)
+
+
+def _write_manifest(folder: _Folder, plan: dict[str, Any], shards: list) -> dict[str, Any]:
+    """Read every shard back (its size, sha256 and row count) and write ``manifest.json`` atomically."""
+    from safetensors import safe_open
+
+    from ..errors import InputError
+
+    entries = []
+    for s, (first, count, positions) in enumerate(shards):
+        path = folder.path / shard_name(s)
+        with safe_open(str(path), framework="numpy") as f:
+            rows = int(f.get_tensor("offsets")[-1])
+        if rows != positions:
+            raise InputError(
+                f"--output {folder.output}: {path.name} holds {rows} rows where this cache has {positions} "
+                "positions (a file from another run?): delete it and run the command again"
+            )
+        size, sha = sha256_file(path)
+        entries.append(
+            {"file": path.name, "first_example": first, "examples": count, "positions": positions, "bytes": size,
+             "sha256": sha}
+        )  # fmt: skip
+    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    manifest = {"format": plan["format"], "created": created, **plan, "shards": entries}
+    write_json(folder.path / MANIFEST, manifest)
+    return manifest
+
+
+def _summary(manifest: dict[str, Any], output: str, computed: int, rank: int) -> dict[str, Any]:
+    size = sum(s["bytes"] for s in manifest["shards"])
+    return {
+        "output": output,
+        "examples": manifest["examples"],
+        "positions": manifest["positions"],
+        "shards": len(manifest["shards"]),
+        "bytes": size,
+        "bytes_per_position": size / max(1, manifest["positions"]),
+        "computed_shards": computed,
+        "rank": rank,
+    }
+
+
+def build_cache(
+    config: Any,
+    output: str,
+    *,
+    top_k: int = 32,
+    dtype: str = "float16",
+    batch_size: int = 8,
+    shard_examples: int = 1024,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Compute the teacher cache of ``config``'s training data into the folder ``output`` (see the module).
+
+    Args:
+        config: a :class:`adakd.train.DistillConfig` with a teacher (not itself a cache), off-policy, not streamed.
+        output: the cache folder; a folder holding this same plan is continued, another plan is refused.
+        top_k: tokens kept per position (at most the teacher's vocabulary).
+        dtype: the log-probabilities' storage dtype, ``float16`` or ``float32`` (the tail is always float32).
+        batch_size: examples per teacher forward pass.
+        shard_examples: examples per shard file.
+        overwrite: delete the cache files ``output`` holds first.
+
+    Returns:
+        ``output``, ``examples``, ``positions``, ``shards``, ``bytes`` (the shards'), ``bytes_per_position``,
+        ``computed_shards`` (0 for a cache found complete), ``rank``; a process other than rank 0 returns its own
+        ``computed_shards`` and ``rank`` only.
+
+    Raises:
+        ConfigError: a config ``adakd cache`` refuses (:func:`check_cache_config`), or what training would refuse.
+        InputError: a bad option, or an ``output`` that holds something else.
+    """
+    _check_options(top_k, dtype, batch_size, shard_examples)
+    check_cache_config(config)
+    from ..data import DistillCollator
+    from ..train.config import ConfigError
+    from ..train.run import check_tokenizers, load_tokenizer, training_arguments, training_examples
+
+    # Each process runs a whole teacher: DeepSpeed would build it partitioned (zero.Init) for training.
+    plain = copy.copy(config)
+    plain.training = {key: value for key, value in config.training.items() if key != "deepspeed"}
+    args = training_arguments(plain)
+    ranks = _Ranks(args)
+    tokenizer = load_tokenizer(config)
+    check_tokenizers(config, tokenizer)
+    examples, _ = training_examples(config, args, tokenizer)
+    digest = digest_examples(examples)
+    conversations = _conversations(config)
+    fields: dict[str, Any] = {"top_k": top_k, "logprob_dtype": dtype, "shard_examples": shard_examples}
+    folder = _Folder(output, overwrite)
+    plan = folder.check(_plan(config, tokenizer, digest, conversations, **fields))
+    if folder.complete(plan):
+        _log(ranks, f"cache: {output} is complete already; nothing to compute")
+        return _summary(folder.manifest, output, 0, ranks.rank)
+    vocab = student_vocab_rows(config)  # the rows training compares over: the teacher is cropped to them
+    model = _teacher(config, args)
+    teacher_vocab = vocab_rows(model)
+    try:
+        check_vocab_sizes(vocab, teacher_vocab, len(tokenizer))
+    except ValueError as e:
+        raise ConfigError(f"teacher: {e}") from e
+    fields.update(top_k=min(top_k, vocab), vocab_size=vocab, teacher_vocab_size=teacher_vocab, id_dtype=id_dtype(vocab))
+    plan = folder.check(_plan(config, tokenizer, digest, conversations, **fields))
+    ranks.barrier()  # every process has read the folder before rank 0 changes it
+    _prepare(folder, plan, overwrite, ranks)
+    shards = _shards(digest, shard_examples)
+    head = linear_head(model)
+    computed = _compute(
+        model, examples, shards, folder.path, ranks, k=fields["top_k"], collate=DistillCollator(tokenizer.pad_token_id),
+        batch_size=batch_size, head=head, id_dtype=fields["id_dtype"], logprob_dtype=dtype, width=vocab,
+    )  # fmt: skip
+    ranks.barrier()
+    summary = {"computed_shards": computed, "rank": ranks.rank}
+    if ranks.main:
+        summary = _summary(_write_manifest(folder, plan, shards), output, computed, ranks.rank)
+    ranks.barrier()  # the command returns on every process once the cache is complete
+    return summary

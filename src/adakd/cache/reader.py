@@ -1,0 +1,288 @@
+"""Reading a teacher cache at training time: :func:`open_cache` checks that it belongs to the run, :class:`TeacherCache`
+reads an example's rows, :class:`CachedTeacherCollator` puts them into a batch next to the student's inputs.
+
+Opening a cache reads every shard once (its sha256): a corrupt or truncated cache stops the run at start, not at the
+step that reads the bad rows. That costs one read of the cache (about a second per GB from a local disk), on every
+process.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .format import (
+    FORMAT,
+    IGNORE_INDEX,
+    MANIFEST,
+    data_info,
+    digest_examples,
+    sha256_file,
+    show,
+    template_info,
+    tokenizer_info,
+)
+
+__all__ = ["CachedTeacherCollator", "IndexedExamples", "TeacherCache", "open_cache"]
+
+_REQUIRED = ("top_k", "vocab_size", "tokenizer", "data", "template", "max_length", "max_prompt_length", "examples",
+             "examples_sha256", "shards")  # fmt: skip
+
+
+class TeacherCache:
+    """A verified cache (:func:`open_cache`): the teacher's top-k rows of each training example.
+
+    Shards are opened once per process, when first read (``safetensors.safe_open``, memory-mapped), and their
+    handles kept; a copy sent to a data-loader worker opens its own.
+    """
+
+    def __init__(self, folder: str | os.PathLike, manifest: dict[str, Any]) -> None:
+        self.folder = Path(folder)
+        self.manifest = manifest
+        self.top_k: int = manifest["top_k"]
+        self.vocab_size: int = manifest["vocab_size"]
+        self._firsts = [s["first_example"] for s in manifest["shards"]]
+        self._open: dict[int, tuple[Any, np.ndarray]] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return int(self.manifest["examples"])
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_open"] = {}  # file handles do not pickle; the copy opens its own
+        return state
+
+    def _shard(self, s: int) -> tuple[Any, np.ndarray]:
+        if self._pid != os.getpid():  # a forked worker: handles are not shared across processes
+            self._open, self._pid = {}, os.getpid()
+        if s not in self._open:
+            from safetensors import safe_open
+
+            handle = safe_open(str(self.folder / self.manifest["shards"][s]["file"]), framework="numpy")
+            self._open[s] = handle, handle.get_tensor("offsets")
+        return self._open[s]
+
+    def rows(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Example ``i``'s rows, one per supervised position in order: ``ids`` int64 ``[n, k]``, ``logprobs`` float32
+        ``[n, k]`` (the teacher's at τ = 1) and ``tail`` float32 ``[n]`` (log of the rest of its mass)."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"example {i} is not in the cache ({len(self)} examples)")
+        s = bisect.bisect_right(self._firsts, i) - 1
+        handle, offsets = self._shard(s)
+        j = i - self._firsts[s]
+        a, b = int(offsets[j]), int(offsets[j + 1])
+        ids = handle.get_slice("ids")[a:b].astype(np.int64)
+        logprobs = handle.get_slice("logprobs")[a:b].astype(np.float32)
+        return ids, logprobs, handle.get_slice("tail")[a:b].astype(np.float32)
+
+
+def _read_manifest(path: str, folder: Path) -> dict[str, Any]:
+    from ..train.config import ConfigError
+
+    if not folder.is_dir():
+        raise ConfigError(f"teacher.cache: {path}: no such folder")
+    file = folder / MANIFEST
+    if not file.is_file():
+        raise ConfigError(
+            f"teacher.cache: {path}: no manifest.json (an unfinished adakd cache run: run the same command again to "
+            "finish it)"
+        )
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"teacher.cache: {path}: manifest.json is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("format"), dict):
+        raise ConfigError(f"teacher.cache: {path}: manifest.json is not an adakd teacher cache's manifest")
+    found = manifest["format"]
+    if found.get("name") != FORMAT["name"] or found.get("version") != FORMAT["version"]:
+        raise ConfigError(
+            f"teacher.cache: {path}: manifest.json has format {found.get('name')} version {found.get('version')}; "
+            f"this adakd reads {FORMAT['name']} version {FORMAT['version']}: compute the cache again with adakd cache"
+        )
+    missing = [key for key in _REQUIRED if key not in manifest]
+    if missing:
+        raise ConfigError(f"teacher.cache: {path}: manifest.json lacks {', '.join(missing)}")
+    return manifest
+
+
+def _check_files(path: str, folder: Path, manifest: dict[str, Any]) -> None:
+    """Every shard is there with the size the manifest gives."""
+    from ..train.config import ConfigError
+
+    for shard in manifest["shards"]:
+        file = folder / shard["file"]
+        if not file.is_file():
+            raise ConfigError(
+                f"teacher.cache: {path}: {shard['file']} is missing: run the adakd cache command again to compute it"
+            )
+        size = file.stat().st_size
+        if size != shard["bytes"]:
+            raise ConfigError(
+                f"teacher.cache: {path}: {shard['file']} has {size} bytes, the manifest {shard['bytes']} (truncated?): "
+                "run the adakd cache command again to compute it anew"
+            )
+
+
+def _check_tokenizer(path: str, manifest: dict[str, Any], mine: dict[str, Any], chat_template: bool) -> None:
+    """The vocabulary and special tokens (``chat_template`` False), or the chat template (True), are the cache's."""
+    from ..train.config import ConfigError
+
+    theirs = manifest["tokenizer"]
+    parts = ("chat_template_sha256",) if chat_template else ("vocab_sha256", "special_tokens_sha256")
+    differ = [part.removesuffix("_sha256").replace("_", " ") for part in parts if theirs.get(part) != mine[part]]
+    if differ:
+        raise ConfigError(
+            f"teacher.cache: {path}: made with another tokenizer ({theirs.get('name')}, {theirs.get('size')} tokens; "
+            f"this run's {mine['name']}, {mine['size']} tokens: its {' and '.join(differ)} "
+            f"{'differs' if len(differ) == 1 else 'differ'})"
+        )
+
+
+def _check_data(path: str, manifest: dict[str, Any], config: Any, tokenizer: Any) -> None:
+    """The data source, the template and the lengths are the cache's."""
+    from ..train.config import ConfigError
+
+    theirs, mine = manifest["data"], data_info(config.data)
+    for key in (*mine, *(k for k in theirs if k not in mine)):
+        if theirs.get(key) != mine.get(key):
+            raise ConfigError(
+                f"teacher.cache: {path}: data.{key}: the cache was made from {show(theirs.get(key))}, this run reads "
+                f"{show(mine.get(key))}"
+            )
+    template = manifest["template"]
+    used = template_info(config.data.template, tokenizer, bool(template.get("conversations")))
+    if template.get("name") != used["name"]:
+        raise ConfigError(
+            f"teacher.cache: {path}: data.template: the cache was made with {show(template.get('name'))}, this run "
+            f"uses {show(used['name'])}"
+        )
+    if template.get("conversations"):
+        if used["chat_template_sha256"] != template.get("chat_template_sha256"):
+            raise ConfigError(
+                f"teacher.cache: {path}: data.template: the cache's conversations were rendered with another chat "
+                "template than this run's"
+            )
+    for key in ("max_length", "max_prompt_length"):
+        if manifest[key] != getattr(config.data, key):
+            raise ConfigError(
+                f"teacher.cache: {path}: data.{key}: the cache was made with {manifest[key]}, this run uses "
+                f"{getattr(config.data, key)}"
+            )
+
+
+def _check_digests(path: str, folder: Path, manifest: dict[str, Any]) -> None:
+    from ..train.config import ConfigError
+
+    for shard in manifest["shards"]:
+        if sha256_file(folder / shard["file"])[1] != shard["sha256"]:
+            raise ConfigError(
+                f"teacher.cache: {path}: {shard['file']} is corrupt (its sha256 is not the manifest's): delete it and "
+                "run the adakd cache command again"
+            )
+
+
+def open_cache(path: str | os.PathLike, *, config: Any, tokenizer: Any, examples: Any) -> TeacherCache:
+    """Open the teacher cache ``path`` for a training run, after checking it was made for this run.
+
+    Args:
+        path: the folder ``adakd cache`` wrote.
+        config: the run's :class:`adakd.train.DistillConfig`.
+        tokenizer: the student tokenizer, as :func:`adakd.train.run.training_examples` left it (for conversations it
+            holds the chat template the examples were rendered with).
+        examples: the tokenised training examples (a list of ``input_ids``/``labels`` dicts or a ``datasets.Dataset``).
+
+    Raises:
+        ConfigError: one line, ``teacher.cache: <path>: ...``: an on-policy run; a missing folder, manifest or shard;
+            a manifest that is not JSON or of another format version; then, the first that applies, another
+            tokenizer, data source (``data.path`` ...), template, ``data.max_length`` / ``max_prompt_length``, or
+            other tokenised examples (count, then content); last a shard whose sha256 differs (corrupt).
+    """
+    from ..train.config import ConfigError
+
+    where, folder = str(path), Path(path)
+    if config.onpolicy.mode != "off":
+        raise ConfigError(
+            f"teacher.cache: {where}: onpolicy.mode {config.onpolicy.mode} distils on generated text, which a cache "
+            "does not cover: give the live teacher, or set onpolicy.mode: off"
+        )
+    manifest = _read_manifest(where, folder)
+    _check_files(where, folder, manifest)
+    mine = tokenizer_info(config.student.tokenizer or config.student.name_or_path, tokenizer)
+    _check_tokenizer(where, manifest, mine, chat_template=False)
+    _check_data(where, manifest, config, tokenizer)
+    _check_tokenizer(where, manifest, mine, chat_template=True)
+    digest = digest_examples(examples)
+    if digest.count != manifest["examples"]:
+        raise ConfigError(
+            f"teacher.cache: {where}: the tokenised training data differ from the cache's ({digest.count} examples, "
+            f"the cache has {manifest['examples']})"
+        )
+    if digest.sha256 != manifest["examples_sha256"]:
+        raise ConfigError(
+            f"teacher.cache: {where}: the tokenised training data differ from the cache's (the same {digest.count} "
+            "examples in number, not in token ids or labels)"
+        )
+    _check_digests(where, folder, manifest)
+    return TeacherCache(folder, manifest)
+
+
+class IndexedExamples(torch.utils.data.Dataset):
+    """The training examples, each with its index (``example_index``), which :class:`CachedTeacherCollator` reads.
+
+    A ``transformers.Trainer`` drops dataset columns its model does not take unless ``remove_unused_columns=False``.
+    """
+
+    def __init__(self, examples: Any) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        i = int(i)
+        return {**dict(self.examples[i]), "example_index": i}
+
+
+class CachedTeacherCollator:
+    """A collator (:class:`adakd.data.DistillCollator`) whose batches also hold the cached teacher.
+
+    Each feature carries ``example_index``. Added to the batch (T the padded length, k the cache's ``top_k``):
+    ``teacher_ids`` int64 ``[B, T − 1, k]``, ``teacher_logprobs`` float32 ``[B, T − 1, k]``, ``teacher_tail``
+    float32 ``[B, T − 1]``. Example b's rows fill, in order, the positions t with ``labels[b, t + 1] != -100``
+    (aligned with the shifted labels ``labels[:, 1:]``); other positions hold 0 and are never read.
+    """
+
+    def __init__(self, collator: Any, cache: TeacherCache) -> None:
+        self.collator, self.cache = collator, cache
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        from ..train.config import ConfigError
+
+        batch = self.collator(features)
+        supervised = batch["labels"][:, 1:] != IGNORE_INDEX  # [B, T − 1]
+        b_size, width = supervised.shape
+        k = self.cache.top_k
+        ids = torch.zeros(b_size, width, k, dtype=torch.int64)
+        logprobs = torch.zeros(b_size, width, k, dtype=torch.float32)
+        tail = torch.zeros(b_size, width, dtype=torch.float32)
+        for b, feature in enumerate(features):
+            if "example_index" not in feature:
+                raise ValueError(f"feature {b}: no example_index (wrap the dataset in IndexedExamples)")
+            i = int(feature["example_index"])
+            rows = self.cache.rows(i)
+            where = supervised[b].nonzero().squeeze(1)
+            if len(where) != len(rows[2]):
+                raise ConfigError(
+                    f"teacher.cache: example {i}: {len(where)} supervised positions but the cache holds {len(rows[2])}"
+                )
+            ids[b, where] = torch.from_numpy(rows[0])
+            logprobs[b, where] = torch.from_numpy(rows[1])
+            tail[b, where] = torch.from_numpy(rows[2])
+        return {**batch, "teacher_ids": ids, "teacher_logprobs": logprobs, "teacher_tail": tail}

@@ -1,0 +1,197 @@
+"""Computing one shard of the teacher cache: the teacher over consecutive examples, its top-k at every supervised
+position (:func:`adakd.sparse.sparse_from_logits`), written atomically.
+
+Only the supervised rows of the last hidden state go through the lm_head, in chunks, when the teacher's logits are
+``hidden @ lm_headᵀ (+ b)`` (:func:`adakd.train.engines.check_linear_head`): a [B, T, V] logits tensor is never made
+for a large vocabulary. Other teachers (soft-capped logits, ...) run whole and their logits rows are selected.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..files import atomic_write
+from ..sparse import SparseTeacher, sparse_from_logits
+from .format import IGNORE_INDEX
+
+__all__ = ["LinearHead", "compute_shard", "linear_head", "student_vocab_rows", "teacher_rows", "write_shard"]
+
+# Rows of logits turned into top-k at a time: about 2^26 float32 logits (256 MiB) whatever the vocabulary.
+_CHUNK_LOGITS = 1 << 26
+
+
+class LinearHead:
+    """A teacher whose logits are ``lm_head(decoder(...).last_hidden_state)``: the two parts, called apart."""
+
+    def __init__(self, decoder: torch.nn.Module, head: torch.nn.Module) -> None:
+        self.decoder, self.head = decoder, head
+
+
+def linear_head(model: torch.nn.Module) -> LinearHead | None:
+    """The teacher's decoder and lm_head when its logits are the plain product (checked on a probe sequence), else
+    None (the whole model runs)."""
+    from ..train.config import ConfigError
+    from ..train.engines import check_linear_head, unwrap
+
+    try:
+        check_linear_head(model, "teacher")
+    except ConfigError:
+        return None
+    base = unwrap(model)
+    return LinearHead(base.get_decoder(), base.get_output_embeddings())
+
+
+def vocab_rows(model: torch.nn.Module) -> int:
+    """V_t: the teacher's lm_head rows (its logits' width), padding rows included."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.vocab_size)
+
+
+def student_vocab_rows(config: Any) -> int:
+    """V_s: the student's lm_head rows, read from its config (inline, or ``config.json`` of ``student.name_or_path``,
+    or of the base model when that is a LoRA adapter) without loading its weights. The cache keeps the teacher's
+    distribution over these rows, as training crops a live teacher to them (:func:`adakd.align_vocab`).
+
+    Raises:
+        ConfigError: under ``student.config`` / ``student.name_or_path``, a config that cannot be read.
+    """
+    from transformers import AutoConfig
+
+    from ..models import adapter_config
+    from ..train.config import ConfigError
+
+    section = config.student
+    if section.config is not None:
+        cfg = dict(section.config)
+        try:
+            return int(AutoConfig.for_model(cfg.pop("model_type"), **cfg).vocab_size)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"student.config: {e}") from e
+    path = section.name_or_path
+    adapter = adapter_config(path)
+    if adapter is not None and adapter.get("base_model_name_or_path"):
+        path = adapter["base_model_name_or_path"]
+    keys = ("revision", "trust_remote_code", "token", "cache_dir", "local_files_only")
+    kwargs = {key: section.model_kwargs[key] for key in keys if key in section.model_kwargs}
+    try:
+        return int(AutoConfig.from_pretrained(path, **kwargs).vocab_size)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"student.name_or_path: cannot read the config of {path!r} ({e})") from e
+
+
+@torch.no_grad()
+def teacher_rows(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], k: int, head: LinearHead | None, width: int | None = None
+) -> SparseTeacher:
+    """The teacher's top-k at every supervised position of a right-padded batch, flat ``[N]`` in row-major (example,
+    position) order: position t of example b when ``labels[b, t + 1] != -100``.
+
+    Args:
+        model: the teacher, in eval mode.
+        batch: ``input_ids``, ``attention_mask``, ``labels`` ``[B, T]`` (a :class:`adakd.data.DistillCollator` batch).
+        k: the support size.
+        head: :func:`linear_head`'s parts, or None to run the whole model.
+        width: keep the first ``width`` logits (the student's vocabulary; the teacher's rows beyond are padding,
+            dropped as :func:`adakd.align_vocab` drops them); default all.
+
+    Returns:
+        A :class:`SparseTeacher` with ``ids`` ``[N, k]``, ``logprobs`` ``[N, k]`` and ``tail`` ``[N]`` (float32).
+    """
+    device = next(model.parameters()).device
+    ids = batch["input_ids"].to(device)
+    mask = batch["attention_mask"].to(device)
+    supervised = (batch["labels"][:, 1:] != IGNORE_INDEX).to(device)  # [B, T − 1]: position t predicts t + 1
+    if head is not None:
+        hidden = head.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        rows, project = hidden[:, :-1][supervised], head.head  # [N, H]
+    else:
+        rows, project = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][supervised], None
+    width = width or vocab_rows(model)
+    parts = []
+    for chunk in rows.split(max(1, _CHUNK_LOGITS // width)):
+        logits = project(chunk) if project is not None else chunk  # [c, V_t], the model's dtype
+        parts.append(sparse_from_logits(logits[..., :width], k))
+    if not parts:
+        empty = torch.empty(0, min(k, width), device=device)
+        return SparseTeacher(empty.long(), empty, torch.empty(0, device=device))
+    return SparseTeacher(*(torch.cat(field) for field in zip(*parts, strict=True)))
+
+
+def compute_shard(
+    model: torch.nn.Module,
+    examples: Any,
+    first: int,
+    count: int,
+    *,
+    k: int,
+    collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
+    batch_size: int,
+    head: LinearHead | None,
+    id_dtype: str,
+    logprob_dtype: str,
+    progress: Any = None,
+    width: int | None = None,
+) -> dict[str, np.ndarray]:
+    """The tensors of the shard holding examples ``first .. first + count − 1``: ``ids``, ``logprobs``, ``tail`` and
+    ``offsets`` (see :mod:`adakd.cache.format`). Batches are consecutive examples of the shard, right-padded by
+    ``collate``, so that computing a shard again gives the same bytes."""
+    ids, logprobs, tails = [], [], []
+    offsets = np.zeros(count + 1, dtype=np.int64)
+    for start in range(first, first + count, batch_size):
+        stop = min(start + batch_size, first + count)
+        batch = collate([examples[i] for i in range(start, stop)])
+        sparse = teacher_rows(model, batch, k, head, width)
+        per_example = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).numpy()
+        offsets[start - first + 1 : stop - first + 1] = per_example
+        ids.append(sparse.ids.cpu().numpy().astype(id_dtype))
+        logprobs.append(sparse.logprobs.float().cpu().numpy().astype(logprob_dtype))
+        tails.append(sparse.tail.float().cpu().numpy())
+        if progress is not None:
+            progress.update(stop - start)
+    np.cumsum(offsets, out=offsets)
+    return {
+        "ids": np.ascontiguousarray(np.concatenate(ids)),
+        "logprobs": np.ascontiguousarray(np.concatenate(logprobs)),
+        "tail": np.ascontiguousarray(np.concatenate(tails).astype(np.float32)),
+        "offsets": offsets,
+    }
+
+
+def write_shard(path: str | os.PathLike, tensors: dict[str, np.ndarray]) -> int:
+    """Write a shard atomically (a temporary file in the same folder, flushed to disk, then renamed over ``path``);
+    returns its size in bytes. Nothing in it varies between runs: the same tensors give the same bytes."""
+    from safetensors.numpy import save
+
+    payload = save(tensors)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)
+    _fsync_folder(Path(path).parent)
+    return len(payload)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
