@@ -166,6 +166,23 @@ def test_every_rank_equals_the_single_process_run(engine, fused, engine_run, sin
     assert max_diff(reference["params"], reference["initial"]) > 1e-3
 
 
+def test_ddp_from_a_whole_vocabulary_cache_equals_the_single_process_live_run(tmp_path, single):
+    # The cache's rows reach each rank through its own collator (by example index): with k = the student's
+    # vocabulary the two ranks' parameters equal the single-process run with the live teacher.
+    from adakd.cache import build_cache
+    from adakd.train import load_config
+
+    common = [*COMMON, "loss.fused=true", f"training.output_dir={tmp_path / 'cache-run'}"]
+    build_cache(load_config(ROOT / "configs" / "tiny-cpu.yaml", common), str(tmp_path / "cache"), top_k=288,
+                dtype="float32")  # fmt: skip
+    rank0, rank1 = launch(tmp_path / "ddp", "ddp", "loss.fused=true", f"teacher.cache={tmp_path / 'cache'}")
+    assert rank0["teacher"] is None
+    reference = single(True)
+    assert_close_params(rank0["params"], reference["params"])
+    assert_close_params(rank1["params"], reference["params"])
+    assert rank0["ratio"] == rank1["ratio"] == reference["ratio"]
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_final_model_loads_with_from_pretrained(engine, engine_run):
     from transformers import AutoModelForCausalLM
