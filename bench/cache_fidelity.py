@@ -395,12 +395,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpt2-student-steps", type=int, default=60)
     p.add_argument("--gpt2-cache-examples", type=int, default=256)
     p.add_argument("--time-steps", type=int, default=4)
+    p.add_argument(
+        "--steps-only",
+        action="store_true",
+        help="with --dolly: only time the steps again, from the models and caches already in --output",
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.dolly and not args.tokenizer:
         p.error("--dolly needs --tokenizer (the GPT-2 tokenizer folder)")
     torch.manual_seed(0)
     log = lambda m: print(m, flush=True)  # noqa: E731
+    if args.steps_only:
+        out = Path(args.output) / "gpt2"
+        spec = _cache_config(out / "student" / "final", out / "teacher" / "final", Path(args.tokenizer),
+                             {"source": "shards", "path": args.dolly, "max_length": 256, "max_prompt_length": 128,
+                              "limit": args.gpt2_cache_examples}, out / "tmp")  # fmt: skip
+        rows = step_times(spec, out, args, log)
+        print(json.dumps(rows))
+        return 0
     result = {"demo models": demo_pair(args, log)}
     if args.dolly:
         result["GPT-2 vocabulary, Dolly shards"] = gpt2_pair(args, log)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -46,11 +47,14 @@ def test_gpu_check_reports_a_failure():
         ("loss_bench", ["--tokens", "64", "--vocab", "128", "--device", "cpu"], {"plain-kd", "adakd-all", "adakd"}),
         ("fused_bench", ["--tokens", "64", "--vocab", "128", "--h-student", "8", "--h-teacher", "16", "--no-liger"],
          {"naive", "fused", "fused-one-pass"}),
+        ("step_bench", ["--steps", "1", "--warmup", "1", "--batch-size", "2", "--variants", "plain-kd/fused",
+                        "adakd/fused"], {"plain-kd/fused", "adakd/fused"}),
     ],
 )  # fmt: skip
 def test_benchmarks_run(tmp_path, script, args, variants):
     out = tmp_path / "results.json"
-    cmd = [sys.executable, str(BENCH / f"{script}.py"), *args, "--repeats", "1", "--warmup", "0", "--json", str(out)]
+    timing = [] if script == "step_bench" else ["--repeats", "1", "--warmup", "0"]  # step_bench: its own --steps
+    cmd = [sys.executable, str(BENCH / f"{script}.py"), *args, *timing, "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())
@@ -58,6 +62,24 @@ def test_benchmarks_run(tmp_path, script, args, variants):
     for r in rows:
         assert r["ms"] > 0 and r["extra_bytes"] >= 0
     assert "ratios against" in proc.stdout
+
+
+def test_cache_fidelity_metrics_are_perfect_for_a_whole_vocabulary_cache():
+    bench = _load("cache_fidelity")
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(50, generator=g)
+    assert bench.spearman(scores, scores) == pytest.approx(1.0)
+    assert bench.spearman(scores, -scores) == pytest.approx(-1.0)
+    assert bench.spearman(torch.tensor([1.0, 2, 2, 3]), torch.tensor([1.0, 2, 3, 4])) == pytest.approx(0.9486833)
+    assert bench.jaccard_top(scores, scores, 0.5) == 1.0
+    assert bench.jaccard_top(torch.arange(4.0), -torch.arange(4.0), 0.5) == 0.0
+    hidden, weight = torch.randn(40, 8, generator=g), torch.randn(30, 8, generator=g)
+    teacher, labels = torch.randn(40, 30, generator=g) * 2, torch.randint(0, 30, (40,), generator=g)
+    whole = bench.batch_fidelity(hidden, weight, teacher, labels, 30, torch.float32)
+    assert whole["spearman"] == pytest.approx(1.0) and whole["jaccard"] == 1.0 and whole["tail_mass"] == 0.0
+    assert whole["loss_rel_err"] < 1e-5 and whole["grad_cosine"] == pytest.approx(1.0, abs=1e-6)
+    small = bench.batch_fidelity(hidden, weight, teacher, labels, 2, torch.float16)
+    assert small["tail_mass"] > 0.1 and small["grad_cosine"] < 0.999  # the metrics can tell a lossy cache apart
 
 
 def test_study_paired_differences_and_intervals():

@@ -373,3 +373,132 @@ def test_parity_tau_variants(chunk_size, kwargs):
 def test_parity_gradient_through_tau_for_every_indicator(indicator):
     kwargs = {"indicator": indicator, "selection": "fixed", "ratio": 0.5, "detach_tau": False}
     _assert_parity(*_both(kwargs, _inputs(6), 5))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cross-entropy mixed into the fused passes (ce_weight) and the fused CE alone
+# ---------------------------------------------------------------------------------------------------------------
+
+CE_MODES = [
+    {"selection": "fixed", "ratio": 0.6},
+    {"selection": "all", "temperature": "fixed"},  # plain KD: no pass 1, the CE comes from pass 2's logits
+    {"selection": "latf"},
+    {"selection": "fixed", "ratio": 0.5, "detach_tau": False},
+    {"selection": "fixed", "ratio": 0.6, "reduction": "sum"},
+    {"selection": "all", "temperature": "fixed", "reduction": "sum"},
+]
+CE_IDS = ["fixed", "plain-kd", "latf", "tau-grad", "fixed-sum", "plain-kd-sum"]
+
+
+def _with_ce(kwargs, inputs, fused, ce_weight, chunk_size=7):
+    hs, ws, bs, ht, wt, bt, labels = inputs
+    loss_fn = adakd.AdaKDLoss(**kwargs)
+    p = [t.clone().requires_grad_(True) for t in (hs, ws, bs)]
+    if fused:
+        loss, report = loss_fn.forward_hidden(
+            p[0], p[1], ht, wt, labels, student_bias=p[2], teacher_bias=bt, chunk_size=chunk_size,
+            ce_weight=ce_weight, return_report=True,
+        )  # fmt: skip
+    else:
+        zs, zt = _logits(p[0], p[1], p[2], ht, wt, bt)
+        loss, report = loss_fn(zs, zt, labels, ce_weight=ce_weight, return_report=True)
+    return loss, torch.autograd.grad(loss, p), report
+
+
+@pytest.mark.parametrize("kwargs", CE_MODES, ids=CE_IDS)
+def test_ce_weight_is_the_kd_loss_plus_the_weighted_mean_cross_entropy(kwargs):
+    inputs = _inputs(21, dtype=torch.float64, pad=False)
+    hs, ws, bs, ht, wt, bt, labels = inputs
+    w = 0.7
+    loss, grads, report = _with_ce(kwargs, inputs, False, w)
+    kd, kd_grads, kd_report = _with_ce(kwargs, inputs, False, 0.0)
+    p = [t.clone().requires_grad_(True) for t in (hs, ws, bs)]
+    valid = labels != -100
+    ce = torch.nn.functional.cross_entropy(torch.addmm(p[2], p[0], p[1].t())[valid], labels[valid])  # a mean
+    k = kd_report.kept_tokens if kwargs.get("reduction") == "sum" else 1
+    ce_grads = torch.autograd.grad(w * k * ce, p)
+    torch.testing.assert_close(loss, kd + w * k * ce.detach(), rtol=1e-12, atol=1e-12)
+    for g, g_kd, g_ce in zip(grads, kd_grads, ce_grads, strict=True):
+        torch.testing.assert_close(g, g_kd + g_ce, rtol=1e-10, atol=1e-12)
+    assert report.mean_loss == pytest.approx(kd_report.mean_loss, rel=1e-12)  # LATF sees L_t alone
+    assert report.ce_loss == pytest.approx(ce.item(), rel=1e-12) and math.isnan(kd_report.ce_loss)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
+@pytest.mark.parametrize("kwargs", CE_MODES, ids=CE_IDS)
+def test_ce_weight_fused_equals_logits(kwargs, chunk_size):
+    inputs = _inputs(22)
+    loss0, grads0, r0 = _with_ce(kwargs, inputs, False, 0.4)
+    loss1, grads1, r1 = _with_ce(kwargs, inputs, True, 0.4, chunk_size)
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-7)
+    for a, b in zip(grads1, grads0, strict=True):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-8
+    assert r1.mean_loss == pytest.approx(r0.mean_loss, rel=1e-5) and r1.ce_loss == pytest.approx(r0.ce_loss, rel=1e-5)
+
+
+def test_ce_weight_in_one_pass_mode_on_a_repeated_batch():
+    inputs = _inputs(23)
+    hs, ws, bs, ht, wt, bt, labels = inputs
+    exact_fn = adakd.AdaKDLoss(selection="fixed", ratio=0.5)
+    one_fn = adakd.AdaKDLoss(selection="fixed", ratio=0.5, one_pass=True)
+    for _ in range(2):  # the second call is a real one-pass call (the previous batch is this one)
+        out = []
+        for loss_fn in (exact_fn, one_fn):
+            p = [t.clone().requires_grad_(True) for t in (hs, ws, bs)]
+            loss, report = loss_fn.forward_hidden(
+                p[0], p[1], ht, wt, labels, student_bias=p[2], teacher_bias=bt, chunk_size=6, ce_weight=0.3,
+                return_report=True,
+            )  # fmt: skip
+            out.append((loss, torch.autograd.grad(loss, p), report))
+        (l0, g0, r0), (l1, g1, r1) = out
+        torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-7)
+        for a, b in zip(g1, g0, strict=True):
+            assert (a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-8
+        assert r1.mean_loss == pytest.approx(r0.mean_loss, rel=1e-5) and r1.ce_loss == pytest.approx(r0.ce_loss)
+
+
+class _LogitProducts(TorchDispatchMode):
+    """Counts matrix products whose output has ``vocab`` columns: the logit products."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab, self.count = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default) and out.shape[-1] == self.vocab:
+            self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("kwargs", CE_MODES[:3], ids=CE_IDS[:3])
+def test_mixing_cross_entropy_adds_no_logit_product(kwargs):
+    hs, ws, bs, ht, wt, bt, labels = _inputs(24, pad=False)
+    counts = []
+    for w in (0.0, 0.5):
+        p = [t.clone().requires_grad_(True) for t in (hs, ws, bs)]
+        with _LogitProducts(V_S) as mode:
+            loss = adakd.AdaKDLoss(**kwargs).forward_hidden(
+                p[0], p[1], ht, wt, labels, student_bias=p[2], teacher_bias=bt, chunk_size=5, ce_weight=w
+            )
+            loss.backward()
+        counts.append(mode.count)
+    assert counts[0] == counts[1] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_cross_entropy_equals_torch(dtype):
+    from adakd.fused import fused_cross_entropy
+
+    hs, ws, bs, _, _, _, labels = _inputs(25, dtype=dtype)
+    p = [t.clone().requires_grad_(True) for t in (hs, ws, bs)]
+    got = fused_cross_entropy(p[0], p[1], p[2], labels, chunk_size=4)
+    q = [t.clone().requires_grad_(True) for t in (hs, ws, bs)]
+    want = torch.nn.functional.cross_entropy(torch.addmm(q[2], q[0], q[1].t()).to(dtype), labels, reduction="sum")
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, p), torch.autograd.grad(want, q), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    h = hs.clone().requires_grad_(True)
+    zero = fused_cross_entropy(h, ws, bs, torch.full_like(labels, -100), chunk_size=4)
+    zero.backward()
+    assert zero.item() == 0.0 and torch.equal(h.grad, torch.zeros_like(h))

@@ -325,3 +325,44 @@ def test_the_private_trainer_hooks_adakd_overrides_behave_as_relied_on(tmp_path)
     got, count = plain.get_batch_samples(iter(batches), 2, torch.device("cpu"))
     assert len(got) == 2 and int(count) == int(plain._get_num_items_in_batch(batches, torch.device("cpu")))
     assert int(count) == sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+
+
+@pytest.mark.parametrize("fused", ["true", "false"])
+def test_sft_mode_on_both_paths_is_the_models_own_cross_entropy(tmp_path, fused):
+    config = _config(tmp_path, "loss.kd_ratio=0", f"loss.fused={fused}", "loss.chunk_size=5")
+    config.teacher = None
+    trainer = build_trainer(config.validate())
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    ours = trainer.compute_loss(trainer.model, batch)
+    ours.backward()
+    grads = [p.grad.clone() for p in trainer.model.parameters()]
+    trainer.model.zero_grad()
+    theirs = trainer.model(**batch).loss
+    theirs.backward()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    for a, p in zip(grads, trainer.model.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_auto_is_the_default_and_says_which_path(tmp_path, capsys):
+    trainer = build_trainer(_config(tmp_path, name="auto"))
+    assert trainer.fused is True and "hidden @ Wᵀ" in trainer.fused_reason
+    assert (
+        "[adakd] loss path: fused (loss.fused: auto; the output layers are hidden @ Wᵀ (+ b))"
+        in capsys.readouterr().out
+    )
+    # A teacher that soft-caps its logits cannot take the fused path: auto falls back and names why.
+    gemma = {"model_type": "gemma2", "vocab_size": 320, "hidden_size": 64, "intermediate_size": 128,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+             "final_logit_softcapping": 30.0, "max_position_embeddings": 512}  # fmt: skip
+    config = _config(tmp_path, name="capped")
+    config.teacher.config = gemma
+    trainer = build_trainer(config)
+    assert trainer.fused is False and "final_logit_softcapping" in trainer.fused_reason
+    assert "[adakd] loss path: logits (loss.fused: auto; the teacher" in capsys.readouterr().out
+    config = _config(tmp_path, "loss.fused=true", name="forced")
+    config.teacher.config = gemma
+    with pytest.raises(Exception, match="loss.fused: the teacher .* soft-capping"):
+        build_trainer(config)
+    with pytest.raises(Exception, match="loss.fused: must be true, false or auto, got 'maybe'"):
+        _config(tmp_path, "loss.fused=maybe")

@@ -83,7 +83,8 @@ def test_the_cache_needs_no_teacher_model_in_the_config(tmp_path):
                                "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True},
                                "tokenizer": "byte", "seed": 2},
                                "teacher": {"cache": str(cache)},
-                               "data": {"source": "synthetic", "synthetic_size": 24, "max_length": 320, "max_prompt_length": 256},
+                               "data": {"source": "synthetic", "synthetic_size": 24, "max_length": 320,
+                                        "max_prompt_length": 256},
                                "training": {"output_dir": str(tmp_path / "r2"), "max_steps": 1, "use_cpu": True,
                                             "report_to": "none", "per_device_train_batch_size": 4}})  # fmt: skip
     trainer = build_trainer(config)  # the teacher section holds only the cache
@@ -135,3 +136,20 @@ def test_the_cli_trains_from_a_cache_and_refuses_a_missing_one(tmp_path, capsys)
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "teacher.cache" in err[0] and "Traceback" not in err[0]
+
+
+def test_the_manifest_reports_the_teachers_mass_outside_the_top_k(tmp_path, capsys):
+    import json
+
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    small = _cache(tmp_path, 8, name="k8")
+    assert "the teacher's mean mass outside the top-8: " in capsys.readouterr().out
+    manifest = json.loads((small / "manifest.json").read_text())
+    tails = np.concatenate([load_file(small / s["file"])["tail"] for s in manifest["shards"]]).astype(np.float64)
+    assert manifest["tail_mass"]["mean"] == pytest.approx(np.exp(tails).mean(), rel=1e-9)
+    assert manifest["tail_mass"]["max"] == pytest.approx(np.exp(tails).max(), rel=1e-9)
+    assert 0 < manifest["tail_mass"]["mean"] < manifest["tail_mass"]["max"] < 1
+    whole = json.loads((_cache(tmp_path, STUDENT_ROWS, name="all") / "manifest.json").read_text())
+    assert whole["tail_mass"] == {"mean": 0.0, "max": 0.0}  # k = V: nothing outside the support

@@ -13,6 +13,11 @@ over row chunks (``docs/method.md``; the same semantics as :meth:`adakd.AdaKDLos
 
 Peak extra memory is O(chunk × V) for the logits of one chunk, plus the float32 weight-gradient accumulator.
 
+Cross-entropy rides along (``AdaKDLoss.forward_hidden(ce_weight=...)``): pass 1 already computes every valid
+token's student logits, so the CE value and its gradient (softmax − one-hot) are taken there, into the same
+gradient buffers pass 2 then adds the kept tokens' KD gradients to; mixing CE into the loss costs no extra logit
+product. :class:`FusedCrossEntropy` is the same chunked CE alone (plain SFT on the fused path).
+
 ``impl="torch"`` runs the chunk math eagerly (always available, the reference); ``impl="compile"`` runs the
 logit-level part of a chunk (softmaxes, divergence, its gradient) through ``torch.compile``.
 
@@ -37,12 +42,16 @@ from .sparse import LogitScore, SparseTeacher, pair_log_probs
 
 __all__ = [
     "IMPLS",
+    "CrossEntropyPart",
+    "FusedCrossEntropy",
     "FusedKeptLoss",
     "FusedKeptLossTauGrad",
     "FusedOnePassLoss",
+    "ce_chunk",
     "chunk_loss_fn",
     "chunked_scores",
     "default_chunk_size",
+    "fused_cross_entropy",
     "linear",
 ]
 
@@ -104,6 +113,7 @@ def chunked_scores(
     targets: Tensor,
     chunk_size: int,
     dtype: torch.dtype,
+    ce: CrossEntropyPart | None = None,
 ) -> Tensor:
     """Pass 1: the difficulty score of each given row, one chunk of logits at a time.
 
@@ -116,6 +126,8 @@ def chunked_scores(
         targets: ``[n]`` the rows' labels (for the ``ce`` indicator).
         chunk_size: rows per chunk.
         dtype: the computation dtype of the probabilities (float32 or float64).
+        ce: when given, the rows' cross-entropy and its (unscaled) gradients are accumulated into it from the same
+            logits (the rows must be every valid row).
 
     Returns:
         ``[n]`` scores in ``dtype``.
@@ -123,9 +135,51 @@ def chunked_scores(
     n = rows.numel()
     out = torch.empty(n, dtype=dtype, device=student_hidden.device)
     parts = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
-    for start, r, _, z_s, z_t in chunk_logits(*parts, rows, chunk_size):
-        out[start : start + r.numel()] = score(z_s, z_t, targets[start : start + chunk_size])
+    for start, r, h, z_s, z_t in chunk_logits(*parts, rows, chunk_size):
+        y = targets[start : start + chunk_size]
+        out[start : start + r.numel()] = score(z_s, z_t, y)
+        if ce is not None:
+            ce.add(r, h, z_s, y)
+    if ce is not None:
+        ce.filled = True
     return out
+
+
+def ce_chunk(student_logits: Tensor, targets: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(Σ −log q(y), softmax − one-hot)`` of a chunk of student logits ``[c, V]`` with targets ``[c]`` (all valid),
+    in ``dtype``: the cross-entropy and its gradient with respect to the logits."""
+    lq = torch.log_softmax(student_logits.to(dtype), dim=-1)
+    index = targets.unsqueeze(-1)
+    total = -lq.gather(-1, index).sum()
+    grad = lq.exp_()
+    grad.scatter_add_(-1, index, torch.full(index.shape, -1.0, dtype=grad.dtype, device=grad.device))
+    return total, grad
+
+
+class CrossEntropyPart:
+    """The cross-entropy of every valid row, accumulated while another pass has the student's logits at hand: its
+    sum (``total``) and its gradients with respect to the student's hidden states, weight and bias (``grads``,
+    unscaled until :meth:`scaled`). ``filled`` says whether a pass has already gone over every valid row."""
+
+    def __init__(
+        self, hidden: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype, needs: tuple | None = None
+    ) -> None:
+        if needs is None:  # outside an autograd Function: what will take a gradient
+            grad = torch.is_grad_enabled()
+            needs = (grad and hidden.requires_grad, grad and weight.requires_grad,
+                     grad and bias is not None and bias.requires_grad)  # fmt: skip
+        self.grads = _GradBuffers(needs, hidden, weight, bias, dtype)
+        self.total = torch.zeros((), dtype=dtype, device=hidden.device)
+        self.dtype = dtype
+        self.filled = False
+        self.kd_value: Tensor | None = None  # the KD part of the loss it was mixed into, set by that pass
+
+    def add(self, rows: Tensor, hidden: Tensor, student_logits: Tensor, targets: Tensor, coef: float = 1.0) -> None:
+        """Add the chunk ``rows``' cross-entropy (times ``coef``) and its gradients."""
+        total, grad = ce_chunk(student_logits, targets, self.dtype)
+        self.total += total * coef
+        if self.grads.any:
+            self.grads.add(rows, hidden, grad * coef if coef != 1.0 else grad, accumulate=True)
 
 
 def chunk_loss_fn(
@@ -162,7 +216,10 @@ class FusedKeptLoss(torch.autograd.Function):
     Inputs: ``student_hidden [N, H_s]``, ``student_weight [V, H_s]``, ``student_bias [V] | None`` (these may
     require grad), ``teacher_hidden [N, H_t]``, ``teacher_weight [V, H_t]``, ``teacher_bias [V] | None``
     (detached), ``rows [k]`` (kept row indices, unique), ``tau`` (``[k]`` aligned with ``rows``, or a float),
-    ``scale`` (1/k for a mean), ``chunk`` (a :data:`ChunkFn`), ``chunk_size``, ``dtype``.
+    ``scale`` (1/k for a mean), ``chunk`` (a :data:`ChunkFn`), ``chunk_size``, ``dtype``; optionally ``ce`` (a
+    :class:`CrossEntropyPart`), ``ce_coef`` and ``ce_targets`` (``[k]``, aligned with ``rows``): the output then
+    adds ``ce_coef`` × Σ CE. A ``ce`` already filled by pass 1 brings its gradients, scaled here by ``ce_coef``;
+    otherwise (every row kept, no pass 1) the CE is computed here, from the same logits as the KD term.
     Output: the float scalar loss; the backward multiplies the stored gradients by its incoming gradient.
     """
 
@@ -181,24 +238,35 @@ class FusedKeptLoss(torch.autograd.Function):
         chunk: ChunkFn,
         chunk_size: int,
         dtype: torch.dtype,
+        ce: CrossEntropyPart | None = None,
+        ce_coef: float = 0.0,
+        ce_targets: Tensor | None = None,
     ) -> Tensor:
         # Gradients accumulate in float32 (or float64): summing many bf16 chunk products would lose precision.
-        grads = _GradBuffers(ctx.needs_input_grad[:3], student_hidden, student_weight, student_bias, dtype)
+        grads, ce_total, prefilled = _start(ctx, ce, ce_coef, student_hidden, student_weight, student_bias, dtype)
         total = torch.zeros((), dtype=dtype, device=student_hidden.device)
         parts = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
         for start, r, h, z_s, z_t in chunk_logits(*parts, rows, chunk_size):
             tau_c = tau[start : start + chunk_size] if isinstance(tau, Tensor) else tau
             loss_c, g = chunk(z_s, z_t, tau_c)
             total += loss_c
+            g = g * scale
+            if ce is not None and not prefilled:  # every row is kept: the CE from the same logits
+                ce_c, g_ce = ce_chunk(z_s, ce_targets[start : start + chunk_size], dtype)
+                ce.total += ce_c
+                ce_total += ce_c * ce_coef
+                g = g + ce_coef * g_ce
             if grads.any:
-                grads.add(r, h, g * scale)
+                grads.add(r, h, g, accumulate=prefilled)
         ctx.save_for_backward(grads.h, grads.w, grads.b)
         ctx.param_dtypes = (student_weight.dtype, None if student_bias is None else student_bias.dtype)
-        return total * scale
+        if ce is not None:
+            ce.kd_value = (total * scale).detach()
+        return total * scale + ce_total
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        return _scaled_grads(ctx, grad_out) + (None,) * 9
+        return _scaled_grads(ctx, grad_out) + (None,) * 12
 
 
 class FusedKeptLossTauGrad(torch.autograd.Function):
@@ -237,8 +305,10 @@ class FusedKeptLossTauGrad(torch.autograd.Function):
         chunk: Callable,
         chunk_size: int,
         dtype: torch.dtype,
+        ce: CrossEntropyPart | None = None,
+        ce_coef: float = 0.0,
     ) -> tuple[Tensor, Tensor]:
-        grads = _GradBuffers(ctx.needs_input_grad[:3], student_hidden, student_weight, student_bias, dtype)
+        grads, ce_total, prefilled = _start(ctx, ce, ce_coef, student_hidden, student_weight, student_bias, dtype)
         with torch.enable_grad():
             s_k = kept_scores.detach().to(dtype).requires_grad_(True)
             tau_graph = idts_temperatures_with_grad(s_k, c=c, tau_base=tau_base, reverse=reverse)
@@ -251,7 +321,7 @@ class FusedKeptLossTauGrad(torch.autograd.Function):
             total += loss_c
             grad_tau[start : start + r.numel()] = g_tau
             if grads.any:
-                grads.add(r, h, g * scale)
+                grads.add(r, h, g * scale, accumulate=prefilled)
         if grads.any:
             (grad_scores,) = torch.autograd.grad(tau_graph, s_k, grad_outputs=grad_tau * scale)
             for start, r, h, z_s, z_t in chunk_logits(*parts, rows, chunk_size):
@@ -263,11 +333,23 @@ class FusedKeptLossTauGrad(torch.autograd.Function):
         ctx.save_for_backward(grads.h, grads.w, grads.b)
         ctx.param_dtypes = (student_weight.dtype, None if student_bias is None else student_bias.dtype)
         ctx.mark_non_differentiable(tau)
-        return total * scale, tau
+        if ce is not None:
+            ce.kd_value = (total * scale).detach()
+        return total * scale + ce_total, tau
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, *unused: Tensor):
-        return _scaled_grads(ctx, grad_out) + (None,) * 14
+        return _scaled_grads(ctx, grad_out) + (None,) * 16
+
+
+def _start(ctx, ce, ce_coef, hidden, weight, bias, dtype) -> tuple[_GradBuffers, Tensor, bool]:
+    """A pass-2 forward's gradient buffers, its CE total so far and whether the buffers already hold pass 1's CE
+    gradients (then scaled by ``ce_coef`` here)."""
+    if ce is not None and ce.filled:
+        ce.grads.scale_(ce_coef)
+        return ce.grads, ce.total * ce_coef, True
+    grads = _GradBuffers(ctx.needs_input_grad[:3], hidden, weight, bias, dtype)
+    return grads, torch.zeros((), dtype=dtype, device=hidden.device), False
 
 
 def _scaled_grads(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -317,6 +399,12 @@ class _GradBuffers:
             if t is not None:
                 t.mul_(factor)
 
+    def add_scaled_(self, other: _GradBuffers, factor: float) -> None:
+        """``self += factor · other``, buffer by buffer."""
+        for mine, theirs in ((self.h, other.h), (self.w, other.w), (self.b, other.b)):
+            if mine is not None and theirs is not None:
+                mine.add_(theirs, alpha=factor)
+
 
 class FusedOnePassLoss(torch.autograd.Function):
     """One pass: score, select by a given threshold, and differentiate each chunk of valid rows at once.
@@ -329,8 +417,11 @@ class FusedOnePassLoss(torch.autograd.Function):
     the teacher's (detached, cropped to V); ``rows [n]`` (the valid rows), ``targets [n]``, ``threshold``
     (float; -inf keeps every row), ``median`` (float, or None for the fixed temperature ``tau_base``), ``c``,
     ``tau_base``, ``reverse``, ``mean`` (bool), ``score`` (an indicator), ``chunk`` (a :data:`ChunkFn`),
-    ``chunk_size``, ``dtype``.
-    Outputs: the loss; the ``[n]`` scores (no gradient); ``[4]`` = (kept count, Σ τ, min τ, max τ).
+    ``chunk_size``, ``dtype``, and ``ce_weight`` w: the output adds w × the mean CE over the n valid rows (times the
+    kept count with ``mean=False``), from the same logits; its gradients are kept in a second buffer until the kept
+    count is known.
+    Outputs: the loss; the ``[n]`` scores (no gradient); ``[6]`` = (kept count, Σ τ, min τ, max τ, the KD part of
+    the loss, Σ CE).
     """
 
     @staticmethod
@@ -354,9 +445,12 @@ class FusedOnePassLoss(torch.autograd.Function):
         chunk: ChunkFn,
         chunk_size: int,
         dtype: torch.dtype,
+        ce_weight: float = 0.0,
     ) -> tuple[Tensor, Tensor, Tensor]:
         device = student_hidden.device
         grads = _GradBuffers(ctx.needs_input_grad[:3], student_hidden, student_weight, student_bias, dtype)
+        needs = ctx.needs_input_grad[:3]
+        ce = CrossEntropyPart(student_hidden, student_weight, student_bias, dtype, needs) if ce_weight else None
         n = rows.numel()
         scores = torch.empty(n, dtype=dtype, device=device)
         total = torch.zeros((), dtype=dtype, device=device)
@@ -368,6 +462,8 @@ class FusedOnePassLoss(torch.autograd.Function):
         for start, r, h, z_s, z_t in chunk_logits(*parts, rows, chunk_size):
             s = score(z_s, z_t, targets[start : start + chunk_size])
             scores[start : start + r.numel()] = s
+            if ce is not None:
+                ce.add(r, h, z_s, targets[start : start + chunk_size])
             keep = (s >= threshold).nonzero().squeeze(1)
             if keep.numel() == 0:
                 continue
@@ -392,13 +488,62 @@ class FusedOnePassLoss(torch.autograd.Function):
                 grads.add(r, h, g)
         scale = 1.0 / max(count, 1) if mean else 1.0
         grads.scale_(scale)
+        ce_total = torch.zeros((), dtype=dtype, device=device)
+        if ce is not None:
+            ce_coef = ce_weight / n if mean else ce_weight * count / n
+            grads.add_scaled_(ce.grads, ce_coef)
+            ce_total = ce.total * ce_coef
         ctx.save_for_backward(grads.h, grads.w, grads.b)
         ctx.param_dtypes = (student_weight.dtype, None if student_bias is None else student_bias.dtype)
         ctx.mark_non_differentiable(scores)
-        info = torch.stack([torch.tensor(float(count), dtype=dtype, device=device), tau_sum, tau_min, tau_max])
+        ce_sum = torch.zeros((), dtype=dtype, device=device) if ce is None else ce.total
+        count_t = torch.tensor(float(count), dtype=dtype, device=device)
+        info = torch.stack([count_t, tau_sum, tau_min, tau_max, total * scale, ce_sum])
         ctx.mark_non_differentiable(info)
-        return total * scale, scores, info
+        return total * scale + ce_total, scores, info
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, *unused: Tensor):
-        return _scaled_grads(ctx, grad_out) + (None,) * 15
+        return _scaled_grads(ctx, grad_out) + (None,) * 16
+
+
+class FusedCrossEntropy(torch.autograd.Function):
+    """``Σ_rows −log softmax(hidden @ weightᵀ + bias)[target]`` chunk by chunk, its gradients computed in the forward
+    (plain SFT on the fused path: one logit product per chunk, none recomputed in the backward).
+
+    Inputs: ``student_hidden [N, H]``, ``student_weight [V, H]``, ``student_bias [V] | None`` (may require grad),
+    ``rows [n]`` (the valid rows), ``targets [n]``, ``chunk_size``, ``dtype``. Output: the float scalar sum.
+    """
+
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, student_bias, rows, targets, chunk_size, dtype) -> Tensor:
+        grads = _GradBuffers(ctx.needs_input_grad[:3], student_hidden, student_weight, student_bias, dtype)
+        total = torch.zeros((), dtype=dtype, device=student_hidden.device)
+        for start in range(0, rows.numel(), chunk_size):
+            r = rows[start : start + chunk_size]
+            h = student_hidden.index_select(0, r)
+            loss_c, g = ce_chunk(linear(h, student_weight, student_bias), targets[start : start + chunk_size], dtype)
+            total += loss_c
+            if grads.any:
+                grads.add(r, h, g)
+        ctx.save_for_backward(grads.h, grads.w, grads.b)
+        ctx.param_dtypes = (student_weight.dtype, None if student_bias is None else student_bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        return _scaled_grads(ctx, grad_out) + (None,) * 4
+
+
+def fused_cross_entropy(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, chunk_size: int, ignore_index: int = -100
+) -> Tensor:
+    """Σ cross-entropy over the rows of ``hidden [N, H]`` whose ``labels [N]`` are not ``ignore_index``, without
+    keeping ``[N, V]`` logits (:class:`FusedCrossEntropy`); float32 (float64 for float64 inputs); 0 with a zero
+    gradient when every label is masked."""
+    rows = (labels != ignore_index).nonzero().squeeze(1)
+    dtype = torch.promote_types(torch.float32, hidden.dtype)
+    if rows.numel() == 0:
+        zero = hidden[:0].sum().to(dtype) + weight[:0].sum().to(dtype)
+        return zero if bias is None else zero + bias[:0].sum().to(dtype)
+    return FusedCrossEntropy.apply(hidden, weight, bias, rows, labels.index_select(0, rows), chunk_size, dtype)

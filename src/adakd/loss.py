@@ -24,6 +24,7 @@ from .adaptive import keep_count, score_fn, select_tokens
 from .divergences import compute_dtype, divergence_fn
 from .errors import NonFiniteLossError
 from .fused import (
+    CrossEntropyPart,
     FusedKeptLoss,
     FusedKeptLossTauGrad,
     FusedOnePassLoss,
@@ -210,10 +211,11 @@ class AdaKDLoss(nn.Module):
         tau: Tensor | float,
         kept_scores: Tensor | None,
         mean_loss: Tensor | float,
+        ce_loss: Tensor | float = math.nan,
     ) -> LossReport:
         """The :class:`LossReport` of this forward, kept as ``last_report``; L_t joins :meth:`pending` in training
         mode when the batch had valid tokens. Called only once the loss is known to be finite."""
-        report = make_report(loss, ratio, n, k, tau, kept_scores, mean_loss, self.tau_base)
+        report = make_report(loss, ratio, n, k, tau, kept_scores, mean_loss, self.tau_base, ce_loss)
         self.last_report = report
         if self.training and k > 0:
             self._pending = (self._pending[0] + report.mean_loss, self._pending[1] + 1)
@@ -231,6 +233,11 @@ class AdaKDLoss(nn.Module):
         """The indicator on logits (dense or sparse teacher), at τ = 1."""
         score = self.score_with_grad if differentiable else self.score
         return logit_scorer(score, dtype, self.indicator in FULL_STUDENT_INDICATORS)
+
+    def _ce_coef(self, ce_weight: float, n: int, k: int) -> float:
+        """The factor of Σ CE in a loss with ``ce_weight`` w: w·CE_mean next to L_t (``mean``), or k times that next
+        to the kept tokens' sum (``sum``, whose KD term is k·L_t), CE_mean being over the n valid tokens."""
+        return ce_weight / n if self.reduction == "mean" else ce_weight * k / n
 
     def _needs_scores(self, n: int) -> bool:
         """Whether n valid tokens need difficulty scores: not in plain-KD mode (keep all, one τ)."""
@@ -270,6 +277,7 @@ class AdaKDLoss(nn.Module):
         teacher_logits: Tensor | SparseTeacher,
         labels: Tensor,
         *,
+        ce_weight: float = 0.0,
         return_report: bool = False,
     ) -> Tensor | tuple[Tensor, LossReport]:
         """The AdaKD loss of one micro-batch, on materialised logits (the reference path).
@@ -281,7 +289,10 @@ class AdaKDLoss(nn.Module):
                 log-probabilities and the tail; a teacher cache): the divergence, the scores and IDTS then work on
                 the k + 1 coarse outcomes (``docs/method.md``, "Sparse teacher").
             labels: ``[...]`` target ids; ``ignore_index`` (-100) marks positions without loss.
-
+            ce_weight: w ≥ 0 adds w × the student's mean cross-entropy over the valid tokens: the loss is
+                L_t + w·CE (``reduction="mean"``; with the paper's kd_ratio α, α·(L_t + (1−α)/α·CE) is its mix), or
+                k·(L_t + w·CE) for ``reduction="sum"``, k the kept count. LATF and the report's ``mean_loss`` see
+                L_t alone; the report's ``ce_loss`` is the CE.
             return_report: also return the :class:`LossReport` (what was kept, τ, L_t).
 
         Returns:
@@ -325,7 +336,13 @@ class AdaKDLoss(nn.Module):
             with torch.no_grad():
                 return self._scorer(dtype)(student.detach().index_select(0, rows), _rows(teacher, rows), targets)
 
+        if ce_weight < 0 or not math.isfinite(ce_weight):
+            raise ValueError(f"ce_weight must be a finite number >= 0, got {ce_weight}")
         ratio, k, kept, scores, tau = self._select(n, score_pass)
+        ce_sum = None
+        if ce_weight:
+            valid = student.index_select(0, rows).to(dtype)
+            ce_sum = torch.nn.functional.cross_entropy(valid, flat_labels.index_select(0, rows), reduction="sum")
         if kept is not None:
             rows = rows[kept]
         # One gather of the rows that take loss, straight from the inputs (no intermediate copy of all valid rows).
@@ -333,9 +350,11 @@ class AdaKDLoss(nn.Module):
             student, teacher = student.index_select(0, rows), _rows(teacher, rows)
         per_token = self.div(*pair_log_probs(student, teacher, tau, dtype))
         per_token = per_token * self._weight(tau)
-        loss = per_token.mean() if self.reduction == "mean" else per_token.sum()
+        kd = per_token.mean() if self.reduction == "mean" else per_token.sum()
+        loss = kd if ce_sum is None else kd + self._ce_coef(ce_weight, n, k) * ce_sum
         self._finite(loss)
-        report = self._record(loss, ratio, n, k, tau, scores, loss if self.reduction == "mean" else per_token.mean())
+        ce_mean = math.nan if ce_sum is None else ce_sum.detach() / n
+        report = self._record(loss, ratio, n, k, tau, scores, per_token.mean(), ce_mean)
         return (loss, report) if return_report else loss
 
     def forward_hidden(
@@ -351,6 +370,7 @@ class AdaKDLoss(nn.Module):
         chunk_size: int | None = None,
         impl: str | None = None,
         one_pass: bool | None = None,
+        ce_weight: float = 0.0,
         return_report: bool = False,
     ) -> Tensor | tuple[Tensor, LossReport]:
         """The same loss as :meth:`forward` on ``student_hidden @ student_weight.T``, without materialising it.
@@ -377,6 +397,8 @@ class AdaKDLoss(nn.Module):
                 least the previous micro-batch's k-th score (k from the current ratio) and the IDTS median is that
                 of the previous micro-batch's kept scores. The first micro-batch (or one where no token passes)
                 runs the exact passes. Default ``self.one_pass``. See the README for its measured effect.
+            ce_weight: as :meth:`forward`. The CE and its gradient come from the logits pass 1 computes anyway (in
+                plain-KD mode, from pass 2's), so mixing it in adds no logit product.
 
             return_report: also return the :class:`LossReport`.
 
@@ -417,33 +439,38 @@ class AdaKDLoss(nn.Module):
             return (loss, report) if return_report else loss
 
         targets = flat_labels.index_select(0, rows)
+        if ce_weight < 0 or not math.isfinite(ce_weight):
+            raise ValueError(f"ce_weight must be a finite number >= 0, got {ce_weight}")
         one_pass = self.one_pass if one_pass is None else one_pass
         if one_pass and not self.detach_tau:
             raise ValueError("one_pass supports detach_tau=True only (its temperatures come from the previous batch)")
         if one_pass and self._needs_scores(n) and self._prev_scores is not None:
             chunk_fn = self._chunk_fn(dtype, impl)
-            done = self._one_pass(hs, student_weight, student_bias, ht, wt, bt, rows, targets, chunk_fn, chunk_size)
+            done = self._one_pass(
+                hs, student_weight, student_bias, ht, wt, bt, rows, targets, chunk_fn, chunk_size, ce_weight
+            )
             if done is not None:
                 return done if return_report else done[0]
 
         return self._fused_exact(
             hs, student_weight, student_bias, ht, wt, bt, rows, targets, one_pass, dtype, impl, chunk_size,
-            return_report,
+            return_report, ce_weight,
         )  # fmt: skip
 
     def _fused_exact(
-        self, hs, ws, bs, ht, wt, bt, rows, targets, one_pass, dtype, impl, chunk_size, return_report
+        self, hs, ws, bs, ht, wt, bt, rows, targets, one_pass, dtype, impl, chunk_size, return_report, ce_weight
     ) -> Tensor | tuple[Tensor, LossReport]:
-        """forward_hidden's exact path: pass 1 scores every valid token (no gradient), the selection and τ follow,
-        pass 2 takes the loss and gradients of the kept tokens."""
+        """forward_hidden's exact path: pass 1 scores every valid token (no gradient; with ``ce_weight``, also their
+        CE and its gradients), the selection and τ follow, pass 2 takes the loss and gradients of the kept tokens."""
         n = rows.numel()
         bs_detached = None if bs is None else bs.detach()
         scored: dict[str, Tensor] = {}
+        ce = CrossEntropyPart(hs, ws, bs, dtype) if ce_weight else None
 
         def score_pass() -> Tensor:
             scores = chunked_scores(
                 self._scorer(dtype), hs.detach(), ws.detach(), bs_detached, ht, wt, bt, rows, targets, chunk_size,
-                dtype,
+                dtype, ce,
             )  # fmt: skip
             if one_pass:
                 scored["all"] = scores  # becomes the one-pass state once the loss is known to be finite
@@ -453,24 +480,29 @@ class AdaKDLoss(nn.Module):
         if kept is not None:
             rows = rows[kept]
         scale = 1.0 / k if self.reduction == "mean" else 1.0
+        ce_coef = self._ce_coef(ce_weight, n, k) if ce is not None else 0.0
         if self.tau_has_grad and scores is not None:
             # τ is returned by the Function: its gradient flows back through the kept tokens' scores.
             kept_targets = targets if kept is None else targets[kept]
             loss, tau = FusedKeptLossTauGrad.apply(
                 hs, ws, bs, ht, wt, bt, rows, scores, kept_targets, self._scorer(dtype, True), self.c, self.tau_base,
-                self.temperature == "reverse", scale, self._chunk_fn(dtype, impl, True), chunk_size, dtype,
+                self.temperature == "reverse", scale, self._chunk_fn(dtype, impl, True), chunk_size, dtype, ce,
+                ce_coef,
             )  # fmt: skip
         else:
             chunk_fn = self._chunk_fn(dtype, impl)
-            loss = FusedKeptLoss.apply(hs, ws, bs, ht, wt, bt, rows, tau, scale, chunk_fn, chunk_size, dtype)
+            loss = FusedKeptLoss.apply(
+                hs, ws, bs, ht, wt, bt, rows, tau, scale, chunk_fn, chunk_size, dtype, ce, ce_coef, targets
+            )
         self._finite(loss)
         self._prev_scores = scored.get("all", self._prev_scores)
-        mean_loss = loss.detach() if self.reduction == "mean" else loss.detach() / k
-        report = self._record(loss, ratio, n, k, tau, scores, mean_loss)
+        kd = loss.detach() if ce is None else ce.kd_value
+        mean_loss = kd if self.reduction == "mean" else kd / k
+        report = self._record(loss, ratio, n, k, tau, scores, mean_loss, math.nan if ce is None else ce.total / n)
         return (loss, report) if return_report else loss
 
     def _one_pass(
-        self, hs, ws, bs, ht, wt, bt, rows, targets, chunk_fn, chunk_size
+        self, hs, ws, bs, ht, wt, bt, rows, targets, chunk_fn, chunk_size, ce_weight=0.0
     ) -> tuple[Tensor, LossReport] | None:
         """forward_hidden's one-pass approximation: (loss, report), or None when no token reaches the threshold
         (run the exact path)."""
@@ -483,17 +515,21 @@ class AdaKDLoss(nn.Module):
         loss, scores, info = FusedOnePassLoss.apply(
             hs, ws, bs, ht, wt, bt, rows, targets, threshold, median, self.c, self.tau_base,
             self.temperature == "reverse", self.reduction == "mean", self._scorer(dtype), chunk_fn, chunk_size, dtype,
+            ce_weight,
         )  # fmt: skip
-        count, tau_sum, tau_min, tau_max = info.tolist()
+        count, tau_sum, tau_min, tau_max, kd_value, ce_sum = info.tolist()
         if count == 0:
             self._prev_scores = scores
             return None
         self._finite(loss)
         self._prev_scores = scores
-        mean_loss = loss.item() if self.reduction == "mean" else loss.item() / count
+        mean_loss = kd_value if self.reduction == "mean" else kd_value / count
         kept = scores[scores >= threshold]  # the same statistics as the exact path: of this batch's kept scores
         score_stats = torch.stack([kept.median(), kept.min()]).tolist()
-        report = self._record(loss, ratio, n, int(count), [tau_sum / count, tau_min, tau_max], score_stats, mean_loss)
+        report = self._record(
+            loss, ratio, n, int(count), [tau_sum / count, tau_min, tau_max], score_stats, mean_loss,
+            ce_sum / n if ce_weight else math.nan,
+        )  # fmt: skip
         return loss, report
 
     def _chunk_fn(self, dtype: torch.dtype, impl: str, tau_grad: bool = False):

@@ -28,6 +28,7 @@ class LossReport:
     score_median: float
     score_threshold: float
     mean_loss: float
+    ce_loss: float = math.nan  # the mean CE over the valid tokens, when ``ce_weight`` mixed it in; else NaN
 
     def as_dict(self) -> dict[str, float]:
         """The statistics by their logged names (``loss`` is ``mean_loss``)."""
@@ -47,6 +48,7 @@ def make_report(
     kept_scores: Tensor | list[float] | None,
     mean_loss: Tensor | float,
     tau_base: float,
+    ce_loss: Tensor | float = math.nan,
 ) -> LossReport:
     """The report of a forward that kept ``k`` of ``n`` valid tokens.
 
@@ -58,6 +60,7 @@ def make_report(
             from the one-pass path (which passes ``mean_loss`` as a float).
         mean_loss: L_t (scalar tensor or float).
         tau_base: τ reported for an empty batch.
+        ce_loss: the mean CE over the valid tokens mixed into ``loss`` (``ce_weight``), NaN when none was.
     """
     if k == 0:  # nothing valid in this batch
         values = [tau_base] * 3 + [0.0] * 3
@@ -73,4 +76,5 @@ def make_report(
         median, low = (nan, nan) if s is None else (s.median(), s.min())
         stacked = torch.stack([t.mean(), t.min(), t.max(), median, low, loss_value])
         values = stacked.tolist()  # one device sync for all the statistics
-    return LossReport(loss, float(ratio), int(n), int(k), *values)
+    ce = float(ce_loss.detach()) if isinstance(ce_loss, Tensor) else float(ce_loss)
+    return LossReport(loss, float(ratio), int(n), int(k), *values, ce_loss=ce)

@@ -262,15 +262,20 @@ def _compute(model: Any, examples: Any, shards: list, folder: Path, ranks: _Rank
 
 def _write_manifest(folder: _Folder, plan: dict[str, Any], shards: list) -> dict[str, Any]:
     """Read every shard back (its size, sha256 and row count) and write ``manifest.json`` atomically."""
+    import numpy as np
     from safetensors import safe_open
 
     from ..errors import InputError
 
     entries = []
+    tail_mass, tail_max = 0.0, 0.0
     for s, (first, count, positions) in enumerate(shards):
         path = folder.path / shard_name(s)
         with safe_open(str(path), framework="numpy") as f:
             rows = int(f.get_tensor("offsets")[-1])
+            mass = np.exp(f.get_tensor("tail").astype(np.float64))
+        tail_mass += float(mass.sum())
+        tail_max = max(tail_max, float(mass.max(initial=0.0)))
         if rows != positions:
             raise InputError(
                 f"--output {folder.output}: {path.name} holds {rows} rows where this cache has {positions} "
@@ -282,7 +287,10 @@ def _write_manifest(folder: _Folder, plan: dict[str, Any], shards: list) -> dict
              "sha256": sha}
         )  # fmt: skip
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    manifest = {"format": plan["format"], "created": created, **plan, "shards": entries}
+    # The teacher's mass outside the top-k, over every position: how much of its distribution the cache lumps into
+    # the tail bucket (docs/cache.md: above about 1%, raise --top-k or train with the live teacher).
+    tail = {"mean": tail_mass / max(1, plan["positions"]), "max": tail_max}
+    manifest = {"format": plan["format"], "created": created, **plan, "tail_mass": tail, "shards": entries}
     write_json(folder.path / MANIFEST, manifest)
     return manifest
 
@@ -296,6 +304,7 @@ def _summary(manifest: dict[str, Any], output: str, computed: int, rank: int) ->
         "shards": len(manifest["shards"]),
         "bytes": size,
         "bytes_per_position": size / max(1, manifest["positions"]),
+        "tail_mass": manifest.get("tail_mass", {}).get("mean", float("nan")),
         "computed_shards": computed,
         "rank": rank,
     }

@@ -19,6 +19,11 @@ class _Parser(argparse.ArgumentParser):
         return namespace, [a for a in extras if a not in later]
 
 
+# Above this mean tail mass the measured fidelity of a cache falls off (docs/cache.md, "Fidelity").
+TAIL_WARN = 0.01
+TAIL_ADVICE = " (above 1%: the scores and gradients may differ markedly from the live teacher's; raise --top-k)"
+
+
 def add_parser(sub: Any) -> None:
     """Register ``adakd cache`` on the subcommand parsers ``sub``."""
     p = sub.add_parser(
@@ -76,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"[adakd] cache {args.output}: {summary['examples']} examples, {summary['positions']} positions, "
             f"{summary['shards']} shards, {summary['bytes']} bytes ({summary['bytes_per_position']:.1f} bytes per "
-            f"position; {done}); train from it: {train}",
+            f"position; {done}); the teacher's mean mass outside the top-{args.top_k}: {summary['tail_mass']:.2%}"
+            f"{TAIL_ADVICE if summary['tail_mass'] > TAIL_WARN else ''}; train from it: {train}",
             flush=True,
         )
     _close_process_group()

@@ -136,7 +136,9 @@ class LossSection:
     warmup_ratio: float | None = None  # 0.05: LATF warm-up as a fraction of all optimizer steps (the authors' 5%)
     warmup_steps: int | None = None  # overrides warmup_ratio
     kd_ratio: float = 1.0  # loss = (1 − kd_ratio)·CE + kd_ratio·AdaKD
-    fused: bool = False  # AdaKDLoss.forward_hidden: never materialise tokens × vocabulary logits
+    # auto: AdaKDLoss.forward_hidden (never materialise tokens × vocabulary logits) wherever it computes the models'
+    # own logits (output layer hidden @ Wᵀ (+ b)), the logits path otherwise; true / false force either
+    fused: bool | str = "auto"
     chunk_size: int | None = None
     impl: str = "torch"
     one_pass: bool = False
@@ -247,6 +249,8 @@ class DistillConfig:
             raise self.error(
                 "loss.nonfinite", f"unknown policy {loss.nonfinite!r}; valid: {', '.join(NONFINITE_POLICIES)}"
             )
+        if loss.fused not in (True, False, "auto"):
+            raise self.error("loss.fused", f"must be true, false or auto, got {loss.fused!r}")
         if loss.chunk_size is not None and loss.chunk_size < 1:
             raise self.error("loss.chunk_size", f"must be >= 1, got {loss.chunk_size}")
         lam = loss.base_params.get("lam")

@@ -34,6 +34,7 @@ optimizer steps on the main process (:class:`adakd.train.evaluation.RougeDuringT
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import warnings
@@ -42,11 +43,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from transformers import Trainer
 
 from .. import AdaKDLoss
 from ..errors import NonFiniteLossError
+from ..fused import fused_cross_entropy
 from ..integrations import step_latf, window_mean
 from ..loss import LossReport
 from ..sparse import SparseTeacher
@@ -72,20 +73,17 @@ __all__ = ["STAGING_DIR", "STATE_FILE", "AdaKDTrainer", "CheckpointError", "comp
 LOGGED = ("ratio", "kept_tokens", "valid_tokens", "tau_mean", "tau_min", "tau_max")
 
 
-def _chunked_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, bias, labels: torch.Tensor, chunk: int):
-    """Σ CE over the valid rows of ``hidden [N, H]`` without keeping ``[N, V]`` logits: each chunk's logits are
-    recomputed in the backward (activation checkpointing)."""
-
-    def ce(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(h, weight, bias).float()
-        return F.cross_entropy(logits, y, ignore_index=-100, reduction="sum")
-
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk):
-        total = total + checkpoint(
-            ce, hidden[start : start + chunk], labels[start : start + chunk], use_reentrant=False
-        )
-    return total
+def auto_fused(student: torch.nn.Module, teacher: torch.nn.Module | None) -> tuple[bool, str]:
+    """``loss.fused: auto``: the fused path where it computes exactly the models' logits (each output layer is
+    ``hidden @ Wᵀ (+ b)``, :func:`adakd.train.engines.check_linear_head`), else the logits path; with the reason."""
+    for model, role in ((student, "student"), (teacher, "teacher")):
+        if model is None:
+            continue
+        try:
+            check_linear_head(model, role)
+        except ConfigError as e:
+            return False, str(e).removeprefix("loss.fused: ").split(": set loss.fused")[0]
+    return True, "the output layers are hidden @ Wᵀ (+ b)"
 
 
 class AdaKDTrainer(EvaluationMixin, Trainer):
@@ -96,7 +94,9 @@ class AdaKDTrainer(EvaluationMixin, Trainer):
         teacher_model: the teacher, or None for plain SFT (``kd_ratio`` must then be 0).
         loss_fn: an :class:`adakd.AdaKDLoss` built with ``reduction="sum"``.
         kd_ratio: loss = (1 − kd_ratio)·CE + kd_ratio·AdaKD.
-        fused: use ``AdaKDLoss.forward_hidden`` (never materialise the logits).
+        fused: ``True``: ``AdaKDLoss.forward_hidden`` (never materialise the logits; refused for a model whose logits
+            are not ``hidden @ Wᵀ (+ b)``); ``False``: the logits path; ``"auto"`` (default): the fused path wherever
+            it is exact for both models, the logits path otherwise, the choice printed once.
         chunk_size: rows per chunk of the fused path.
         onpolicy: GKD / DistiLLM batch generation (:class:`adakd.train.onpolicy.OnPolicyController`), or None.
         nonfinite: ``error`` (stop the run) or ``skip`` (drop the micro-batch) on non-finite logits or loss.
@@ -115,7 +115,7 @@ class AdaKDTrainer(EvaluationMixin, Trainer):
         *,
         loss_fn: AdaKDLoss,
         kd_ratio: float = 1.0,
-        fused: bool = False,
+        fused: bool | str = "auto",
         chunk_size: int | None = None,
         onpolicy: OnPolicyController | None = None,
         nonfinite: str = "error",
@@ -149,7 +149,15 @@ class AdaKDTrainer(EvaluationMixin, Trainer):
         self.engine_shards_params = self.engine == "fsdp2" or (
             self.engine == "deepspeed" and self.accelerator.state.deepspeed_plugin.zero_stage == 3
         )
-        if fused:  # never a silently different objective: the fused loss computes hidden @ Wᵀ (+ b) only
+        if fused not in (True, False, "auto"):
+            raise ValueError(f"fused must be True, False or 'auto', got {fused!r}")
+        self.fused_reason: str | None = None  # why loss.fused: auto chose the path it did
+        if fused == "auto":
+            fused, why = auto_fused(model, teacher_model)
+            self.fused, self.fused_reason = fused, why
+            if self.args.process_index == 0:
+                print(f"[adakd] loss path: {'fused' if fused else 'logits'} (loss.fused: auto; {why})", flush=True)
+        elif fused:  # never a silently different objective: the fused loss computes hidden @ Wᵀ (+ b) only
             check_linear_head(model, "student")
             if teacher_model is not None:
                 check_linear_head(teacher_model, "teacher")
@@ -315,22 +323,25 @@ class AdaKDTrainer(EvaluationMixin, Trainer):
                 result["zero"] = self._zero_loss(model, hidden, (head.weight, head.bias))
                 return result["zero"]
             ce = kd = None
-            if self.kd_ratio < 1:
-                ce = _chunked_ce_sum(flat, weight, bias, flat_labels, self.chunk_size or 1024)
+            # With a KD term, the CE (kd_ratio < 1) rides in the fused passes; alone, it is a fused CE of its own.
+            distil = self.distils
+            ce_weight = (1 - self.kd_ratio) / self.kd_ratio if distil else 0.0
+            if not distil:
+                ce = fused_cross_entropy(flat, weight, bias, flat_labels, self.chunk_size or 1024)
             try:
                 if ce is not None and not bool(torch.isfinite(ce)):
                     raise NonFiniteLossError("non-finite cross-entropy")
-                if self.kd_ratio > 0 and cached is not None:
+                if distil and cached is not None:
                     kd, result["report"] = self.loss_fn.forward_hidden(
                         hidden, weight, cached, None, labels, student_bias=bias, chunk_size=self.chunk_size,
-                        return_report=True,
+                        ce_weight=ce_weight, return_report=True,
                     )  # fmt: skip
-                elif self.kd_ratio > 0:
+                elif distil:
                     dtype = teacher_hidden.dtype
                     kd, result["report"] = self.loss_fn.forward_hidden(
                         hidden, weight, teacher_hidden, t_weight.to(dtype), labels,
                         student_bias=bias, teacher_bias=None if t_bias is None else t_bias.to(dtype),
-                        chunk_size=self.chunk_size, return_report=True,
+                        chunk_size=self.chunk_size, ce_weight=ce_weight, return_report=True,
                     )  # fmt: skip
             except NonFiniteLossError:  # e.g. an overflow inside the divergence: the same policy as on logits
                 self._skip("loss")
@@ -409,7 +420,14 @@ class AdaKDTrainer(EvaluationMixin, Trainer):
             # its share of the window's valid tokens. With every token kept this is Σ/valid-in-window exactly
             # (invariant to how the window is split); otherwise each micro-batch uses the count it really kept.
             kd = window_mean(kd_sum, report, denom)
-        loss = sum(w * term for w, term in ((1 - self.kd_ratio, ce), (self.kd_ratio, kd)) if term is not None)
+        mixed = report is not None and not math.isnan(report.ce_loss)
+        if mixed:
+            # The fused loss returned kd_sum + (1−α)/α·(k/n)·Σ CE: α·window_mean of it is (1−α)·CE + α·KD exactly.
+            loss = self.kd_ratio * kd
+            ce = torch.as_tensor(report.ce_loss * report.valid_tokens, device=denom.device) / denom
+            kd = torch.as_tensor(report.mean_loss * report.valid_tokens, device=denom.device) / denom
+        else:
+            loss = sum(w * term for w, term in ((1 - self.kd_ratio, ce), (self.kd_ratio, kd)) if term is not None)
         if model.training:  # evaluation batches must not move the training logs
             self._accumulate(ce, kd, scale, report)
         loss = loss * scale
