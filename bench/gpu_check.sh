@@ -5,7 +5,7 @@
 #
 # Needs only PyTorch (with Triton) on the machine: adakd runs from src/ through PYTHONPATH, and no network is used.
 # A Liger-Kernel wheel placed beside this script (bench/liger_kernel-*.whl) is installed without dependencies for
-# the comparison. Budget: under 8 minutes (each step has a timeout: 90 s, 150 s, 50 s, then 3 × 60 s).
+# the comparison. Budget: under 12 minutes (each step has a timeout: 90 s, 150 s, 50 s, 3 × 60 s, then 240 s).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
@@ -54,5 +54,10 @@ for folder in sorted(p for p in root.iterdir() if p.name != "single" and (p / "r
     print(f"{folder.name}: max relative parameter difference to the plain run {rel:.2e}")
     assert rel < 1e-3, folder.name
 PY
+# 5. Whole optimizer steps through AdaKDTrainer at the Qwen2-1.5B / 7B widths and vocabulary (2 decoder layers each,
+#    bf16, synthetic instructions): plain KD, AdaKD and one-pass AdaKD on the logits and fused paths, each variant in
+#    a fresh process (bench/step_bench.py).
+timeout 240 python "$here/step_bench.py" --device cuda --steps 5 --warmup 2 --json "$out/step_bench.json" 2>&1 \
+  | tee "$out/step_bench.txt" || status=1
 echo "gpu_check.sh: exit $status; results in $out"
 exit $status

@@ -5,10 +5,10 @@
 
 What one step is here: ``AdaKDTrainer``'s own training step (student forward and backward, the teacher's forward,
 the loss, the optimizer), built by ``adakd.train.build_trainer`` from a config, as ``adakd train`` runs it. Each
-variant runs in a fresh process; the time per optimizer step is the median over ``--steps`` steps after
-``--warmup`` steps, and the peak memory is the growth of the peak resident set over the whole training call (CPU,
-with the allocator setting of ``bench/harness.py``, in a separate process) or of CUDA's allocator peak. Ratios are
-to plain KD on the fused path.
+variant runs in a fresh process. Its time per optimizer step is the median over ``--steps`` steps after ``--warmup``
+steps, then the median over ``--rounds`` interleaved rounds of all the variants. Its peak memory is the growth of
+the peak resident set over the whole training call (CPU, with the allocator setting of ``bench/harness.py``, in a
+separate process) or of CUDA's allocator peak. Ratios are to plain KD on the fused path.
 
 Shapes. CPU (the default): Qwen2-architecture student hidden 128 / teacher hidden 256, two layers each, GPT-2's
 vocabulary (50,304 rows), batches of 8 Dolly sequences from MiniLLM token shards (``--data``, ``--tokenizer``).
@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the time is their median")
     p.add_argument("--json", default=None)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--measure", default="both", choices=["both", "memory", "time"], help=argparse.SUPPRESS)
@@ -218,20 +219,29 @@ def main(argv: list[str] | None = None) -> int:
         f"{shape['dtype']}; batch {args.batch_size} × ≤{args.max_length} tokens of "
         f"{args.data or 'synthetic instructions'}; median of {args.steps} steps after {args.warmup}"
     )
-    rows = []
-    for variant in args.variants:
-        flags = ["--worker", variant, "--device", device, "--batch-size", str(args.batch_size), "--max-length",
-                 str(args.max_length), "--layers", str(args.layers), "--steps", str(args.steps), "--warmup",
-                 str(args.warmup)]  # fmt: skip
-        if args.data:
-            flags += ["--data", args.data, "--tokenizer", args.tokenizer]
-        if device == "cpu":
-            row = harness.cpu_row(__file__, flags)
-        else:
-            row = harness.run_isolated(__file__, flags)
-        row.update(device_name=harness.device_name(device))
-        rows.append(row)
-        print(f"  {variant}: {row['ms'] / 1e3:.2f} s/step, extra peak {row['extra_bytes'] / 2**30:.2f} GB", flush=True)
+    rows = {}
+    # Rounds interleave the variants (A B C, A B C, ...): a machine whose speed drifts over minutes (a shared VM)
+    # then slows every variant alike, and the median over rounds drops a round that caught a slow spell.
+    for round_ in range(args.rounds):
+        for variant in args.variants:
+            flags = ["--worker", variant, "--device", device, "--batch-size", str(args.batch_size), "--max-length",
+                     str(args.max_length), "--layers", str(args.layers), "--steps", str(args.steps), "--warmup",
+                     str(args.warmup)]  # fmt: skip
+            if args.data:
+                flags += ["--data", args.data, "--tokenizer", args.tokenizer]
+            if device != "cpu":
+                row = harness.run_isolated(__file__, flags)
+            elif round_ == 0:
+                row = harness.cpu_row(__file__, flags)
+            else:
+                row = {**rows[variant], **harness.run_isolated(__file__, [*flags, "--measure", "time"])}
+            row.update(device_name=harness.device_name(device))
+            rows.setdefault(variant, row).setdefault("round_ms", []).append(row["ms"])
+            print(f"  round {round_ + 1}, {variant}: {row['ms'] / 1e3:.2f} s/step, extra peak "
+                  f"{row['extra_bytes'] / 2**30:.2f} GB", flush=True)  # fmt: skip
+    rows = list(rows.values())
+    for row in rows:
+        row["ms"] = statistics.median(row["round_ms"])
     harness.print_table(rows, "plain-kd/fused", DESCRIPTIONS)
     by_name = {r["variant"]: r for r in rows}
     floor = head_floor(by_name, device)

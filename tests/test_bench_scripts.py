@@ -47,8 +47,8 @@ def test_gpu_check_reports_a_failure():
         ("loss_bench", ["--tokens", "64", "--vocab", "128", "--device", "cpu"], {"plain-kd", "adakd-all", "adakd"}),
         ("fused_bench", ["--tokens", "64", "--vocab", "128", "--h-student", "8", "--h-teacher", "16", "--no-liger"],
          {"naive", "fused", "fused-one-pass"}),
-        ("step_bench", ["--steps", "1", "--warmup", "1", "--batch-size", "2", "--variants", "plain-kd/fused",
-                        "adakd/fused"], {"plain-kd/fused", "adakd/fused"}),
+        ("step_bench", ["--steps", "1", "--warmup", "1", "--batch-size", "2", "--rounds", "2", "--variants",
+                        "plain-kd/fused", "adakd/fused"], {"plain-kd/fused", "adakd/fused"}),
     ],
 )  # fmt: skip
 def test_benchmarks_run(tmp_path, script, args, variants):
@@ -80,6 +80,12 @@ def test_cache_fidelity_metrics_are_perfect_for_a_whole_vocabulary_cache():
     assert whole["loss_rel_err"] < 1e-5 and whole["grad_cosine"] == pytest.approx(1.0, abs=1e-6)
     small = bench.batch_fidelity(hidden, weight, teacher, labels, 2, torch.float16)
     assert small["tail_mass"] > 0.1 and small["grad_cosine"] < 0.999  # the metrics can tell a lossy cache apart
+
+
+def test_profile_loss_runs_and_reports_the_floor(capsys):
+    assert _load("profile_loss").main(["--tokens", "16", "--vocab", "64", "--h-student", "4", "--h-teacher", "8",
+                                       "--repeats", "1"]) == 0  # fmt: skip
+    assert "above it" in capsys.readouterr().out
 
 
 def test_study_paired_differences_and_intervals():

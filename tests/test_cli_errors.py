@@ -54,6 +54,7 @@ def test_a_nonfinite_loss_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
         raise NonFiniteLossError("non-finite AdaKD loss")
 
     monkeypatch.setattr(AdaKDLoss, "forward", nonfinite)
+    monkeypatch.setattr(AdaKDLoss, "forward_hidden", nonfinite)  # loss.fused: auto takes the fused path here
     code, err = cli(capsys, *_train(tmp_path))
     assert code == 1, err
     lines = [line for line in err.splitlines() if line.startswith("adakd: error:")]

@@ -82,6 +82,17 @@ def test_engine_of_names_each_engine_and_refuses_fsdp1():
         engine_of(_accelerator("FSDP", fsdp2=False))
 
 
+def test_a_quantised_output_layer_is_refused():
+    class Params4bit(torch.nn.Parameter):  # how bitsandbytes names the packed weight of a quantised layer
+        pass
+
+    model = _model("qwen2", tie_word_embeddings=False)
+    head = model.get_output_embeddings()
+    head.weight = Params4bit(head.weight.detach().clone(), requires_grad=False)
+    with pytest.raises(ConfigError, match="loss.fused: the student's output layer is quantised"):
+        check_linear_head(model, "student")
+
+
 def test_linear_heads_pass():
     check_linear_head(_model("qwen2"), "student")
     check_linear_head(_model("qwen2", tie_word_embeddings=False), "teacher")

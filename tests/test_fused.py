@@ -502,3 +502,35 @@ def test_fused_cross_entropy_equals_torch(dtype):
     zero = fused_cross_entropy(h, ws, bs, torch.full_like(labels, -100), chunk_size=4)
     zero.backward()
     assert zero.item() == 0.0 and torch.equal(h.grad, torch.zeros_like(h))
+
+
+class _BigDivisions(TorchDispatchMode):
+    """Counts divisions whose output has at least ``size`` elements (a [c, V] logits division)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size, self.count = size, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.div.Tensor, torch.ops.aten.div_.Tensor) and out.numel() >= self.size:
+            self.count += 1
+        return out
+
+
+def test_pass_2_divides_the_hidden_states_by_tau_not_the_logits():
+    # Without biases, in float32/float64, 1/τ_i scales the [c, H] hidden states before the products: exact to
+    # rounding (float64 here, against the logits path), and no [c, V] division is left in the forward.
+    kwargs = {"selection": "fixed", "ratio": 0.6, "c": 0.9}
+    inputs = _inputs(26, dtype=torch.float64, bias=False, pad=False)
+    (l0, g0, _), (l1, g1, _) = _both(kwargs, inputs, 7)
+    torch.testing.assert_close(l1, l0, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g1, g0, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    hs, ws, _, ht, wt, _, labels = _inputs(26, bias=False, pad=False)
+    counts = []
+    for bias in (None, torch.zeros(V_S)):
+        with _BigDivisions(7 * V_S) as mode:
+            adakd.AdaKDLoss(**kwargs).forward_hidden(hs, ws, ht, wt[:V_S], labels, student_bias=bias, chunk_size=7)
+        counts.append(mode.count)
+    assert counts[0] == 0 < counts[1]  # with a bias the logits are divided (z/τ needs b/τ per row)

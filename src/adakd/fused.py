@@ -195,18 +195,30 @@ def chunk_loss_fn(
         raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
     squared = tau_weight == "squared"
 
-    def value(student_logits: Tensor, teacher_logits: Tensor | SparseTeacher, tau: Tensor | float) -> Tensor:
+    def value(
+        student_logits: Tensor, teacher_logits: Tensor | SparseTeacher, tau: Tensor | float, weight: Tensor | None
+    ) -> Tensor:
         per_token = div(*pair_log_probs(student_logits, teacher_logits, tau, dtype))
+        if weight is not None:  # logits already divided by τ (the fold below): the τ² weight comes apart
+            return (per_token * weight).sum()
         return (per_token * (tau * tau)).sum() if squared else per_token.sum()
 
     grad_and_value = torch.func.grad_and_value(value, argnums=(0, 2) if tau_grad else 0)
 
-    def chunk(student_logits: Tensor, teacher_logits: Tensor | SparseTeacher, tau: Tensor | float):
-        grad, loss = grad_and_value(student_logits.to(dtype), teacher_logits, tau)
+    def chunk(
+        student_logits: Tensor,
+        teacher_logits: Tensor | SparseTeacher,
+        tau: Tensor | float,
+        weight: Tensor | None = None,
+    ):
+        grad, loss = grad_and_value(student_logits.to(dtype), teacher_logits, tau, weight)
         return (loss, *grad) if tau_grad else (loss, grad)
 
+    chunk.squared = squared  # the fold in pass 2 passes the τ² weight itself
     if impl == "compile":
-        return torch.compile(chunk, dynamic=True)
+        compiled = torch.compile(chunk, dynamic=True)
+        compiled.squared = squared
+        return compiled
     return chunk
 
 
@@ -246,7 +258,12 @@ class FusedKeptLoss(torch.autograd.Function):
         grads, ce_total, prefilled = _start(ctx, ce, ce_coef, student_hidden, student_weight, student_bias, dtype)
         total = torch.zeros((), dtype=dtype, device=student_hidden.device)
         parts = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
-        for start, r, h, z_s, z_t in chunk_logits(*parts, rows, chunk_size):
+        if _can_fold(tau, *parts):
+            total = _folded_pass(parts, rows, tau, chunk, chunk_size, scale, grads, prefilled, dtype)
+            chunks = iter(())  # done
+        else:
+            chunks = chunk_logits(*parts, rows, chunk_size)
+        for start, r, h, z_s, z_t in chunks:
             tau_c = tau[start : start + chunk_size] if isinstance(tau, Tensor) else tau
             loss_c, g = chunk(z_s, z_t, tau_c)
             total += loss_c
@@ -342,6 +359,39 @@ class FusedKeptLossTauGrad(torch.autograd.Function):
         return _scaled_grads(ctx, grad_out) + (None,) * 16
 
 
+def _can_fold(tau, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias) -> bool:
+    """Whether pass 2 may divide by τ_i before the logit products instead of after: per-token τ, a dense teacher,
+    no biases (z/τ = (h/τ) @ Wᵀ then holds exactly up to rounding) and float32/float64 hidden states (scaling bf16
+    hidden states would add a rounding the logits path does not have). It saves two [c, V] divisions per chunk."""
+    return (
+        isinstance(tau, Tensor)
+        and not isinstance(teacher_hidden, SparseTeacher)
+        and student_bias is None
+        and teacher_bias is None
+        and student_hidden.dtype in (torch.float32, torch.float64)
+        and teacher_hidden.dtype in (torch.float32, torch.float64)
+    )
+
+
+def _folded_pass(parts, rows, tau, chunk, chunk_size, scale, grads, prefilled, dtype) -> Tensor:
+    """:class:`FusedKeptLoss`'s pass 2 with 1/τ_i applied to the hidden states (``[c, H]``) rather than to the
+    logits (``[c, V]``); the τ_i² weight is passed apart. Returns Σ w(τ)·D (unscaled); the gradients go to ``grads``
+    times ``scale``."""
+    student_hidden, student_weight, _, teacher_hidden, teacher_weight, _ = parts
+    total = torch.zeros((), dtype=dtype, device=student_hidden.device)
+    weight_all = tau * tau if chunk.squared else torch.ones_like(tau)
+    for start in range(0, rows.numel(), chunk_size):
+        r = rows[start : start + chunk_size]
+        inv = (1.0 / tau[start : start + chunk_size]).unsqueeze(1)
+        h = student_hidden.index_select(0, r) * inv.to(student_hidden.dtype)
+        z_t = (teacher_hidden.index_select(0, r) * inv.to(teacher_hidden.dtype)) @ teacher_weight.t()
+        loss_c, g = chunk(h @ student_weight.t(), z_t, 1.0, weight_all[start : start + chunk_size])
+        total += loss_c
+        if grads.any:
+            grads.add(r, h, g * scale, accumulate=prefilled, row_scale=inv)
+    return total
+
+
 def _start(ctx, ce, ce_coef, hidden, weight, bias, dtype) -> tuple[_GradBuffers, Tensor, bool]:
     """A pass-2 forward's gradient buffers, its CE total so far and whether the buffers already hold pass 1's CE
     gradients (then scaled by ``ce_coef`` here)."""
@@ -376,14 +426,24 @@ class _GradBuffers:
     def any(self) -> bool:
         return self.h is not None or self.w is not None or self.b is not None
 
-    def add(self, rows: Tensor, hidden: Tensor, grad_logits: Tensor, accumulate: bool = False) -> None:
+    def add(
+        self,
+        rows: Tensor,
+        hidden: Tensor,
+        grad_logits: Tensor,
+        accumulate: bool = False,
+        row_scale: Tensor | None = None,
+    ) -> None:
         """Accumulate ∂/∂(hidden, weight, bias) for ``rows`` (unique) from ∂loss/∂logits ``[c, V]``; the rows'
-        hidden-state gradients are written, or added with ``accumulate`` (a second pass over the same rows)."""
+        hidden-state gradients are written, or added with ``accumulate`` (a second pass over the same rows).
+        ``row_scale`` ``[c, 1]``: the logits were ``(hidden · row_scale) @ Wᵀ`` and ``hidden`` is already scaled, so
+        only the hidden-state gradient takes the factor."""
         if self.b is not None:
             self.b += grad_logits.sum(0)
         g_in = grad_logits.to(self.weight.dtype)  # products in the model's dtype, like the naive path
         if self.h is not None:
-            g_h = (g_in @ self.weight).to(self.h.dtype)
+            g_h = g_in @ self.weight
+            g_h = (g_h if row_scale is None else g_h * row_scale).to(self.h.dtype)
             if accumulate:
                 self.h.index_add_(0, rows, g_h)
             else:

@@ -232,7 +232,8 @@ class AdaKDLoss(nn.Module):
     def _scorer(self, dtype: torch.dtype, differentiable: bool = False):
         """The indicator on logits (dense or sparse teacher), at τ = 1."""
         score = self.score_with_grad if differentiable else self.score
-        return logit_scorer(score, dtype, self.indicator in FULL_STUDENT_INDICATORS)
+        direct = None if differentiable else self.indicator
+        return logit_scorer(score, dtype, self.indicator in FULL_STUDENT_INDICATORS, direct)
 
     def _ce_coef(self, ce_weight: float, n: int, k: int) -> float:
         """The factor of Σ CE in a loss with ``ce_weight`` w: w·CE_mean next to L_t (``mean``), or k times that next

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .adaptive import score_fn
+from .adaptive import LOGIT_INDICATORS, score_fn
 from .divergences import compute_dtype, divergence_fn, log_probs
 
 __all__ = [
@@ -158,13 +158,21 @@ def pair_log_probs(
 LogitScore = Callable[[Tensor, "Tensor | SparseTeacher", "Tensor | None"], Tensor]
 
 
-def logit_scorer(score: Callable, dtype: torch.dtype, full_student: bool = False) -> LogitScore:
+def logit_scorer(
+    score: Callable, dtype: torch.dtype, full_student: bool = False, indicator: str | None = None
+) -> LogitScore:
     """Wrap an indicator ``f(log q, log p, labels)`` into ``g(student_logits, teacher, labels)`` at τ = 1, for dense
-    or sparse teachers. ``full_student`` (the ``ce`` indicator) hands it the student's full log-probabilities."""
+    or sparse teachers. ``full_student`` (the ``ce`` indicator) hands it the student's full log-probabilities.
+    ``indicator``: its name, when a faster implementation on dense logits may stand in for it
+    (:data:`adakd.adaptive.LOGIT_INDICATORS`, without gradient)."""
+    direct = LOGIT_INDICATORS.get(indicator) if indicator is not None else None
 
     def scorer(student_logits: Tensor, teacher: Tensor | SparseTeacher, labels: Tensor | None) -> Tensor:
-        if full_student and isinstance(teacher, SparseTeacher):
-            return score(log_probs(student_logits, 1.0, dtype), teacher.coarse(dtype), labels)
+        if isinstance(teacher, SparseTeacher):
+            if full_student:
+                return score(log_probs(student_logits, 1.0, dtype), teacher.coarse(dtype), labels)
+        elif direct is not None:
+            return direct(student_logits, teacher, dtype)
         return score(*pair_log_probs(student_logits, teacher, 1.0, dtype), labels)
 
     return scorer

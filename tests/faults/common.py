@@ -22,6 +22,8 @@ def tiny(tmp_path: Path, *overrides: str, name: str = "run"):
         "training.logging_steps=1",
         "training.disable_tqdm=true",
         "data.synthetic_size=64",
+        # These tests name the logits path's messages (teacher *logits*); the ones about the fused path say so.
+        "loss.fused=false",
     ]
     return load_config(TINY, [*base, *overrides])
 

@@ -184,8 +184,17 @@ def check_linear_head(model: torch.nn.Module, role: str) -> None:
             f"loss.fused: the {role} ({type(base).__name__}) exposes no decoder and linear output layer; "
             "set loss.fused: false"
         )
+    if type(head.weight).__name__ in ("Params4bit", "Int8Params"):  # bitsandbytes packs the weight it quantises
+        raise ConfigError(
+            f"loss.fused: the {role}'s output layer is quantised ({type(head).__name__}); the fused loss needs its "
+            "dense weight: set loss.fused: false, or keep lm_head out of the quantisation"
+        )
     params = list(base.parameters())
     if any(is_sharded(p) or p.is_meta for p in params):
+        return
+    if getattr(base, "is_quantized", False):
+        # A quantised body with a dense lm_head (bitsandbytes skips it by default): the logits are head(hidden) as
+        # the checks above establish, and bitsandbytes' CPU kernels fail on the probe's tiny inputs.
         return
     device = head.weight.device
     ids = torch.arange(1, 5, device=device).unsqueeze(0) % head.weight.shape[0]
