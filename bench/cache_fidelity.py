@@ -39,8 +39,10 @@ from typing import Any
 import torch
 import yaml
 
-import adakd
-from adakd.sparse import SparseTeacher, sparse_difficulty_scores, sparse_from_logits
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import adakd  # noqa: E402
+import harness  # noqa: E402
+from adakd.sparse import SparseTeacher, sparse_difficulty_scores, sparse_from_logits  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------- fidelity
 
@@ -315,28 +317,12 @@ def step_times(spec: dict[str, Any], out: Path, args, log) -> list[dict[str, Any
             shutil.rmtree(run["training"]["output_dir"], ignore_errors=True)
             trainer = build_trainer(load_config(data=run))
             times: list[float] = []
-            trainer.add_callback(_step_timer(times))
+            trainer.add_callback(harness.step_timer(times))
             trainer.train()
             per_step = statistics.median(times[1:])
             log(f"[steps] {'fused' if fused else 'logits'} {source}: {per_step:.2f} s/step")
             rows.append({"path": "fused" if fused else "logits", "teacher": source, "seconds_per_step": per_step})
     return rows
-
-
-def _step_timer(times: list[float]):
-    """A TrainerCallback that appends each optimizer step's wall time to ``times``."""
-    from transformers import TrainerCallback
-
-    class StepTimer(TrainerCallback):
-        start = 0.0
-
-        def on_step_begin(self, *a, **k):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - self.start)
-
-    return StepTimer()
 
 
 # --------------------------------------------------------------------------------------------------- report

@@ -110,6 +110,24 @@ def cuda_row(run: Callable[[], dict], variant: str) -> dict:
     return row
 
 
+def step_timer(times: list[float], device: str = "cpu"):
+    """A ``transformers.TrainerCallback`` that appends each optimizer step's wall time (seconds) to ``times``."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        start = 0.0
+
+        def on_step_begin(self, *args, **kwargs):
+            _sync(device)
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            _sync(device)
+            times.append(time.perf_counter() - self.start)
+
+    return StepTimer()
+
+
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(device)

@@ -113,17 +113,6 @@ def run_variant(variant: str, args: argparse.Namespace, device: str) -> dict:
         trainer = build_trainer(load_config(data=config_spec(variant, args, device, out)))
         times: list[float] = []
 
-        class StepTimer(TrainerCallback):
-            start = 0.0
-
-            def on_step_begin(self, *a, **k):
-                harness._sync(device)
-                self.start = time.perf_counter()
-
-            def on_step_end(self, *a, **k):
-                harness._sync(device)
-                times.append(time.perf_counter() - self.start)
-
         kept: list[tuple[int, int]] = []
 
         class KeptTokens(TrainerCallback):
@@ -131,7 +120,7 @@ def run_variant(variant: str, args: argparse.Namespace, device: str) -> dict:
                 report = trainer.loss_fn.last_report
                 kept.append((report.valid_tokens, report.kept_tokens))
 
-        trainer.add_callback(StepTimer())
+        trainer.add_callback(harness.step_timer(times, device))
         trainer.add_callback(KeptTokens())
         row = {"variant": variant, "device": device}
         if args.measure == "memory":

@@ -66,61 +66,40 @@ def check_hidden_inputs(
     labels: Tensor,
     vocab_size: int | None,
 ) -> None:
-    """Raise ``ValueError`` unless :meth:`AdaKDLoss.forward_hidden`'s inputs agree in shape, vocabulary and dtype."""
-    if isinstance(teacher_hidden, SparseTeacher):
-        _check_sparse_hidden(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                             teacher_bias, labels, vocab_size)  # fmt: skip
-        return
-    h_s, h_t = student_hidden.shape[-1], teacher_hidden.shape[-1]
+    """Raise ``ValueError`` unless :meth:`AdaKDLoss.forward_hidden`'s inputs agree in shape, vocabulary and dtype
+    (a :class:`SparseTeacher` in place of ``teacher_hidden`` takes no teacher weight or bias)."""
     lead = student_hidden.shape[:-1]
-    if teacher_hidden.shape[:-1] != lead or labels.shape != lead:
+    if labels.shape != lead:
+        raise ValueError(
+            f"student_hidden {tuple(student_hidden.shape)} and labels {tuple(labels.shape)} must share their leading "
+            "shape"
+        )
+    _check_head("student", student_hidden, student_weight, student_bias)
+    v_s = student_weight.shape[0]
+    if isinstance(teacher_hidden, SparseTeacher):
+        if teacher_weight is not None or teacher_bias is not None:
+            raise ValueError("a sparse teacher takes no teacher_weight or teacher_bias (pass None)")
+        check_vocab_sizes(v_s, v_s, vocab_size)
+        check_sparse(teacher_hidden, lead, v_s)
+        return
+    if teacher_hidden.shape[:-1] != lead:
         raise ValueError(
             f"student_hidden {tuple(student_hidden.shape)}, teacher_hidden {tuple(teacher_hidden.shape)} and "
             f"labels {tuple(labels.shape)} must share their leading shape"
         )
-    if student_weight.dim() != 2 or student_weight.shape[1] != h_s:
-        raise ValueError(f"student_weight {tuple(student_weight.shape)} must be [V_s, {h_s}]")
-    if teacher_weight.dim() != 2 or teacher_weight.shape[1] != h_t:
-        raise ValueError(f"teacher_weight {tuple(teacher_weight.shape)} must be [V_t, {h_t}]")
-    v_s = student_weight.shape[0]
-    check_vocab_sizes(v_s, teacher_weight.shape[0], vocab_size)
-    for name, bias, rows_ in (("student_bias", student_bias, v_s), ("teacher_bias", teacher_bias, None)):
-        if bias is not None and (bias.dim() != 1 or bias.shape[0] != (rows_ or teacher_weight.shape[0])):
-            raise ValueError(f"{name} {tuple(bias.shape)} must be a vector over the vocabulary")
-    for name, t, ref in (
-        ("student_weight", student_weight, student_hidden),
-        ("student_bias", student_bias, student_hidden),
-        ("teacher_weight", teacher_weight, teacher_hidden),
-        ("teacher_bias", teacher_bias, teacher_hidden),
-    ):
-        if t is not None and t.dtype != ref.dtype:
-            raise ValueError(f"{name} is {t.dtype} but its hidden states are {ref.dtype}; cast one of them")
+    if teacher_weight.dim() == 2:  # the vocabulary first: the likelier mistake than a wrong bias
+        check_vocab_sizes(v_s, teacher_weight.shape[0], vocab_size)
+    _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
 
 
-def _check_sparse_hidden(
-    student_hidden: Tensor,
-    student_weight: Tensor,
-    student_bias: Tensor | None,
-    teacher: SparseTeacher,
-    teacher_weight: Tensor | None,
-    teacher_bias: Tensor | None,
-    labels: Tensor,
-    vocab_size: int | None,
-) -> None:
-    """:func:`check_hidden_inputs` for a sparse teacher (no teacher weight or bias)."""
-    if teacher_weight is not None or teacher_bias is not None:
-        raise ValueError("a sparse teacher takes no teacher_weight or teacher_bias (pass None)")
-    lead, h_s = student_hidden.shape[:-1], student_hidden.shape[-1]
-    if labels.shape != lead:
-        raise ValueError(f"student_hidden {tuple(student_hidden.shape)} and labels {tuple(labels.shape)} must share "
-                         "their leading shape")  # fmt: skip
-    if student_weight.dim() != 2 or student_weight.shape[1] != h_s:
-        raise ValueError(f"student_weight {tuple(student_weight.shape)} must be [V_s, {h_s}]")
-    v_s = student_weight.shape[0]
-    check_vocab_sizes(v_s, v_s, vocab_size)
-    if student_bias is not None and (student_bias.dim() != 1 or student_bias.shape[0] != v_s):
-        raise ValueError(f"student_bias {tuple(student_bias.shape)} must be a vector over the vocabulary")
-    for name, t in (("student_weight", student_weight), ("student_bias", student_bias)):
-        if t is not None and t.dtype != student_hidden.dtype:
-            raise ValueError(f"{name} is {t.dtype} but its hidden states are {student_hidden.dtype}; cast one of them")
-    check_sparse(teacher, lead, v_s)
+def _check_head(role: str, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    """One model's output layer: ``weight [V, H]`` over its hidden size, ``bias [V]``, both in the hidden dtype."""
+    h = hidden.shape[-1]
+    letter = "s" if role == "student" else "t"
+    if weight.dim() != 2 or weight.shape[1] != h:
+        raise ValueError(f"{role}_weight {tuple(weight.shape)} must be [V_{letter}, {h}]")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"{role}_bias {tuple(bias.shape)} must be a vector over the vocabulary")
+    for name, t in ((f"{role}_weight", weight), (f"{role}_bias", bias)):
+        if t is not None and t.dtype != hidden.dtype:
+            raise ValueError(f"{name} is {t.dtype} but its hidden states are {hidden.dtype}; cast one of them")
