@@ -134,3 +134,66 @@ def test_study_runs_and_resumes(tmp_path):
     assert lines[4] == '{"cut' and len(lines) == 6  # the cut line stays apart; the redone run is a row of its own
     again = [json.loads(line) for line in lines if line != '{"cut']
     assert [(r["method"], r["seed"]) for r in again] == runs
+
+
+def _real_rows() -> list[dict]:
+    """Score rows of bench/real_study.py: two methods over three training seeds, and the shared models."""
+    rows = [
+        {
+            "name": "pruned",
+            "kind": "prune",
+            "chosen": {"method": "importance"},
+            "prune": {
+                "ce": {"teacher": {"ce": 3.4}},
+                "compare": [
+                    {"method": "importance", "kept": [0, 2], "ce": 6.7},
+                    {"method": "even", "kept": [0, 3], "ce": 13.9},
+                ],
+            },
+        }
+    ]
+    for name, ce, rouge in (("teacher", 2.7, 17.0), ("pruned", 6.9, 0.5), ("warmstart", 3.5, 8.0)):
+        rows.append(
+            {
+                "name": f"score:{name}",
+                "kind": "score",
+                "model": name,
+                "dev_ce": ce,
+                "sampling_seeds": [10, 20],
+                "sampled": {"dolly": rouge, "dolly_unseen": rouge - 0.1},
+                "greedy": {"dolly": rouge + 1, "dolly_unseen": rouge + 0.9},
+                "sampling_std": {"dolly": 0.5},
+                "overlap": 1,
+            }
+        )
+    for seed, (a, b) in enumerate(((9.0, 10.0), (9.5, 10.7), (8.0, 9.1))):
+        for method, rouge in (("rkl", a), ("rkl-adakd", b)):
+            rows.append({"name": f"{method}-seed{seed}", "kind": "train", "method": method, "seed": seed})
+            rows.append(
+                {
+                    "name": f"score:{method}-seed{seed}",
+                    "kind": "score",
+                    "model": f"{method}-seed{seed}",
+                    "dev_ce": 3.0 + seed / 10,
+                    "sampling_seeds": [10],
+                    "sampled": {"dolly": rouge, "dolly_unseen": rouge},
+                    "greedy": {"dolly": rouge, "dolly_unseen": rouge},
+                    "sampling_std": {"dolly": 0.0},
+                }
+            )
+    return rows  # fmt: skip
+
+
+def test_real_study_tables_pair_by_training_seed():
+    real = _load("real_study")
+    rows = _real_rows()
+    d = real.paired(rows, "rkl-adakd", "rkl", "sampled:dolly")  # differences 1.0, 1.2, 1.1
+    assert d["n"] == 3 and abs(d["mean"] - 1.1) < 1e-12
+    assert abs(d["low"] - (1.1 - 4.303 * 0.1 / 3**0.5)) < 1e-9
+    assert real.paired(rows, "rkl-adakd", "rkl", "dev_ce")["mean"] == 0.0
+    table = real.summary_table(rows, ["dolly"])
+    assert "| teacher | 1 | 2.70 | 17.00 | 16.90 | 18.00 | 17.90 | 0.50 |" in table
+    assert "| rkl-adakd | 3 | 3.10 ± 0.10 | 9.93 ± 0.80 |" in table and table.rstrip().endswith("| – |")
+    differences = real.differences_table(rows)
+    assert "| rkl-adakd − rkl | +0.00 " in differences and "+1.10 [" in differences and "] *" in differences
+    assert "| importance | 0, 2 | 6.70 |" in real.prune_table(rows)

@@ -193,3 +193,246 @@ def test_adakd_eval_errors(tiny_model, tmp_path, capsys):
     assert "--batch-size" in capsys.readouterr().err
     assert main([*base[:2], str(tmp_path / "nope"), *base[3:], "--data-dir", str(data), "--datasets", "dolly"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------------------
+# adakd eval --chat-template
+# --------------------------------------------------------------------------------------------------------------
+
+CHATML = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nBe brief.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# Records as in the MiniLLM files (instruction, input, prompt, output), and one with only its prompt.
+CHAT_ROWS = [
+    {"instruction": "Name a colour.", "input": "", "output": "red"},
+    {"instruction": "When did it start?", "input": "It started in 2000.\n\nThen it grew.", "output": "2000"},
+    {"instruction": "Say hi.", "output": "hi"},  # no input key (vicuna)
+]
+
+
+def _chat_rows():
+    from adakd.data import format_prompt
+
+    rows = [{**r, "prompt": format_prompt(r["instruction"], r.get("input"))} for r in CHAT_ROWS]
+    # Only a prompt: instruction and input are read back out of the Alpaca template.
+    rows.append({"prompt": format_prompt("Add 2 and 3.", "Use digits."), "output": "5"})
+    users = [r["instruction"] + ("\n\n" + r["input"] if r.get("input") else "") for r in CHAT_ROWS]
+    return rows, [*users, "Add 2 and 3.\n\nUse digits."]
+
+
+@pytest.fixture(scope="module")
+def chat_model(tiny_model, tmp_path_factory):
+    """The tiny model with a ChatML tokenizer: the byte tokenizer plus <|im_start|> (257) and <|im_end|> (258) and a
+    chat template; its eos stays <|endoftext|> (256), so the end of turn is another token, as for a base model's
+    tokenizer with ChatML added."""
+    import shutil
+
+    from adakd.data import tokenizer_for
+
+    folder = tmp_path_factory.mktemp("tiny-chat-model")
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        if (tiny_model[0] / name).is_file():
+            shutil.copy(tiny_model[0] / name, folder / name)
+    from tokenizers.processors import TemplateProcessing
+
+    tok = tokenizer_for("byte")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    # Plain tokenisation adds a BOS (as Llama's tokenizers do): text rendered by the template must not get one more.
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|endoftext|> $A", pair="<|endoftext|> $A $B", special_tokens=[("<|endoftext|>", 256)]
+    )
+    tok.save_pretrained(folder)
+    rows, users = _chat_rows()
+    data = tmp_path_factory.mktemp("chat-data") / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder, data, users
+
+
+def _chat_eval(folder, data, out, *extra):
+    from adakd.cli import main
+
+    argv = [
+        "eval", "--model", str(folder), "--datasets", f"chat={data}", "--seeds", "1", "--batch-size", "2",
+        "--max-length", "400", "--max-prompt-length", "380", "--output", str(out), "--quiet", "--device", "cpu",
+        *extra,
+    ]  # fmt: skip
+    return main(argv)
+
+
+def _spy_generate(monkeypatch, answer: list[int]):
+    """Replace the tiny model's generate: record the prompts it is fed (left padding removed) and its kwargs, and
+    answer every prompt with ``answer``."""
+    import torch
+    import transformers
+
+    calls = []
+
+    def generate(self, input_ids, attention_mask, **kwargs):
+        rows = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask, strict=True)]
+        calls.append((rows, kwargs))
+        return torch.cat([input_ids, torch.tensor([answer] * len(rows))], 1)
+
+    monkeypatch.setattr(transformers.Qwen2ForCausalLM, "generate", generate)
+    return calls
+
+
+def test_chat_template_feeds_the_chat_templates_ids_and_stops_at_the_end_of_turn(chat_model, tmp_path, monkeypatch):
+    from adakd.data import tokenizer_for
+
+    folder, data, users = chat_model
+    tok = tokenizer_for(str(folder))
+    # The model "answers" A <|im_end|> B: the answer is "A", without the end marker or what follows it.
+    calls = _spy_generate(monkeypatch, [ord("A"), 258, ord("B")])
+    assert _chat_eval(folder, data, tmp_path / "chat.json", "--chat-template") == 0
+    fed = [row for rows, _ in calls for row in rows]
+    want = [
+        list(
+            tok.apply_chat_template([{"role": "user", "content": u}], tokenize=True, add_generation_prompt=True)[
+                "input_ids"
+            ]
+        )
+        for u in users
+    ]
+    assert fed == want
+    assert tok.decode(fed[1]) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhen did it start?\n\nIt started in 2000.\n\n"
+        "Then it grew.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert fed[0].count(257) == 3  # the template's own special tokens, none added or doubled
+    assert tok("x")["input_ids"] == [256, ord("x")] and 256 not in fed[0]  # no BOS added to the rendered text
+    assert all(kwargs["eos_token_id"] == [256, 258] for _, kwargs in calls)  # the eos and the end of turn
+    results = json.loads((tmp_path / "chat.json").read_text())
+    assert results["generation"]["chat_template"] == "tokenizer"
+    assert results["generation"]["stop_tokens"] == ["<|endoftext|>", "<|im_end|>"]
+    rows = [json.loads(line) for line in (tmp_path / "chat.predictions" / "chat.seed1.jsonl").read_text().splitlines()]
+    assert [r["prediction"] for r in rows] == ["A"] * 4
+    assert [r["chat_prompt"] for r in rows] == [tok.decode(ids) for ids in want]
+    assert [r["prompt"] for r in rows] == [json.loads(line)["prompt"] for line in data.read_text().splitlines()]
+
+    # Without the flag: the raw prompts, the eos alone, and the results say so.
+    calls.clear()
+    assert _chat_eval(folder, data, tmp_path / "raw.json") == 0
+    fed = [row for rows, _ in calls for row in rows]
+    assert fed == [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
+    assert all(kwargs["eos_token_id"] == 256 for _, kwargs in calls)
+    raw = json.loads((tmp_path / "raw.json").read_text())
+    assert raw["generation"]["chat_template"] is None and raw["generation"]["stop_tokens"] == ["<|endoftext|>"]
+    raw_rows = [
+        json.loads(line) for line in (tmp_path / "raw.predictions" / "chat.seed1.jsonl").read_text().splitlines()
+    ]
+    # <|im_end|> ends nothing here: decoding drops it (a special token) and keeps what follows.
+    assert [r["prediction"] for r in raw_rows] == ["AB"] * 4 and not any("chat_prompt" in r for r in raw_rows)
+
+
+def test_chat_template_by_name_and_a_real_generation(chat_model, tiny_model, tmp_path):
+    from adakd.data import format_prompt, tokenizer_for
+
+    folder, data, users = chat_model
+    # The real tiny model, sampling: HF generate with two end tokens; no end marker is left in an answer.
+    assert _chat_eval(folder, data, tmp_path / "real.json", "--chat-template") == 0
+    rows = (tmp_path / "real.predictions" / "chat.seed1.jsonl").read_text().splitlines()
+    assert len(rows) == 4 and not any("<|im_end|>" in json.loads(line)["prediction"] for line in rows)
+    # A named template on a tokenizer without one: qwen2's single turn is format_prompt(..., "qwen2").
+    byte_model = tiny_model[0]
+    assert _chat_eval(byte_model, data, tmp_path / "qwen2.json", "--chat-template", "qwen2") == 0
+    results = json.loads((tmp_path / "qwen2.json").read_text())
+    assert results["generation"]["chat_template"] == "qwen2"
+    rows = [json.loads(line) for line in (tmp_path / "qwen2.predictions" / "chat.seed1.jsonl").read_text().splitlines()]
+    assert [r["chat_prompt"] for r in rows] == [format_prompt(u, template="qwen2") for u in users]
+    assert tokenizer_for(str(byte_model)).chat_template is None
+
+
+def test_chat_template_refusals_are_one_line(chat_model, tiny_model, tmp_path, capsys):
+    from .faults.common import one_line_error
+
+    folder, data, _ = chat_model
+    # A tokenizer without a chat template.
+    line = one_line_error(
+        _chat_eval(tiny_model[0], data, tmp_path / "a.json", "--chat-template"), capsys.readouterr().err
+    )
+    assert "--chat-template" in line and str(tiny_model[0]) in line and "has no chat template" in line
+    # A record that is neither an instruction nor an Alpaca prompt: its file and line.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(data.read_text() + json.dumps({"prompt": "Question: why?\nAnswer:", "output": "x"}) + "\n")
+    line = one_line_error(_chat_eval(folder, bad, tmp_path / "b.json", "--chat-template"), capsys.readouterr().err)
+    assert f"{bad}:5: --chat-template needs the record's 'instruction'" in line
+    assert _chat_eval(folder, bad, tmp_path / "c.json") == 0  # the raw prompts need no instruction
+    # An instruction template's name, and a file that does not exist.
+    line = one_line_error(
+        _chat_eval(folder, data, tmp_path / "d.json", "--chat-template", "minillm"), capsys.readouterr().err
+    )
+    assert "'minillm' is an instruction template" in line
+    missing = tmp_path / "none.jinja"
+    line = one_line_error(
+        _chat_eval(folder, data, tmp_path / "e.json", "--chat-template", str(missing)), capsys.readouterr().err
+    )
+    assert f"--chat-template {missing}: no such file" in line
+    assert not any((tmp_path / f"{x}.json").exists() for x in "abde")
+
+
+def test_a_jinja_file_and_the_end_of_turn_of_other_templates(chat_model, tmp_path):
+    from adakd.data import tokenizer_for
+    from adakd.eval.sets import ChatTemplate, chat_template_for, end_of_turn_ids
+
+    folder, _, _ = chat_model
+    tok = tokenizer_for(str(folder))
+    jinja = tmp_path / "t.jinja"
+    jinja.write_text(CHATML)
+    assert chat_template_for(tok, str(jinja), "x") == ChatTemplate(CHATML, str(jinja))
+    assert end_of_turn_ids(tok, ChatTemplate(CHATML, "x")) == [258]
+    # A template that ends the answer with the eos, or with plain text: nothing more than the eos to stop at.
+    eos_after = "{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}"
+    assert end_of_turn_ids(tok, ChatTemplate(eos_after, "x")) == [256]
+    plain = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+    assert end_of_turn_ids(tok, ChatTemplate(plain, "x")) == []
+    failing = "{{ raise_exception('user/assistant must alternate') }}"
+    assert end_of_turn_ids(tok, ChatTemplate(failing, "x")) == []
+
+
+def test_user_turns_are_read_back_from_the_alpaca_prompts():
+    from adakd.data import format_prompt
+    from adakd.eval.sets import user_turn
+
+    # Headings inside the input are the input's (the instruction ends at the first "### Input:").
+    tricky = ("Step 1.\n\nStep 2.", "the input\n\n### Input:\nstill input\n\n### Response:\nnot the end")
+    for instruction, context in [("Do it.", None), ("Do it.", ""), ("Do it.", "ctx"), tricky, ("", "only input")]:
+        want = instruction + ("\n\n" + context if context else "")
+        assert user_turn({"prompt": format_prompt(instruction, context)}) == want
+        assert user_turn({"instruction": instruction, "input": context, "prompt": "anything"}) == want
+    assert user_turn({"prompt": "Q: why?"}) is None
+    assert user_turn({"prompt": format_prompt("x") + " trailing"}) is None
+    assert user_turn({"instruction": ["a list"], "output": "o"}) is None
+    assert user_turn({"instruction": "ok", "context": "dolly's key"}) == "ok\n\ndolly's key"
+
+
+def test_shared_sets_user_turns_from_prompts_equal_those_from_instructions():
+    from adakd.eval.sets import user_turn
+
+    paths, sets = _shared_sets()
+    for path in paths.values():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            assert user_turn({"prompt": row["prompt"]}) == user_turn(row) is not None
+
+
+def test_compare_notes_results_generated_differently():
+    from adakd.eval.tables import compare_table
+
+    def result(model, **generation):
+        entry = {"n": 4, "rougeL": {"mean": 10.0, "std": 0.0}}
+        return {"model": model, "datasets": {"dolly": entry}, "average": {"mean": 10.0, "std": 0.0},
+                "generation": {"greedy": False, **generation}}  # fmt: skip
+
+    raw, chat = result("raw", chat_template=None), result("chat", chat_template="tokenizer")
+    table = compare_table([raw, chat])
+    assert table.endswith(
+        "Note: the answers were generated differently (raw: raw prompts; chat: chat template tokenizer)."
+    )
+    old = result("old")  # written before --chat-template: raw prompts
+    assert "generated differently" not in compare_table([old, raw])
+    table = compare_table([old, result("greedy", greedy=True, chat_template="qwen2")])
+    assert "(old: raw prompts, sampled; greedy: chat template qwen2, greedy)" in table

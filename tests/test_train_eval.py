@@ -363,3 +363,87 @@ def test_bad_eval_files_are_one_line_errors_under_their_key(tmp_path, files, cap
         code, err = main(["train", str(TINY), *args]), capsys.readouterr().err
         line = one_line_error(code, err)
         assert message in line, (message, line)
+
+
+# ---------------------------------------------------------------------------------------------- chat template
+
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_rouge_with_the_chat_template_equals_adakd_eval_chat_template(tmp_path, files):
+    """``eval.chat_template`` (read with getattr: false when the config has no such key): each ROUGE record is one
+    user turn of the student tokenizer's chat template, exactly as ``adakd eval --chat-template`` renders it."""
+    import transformers
+
+    from adakd.eval.sets import load_eval_set
+    from adakd.generation import GenerationConfig
+    from adakd.train.evaluation import RougeDuringTraining
+
+    tok = tokenizer_for("byte")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    config = transformers.Qwen2Config(
+        vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(config)
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+    run = _config(tmp_path, files, "eval.rouge_every=1", f"eval.rouge_examples={files['rouge']}")
+    eval_set = load_eval_set("rouge", files["rouge"], limit=3)
+    generation = GenerationConfig(max_length=440, max_prompt_length=400, batch_size=2)
+    assert RougeDuringTraining.from_config(run, eval_set, generation, tok).chat_template is None  # off by default
+    run.eval.chat_template = True  # what `eval.chat_template: true` sets
+    rouge = RougeDuringTraining.from_config(run, eval_set, generation, tok)
+    assert rouge.chat_template.source == "tokenizer" and rouge.seed == run.eval.seed == 10
+    value = rouge.score(model, tok, torch.device("cpu"), tmp_path / "rouge", step=1)
+
+    out = tmp_path / "cli.json"
+    code = main([
+        "eval", "--model", str(folder), "--datasets", f"rouge={files['rouge']}", "--seeds", "10", "--limit", "3",
+        "--batch-size", "2", "--max-length", "440", "--max-prompt-length", "400", "--device", "cpu",
+        "--dtype", "float32", "--output", str(out), "--quiet", "--chat-template",
+    ])  # fmt: skip
+    assert code == 0
+    ours = json.loads((tmp_path / "rouge" / "step-1.json").read_text())
+    theirs = json.loads(out.read_text())
+    assert ours["generation"]["chat_template"] == theirs["generation"]["chat_template"] == "tokenizer"
+    assert value == theirs["average"]["mean"]
+    ours_rows = (tmp_path / "rouge" / "step-1.predictions" / "rouge.seed10.jsonl").read_text().splitlines()
+    theirs_rows = (tmp_path / "cli.predictions" / "rouge.seed10.jsonl").read_text().splitlines()
+    assert ours_rows == theirs_rows
+    first = json.loads(ours_rows[0])
+    assert (
+        first["chat_prompt"]
+        == "<|im_start|>user\nRepeat the word 'light' three times.<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_chat_template_during_training_refusals_name_the_key(tmp_path, files):
+    from adakd.eval.sets import load_eval_set
+    from adakd.generation import GenerationConfig
+    from adakd.train.evaluation import RougeDuringTraining
+
+    run = _config(tmp_path, files, "eval.rouge_every=1", f"eval.rouge_examples={files['rouge']}")
+    run.eval.chat_template = True
+    eval_set = load_eval_set("rouge", files["rouge"], limit=2)
+    generation = GenerationConfig()
+    with pytest.raises(ConfigError, match=r"^eval\.chat_template: the tokenizer 'byte' has no chat template"):
+        RougeDuringTraining.from_config(run, eval_set, generation, tokenizer_for("byte"))
+    tok = tokenizer_for("byte")
+    tok.chat_template = CHATML
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        files["rouge"].read_text().splitlines()[0] + "\n" + json.dumps({"prompt": "Q?", "output": "a"}) + "\n"
+    )
+    with pytest.raises(ConfigError, match=rf"^{bad}:2: eval\.chat_template needs the record's 'instruction'"):
+        RougeDuringTraining.from_config(run, load_eval_set("bad", bad), generation, tok)
+    # data.template names the chat template the data was rendered with: that one, not the tokenizer's.
+    run.data.template = "qwen2"
+    assert RougeDuringTraining.from_config(run, eval_set, generation, tok).chat_template.source == "qwen2"

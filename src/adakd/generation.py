@@ -10,6 +10,7 @@ the evaluation package. The paper's protocol: sampling with temperature 1.0, top
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -49,13 +50,26 @@ class HFBackend:
         return [x[-config.max_prompt_length :] for x in ids]
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], seed: int, config: GenerationConfig, progress=None) -> list[str]:
-        """Texts generated for ``prompts`` (in order), without the eos. Same seed and batch size: the same texts.
+    def generate(
+        self,
+        prompts: list[str],
+        seed: int,
+        config: GenerationConfig,
+        progress=None,
+        stop_token_ids: Sequence[int] = (),
+    ) -> list[str]:
+        """Texts generated for ``prompts`` (in order), without the token that ended them. Same seed and batch size:
+        the same texts.
 
-        ``progress``: a tqdm-like object advanced by each batch's size, or None.
+        ``progress``: a tqdm-like object advanced by each batch's size, or None. ``stop_token_ids``: tokens that end
+        an answer besides the tokenizer's eos (a chat template's end of turn, :func:`adakd.eval.sets.end_of_turn_ids`).
         """
         tok = self.tokenizer
         encoded = self._encode(prompts, config)
+        stops = list(dict.fromkeys(i for i in (tok.eos_token_id, *stop_token_ids) if i is not None))
+        # One id as before (HF's own default); several: a list, which generate stops at any of.
+        eos = stops[0] if len(stops) == 1 else stops or None
+        pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0] if stops else None
         torch.manual_seed(seed)
         outputs: list[str] = []
         for start in range(0, len(encoded), config.batch_size):
@@ -64,8 +78,8 @@ class HFBackend:
             new = generate_ids(
                 self.model,
                 batch,
-                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-                eos_token_id=tok.eos_token_id,
+                pad_token_id=pad,
+                eos_token_id=eos,
                 max_length=config.max_length,
                 greedy=config.greedy,
                 temperature=config.temperature,
@@ -74,7 +88,7 @@ class HFBackend:
             )
             config.stats["seconds"] += time.perf_counter() - start_time
             for ids in new:
-                if ids and ids[-1] == tok.eos_token_id:
+                if ids and ids[-1] in stops:
                     ids = ids[:-1]
                 config.stats["tokens"] += len(ids)
                 outputs.append(tok.decode(ids, skip_special_tokens=True).strip())
@@ -101,7 +115,7 @@ def generate_ids(
     prompts: list[list[int]],
     *,
     pad_token_id: int,
-    eos_token_id: int | None,
+    eos_token_id: int | Sequence[int] | None,
     max_length: int | None = None,
     max_new_tokens: int | None = None,
     greedy: bool = False,
@@ -117,10 +131,11 @@ def generate_ids(
         model: a ``transformers`` causal LM, on its device; its mode is the caller's (eval for no dropout).
         prompts: token ids of each prompt, of any lengths (left-padded to ``[B, max len]`` here).
         max_length: total length limit (prompt + new tokens; at least one new token); or give ``max_new_tokens``.
+        eos_token_id: the token that ends an answer, or several (any of them ends it).
         vocab_size: never sample ids at or beyond it (the tokenizer's size, when the lm_head has padding rows).
 
     Returns:
-        the new tokens of each prompt, in order, cut after the first ``eos_token_id`` (which is kept).
+        the new tokens of each prompt, in order, cut after the first end token (which is kept).
     """
     width = max(len(x) for x in prompts)
     device = next(model.parameters()).device
@@ -141,12 +156,15 @@ def generate_ids(
 
         kwargs["logits_processor"] = LogitsProcessorList([_CropVocabulary(vocab_size)])
     out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
+    if eos_token_id is None:
+        ends = set()
+    else:
+        ends = set(eos_token_id) if isinstance(eos_token_id, Sequence) else {eos_token_id}
     result = []
     for row in out[:, width:].cpu():
         ids = row.tolist()
-        if eos_token_id is not None and eos_token_id in ids:
-            ids = ids[: ids.index(eos_token_id) + 1]
-        result.append(ids)
+        end = next((i for i, t in enumerate(ids) if t in ends), None)
+        result.append(ids if end is None else ids[: end + 1])
     return result
 
 
@@ -161,7 +179,14 @@ class VLLMBackend:
         self.llm = LLM(model=model_path, **engine_kwargs)
         self.tokenizer = tokenizer or self.llm.get_tokenizer()
 
-    def generate(self, prompts: list[str], seed: int, config: GenerationConfig, progress=None) -> list[str]:
+    def generate(
+        self,
+        prompts: list[str],
+        seed: int,
+        config: GenerationConfig,
+        progress=None,
+        stop_token_ids: Sequence[int] = (),
+    ) -> list[str]:
         """As :meth:`HFBackend.generate`; prompt i samples with seed ``seed + i`` (vLLM seeds per request)."""
         from vllm import SamplingParams, TokensPrompt
 
@@ -176,6 +201,7 @@ class VLLMBackend:
                 top_k=-1 if config.top_k == 0 else config.top_k,  # vLLM's "off" is -1
                 max_tokens=max(1, config.max_length - len(ids)),
                 seed=seed + i,
+                stop_token_ids=list(stop_token_ids) or None,  # besides the eos, which vLLM stops at anyway
             )
             for i, ids in enumerate(encoded)
         ]

@@ -89,12 +89,16 @@ def _plan(config: Any, tokenizer: Any, digest: Any, conversations: bool, **field
         "quantization": t.quantization,
         "config": t.config,
     }
+    if t.gguf_file is not None:  # only then: a manifest written before the key existed keeps its plan
+        teacher["gguf_file"] = t.gguf_file
     if t.config is not None:
         teacher["seed"] = t.seed  # an inline teacher's weights are drawn from it
     plan = {"format": FORMAT, "teacher": teacher}
     keys = ("vocab_size", "teacher_vocab_size", "top_k", "logprob_dtype", "id_dtype")
     plan.update({key: fields[key] for key in keys if key in fields})
-    plan["tokenizer"] = tokenizer_info(config.student.tokenizer or config.student.name_or_path, tokenizer)
+    from ..train.models import tokenizer_source
+
+    plan["tokenizer"] = tokenizer_info(tokenizer_source(config.student), tokenizer)
     plan.update(data=data_info(d), template=template_info(d.template, tokenizer, conversations))
     plan.update(max_length=d.max_length, max_prompt_length=d.max_prompt_length, shard_examples=fields["shard_examples"])
     plan.update(examples=digest.count, positions=digest.total, examples_sha256=digest.sha256)

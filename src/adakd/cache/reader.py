@@ -214,7 +214,9 @@ def open_cache(path: str | os.PathLike, *, config: Any, tokenizer: Any, examples
         )
     manifest = _read_manifest(where, folder)
     _check_files(where, folder, manifest)
-    mine = tokenizer_info(config.student.tokenizer or config.student.name_or_path, tokenizer)
+    from ..train.models import tokenizer_source
+
+    mine = tokenizer_info(tokenizer_source(config.student), tokenizer)
     _check_tokenizer(where, manifest, mine, chat_template=False)
     _check_data(where, manifest, config, tokenizer)
     _check_tokenizer(where, manifest, mine, chat_template=True)

@@ -75,6 +75,14 @@ def student_vocab_rows(config: Any) -> int:
             return int(AutoConfig.for_model(cfg.pop("model_type"), **cfg).vocab_size)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"student.config: {e}") from e
+    if section.gguf_file is not None:  # the config stored in the GGUF file (its header, not its weights)
+        from ..train.models import gguf_location
+
+        path, gguf_file = gguf_location(section, "student")
+        try:
+            return int(AutoConfig.from_pretrained(path, gguf_file=gguf_file).vocab_size)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"student.gguf_file: cannot read the config of {gguf_file!r} ({e})") from e
     path = section.name_or_path
     adapter = adapter_config(path)
     if adapter is not None and adapter.get("base_model_name_or_path"):

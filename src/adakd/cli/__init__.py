@@ -8,6 +8,7 @@
     adakd judge --predictions A.jsonl --against B.jsonl|reference --endpoint URL --model NAME
     adakd report RUN_DIR [RUN_DIR ...]
     adakd inspect --teacher T --student S (--text "..." | --data FILE --index I) [--ratio r] --output tokens.html
+    adakd prune TEACHER --layers N --output DIR [--method M | --keep I,J,...] [--calibration FILE] [--compare]
     python -m adakd train ...
 
 Bad input (an :class:`~adakd.errors.InputError`) ends with one line, ``adakd: error: ...`` naming the file, key or
@@ -29,6 +30,7 @@ from . import demo as demo_cmd
 from . import eval as eval_cmd
 from . import inspect as inspect_cmd
 from . import judge as judge_cmd
+from . import prune as prune_cmd
 from . import report as report_cmd
 from . import train as train_cmd
 
@@ -49,6 +51,7 @@ EXTRAS = {
     "judge": ("judge",),
     "inspect": ("train", "eval"),
     "report": ("eval",),
+    "prune": ("train",),
 }
 
 
@@ -68,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     judge_cmd.add_parser(sub)
     inspect_cmd.add_parser(sub)
     report_cmd.add_parser(sub)
+    prune_cmd.add_parser(sub)
     return parser
 
 

@@ -21,7 +21,12 @@ class _Parser(argparse.ArgumentParser):
 
 # Above this mean tail mass the measured fidelity of a cache falls off (docs/cache.md, "Fidelity").
 TAIL_WARN = 0.01
-TAIL_ADVICE = " (above 1%: the scores and gradients may differ markedly from the live teacher's; raise --top-k)"
+TAIL_ADVICE = (
+    " (above 1%: the scores and gradients may differ markedly from the live teacher's; raise --top-k until it is "
+    "below 1%, e.g. 512 for SmolLM2-135M-Instruct; a student far from the teacher, such as one just pruned from it, "
+    "puts most of its mass outside the teacher's top-k, where the cache sees one bucket: train it with the live "
+    "teacher first, docs/cache.md)"
+)
 
 
 def add_parser(sub: Any) -> None:

@@ -44,12 +44,25 @@ def add_parser(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0: off")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    p.add_argument(
+        "--chat-template",
+        nargs="?",
+        const=TOKENIZER_TEMPLATE,
+        default=None,
+        metavar="NAME_OR_JINJA",
+        help="for chat models: each record's instruction (+ input) as one user turn of the tokenizer's chat template "
+        "(or NAME: qwen2, or a Jinja file), generating from the assistant's turn; default: the raw MiniLLM prompt",
+    )
     p.add_argument("--backend", default="hf", help="hf (default) or vllm")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     p.add_argument("--output", required=True, help="results JSON; predictions go to <stem>.predictions/")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
+
+
+# --chat-template without a value: the tokenizer's own template (a value no template name or file path is).
+TOKENIZER_TEMPLATE = ""
 
 
 def _cuda() -> bool:
@@ -61,7 +74,7 @@ def _cuda() -> bool:
 def run(args: argparse.Namespace) -> int:
     """Check the flags, load the sets and the model, evaluate, print the table; 0 on success."""
     from ..eval.run import evaluate, format_table, predictions_dir
-    from ..eval.sets import load_eval_set, resolve_eval_sets
+    from ..eval.sets import chat_template_for, load_eval_set, resolve_eval_sets, user_turns
     from ..generation import GenerationConfig, load_backend
 
     if args.batch_size < 1:
@@ -74,6 +87,14 @@ def run(args: argparse.Namespace) -> int:
     sets = [load_eval_set(name, path, limit=args.limit) for name, path in paths.items()]
     for s in sets:
         print(f"[adakd] {s.name}: {len(s.records)} examples from {s.path}", file=sys.stderr)
+    chat = None
+    if args.chat_template is not None:
+        # Refused before the model loads: a record that cannot be one user turn, a template name or file that is not
+        # one. The tokenizer's own template is looked up once the tokenizer is loaded.
+        for s in sets:
+            user_turns(s)
+        if args.chat_template != TOKENIZER_TEMPLATE:
+            chat = chat_template_for(None, args.chat_template, args.tokenizer or args.model)
     config = GenerationConfig(
         max_length=args.max_length,
         max_prompt_length=args.max_prompt_length,
@@ -91,7 +112,14 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
     )
-    results = evaluate(backend, sets, args.seeds, config, args.output, args.model, show_progress=not args.quiet)
+    if args.chat_template is not None:
+        name = args.tokenizer or args.model
+        chat = chat or chat_template_for(backend.tokenizer, None, name)
+        which = f"the tokenizer's own ({name})" if chat.source == "tokenizer" else chat.source
+        print(f"[adakd] prompts: each record as one user turn, chat template: {which}", file=sys.stderr)
+    results = evaluate(
+        backend, sets, args.seeds, config, args.output, args.model, show_progress=not args.quiet, chat_template=chat
+    )
     gen = results["generation"]
     print(format_table(results))
     print(

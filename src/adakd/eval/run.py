@@ -15,7 +15,7 @@ from typing import Any
 from ..files import write_json, write_jsonl
 from ..generation import GenerationConfig
 from .rouge import rouge_l
-from .sets import EvalSet
+from .sets import ChatTemplate, EvalSet, chat_prompts, end_of_turn_ids
 
 __all__ = ["evaluate", "format_table", "mean_std", "predictions_dir"]
 
@@ -39,6 +39,7 @@ def evaluate(
     output: str | Path,
     model_name: str,
     show_progress: bool = True,
+    chat_template: ChatTemplate | None = None,
 ) -> dict[str, Any]:
     """Generate and score every set for every seed; write predictions and ``output``; return the results dict.
 
@@ -50,13 +51,28 @@ def evaluate(
         output: the results JSON; the predictions go to :func:`predictions_dir` (``<set>.seed<seed>.jsonl``).
         model_name: recorded as the results' ``model``.
         show_progress: a tqdm bar over all examples × seeds.
+        chat_template: None: each record's ``prompt`` as it is (MiniLLM's Alpaca text). Else each record becomes one
+            user turn rendered with this template and the generation prompt (:func:`adakd.eval.sets.chat_prompts`),
+            and answers also end at the template's end of turn (:func:`adakd.eval.sets.end_of_turn_ids`).
 
     Returns:
         ``{"model", "datasets": {name: {"n", "path", "rougeL": {"mean", "std", "per_seed"}}}, "average",
-        "generation"}``, as written to ``output`` (ROUGE-L × 100).
+        "generation"}``, as written to ``output`` (ROUGE-L × 100). ``generation.chat_template`` records the
+        rendering: null (the raw prompts), ``"tokenizer"`` (the tokenizer's own template), or a template's name or
+        file; ``generation.stop_tokens`` the tokens that ended an answer.
+
+    Raises:
+        InputError: with ``chat_template``, a record that cannot be one user turn (naming its file and line).
     """
     from tqdm.auto import tqdm
 
+    tokenizer = backend.tokenizer
+    stops = [] if chat_template is None else end_of_turn_ids(tokenizer, chat_template)
+    # Every set's prompts first: a record that cannot be a chat turn stops the run before any generation.
+    all_prompts = [
+        [r.prompt for r in s.records] if chat_template is None else chat_prompts(s, tokenizer, chat_template)
+        for s in sets
+    ]
     pred_dir = predictions_dir(output)
     total = sum(len(s.records) for s in sets) * len(seeds)
     per_seed_avg: dict[int, list[float]] = {seed: [] for seed in seeds}
@@ -64,21 +80,25 @@ def evaluate(
     start = time.perf_counter()
     scoring_seconds = 0.0
     with tqdm(total=total, desc="generating", unit="ex", disable=not show_progress) as progress:
-        for s in sets:
-            prompts = [r.prompt for r in s.records]
+        for s, prompts in zip(sets, all_prompts, strict=True):
             per_seed: dict[str, float] = {}
             for seed in seeds:
                 progress.set_postfix_str(f"{s.name} seed {seed}")
-                texts = backend.generate(prompts, seed, config, progress=progress)
+                texts = backend.generate(prompts, seed, config, progress=progress, stop_token_ids=stops)
                 t0 = time.perf_counter()
                 scores = [rouge_l(t, r.references) for t, r in zip(texts, s.records, strict=True)]
                 scoring_seconds += time.perf_counter() - t0
                 per_seed[str(seed)] = statistics.fmean(scores) if scores else 0.0
                 per_seed_avg[seed].append(per_seed[str(seed)])
+                # "prompt" stays the record's own (adakd judge pairs two files' answers by it); with a chat template,
+                # "chat_prompt" is the text the model continued.
                 rows = [
                     {"index": i, "prompt": r.prompt, "prediction": t, "references": list(r.references), "rougeL": sc}
                     for i, (r, t, sc) in enumerate(zip(s.records, texts, scores, strict=True))
                 ]
+                if chat_template is not None:
+                    for row, text in zip(rows, prompts, strict=True):
+                        row["chat_prompt"] = text
                 write_jsonl(pred_dir / f"{s.name}.seed{seed}.jsonl", rows)  # atomic: never half a file
             results["datasets"][s.name] = {
                 "n": len(s.records),
@@ -97,6 +117,10 @@ def evaluate(
         "max_length": config.max_length,
         "max_prompt_length": config.max_prompt_length,
         "batch_size": config.batch_size,
+        "chat_template": None if chat_template is None else chat_template.source,
+        "stop_tokens": tokenizer.convert_ids_to_tokens(
+            list(dict.fromkeys(i for i in (tokenizer.eos_token_id, *stops) if i is not None))
+        ),
         "generated_tokens": int(gen["tokens"]),
         "tokens_per_second": gen["tokens"] / gen["seconds"] if gen["seconds"] else 0.0,
         "wall_seconds": time.perf_counter() - start,

@@ -8,7 +8,8 @@ A results file looks like::
      "average": {"mean": 30.2, "std": 0.2}}
 
 ROUGE-L is on a 0-100 scale; ``mean``/``std`` are over seeds and ``average`` is over datasets. Unknown keys
-("protocol", "generation", ...) are ignored.
+("protocol", ...) are ignored; of ``generation``, the prompt rendering (``chat_template``) and the decoding
+(``greedy``) are compared, and a note under the table names the files where they differ.
 """
 
 from __future__ import annotations
@@ -220,7 +221,8 @@ def compare_table(results: list[dict], labels: list[str] | None = None, baseline
     column (mean minus the baseline's mean, 2 decimals, signed with ``+`` or a real minus sign ``−``). Datasets
     are the union over the files in order of first appearance; a dataset a file lacks shows ``—``. Labels
     default to each file's ``model`` (see :func:`default_labels`). When the files cover different datasets, a
-    note under the table says that their averages are not over the same datasets.
+    note under the table says that their averages are not over the same datasets; when their answers were generated
+    with different prompts (``--chat-template`` or not) or decoding (greedy or sampled), another note names them.
     """
     results = _validated(results)
     labels = _resolve_labels(results, labels)
@@ -260,7 +262,31 @@ def compare_table(results: list[dict], labels: list[str] | None = None, baseline
     ]
     if lacking:
         lines += ["", f"Note: the averages are over different datasets ({'; '.join(lacking)})."]
+    differing = _differing_settings(results, labels)
+    if differing:
+        lines += ["", f"Note: the answers were generated differently ({'; '.join(differing)})."]
     return "\n".join(lines)
+
+
+def _settings(result: dict) -> dict[str, str] | None:
+    """How a results file's answers were generated, as far as it says (``generation``; None when it does not): the
+    prompts (raw, or rendered with a chat template) and the decoding (sampled or greedy)."""
+    gen = result.get("generation")
+    if not isinstance(gen, dict):
+        return None
+    chat = gen.get("chat_template")  # absent in files written before --chat-template: raw prompts
+    return {
+        "prompts": "raw prompts" if chat is None else f"chat template {chat}",
+        "decoding": "greedy" if gen.get("greedy") else "sampled",
+    }
+
+
+def _differing_settings(results: list[dict], labels: list[str]) -> list[str]:
+    """``label: setting, ...`` for each file, over the settings that are not the same in every file that records
+    them; empty when they agree."""
+    known = [(label, s) for label, r in zip(labels, results, strict=True) if (s := _settings(r)) is not None]
+    keys = [k for k in ("prompts", "decoding") if len({s[k] for _, s in known}) > 1]
+    return [f"{label}: {', '.join(s[k] for k in keys)}" for label, s in known] if keys else []
 
 
 def summary_line(result: dict) -> str:

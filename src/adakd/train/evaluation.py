@@ -213,12 +213,46 @@ class RougeDuringTraining:
         eval_set: the prompts and references (:func:`adakd.eval.sets.load_eval_set`).
         generation: the decoding settings, as ``adakd eval``'s flags give them.
         seed: the sampling seed (one, as ``adakd eval --seeds SEED``).
+        chat_template: None: the records' raw prompts; else each record as one user turn of this template, as
+            ``adakd eval --chat-template`` (:class:`adakd.eval.sets.ChatTemplate`; :meth:`from_config` resolves it).
     """
 
     every: int
     eval_set: Any  # adakd.eval.sets.EvalSet
     generation: Any  # adakd.generation.GenerationConfig
     seed: int
+    chat_template: Any = None  # adakd.eval.sets.ChatTemplate | None
+
+    @classmethod
+    def from_config(cls, config: Any, eval_set: Any, generation: Any, tokenizer: Any) -> RougeDuringTraining:
+        """The scorer a run's ``eval`` section asks for: ``eval.rouge_every``, ``eval.seed`` and
+        ``eval.chat_template``.
+
+        With ``eval.chat_template: true`` the template is the one the training data was rendered with when that is a
+        chat template (``data.template``: ``qwen2`` or a Jinja file), else the student tokenizer's own; every record
+        must be one user turn (an ``instruction``, or a ``prompt`` in the MiniLLM/Alpaca template).
+
+        Raises:
+            ConfigError: a tokenizer without a chat template, a template file that cannot be read, or a record that
+                cannot be one user turn, named under ``eval.chat_template``; at start, not at the first scoring step.
+        """
+        from ..errors import InputError
+        from ..eval.sets import chat_template_for, user_turns
+        from .typed_yaml import ConfigError
+
+        ev = config.eval
+        chat = None
+        if ev.chat_template:
+            key = "eval.chat_template"
+            # The instruction template "minillm" is no chat template; "qwen2" is both (the same ChatML text).
+            spec = None if config.data.template in (None, "minillm") else config.data.template
+            name = config.student.tokenizer or config.student.name_or_path or config.student.gguf_file or "student"
+            try:
+                chat = chat_template_for(tokenizer, spec, name, option=key)
+                user_turns(eval_set, option=key)
+            except InputError as e:
+                raise ConfigError(str(e)) from e
+        return cls(ev.rouge_every, eval_set, generation, ev.seed, chat)
 
     def due(self, step: int) -> bool:
         """Whether optimizer step ``step`` (1-based) is a scoring step."""
@@ -241,7 +275,7 @@ class RougeDuringTraining:
                 backend = HFBackend(model, tokenizer, device=device)  # sets eval mode, as adakd eval does
                 results = evaluate(
                     backend, [self.eval_set], [self.seed], generation, Path(output) / f"step-{step}.json",
-                    f"step {step}", show_progress=False,
+                    f"step {step}", show_progress=False, chat_template=self.chat_template,
                 )  # fmt: skip
         finally:
             model.train(was_training)

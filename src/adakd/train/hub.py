@@ -172,10 +172,18 @@ def _loss_rows(config: DistillConfig, loss_fn: Any) -> list[tuple[str, str]]:
     return rows
 
 
+def _model_name(section: Any) -> str | None:
+    """How the card names a pretrained model: its path or hub id, and its GGUF file when it was read from one."""
+    if section.gguf_file is not None:
+        inside = f" in `{section.name_or_path}`" if section.name_or_path else ""
+        return f"GGUF `{section.gguf_file}`{inside}"
+    return f"`{section.name_or_path}`" if section.name_or_path else None
+
+
 def _model_row(role: str, section: Any, used: bool = True) -> list[str]:
     if section is None or not used:
         return [role, "none (plain SFT)" if section is None else "not used (loss.kd_ratio: 0)", "", ""]
-    what = f"`{section.name_or_path}`" if section.name_or_path else "inline config: " + _show(section.config)
+    what = _model_name(section) or "inline config: " + _show(section.config)
     if section.adapter:
         what += f" + LoRA adapter `{section.adapter}` (merged at load)"
     notes = []
@@ -266,12 +274,12 @@ def _what(config: DistillConfig, adapter: bool) -> str:
     """The card's first words: what ``final/`` holds and how it was made."""
     student, teacher = config.student, config.teacher
     kind = "A LoRA adapter" if adapter else "A causal language model"
-    student_name = f"`{student.name_or_path}`" if student.name_or_path else "a randomly initialised model"
+    student_name = _model_name(student) or "a randomly initialised model"
     if teacher is None or config.loss.kd_ratio == 0:
         return f"{kind} fine-tuned from {student_name} without a teacher (plain SFT)"
-    teacher_name = f"`{teacher.name_or_path}`" if teacher.name_or_path else "a randomly initialised model"
+    teacher_name = _model_name(teacher) or "a randomly initialised model"
     if teacher.cache is not None:
-        teacher_name = f"`{teacher.name_or_path}`" if teacher.name_or_path else "a teacher"
+        teacher_name = _model_name(teacher) or "a teacher"
         teacher_name += " (its top-k distributions, read from an `adakd cache` folder)"
     return f"{kind} distilled from the teacher {teacher_name} into the student {student_name}"
 

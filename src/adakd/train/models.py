@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from ..errors import OptionError
-from ..models import ModelLoadError, from_pretrained_merged
+from ..errors import InputError, OptionError
+from ..models import ModelLoadError, from_pretrained_merged, is_gguf_spec, resolve_gguf
 from .config import ConfigError, ModelSection
 
 __all__ = [
@@ -21,9 +21,11 @@ __all__ = [
     "bnb_config",
     "check_loading",
     "check_quantization_backend",
+    "gguf_location",
     "load_model",
     "prepare_teacher",
     "tokenizer_kwargs",
+    "tokenizer_source",
     "torch_dtype",
 ]
 
@@ -34,6 +36,7 @@ _RESERVED_MODEL_KWARGS = {
     "quantization_config": "{role}.quantization",
     "load_in_4bit": "{role}.quantization",
     "load_in_8bit": "{role}.quantization",
+    "gguf_file": "{role}.gguf_file",
 }
 # What an inline config (``from_config``) takes; revision, cache_dir, token, ... concern files it does not read.
 CONFIG_MODEL_KWARGS = ("attn_implementation", "trust_remote_code")
@@ -105,6 +108,12 @@ def check_loading(section: ModelSection, role: str) -> None:
                 f"applies to a pretrained model (name_or_path); an inline config takes only "
                 f"{', '.join(CONFIG_MODEL_KWARGS)}",
             )
+    if section.gguf_file is not None and section.quantization is not None:
+        raise OptionError(f"{role}.quantization", "a GGUF file is dequantised to float at load: drop quantization")
+    if section.gguf_file is not None and section.name_or_path is None and not is_gguf_spec(section.gguf_file):
+        raise OptionError(
+            f"{role}.gguf_file", "without name_or_path, give a path to a .gguf file or pypi:DIST[/FILE.gguf]"
+        )
     for key in ("adapter", "quantization"):
         if inline and getattr(section, key) is not None:
             raise OptionError(f"{role}.{key}", "applies to a pretrained model (name_or_path), not to an inline config")
@@ -125,6 +134,28 @@ def check_loading(section: ModelSection, role: str) -> None:
         )
 
 
+def gguf_location(section: ModelSection, role: str) -> tuple[str | None, str | None]:
+    """``(name_or_path, gguf_file)`` to load ``section``'s weights from: ``section.name_or_path`` and None for
+    ``transformers``' own formats; for ``gguf_file``, the folder (or hub repo) holding it and the file's name.
+
+    Raises:
+        ConfigError: naming ``{role}.gguf_file``: no such file, the ``gguf`` package or the named distribution
+            missing.
+    """
+    if section.gguf_file is None:
+        return section.name_or_path, None
+    try:
+        return resolve_gguf(section.gguf_file, section.name_or_path, name=f"{role}.gguf_file")
+    except InputError as e:
+        raise ConfigError(str(e)) from e
+
+
+def tokenizer_source(section: ModelSection) -> str | None:
+    """Where ``section``'s tokenizer comes from: ``tokenizer``, else the model's own files (``name_or_path``, or a
+    GGUF file given without it, whose stored tokenizer :func:`adakd.data.tokenizer_for` reads)."""
+    return section.tokenizer or section.name_or_path or section.gguf_file
+
+
 def tokenizer_kwargs(section: ModelSection) -> dict[str, Any]:
     """``AutoTokenizer.from_pretrained`` arguments for ``section``'s tokenizer: ``tokenizer_revision``; for the
     model's own tokenizer (no ``tokenizer`` key) the model's ``revision`` by default, and its ``trust_remote_code``
@@ -136,6 +167,8 @@ def tokenizer_kwargs(section: ModelSection) -> dict[str, Any]:
         kwargs["revision"] = revision
     if own and section.model_kwargs.get("trust_remote_code"):
         kwargs["trust_remote_code"] = True
+    if own and section.gguf_file is not None and section.name_or_path is not None:
+        kwargs["gguf_file"] = section.gguf_file  # the file inside name_or_path (a path alone is resolved by its name)
     return kwargs
 
 
@@ -208,8 +241,9 @@ def load_model(section: ModelSection, role: str, device: torch.device | str | No
         check_quantization_backend(section, role, device)
         kwargs["quantization_config"] = bnb_config(section.quantization)
         kwargs["device_map"] = {"": device}
+    path, gguf_file = gguf_location(section, role)
     try:
-        return from_pretrained_merged(section.name_or_path, adapter=section.adapter, dtype=dtype, **kwargs)
+        return from_pretrained_merged(path, adapter=section.adapter, dtype=dtype, gguf_file=gguf_file, **kwargs)
     except ModelLoadError as e:  # named by its key, the library's error chained
         if e.part == "adapter" and section.adapter is not None:
             raise ConfigError(f"{role}.adapter: cannot load {e.path!r} ({e.reason})") from e.__cause__
@@ -217,7 +251,8 @@ def load_model(section: ModelSection, role: str, device: torch.device | str | No
             raise ConfigError(
                 f"{role}.name_or_path: cannot load {e.path!r}, the base model of the adapter {e.adapter!r} ({e.reason})"
             ) from e.__cause__
-        raise ConfigError(f"{role}.name_or_path: cannot load {e.path!r} ({e.reason})") from e.__cause__
+        key = f"{role}.gguf_file" if gguf_file is not None else f"{role}.name_or_path"
+        raise ConfigError(f"{key}: cannot load {e.path!r} ({e.reason})") from e.__cause__
 
 
 def apply_lora(model: Any, section: ModelSection, gradient_checkpointing: bool = False) -> Any:

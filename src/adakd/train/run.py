@@ -6,6 +6,7 @@ import contextlib
 import copy
 import math
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from ..loss import check_vocab_sizes
 from .config import ConfigError, DistillConfig
 from .engines import save_final
 from .hub import hub_target, push_final, trainer_training, write_model_card
-from .models import apply_lora, check_quantization_backend, load_model, tokenizer_kwargs
+from .models import apply_lora, check_quantization_backend, load_model, tokenizer_kwargs, tokenizer_source
 from .onpolicy import OnPolicyController
 from .trainer import AdaKDTrainer, save_loss_state
 
@@ -185,17 +186,28 @@ def check_tokenizers(config: DistillConfig, tokenizer: Any) -> None:
         return
     if teacher.cache is not None:  # the cache's manifest holds the tokenizer it was made with (open_cache checks)
         return
-    source = teacher.tokenizer or teacher.name_or_path
+    source = tokenizer_source(teacher)
     try:
         other = tokenizer_for(source, **tokenizer_kwargs(teacher))
     except InputError as e:
-        if teacher.tokenizer:  # named explicitly: it must load
-            raise ConfigError(f"teacher.tokenizer: cannot load {teacher.tokenizer!r}") from e
-        return  # a teacher without tokenizer files: nothing to compare
+        if teacher.tokenizer or teacher.gguf_file:  # named explicitly, or stored in the GGUF file: it must load
+            key = "teacher.tokenizer" if teacher.tokenizer else "teacher.gguf_file"
+            raise ConfigError(f"{key}: cannot load the teacher's tokenizer from {source!r} ({e})") from e
+        # A teacher folder without tokenizer files: nothing to compare, which the run says rather than hides.
+        print(
+            f"[adakd] teacher.name_or_path {source}: no tokenizer files, so the teacher's vocabulary is not compared "
+            "with the student's (set teacher.tokenizer to compare them)",
+            file=sys.stderr,
+        )
+        return
     a, b = tokenizer.get_vocab(), other.get_vocab()
     if a != b:
         differ = len(set(a.items()) ^ set(b.items()))
-        key = "teacher.tokenizer" if teacher.tokenizer else "teacher.name_or_path"
+        key = (
+            "teacher.tokenizer"
+            if teacher.tokenizer
+            else ("teacher.gguf_file" if teacher.gguf_file else "teacher.name_or_path")
+        )
         raise ConfigError(
             f"{key}: the teacher's vocabulary ({len(b)} tokens) differs from the student's ({len(a)}; {differ} "
             "entries differ): logit KD needs one tokenizer (set loss.allow_tokenizer_mismatch: true to go on anyway)"
@@ -262,8 +274,12 @@ def load_tokenizer(config: DistillConfig) -> Any:
     from ..data import tokenizer_for
 
     section = config.student
-    key = "student.tokenizer" if section.tokenizer else "student.name_or_path"
-    source = section.tokenizer or section.name_or_path
+    key = (
+        "student.tokenizer"
+        if section.tokenizer
+        else ("student.gguf_file" if section.gguf_file else "student.name_or_path")
+    )
+    source = tokenizer_source(section)
     try:
         tokenizer = tokenizer_for(source, **tokenizer_kwargs(section))
     except InputError as e:
@@ -302,7 +318,7 @@ def training_examples(config: DistillConfig, args: Any, tokenizer: Any) -> tuple
                 max_length=d.max_length,
                 max_prompt_length=d.max_prompt_length,
                 where=f"{d.path or d.name} ({d.split})",
-                tokenizer_name=config.student.tokenizer or config.student.name_or_path,
+                tokenizer_name=tokenizer_source(config.student),
             )
         if made.chat_template is not None and d.template is not None:
             tokenizer.chat_template = made.chat_template
@@ -432,7 +448,7 @@ def evaluation_data(config: DistillConfig, args: Any, tokenizer: Any) -> tuple[E
             greedy=ev.greedy,
             batch_size=ev.batch_size,
         )
-        rouge = RougeDuringTraining(ev.rouge_every, eval_set, generation, ev.seed)
+        rouge = RougeDuringTraining.from_config(config, eval_set, generation, tokenizer)
         _log(args, f"ROUGE-L every {ev.rouge_every} steps on {len(eval_set.records)} examples of {path}")
     return eval_dataset, rouge
 
