@@ -366,3 +366,33 @@ def test_fused_auto_is_the_default_and_says_which_path(tmp_path, capsys):
         build_trainer(config)
     with pytest.raises(Exception, match="loss.fused: must be true, false or auto, got 'maybe'"):
         _config(tmp_path, "loss.fused=maybe")
+
+
+def test_a_cut_last_metrics_line_is_dropped_before_a_resumed_run_appends(tmp_path, capsys):
+    """A run killed while writing metrics.jsonl leaves a cut last line; the resumed run must not glue its first row
+    to it (adakd report would then refuse the whole file)."""
+    from adakd.report.metrics import read_metrics
+
+    common = ["training.max_steps=4", "training.save_steps=2"]
+    first = build_trainer(_config(tmp_path, *common, name="cut"))
+    first.add_callback(_StopAt(2))
+    first.train()
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    whole = metrics.read_bytes()
+    metrics.write_bytes(whole + b'{"step": 3, "loss": 1.2')  # the kill came mid-write
+    second = build_trainer(_config(tmp_path, *common, name="cut"))
+    second.train(resume_from_checkpoint=True)
+    assert "metrics.jsonl: dropped its last line, cut by an interrupted run (23 bytes)" in capsys.readouterr().out
+    assert metrics.read_bytes().startswith(whole)
+    assert [r["step"] for r in read_metrics(tmp_path / "cut")] == [1, 2, 3, 4]
+
+
+def test_repair_metrics_keeps_whole_lines(tmp_path):
+    from adakd.train.callbacks import repair_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    assert repair_metrics(path) == 0 and not path.exists()
+    path.write_bytes(b'{"step": 1}\n')
+    assert repair_metrics(path) == 0 and path.read_bytes() == b'{"step": 1}\n'
+    path.write_bytes(b'{"ste')
+    assert repair_metrics(path) == 5 and path.read_bytes() == b""

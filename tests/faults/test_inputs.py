@@ -193,6 +193,25 @@ def test_a_second_run_into_the_same_output_dir_is_refused_and_changes_nothing(ca
     assert "--resume and --overwrite: give one" in line
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ("data.source=hf", "data.path=does/not/exist.jsonl"),  # refused while the data loads
+        ("student.config=null", "student.tokenizer=null", "student.name_or_path=does/not/exist"),  # while models load
+    ],
+)
+def test_overwrite_keeps_the_earlier_run_when_the_new_one_is_refused(capsys, tmp_path, bad):
+    """--overwrite deletes the earlier run only once the new run's data and models have loaded: a typo in a path
+    must not cost the user their checkpoints, final model and metrics."""
+    out = tmp_path / "out"
+    args = ("train", str(TINY), f"training.output_dir={out}", "training.max_steps=2", "training.save_steps=1")
+    assert cli(capsys, *args)[0] == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    one_line_error(*cli(capsys, *args, *bad, "--overwrite"))
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+
+
 def test_an_unset_variable_in_a_path_is_an_error_naming_it(capsys, tmp_path, monkeypatch):
     monkeypatch.delenv("ADAKD_NOT_SET", raising=False)
     line = one_line_error(*cli(capsys, "train", str(TINY), "training.output_dir=${ADAKD_NOT_SET}/run"))

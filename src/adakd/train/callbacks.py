@@ -12,9 +12,27 @@ from transformers import TrainerCallback
 if TYPE_CHECKING:
     from .trainer import AdaKDTrainer
 
-__all__ = ["METRICS_FILE", "LossStateCallback"]
+__all__ = ["METRICS_FILE", "LossStateCallback", "repair_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
+
+
+def repair_metrics(path: Path) -> int:
+    """Drop a cut last line of the metrics file at ``path`` (what a run killed mid-write leaves); the bytes dropped.
+
+    Why: the next run appends to this file, and its first row would otherwise be glued to the cut line, which
+    ``adakd report`` then refuses as a corrupt line. Complete lines are kept as they are; a missing file is left
+    missing.
+    """
+    if not path.is_file():
+        return 0
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return 0
+    keep = data.rfind(b"\n") + 1  # 0 when the only line is cut
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+    return len(data) - keep
 
 
 class LossStateCallback(TrainerCallback):
@@ -24,6 +42,13 @@ class LossStateCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            dropped = repair_metrics(Path(args.output_dir) / METRICS_FILE)
+            if dropped:
+                print(
+                    f"[adakd] {Path(args.output_dir) / METRICS_FILE}: dropped its last line, cut by an interrupted "
+                    f"run ({dropped} bytes), before appending"
+                )
         self.trainer._validate_onpolicy(initial=True)
 
     def on_step_end(self, args, state, control, **kwargs):

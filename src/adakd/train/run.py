@@ -27,6 +27,7 @@ __all__ = [
     "ExampleDataset",
     "build_trainer",
     "check_fresh_run",
+    "delete_earlier_run",
     "check_output_dir",
     "check_tokenizers",
     "evaluation_data",
@@ -137,28 +138,42 @@ def _earlier_run(folder: Path) -> list[str]:
     return sorted(found)
 
 
-def check_fresh_run(path: str, *, resume: str | bool | None, overwrite: bool) -> None:
+def check_fresh_run(path: str, *, resume: str | bool | None, overwrite: bool) -> list[str]:
     """A run never silently replaces another: an ``output_dir`` that holds checkpoints, a final model or metrics is
-    refused unless the run continues it (``resume``) or starts over (``overwrite``: the earlier run's checkpoints,
-    final model and metrics are deleted, by the main process only, before anything is loaded)."""
+    refused unless the run continues it (``resume``) or starts over (``overwrite``).
+
+    Returns:
+        What ``overwrite`` is to delete (names in ``path``), empty otherwise. Nothing is deleted here: the run
+        deletes them with :func:`delete_earlier_run` only once its config, data and models have loaded, so that a
+        refused run leaves the earlier one as it was.
+    """
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite: give one (continue the run, or start it over)")
-    folder = Path(path)
-    found = _earlier_run(folder)
+    found = _earlier_run(Path(path))
     if not found or resume:
-        return
+        return []
     if not overwrite:
         shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
         raise ConfigError(
             f"training.output_dir: {path} already holds a run ({shown}); continue it with --resume, "
             "or start over with --overwrite (which deletes them)"
         )
-    if int(os.environ.get("RANK", "0")) == 0:
-        import shutil
+    return found
 
-        for name in found:
-            target = folder / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+def delete_earlier_run(path: str, names: list[str]) -> None:
+    """Delete ``names`` (from :func:`check_fresh_run`) in ``path``, on the main process only (``RANK`` 0)."""
+    if not names or int(os.environ.get("RANK", "0")) != 0:
+        return
+    import shutil
+
+    folder = Path(path)
+    for name in names:
+        target = folder / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
 
 
 def optimizer_steps(args: Any, num_examples: int) -> int:
@@ -539,11 +554,14 @@ def run(config: DistillConfig, resume: str | bool | None = None, overwrite: bool
     An ``output_dir`` that already holds a run is refused unless ``resume`` continues it or ``overwrite`` starts
     over (:func:`check_fresh_run`)."""
     target = hub_target(config)  # before anything runs: a hub_strategy adakd cannot honour is refused
-    check_fresh_run(config.training["output_dir"], resume=resume, overwrite=overwrite)
+    earlier = check_fresh_run(config.training["output_dir"], resume=resume, overwrite=overwrite)
     # The Trainer gets no hub key: it would push output_dir (checkpoints, optimizer state) and save the token.
     trainer_config = copy.copy(config)
     trainer_config.training = trainer_training(config.training)
     trainer = build_trainer(trainer_config)
+    # --overwrite deletes the earlier run only now: a run refused while its data or models load leaves it intact.
+    delete_earlier_run(config.training["output_dir"], earlier)
+    trainer.accelerator.wait_for_everyone()
     result = trainer.train(resume_from_checkpoint=resume)
     final = Path(trainer.args.output_dir) / "final"
     save_final(trainer, final)  # the adapter only, for a PEFT student; gathered from the shards under FSDP2 / ZeRO-3
