@@ -212,6 +212,23 @@ def test_overwrite_keeps_the_earlier_run_when_the_new_one_is_refused(capsys, tmp
     assert after == before
 
 
+def test_resuming_a_finished_run_says_so_and_changes_nothing(capsys, tmp_path):
+    out = tmp_path / "out"
+    args = ("train", str(TINY), f"training.output_dir={out}", "training.logging_steps=1", "training.max_steps=2",
+            "training.save_steps=1")  # fmt: skip
+    assert cli(capsys, *args)[0] == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    line = one_line_error(*cli(capsys, *args, "--resume"))
+    assert (
+        f"--resume: {out / 'checkpoint-2'} is at step 2, the end of the run (training.max_steps gives 2 steps)" in line
+    )
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # the same run made longer continues from there
+    assert cli(capsys, *args[:-2], "training.max_steps=3", "training.save_steps=1", "--resume")[0] == 0
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert steps[-1] == 3 and (out / "checkpoint-3").is_dir()
+
+
 def test_an_unset_variable_in_a_path_is_an_error_naming_it(capsys, tmp_path, monkeypatch):
     monkeypatch.delenv("ADAKD_NOT_SET", raising=False)
     line = one_line_error(*cli(capsys, "train", str(TINY), "training.output_dir=${ADAKD_NOT_SET}/run"))

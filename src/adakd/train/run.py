@@ -27,6 +27,7 @@ __all__ = [
     "ExampleDataset",
     "build_trainer",
     "check_fresh_run",
+    "check_unfinished",
     "delete_earlier_run",
     "check_output_dir",
     "check_tokenizers",
@@ -159,6 +160,38 @@ def check_fresh_run(path: str, *, resume: str | bool | None, overwrite: bool) ->
             "or start over with --overwrite (which deletes them)"
         )
     return found
+
+
+def check_unfinished(config: DistillConfig, resume: str | bool) -> None:
+    """Refuse to resume a run that has finished: its checkpoint is at ``training.max_steps`` (or, for a run counted
+    in epochs, at the step count its trainer state recorded). The Trainer would otherwise take one more step and
+    replace ``final/``. Checked before anything loads; a missing or incomplete checkpoint is left for the trainer to
+    report.
+
+    Raises:
+        ConfigError: naming the checkpoint, its step and the key to raise.
+    """
+    import json
+
+    from .checkpoints import resolve_checkpoint
+
+    output_dir = config.training["output_dir"]
+    try:
+        folder = Path(resolve_checkpoint(output_dir, resume, need_state=False))
+        state = json.loads((folder / "trainer_state.json").read_text())
+        step, recorded = int(state["global_step"]), int(state.get("max_steps") or 0)
+    except (InputError, OSError, ValueError, KeyError, TypeError):
+        return
+    max_steps = config.training.get("max_steps")
+    if isinstance(max_steps, int) and max_steps > 0:
+        done, limit, key = step >= max_steps, max_steps, "training.max_steps"
+    else:
+        done, limit, key = recorded > 0 and step >= recorded, recorded, "training.num_train_epochs"
+    if done:
+        raise ConfigError(
+            f"--resume: {folder} is at step {step}, the end of the run ({key} gives {limit} steps): nothing to "
+            f"train; raise {key} to train on"
+        )
 
 
 def delete_earlier_run(path: str, names: list[str]) -> None:
@@ -555,6 +588,8 @@ def run(config: DistillConfig, resume: str | bool | None = None, overwrite: bool
     over (:func:`check_fresh_run`)."""
     target = hub_target(config)  # before anything runs: a hub_strategy adakd cannot honour is refused
     earlier = check_fresh_run(config.training["output_dir"], resume=resume, overwrite=overwrite)
+    if resume:
+        check_unfinished(config, resume)
     # The Trainer gets no hub key: it would push output_dir (checkpoints, optimizer state) and save the token.
     trainer_config = copy.copy(config)
     trainer_config.training = trainer_training(config.training)
