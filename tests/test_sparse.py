@@ -295,8 +295,11 @@ def test_the_fused_path_never_materialises_the_student_logits_on_a_sparse_teache
         (lambda s: SparseTeacher(s.ids + 100, s.logprobs, s.tail), r"ids must lie in \[0, 40\)"),
         (lambda s: SparseTeacher(s.ids[:-1], s.logprobs[:-1], s.tail[:-1]), "must be"),
         (lambda s: SparseTeacher(s.ids.float(), s.logprobs, s.tail), "int64"),
+        (lambda s: SparseTeacher(s.ids[..., :0], s.logprobs[..., :0], s.tail), "k = 0"),
+        (lambda s: SparseTeacher(torch.cat([s.ids[..., :1], s.ids[..., :-1]], -1), s.logprobs, s.tail), "distinct"),
+        (lambda s: SparseTeacher(s.ids, s.logprobs + 0.5, s.tail), "must sum to 1"),
     ],
-    ids=["id-out-of-range", "positions", "id-dtype"],
+    ids=["id-out-of-range", "positions", "id-dtype", "k-zero", "repeated-id", "mass-above-1"],
 )
 def test_bad_sparse_teachers_are_refused(change, match):
     hs, ws, bs, ht, wt, labels = _inputs(14)

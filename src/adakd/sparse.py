@@ -178,8 +178,15 @@ def logit_scorer(
     return scorer
 
 
+# How far the teacher's total mass (support + tail) may be from 1: float16 log-probabilities (the cache's storage)
+# round each term by ~5e-4 relative; a distribution off by more was not made by sparse_from_logits.
+MASS_TOLERANCE = 1e-2
+
+
 def check_sparse(teacher: SparseTeacher, lead: torch.Size, vocab: int) -> None:
-    """Raise ``ValueError`` unless ``teacher`` has the leading shape ``lead`` and ids below ``vocab``."""
+    """Raise ``ValueError`` unless ``teacher`` has the leading shape ``lead``, a support of k ≥ 1 distinct ids below
+    ``vocab`` at every position, and a total mass exp(logsumexp(logprobs, tail)) within ``MASS_TOLERANCE`` of 1
+    (repeated ids or mass above 1 would give a wrong loss without any other sign)."""
     if not isinstance(teacher, SparseTeacher):
         raise ValueError(f"expected a SparseTeacher, got {type(teacher).__name__}")
     ids, lp, tail = teacher
@@ -192,8 +199,20 @@ def check_sparse(teacher: SparseTeacher, lead: torch.Size, vocab: int) -> None:
         raise ValueError("sparse teacher ids must be int64 (or int32) and its logprobs floating point")
     if ids.shape[-1] > vocab:
         raise ValueError(f"sparse teacher support k = {ids.shape[-1]} exceeds the student's vocabulary {vocab}")
+    if ids.shape[-1] < 1:
+        raise ValueError("sparse teacher support k = 0: it needs at least one token id per position")
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
         raise ValueError(f"sparse teacher ids must lie in [0, {vocab}) (the student's vocabulary)")
+    if ids.shape[-1] > 1 and bool((ids.sort(dim=-1).values.diff(dim=-1) == 0).any()):
+        raise ValueError("sparse teacher ids must be distinct within a position (a repeated id counts its mass twice)")
+    if tail.numel():
+        mass = torch.cat([lp.float(), tail.float().unsqueeze(-1)], dim=-1).logsumexp(dim=-1).exp()
+        worst = float((mass - 1).abs().max())
+        if not worst <= MASS_TOLERANCE:  # NaN fails too
+            raise ValueError(
+                f"sparse teacher probabilities (top-k plus tail) must sum to 1; they are off by up to {worst:.3g} "
+                "(logprobs at τ = 1 and tail = log(1 − Σ p), as sparse_from_logits makes them)"
+            )
 
 
 def sparse_divergence(

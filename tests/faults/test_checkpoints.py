@@ -82,7 +82,9 @@ def test_truncated_state_is_reported(checkpoints, tmp_path, capsys):
     trainer = build_trainer(tiny(tmp_path, *RUN))
     with pytest.raises(CheckpointError, match=f"^{state}: corrupted"):
         trainer.train(resume_from_checkpoint=str(out / "checkpoint-4"))
-    args = ["train", str(TINY), f"training.output_dir={out}", *RUN, "--resume", str(out / "checkpoint-4")]
+    # a longer run resumed from it (resuming a finished run is refused before any state is read)
+    args = ["train", str(TINY), f"training.output_dir={out}", *RUN, "training.max_steps=6", "--resume",
+            str(out / "checkpoint-4")]  # fmt: skip
     line = one_line_error(*cli(capsys, *args))
     assert f"{state}: corrupted" in line
 
