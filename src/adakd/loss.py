@@ -305,7 +305,9 @@ class AdaKDLoss(nn.Module):
         """
         sparse = isinstance(teacher_logits, SparseTeacher)
         if sparse:
-            check_sparse(teacher_logits, student_logits.shape[:-1], student_logits.shape[-1])
+            check_sparse(
+                teacher_logits, student_logits.shape[:-1], student_logits.shape[-1], labels != self.ignore_index
+            )
             check_vocab_sizes(student_logits.shape[-1], student_logits.shape[-1], self.vocab_size)
         else:
             student_logits, teacher_logits = align_vocab(student_logits, teacher_logits, self.vocab_size)
@@ -413,7 +415,7 @@ class AdaKDLoss(nn.Module):
         impl = impl or self.impl
         check_hidden_inputs(
             student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
-            self.vocab_size,
+            self.vocab_size, self.ignore_index,
         )  # fmt: skip
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")

@@ -65,6 +65,7 @@ def check_hidden_inputs(
     teacher_bias: Tensor | None,
     labels: Tensor,
     vocab_size: int | None,
+    ignore_index: int = -100,
 ) -> None:
     """Raise ``ValueError`` unless :meth:`AdaKDLoss.forward_hidden`'s inputs agree in shape, vocabulary and dtype
     (a :class:`SparseTeacher` in place of ``teacher_hidden`` takes no teacher weight or bias)."""
@@ -80,7 +81,7 @@ def check_hidden_inputs(
         if teacher_weight is not None or teacher_bias is not None:
             raise ValueError("a sparse teacher takes no teacher_weight or teacher_bias (pass None)")
         check_vocab_sizes(v_s, v_s, vocab_size)
-        check_sparse(teacher_hidden, lead, v_s)
+        check_sparse(teacher_hidden, lead, v_s, labels != ignore_index)
         return
     if teacher_hidden.shape[:-1] != lead:
         raise ValueError(

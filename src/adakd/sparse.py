@@ -183,10 +183,11 @@ def logit_scorer(
 MASS_TOLERANCE = 1e-2
 
 
-def check_sparse(teacher: SparseTeacher, lead: torch.Size, vocab: int) -> None:
-    """Raise ``ValueError`` unless ``teacher`` has the leading shape ``lead``, a support of k ≥ 1 distinct ids below
-    ``vocab`` at every position, and a total mass exp(logsumexp(logprobs, tail)) within ``MASS_TOLERANCE`` of 1
-    (repeated ids or mass above 1 would give a wrong loss without any other sign)."""
+def check_sparse(teacher: SparseTeacher, lead: torch.Size, vocab: int, valid: Tensor | None = None) -> None:
+    """Raise ``ValueError`` unless ``teacher`` has the leading shape ``lead``, a support of k ≥ 1 ids below ``vocab``,
+    distinct within each position, and a total mass exp(logsumexp(logprobs, tail)) within ``MASS_TOLERANCE`` of 1
+    (repeated ids or mass above 1 would give a wrong loss without any other sign). ``valid`` (``lead``, bool): the
+    positions that take a loss; the others (a collator's filler rows) are not checked for distinctness and mass."""
     if not isinstance(teacher, SparseTeacher):
         raise ValueError(f"expected a SparseTeacher, got {type(teacher).__name__}")
     ids, lp, tail = teacher
@@ -203,6 +204,8 @@ def check_sparse(teacher: SparseTeacher, lead: torch.Size, vocab: int) -> None:
         raise ValueError("sparse teacher support k = 0: it needs at least one token id per position")
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
         raise ValueError(f"sparse teacher ids must lie in [0, {vocab}) (the student's vocabulary)")
+    if valid is not None and valid.shape == lead:
+        ids, lp, tail = ids[valid], lp[valid], tail[valid]
     if ids.shape[-1] > 1 and bool((ids.sort(dim=-1).values.diff(dim=-1) == 0).any()):
         raise ValueError("sparse teacher ids must be distinct within a position (a repeated id counts its mass twice)")
     if tail.numel():
