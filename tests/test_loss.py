@@ -384,3 +384,18 @@ def test_latf_takes_no_ratio_but_starts_at_max_ratio():
         adakd.AdaKDLoss(selection="fixed").ratio == 1.0
         and adakd.AdaKDLoss(selection="cosine", total_steps=4).ratio == 1.0
     )
+
+
+def test_step_after_a_batch_whose_labels_are_all_ignored_keeps_the_ratio():
+    """The README's loop on a batch with no response token: the forward gives 0, and step() neither fails nor moves
+    LATF (there is no loss to move it on); without any forward since the last step, step() still refuses."""
+    loss_fn = adakd.AdaKDLoss(base="rkl", warmup_steps=0, ema_decay=0.0, tolerance=0.0, step_size=0.2)
+    logits = torch.randn(1, 5, 16, requires_grad=True)
+    loss_fn(logits, torch.randn(1, 5, 16), torch.randint(0, 16, (1, 5))).backward()
+    loss_fn.step()
+    before = loss_fn.ratio
+    empty = loss_fn(logits, torch.randn(1, 5, 16), torch.full((1, 5), -100))
+    empty.backward()
+    assert empty.item() == 0.0 and loss_fn.step() == before
+    with pytest.raises(ValueError, match="needs at least one forward"):
+        loss_fn.step()

@@ -132,6 +132,7 @@ class AdaKDLoss(nn.Module):
         self._chunk_fns: dict[tuple[torch.dtype, str], Any] = {}
         self.last_report: LossReport | None = None
         self._pending = (0.0, 0)  # (Σ L_t, count) of the training forwards since the last step
+        self._forwards = 0  # every training forward since the last step, batches without a valid token included
 
     # ----------------------------------------------------------------------------------------------------------
     @property
@@ -149,10 +150,15 @@ class AdaKDLoss(nn.Module):
                 mean).
         """
         if loss_value is None:
-            if self._pending[1] == 0:
+            if self._forwards == 0 and self._pending[1] == 0:
                 raise ValueError("AdaKDLoss.step() without a loss value needs at least one forward since the last step")
+            if self._pending[1] == 0:
+                # Only batches whose labels were all ignored: no L_t to move the ratio on, so it stays; the step
+                # still counts as done (a loop that skips nothing must not fail on such a batch).
+                self._pending, self._forwards = (0.0, 0), 0
+                return self.ratio
             loss_value = self._pending[0] / self._pending[1]
-        self._pending = (0.0, 0)
+        self._pending, self._forwards = (0.0, 0), 0
         if self.controller is not None:
             self.controller.update(loss_value)
         return self.ratio
@@ -217,6 +223,7 @@ class AdaKDLoss(nn.Module):
         mode when the batch had valid tokens. Called only once the loss is known to be finite."""
         report = make_report(loss, ratio, n, k, tau, kept_scores, mean_loss, self.tau_base, ce_loss)
         self.last_report = report
+        self._forwards += int(self.training)
         if self.training and k > 0:
             self._pending = (self._pending[0] + report.mean_loss, self._pending[1] + 1)
         return report
