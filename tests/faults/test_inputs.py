@@ -229,6 +229,21 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(capsys, tmp_path):
     assert steps[-1] == 3 and (out / "checkpoint-3").is_dir()
 
 
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("training.learning_rate=-0.05", "training.learning_rate: must be a number >= 0, got -0.05"),
+        ("training.weight_decay=-1", "training.weight_decay: must be a number >= 0, got -1"),
+        ("data.max_length=128", "data.max_length: need max_length > max_prompt_length >= 1, got max_length 128 and "
+                                "max_prompt_length 256 (its default when unset: set data.max_prompt_length too)"),
+    ],
+)  # fmt: skip
+def test_values_torch_would_refuse_late_are_refused_at_load(capsys, tmp_path, override, expected):
+    line = one_line_error(*cli(capsys, "train", str(TINY), f"training.output_dir={tmp_path / 'o'}", override))
+    assert expected in line
+    assert not (tmp_path / "o").exists()  # refused before anything was written or loaded
+
+
 def test_an_unset_variable_in_a_path_is_an_error_naming_it(capsys, tmp_path, monkeypatch):
     monkeypatch.delenv("ADAKD_NOT_SET", raising=False)
     line = one_line_error(*cli(capsys, "train", str(TINY), "training.output_dir=${ADAKD_NOT_SET}/run"))

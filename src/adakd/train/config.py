@@ -283,6 +283,11 @@ class DistillConfig:
         for key in self.training:
             if key not in known:
                 raise self.error(f"training.{key}", "unknown transformers.TrainingArguments field")
+        # Values torch's optimizers refuse only once the models have loaded (with a traceback): refused here.
+        for key in ("learning_rate", "weight_decay"):
+            value = self.training.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+                raise self.error(f"training.{key}", f"must be a number >= 0, got {value!r}")
         return self
 
     def _validate_data(self) -> None:
@@ -336,7 +341,13 @@ class DistillConfig:
                     "data.streaming", "not with onpolicy.mode distillm, which holds out the data's last examples"
                 )
         if d.max_prompt_length < 1 or d.max_length <= d.max_prompt_length:
-            raise self.error("data.max_length", "need max_length > max_prompt_length >= 1")
+            default = DataSection.max_prompt_length
+            raise self.error(
+                "data.max_length",
+                f"need max_length > max_prompt_length >= 1, got max_length {d.max_length} and max_prompt_length "
+                f"{d.max_prompt_length}" + (" (its default when unset: set data.max_prompt_length too)" if
+                                            d.max_prompt_length == default else ""),
+            )  # fmt: skip
         if d.template is not None and d.template not in TEMPLATES:
             # Anything that reads like a path is a Jinja chat-template file (for conversations); a bare word is a
             # template name with a typo.
