@@ -376,3 +376,12 @@ def test_two_processes_write_the_same_shards_as_one(setup, tmp_path):
     a, b = (json.loads((d / "manifest.json").read_text()) for d in (one, two))
     assert a["shards"] == b["shards"]
     assert "train from it" in (tmp_path / "two.log").read_text()
+
+
+def test_a_top_k_above_the_vocabulary_is_reported_as_the_k_kept(setup, tmp_path, capsys):
+    path, _ = setup
+    out = tmp_path / "all"
+    assert main(["cache", str(path), "--output", str(out), "--top-k", "100000"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["top_k"] == 288  # the student's rows
+    printed = capsys.readouterr().out
+    assert "outside the top-288:" in printed and "top-100000" not in printed

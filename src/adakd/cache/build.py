@@ -309,6 +309,7 @@ def _summary(manifest: dict[str, Any], output: str, computed: int, rank: int) ->
         "bytes": size,
         "bytes_per_position": size / max(1, manifest["positions"]),
         "tail_mass": manifest.get("tail_mass", {}).get("mean", float("nan")),
+        "top_k": manifest["top_k"],  # effective: a --top-k above the vocabulary keeps the whole vocabulary
         "computed_shards": computed,
         "rank": rank,
     }

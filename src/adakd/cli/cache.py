@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"[adakd] cache {args.output}: {summary['examples']} examples, {summary['positions']} positions, "
             f"{summary['shards']} shards, {summary['bytes']} bytes ({summary['bytes_per_position']:.1f} bytes per "
-            f"position; {done}); the teacher's mean mass outside the top-{args.top_k}: {summary['tail_mass']:.2%}"
+            f"position; {done}); the teacher's mean mass outside the top-{summary['top_k']}: {summary['tail_mass']:.2%}"
             f"{TAIL_ADVICE if summary['tail_mass'] > TAIL_WARN else ''}; train from it: {train}",
             flush=True,
         )
