@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -37,6 +38,12 @@ class GenerationConfig:
     stats: dict[str, float] = field(default_factory=lambda: {"tokens": 0.0, "seconds": 0.0})
 
 
+def _encode_prompts(tokenizer: Any, prompts: list[str], config: GenerationConfig) -> list[list[int]]:
+    """Each prompt's ids, without added special tokens (a rendered chat prompt holds its own), cut to its last
+    ``config.max_prompt_length`` tokens; both backends encode alike, so they see the same prompts."""
+    return [tokenizer(p, add_special_tokens=False)["input_ids"][-config.max_prompt_length :] for p in prompts]
+
+
 class HFBackend:
     """Batched ``model.generate`` with the KV cache and left padding (so every prompt ends where decoding starts)."""
 
@@ -46,8 +53,7 @@ class HFBackend:
         self.device = torch.device(device)
 
     def _encode(self, prompts: list[str], config: GenerationConfig) -> list[list[int]]:
-        ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        return [x[-config.max_prompt_length :] for x in ids]
+        return _encode_prompts(self.tokenizer, prompts, config)
 
     @torch.no_grad()
     def generate(
@@ -190,9 +196,7 @@ class VLLMBackend:
         """As :meth:`HFBackend.generate`; prompt i samples with seed ``seed + i`` (vLLM seeds per request)."""
         from vllm import SamplingParams, TokensPrompt
 
-        encoded = [
-            self.tokenizer(p, add_special_tokens=False)["input_ids"][-config.max_prompt_length :] for p in prompts
-        ]
+        encoded = _encode_prompts(self.tokenizer, prompts, config)
         requests = [TokensPrompt(prompt_token_ids=ids) for ids in encoded]
         params = [
             SamplingParams(
