@@ -10,8 +10,8 @@ from pathlib import Path
 
 import adakd
 
-MATH = {"adakd", "adakd._version", "adakd.adaptive", "adakd.divergences", "adakd.errors", "adakd.fused",
-        "adakd.loss", "adakd.loss_options", "adakd.loss_report", "adakd.shapes", "adakd.sparse"}  # fmt: skip
+MATH = {"adakd", "adakd._version", "adakd._without_numpy", "adakd.adaptive", "adakd.divergences", "adakd.errors",
+        "adakd.fused", "adakd.loss", "adakd.loss_options", "adakd.loss_report", "adakd.shapes", "adakd.sparse"}  # fmt: skip
 
 PROBE = """
 import json, sys

@@ -4,6 +4,7 @@ The public Python API. The math lives in :mod:`adakd.divergences` and :mod:`adak
 :mod:`adakd.loss` composes them into :class:`AdaKDLoss`.
 """
 
+from . import _without_numpy  # noqa: F401  (first: before anything imports torch)
 from ._version import __version__
 from .adaptive import INDICATORS, LATF, RatioSchedule, difficulty_scores, idts_temperatures, select_tokens
 from .divergences import DIVERGENCES, divergence, hellinger_distance

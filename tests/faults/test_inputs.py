@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -283,3 +285,64 @@ def test_a_missing_extra_is_named_in_one_line(capsys, tmp_path, monkeypatch, com
     assert line == f"adakd: error: adakd {command} needs the Python module 'yaml', which is not installed: " + (
         f"pip install 'adakd[{extras}]'"
     )
+
+
+# A fresh interpreter in which every third-party module but torch (and what torch itself needs) is missing, as after
+# a bare `pip install adakd`; each command must still end in its one line.
+TORCH_ONLY = """
+import importlib.abc, importlib.metadata, re, sys
+
+torch_needs = {re.split(r"[ ;<>=!~\\[]", r)[0].lower().replace("-", "_") for r in importlib.metadata.requires("torch")}
+allowed = set(sys.stdlib_module_names) | {"adakd", "torch", "torchgen", "functorch", "_distutils_hack"} | torch_needs
+
+
+class TorchOnly(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] not in allowed:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, TorchOnly())
+from adakd.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("argv", "extras"),
+    [
+        (["train", str(TINY)], "train"),
+        (["cache", str(TINY), "--output", "{tmp}/cache"], "train"),
+        (["demo", "--quick", "--output", "{tmp}/demo"], "train,eval"),
+        (["inspect", "--teacher", "t", "--student", "s", "--text", "x", "--output", "{tmp}/t.html"], "train,eval"),
+    ],
+)
+def test_every_command_names_its_extra_when_only_torch_is_installed(tmp_path, argv, extras):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    out = subprocess.run([sys.executable, "-c", TORCH_ONLY, *argv], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr  # the whole stderr is the one line
+    assert out.stderr.startswith(f"adakd: error: adakd {argv[0]} needs the Python module "), out.stderr
+    assert out.stderr.rstrip().endswith(f"pip install 'adakd[{extras}]'"), out.stderr
+    assert not (tmp_path / "cache").exists()
+
+
+def test_the_losses_and_help_work_when_only_torch_is_installed():
+    code = TORCH_ONLY.replace("sys.exit(main(sys.argv[1:]))", "")
+    code += """
+import contextlib, io
+import torch
+from adakd import AdaKDLoss
+
+s = torch.randn(2, 5, 11, requires_grad=True)
+loss = AdaKDLoss()(s, torch.randn(2, 5, 11), torch.ones(2, 5).long())
+loss.backward()
+buf = io.StringIO()
+with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):
+    main(["--help"])
+print(bool(torch.isfinite(loss)), bool(torch.isfinite(s.grad).all()), "COMMAND" in buf.getvalue())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert out.stdout.split() == ["True", "True", "True"], out.stdout

@@ -13,13 +13,14 @@ import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
 from ..files import input_file, iter_jsonl
 from .templates import format_prompt
+
+if TYPE_CHECKING:  # numpy comes with the train extra; `pip install adakd` (the losses) has torch only
+    import numpy as np
 
 __all__ = [
     "Record",
@@ -171,7 +172,7 @@ _MMIDIDX_MAGIC = b"MMIDIDX\x00\x00"
 _MMIDIDX_HEADER = struct.Struct("<9sQBQQ")
 # Megatron dtype code -> (dtype, separator). MiniLLM writes the prompt/response separator as -1, which the uint16
 # shards of small-vocabulary tokenizers (GPT-2) store as 65535; int32 shards are used for larger vocabularies.
-_SHARD_DTYPES: dict[int, tuple[np.dtype, int]] = {4: (np.dtype("<i4"), -1), 8: (np.dtype("<u2"), 65535)}
+_SHARD_DTYPES: dict[int, tuple[str, int]] = {4: ("<i4", -1), 8: ("<u2", 65535)}
 
 
 def _read_mmidx_index(idx_path: Path) -> tuple[np.dtype, int, np.ndarray, np.ndarray]:
@@ -189,7 +190,9 @@ def _read_mmidx_index(idx_path: Path) -> tuple[np.dtype, int, np.ndarray, np.nda
     need = _MMIDIDX_HEADER.size + 12 * count
     if len(raw) < need:
         raise InputError(f"{idx_path}: {len(raw)} bytes, but {count} items need at least {need}")
-    dtype, sep = _SHARD_DTYPES[code]
+    import numpy as np
+
+    dtype, sep = np.dtype(_SHARD_DTYPES[code][0]), _SHARD_DTYPES[code][1]
     sizes = np.frombuffer(raw, dtype="<i4", count=count, offset=_MMIDIDX_HEADER.size)
     pointers = np.frombuffer(raw, dtype="<i8", count=count, offset=_MMIDIDX_HEADER.size + 4 * count)
     # doc_idx (document boundaries) is not needed: every item is one prompt/response pair.
@@ -212,6 +215,8 @@ def read_token_shards(prefix: str | Path, limit: int | None = None) -> list[Toke
     n = len(sizes) if limit is None else min(limit, len(sizes))
     if n == 0:
         return []
+    import numpy as np
+
     sizes, pointers = sizes[:n].astype(np.int64), pointers[:n]
     if (pointers % dtype.itemsize).any() or (sizes < 0).any() or (pointers < 0).any():
         raise InputError(f"{idx_path}: negative or misaligned sizes/pointers for {dtype} tokens")
@@ -226,6 +231,8 @@ def read_token_shards(prefix: str | Path, limit: int | None = None) -> list[Toke
 
 def _split_item(item: np.ndarray, sep: int, bin_path: Path, i: int) -> TokenRecord:
     """Item ``i`` of the shard (``prompt, sep, response, eos``) as a :class:`TokenRecord` without the eos."""
+    import numpy as np
+
     hits = np.flatnonzero(item == sep)
     if hits.size == 0:
         raise InputError(f"{bin_path}: item {i} has no separator {sep}")
