@@ -43,7 +43,7 @@ class _Hub:
     """Records what HfApi is asked to do; ``upload_folder`` lists the files it would send, read from disk at the
     moment of the call."""
 
-    def __init__(self, monkeypatch, fail: bool = False):
+    def __init__(self, monkeypatch, fail: bool | Exception = False, whoami: Exception | dict | None = None):
         self.tokens: list = []
         self.repos: list[dict] = []
         self.branches: list[dict] = []
@@ -63,12 +63,22 @@ class _Hub:
             hub.branches.append({"repo_id": repo_id, **kwargs})
 
         def upload_folder(api, **kwargs):
+            if isinstance(fail, Exception):
+                raise fail
             if fail:
                 raise OSError("401 Client Error: Unauthorized")
             folder = Path(kwargs["folder_path"])
             files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
             hub.uploads.append({**kwargs, "files": files})
 
+        def check_token(api, *args, **kwargs):
+            hub.whoami_calls += 1
+            if isinstance(whoami, Exception):
+                raise whoami
+            return whoami or {"name": "me", "orgs": [{"name": "team"}]}
+
+        self.whoami_calls = 0
+        monkeypatch.setattr(HfApi, "whoami", check_token)
         monkeypatch.setattr(HfApi, "__init__", init)
         monkeypatch.setattr(HfApi, "create_repo", create_repo)
         monkeypatch.setattr(HfApi, "create_branch", create_branch)
@@ -115,7 +125,7 @@ def test_push_to_hub_uploads_final_only_with_a_model_card(tmp_path, monkeypatch)
     assert (out / "checkpoint-2").is_dir()  # there were checkpoints to leave out
     # One repo, one upload: final/ and exactly its files.
     assert hub.repos == [{"repo_id": "me/tiny-adakd", "private": True, "exist_ok": True}]
-    assert hub.tokens == [SECRET] and hub.branches == []
+    assert hub.tokens == [SECRET, SECRET] and hub.branches == []  # the check before training, then the upload
     (upload,) = hub.uploads
     assert Path(upload["folder_path"]) == final and upload["repo_id"] == "me/tiny-adakd"
     on_disk = sorted(str(p.relative_to(final)) for p in final.rglob("*") if p.is_file())
@@ -184,6 +194,61 @@ def test_a_failed_upload_keeps_the_model_and_says_how_to_upload_it(tmp_path, mon
     )
     assert (final / "model.safetensors").is_file() and (final / "README.md").is_file()
     assert issubclass(HfHubHTTPError, OSError)  # what the Hub's client raises is caught as such
+
+
+def test_an_upload_that_cannot_reach_the_hub_is_one_line_with_a_quoted_command(tmp_path, monkeypatch):
+    import httpx2
+
+    _Hub(monkeypatch, fail=httpx2.ConnectError("[Errno -2] Name or service not known"))
+    out = tmp_path / "my run"  # a space: the printed command must still be one that a shell runs
+    with pytest.raises(UploadError) as info:
+        run(_config(tmp_path, f"training.output_dir={out}", "training.max_steps=2", "training.push_to_hub=true",
+                    "training.hub_model_id=me/x", "training.hub_revision=v 1"))  # fmt: skip
+    final = out / "final"
+    assert str(info.value).endswith(f"upload it later with `hf upload me/x '{final}' --revision 'v 1'`")
+    assert "(Name or service not known" not in str(info.value) and "[Errno -2]" in str(info.value)
+    assert (final / "model.safetensors").is_file()
+
+
+def _hub_error(status: int):
+    import httpx2
+
+    request = httpx2.Request("GET", "https://huggingface.co/api/whoami-v2")
+    return HfHubHTTPError(f"{status} Client Error", response=httpx2.Response(status, request=request))
+
+
+@pytest.mark.parametrize(
+    ("whoami", "overrides", "expected"),
+    [
+        ("down", [], "training.push_to_hub: the Hub (https://huggingface.co) does not answer ([Errno -2] Name or"),
+        ("401", [f"training.hub_token={SECRET}"], "training.hub_token: the Hub refused the token (401 Unauthorized);"),
+        ("401", [], "training.push_to_hub: the Hub refused the token (401 Unauthorized): log in again"),
+        ("no token", [], "training.push_to_hub: no Hub token: log in with `hf auth login`, set HF_TOKEN"),
+        (None, ["training.hub_model_id=someone-else/x"], "training.hub_model_id: someone-else/x: the token's user 'me' "
+         "cannot write to 'someone-else' (theirs: me, team)"),
+        (None, ["training.hub_model_id=me/a b"], "training.hub_model_id: 'me/a b' is not a Hub repo id"),
+    ],
+)  # fmt: skip
+def test_push_to_hub_is_checked_before_the_first_step(tmp_path, monkeypatch, capsys, whoami, overrides, expected):
+    import httpx2
+    from huggingface_hub.errors import LocalTokenNotFoundError
+
+    from adakd.cli import main
+
+    error = {
+        "down": httpx2.ConnectError("[Errno -2] Name or service not known"),
+        "401": _hub_error(401),
+        "no token": LocalTokenNotFoundError("Token is required to call the /whoami-v2 endpoint, but no token found."),
+    }.get(whoami)
+    hub = _Hub(monkeypatch, whoami=error)
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "https://huggingface.co")
+    keys = ["training.push_to_hub=true", "training.hub_model_id=me/x", *overrides]
+    code = main(["train", str(TINY), f"training.output_dir={tmp_path / 'run'}", "data.synthetic_size=48", *keys])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"adakd: error: {TINY}: {expected}" in err, err
+    assert hub.whoami_calls == (0 if "not a Hub repo id" in expected else 1) and hub.repos == hub.uploads == []
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not list((tmp_path / "run").glob("checkpoint-*"))
 
 
 @pytest.mark.parametrize("strategy", ["every_save", "checkpoint", "all_checkpoints"])

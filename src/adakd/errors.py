@@ -7,7 +7,7 @@ exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-__all__ = ["AdakdError", "InputError", "NonFiniteLossError", "OptionError"]
+__all__ = ["AdakdError", "InputError", "NonFiniteLossError", "OptionError", "StorageError"]
 
 
 class AdakdError(Exception):
@@ -30,3 +30,8 @@ class OptionError(InputError):
 
 class NonFiniteLossError(AdakdError, ValueError):
     """The loss of a micro-batch is NaN or inf (bad logits); raised before any state (LATF, stats) is updated."""
+
+
+class StorageError(AdakdError, OSError):
+    """The file system refused a write (no space left, quota, read-only). The message names the path, what was kept
+    and how to go on; an ``OSError``, so that callers of the Python API can catch it as one."""

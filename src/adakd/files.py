@@ -4,16 +4,21 @@ every JSONL reader through :func:`iter_jsonl`, so that a bad line is reported on
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from .errors import InputError
 
-__all__ = ["atomic_write", "input_file", "iter_jsonl", "read_jsonl", "write_json", "write_jsonl", "write_text",
-           "torch_save"]  # fmt: skip
+__all__ = ["atomic_write", "fsync_tree", "input_file", "iter_jsonl", "publish_folder", "read_jsonl", "storage_reason",
+           "write_json", "write_jsonl", "write_text", "torch_save"]  # fmt: skip
+
+_STORAGE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+            errno.EROFS: "read-only file system"}  # fmt: skip
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -52,6 +57,71 @@ def torch_save(obj: Any, path: str | os.PathLike) -> Path:
     import torch
 
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def storage_reason(error: BaseException, path: str | os.PathLike) -> str | None:
+    """Why a write under ``path`` failed, when the file system refused it ("no space left on device", "disk quota
+    exceeded", "read-only file system"), else None (a bug, or another error to show as it is).
+
+    The writers do not all say so plainly: Python raises an ``OSError`` with the errno, safetensors a
+    ``SafetensorError`` naming "os error 28", and ``torch.save`` an internal assertion ("unexpected pos"), which is
+    read as a full disk only when the file system of ``path`` has (almost) no space left.
+    """
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _STORAGE:
+            return _STORAGE[seen.errno]
+        text = str(seen).lower()
+        for code, reason in _STORAGE.items():
+            if reason in text or f"os error {code})" in text:
+                return reason
+        seen = seen.__cause__ or seen.__context__
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    return _STORAGE[errno.ENOSPC] if isinstance(error, RuntimeError) and free < 1 << 20 else None
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """fsync every file under ``folder`` and the folders themselves, so that a rename that publishes ``folder``
+    never exposes files whose data is not yet on disk (a power cut after the rename)."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def publish_folder(staged: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Rename the complete folder ``staged`` to ``target`` (on the same file system), replacing an earlier
+    ``target``: readers see the old folder or the new one, never a mix. The old one is moved aside first and deleted
+    only once the new one is in place."""
+    staged, target = Path(staged), Path(target)
+    fsync_tree(staged)
+    old = staged.with_name(f"{staged.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staged, target)
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
 
 
 def input_file(path: str | os.PathLike, label: str | None = None) -> Path:

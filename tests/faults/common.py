@@ -50,3 +50,26 @@ def cli_subprocess(*args: str, timeout: float = 600) -> subprocess.CompletedProc
 
 def metrics(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def small_disk(folder: Path, size: str) -> bool:
+    """Mount a tmpfs of ``size`` (e.g. ``"64k"``) on ``folder`` (created) for a test of a full disk; False where
+    mounting is not allowed (not root, a container without the capability): the caller falls back to injecting the
+    error. Unmount with :func:`unmount`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if sys.platform != "linux" or os.geteuid() != 0:
+        return False
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    return done.returncode == 0
+
+
+def unmount(folder: Path) -> None:
+    subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def one_line(code: int, err: str, status: int) -> str:
+    """The CLI's error contract for exit ``status``: one ``adakd: error:`` line and no traceback; the line."""
+    assert code == status, err
+    lines = [line for line in err.splitlines() if line.startswith("adakd: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]

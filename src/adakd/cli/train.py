@@ -26,6 +26,12 @@ def add_parser(sub: Any) -> None:
         help="resume from CHECKPOINT, or from the last checkpoint in output_dir when no path is given",
     )
     p.add_argument(
+        "--accept-changes",
+        action="store_true",
+        help="with --resume: go on although the checkpoint was trained with other settings (loss, data, learning "
+        "rate, seed, ...); without it such a resume is refused, naming each difference",
+    )
+    p.add_argument(
         "--overwrite",
         action="store_true",
         help="start over in an output_dir that holds an earlier run (deletes its checkpoints, final model, metrics)",
@@ -39,11 +45,14 @@ def run(args: argparse.Namespace) -> int:
     Bad input raises :class:`~adakd.errors.InputError` (the config, its files and models, the checkpoint to resume);
     a non-finite loss under ``loss.nonfinite: error`` raises :class:`~adakd.errors.NonFiniteLossError`.
     """
+    from ..errors import InputError
     from ..train import load_config
     from ..train import run as run_training
 
     config = load_config(args.config, args.overrides)
-    summary = run_training(config, resume=args.resume, overwrite=args.overwrite)
+    if args.accept_changes and not args.resume:
+        raise InputError("--accept-changes: applies only with --resume")
+    summary = run_training(config, resume=args.resume, overwrite=args.overwrite, accept_changes=args.accept_changes)
     # Every rank reports, so that a multi-process run shows each rank's final ratio.
     print(f"[adakd] rank {summary['rank']}: " + json.dumps(summary), file=sys.stderr, flush=True)
     _close_process_group()

@@ -29,6 +29,7 @@ __all__ = [
     "TAGS",
     "HubTarget",
     "UploadError",
+    "check_hub",
     "hub_target",
     "model_card",
     "push_final",
@@ -92,12 +93,69 @@ def hub_target(config: DistillConfig) -> HubTarget | None:
     )
 
 
+def _unreachable(e: BaseException) -> bool:
+    """Whether ``e`` is the HTTP client's own transport error (no answer, DNS, TLS, timeout): huggingface_hub's
+    client (httpx, or requests in older releases) raises them as they are, outside the Hub's error classes."""
+    root = type(e).__module__.split(".")[0]
+    return root in ("httpx", "httpx2", "requests", "urllib3") or isinstance(e, (ConnectionError, TimeoutError))
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def check_hub(config: DistillConfig, target: HubTarget) -> None:
+    """Before the first step, that ``final/`` can be uploaded at the end: the repo id is well formed, the Hub
+    answers, the token is accepted, and its user may write to the repo's namespace (their own or an organisation
+    they belong to). Catches what would otherwise fail only after hours of training.
+
+    Raises:
+        ConfigError: naming ``training.hub_model_id``, ``training.hub_token`` or ``training.push_to_hub``.
+    """
+    from huggingface_hub import HfApi, constants
+
+    key = "training.hub_model_id" if config.training.get("hub_model_id") else "training.output_dir"
+    if not _REPO_ID.fullmatch(target.repo_id) or ".." in target.repo_id or len(target.repo_id.split("/")[-1]) > 96:
+        raise config.error(key, f"{target.repo_id!r} is not a Hub repo id (NAME or NAMESPACE/NAME: letters, digits, "
+                                "'-', '_', '.'; up to 96 characters)")  # fmt: skip
+    token_key = "training.hub_token" if target.token else "training.push_to_hub"
+    try:
+        me = HfApi(token=target.token).whoami()
+    except Exception as e:  # the Hub's errors are OSErrors; the transport's are not
+        if not (_unreachable(e) or isinstance(e, OSError)):
+            raise
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if _unreachable(e):
+            reason = f"the Hub ({constants.ENDPOINT}) does not answer ({_first_line(e)})"
+        elif status == 401:
+            reason = "the Hub refused the token (401 Unauthorized)" + (
+                "" if target.token else ": log in again with `hf auth login` or set HF_TOKEN"
+            )
+        elif status is None and "token" in str(e).lower():
+            reason = "no Hub token: log in with `hf auth login`, set HF_TOKEN, or give training.hub_token"
+        else:
+            reason = f"the Hub's answer to the token check: {_first_line(e)}"
+        raise config.error(
+            token_key, f"{reason}; checked before training so that final/ can be uploaded after it "
+            "(or set training.push_to_hub: false and upload final/ later with `hf upload`)"
+        ) from e  # fmt: skip
+    namespace = target.repo_id.split("/")[0] if "/" in target.repo_id else None
+    user = me.get("name")
+    allowed = {user} | {org.get("name") for org in me.get("orgs") or [] if isinstance(org, dict)}
+    if namespace is not None and user and namespace not in allowed:
+        raise config.error(
+            key, f"{target.repo_id}: the token's user {user!r} cannot write to {namespace!r} (theirs: "
+            f"{', '.join(sorted(n for n in allowed if n))})"
+        )  # fmt: skip
+
+
 def push_final(folder: str | Path, target: HubTarget) -> str:
     """Upload ``folder`` (a run's ``final/``) and nothing else to ``target``, creating the repo (and the branch)
     when missing. Returns the repo id the Hub answered (with the namespace).
 
     Raises:
-        UploadError: the Hub refused or could not be reached; the model stays in ``folder``.
+        UploadError: the Hub refused or could not be reached; the model stays in ``folder``, and the message gives
+            the shell command that uploads it later.
     """
     from huggingface_hub import HfApi
 
@@ -112,12 +170,14 @@ def push_final(folder: str | Path, target: HubTarget) -> str:
             revision=target.revision,
             commit_message="adakd: the distilled model",
         )
-    except (OSError, ValueError) as e:  # HfHubHTTPError and a missing token are OSErrors; a bad repo id a ValueError
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        branch = f" --revision {target.revision}" if target.revision is not None else ""
+    except Exception as e:  # HfHubHTTPError / a missing token: OSError; a bad repo id: ValueError; transport: httpx
+        if not (isinstance(e, (OSError, ValueError)) or _unreachable(e)):
+            raise
+        command = ["hf", "upload", target.repo_id, str(folder)]
+        command += ["--revision", target.revision] if target.revision is not None else []
         raise UploadError(
-            f"training.push_to_hub: uploading {folder} to {target.repo_id} failed ({reason}); the model is saved "
-            f"there: upload it later with `hf upload {target.repo_id} {folder}{branch}`"
+            f"training.push_to_hub: uploading {folder} to {target.repo_id} failed ({_first_line(e)}); the model is "
+            f"saved there: upload it later with `{shlex.join(command)}`"
         ) from e
     return repo_id
 

@@ -18,7 +18,7 @@ from ..errors import InputError
 from ..loss import check_vocab_sizes
 from .config import ConfigError, DistillConfig
 from .engines import save_final
-from .hub import hub_target, push_final, trainer_training, write_model_card
+from .hub import check_hub, hub_target, push_final, trainer_training, write_model_card
 from .models import apply_lora, check_quantization_backend, load_model, tokenizer_kwargs, tokenizer_source
 from .onpolicy import OnPolicyController
 from .trainer import AdaKDTrainer, save_loss_state
@@ -69,15 +69,20 @@ class ExampleDataset(torch.utils.data.Dataset):
         return self.examples[i]
 
 
-def load_records(config: DistillConfig) -> Any:
+def load_records(config: DistillConfig, tokenizer: Any = None) -> Any:
     """The configured data source's records: text records (token records for MiniLLM shards), or for source ``hf``
     the dataset's rows (a ``datasets.Dataset``; an ``IterableDataset`` when streaming), which
     :func:`training_examples` tokenises.
 
+    Token shards hold another tokenizer's ids as readily as the student's. Given ``tokenizer`` (the student's), they
+    are checked against it before any model loads: ``data.shard_tokenizer`` (the tokenizer that wrote them) must
+    give its tokens the same ids (:func:`adakd.data.check_shard_tokenizer`), and every id must be below the
+    tokenizer's length (without ``data.shard_tokenizer``, the only check, which the run says).
+
     Raises:
         ConfigError: a data file that is missing or unreadable, named under ``data.path``.
-        InputError: a bad record or shard, named by its file and line or item (see :mod:`adakd.data.readers`), or a
-            ``datasets`` source that cannot be loaded.
+        InputError: a bad record or shard, named by its file and line or item (see :mod:`adakd.data.readers`), a
+            ``datasets`` source that cannot be loaded, or shards written by another tokenizer than ``tokenizer``.
     """
     from .. import data
 
@@ -96,7 +101,17 @@ def load_records(config: DistillConfig) -> Any:
         return data.read_minillm_jsonl(d.path, limit=d.limit)
     if d.source == "instructions":
         return data.read_instruction_jsonl(d.path, template=d.template or "minillm", limit=d.limit)
-    return data.read_token_shards(d.path, limit=d.limit)
+    if tokenizer is None:
+        return data.read_token_shards(d.path, limit=d.limit)
+    if d.shard_tokenizer is not None:
+        data.check_shard_tokenizer(d.shard_tokenizer, tokenizer)
+    else:
+        print(
+            f"[adakd] data.shard_tokenizer is not set: the shards' ids are only checked to be below the student "
+            f"tokenizer's {len(tokenizer)} (name the tokenizer that wrote them to check that they mean its tokens)",
+            file=sys.stderr,
+        )
+    return data.read_token_shards(d.path, limit=d.limit, vocab_size=len(tokenizer))
 
 
 def _check_readable(key: str, path: str) -> None:
@@ -162,11 +177,15 @@ def check_fresh_run(path: str, *, resume: str | bool | None, overwrite: bool) ->
     return found
 
 
-def check_unfinished(config: DistillConfig, resume: str | bool) -> None:
+def check_unfinished(config: DistillConfig, resume: str | bool) -> str | None:
     """Refuse to resume a run that has finished: its checkpoint is at ``training.max_steps`` (or, for a run counted
-    in epochs, at the step count its trainer state recorded). The Trainer would otherwise take one more step and
-    replace ``final/``. Checked before anything loads; a missing or incomplete checkpoint is left for the trainer to
-    report.
+    in epochs, at the step count its trainer state recorded) and ``final/`` is there. The Trainer would otherwise
+    take one more step and replace ``final/``. Checked before anything loads; a missing or incomplete checkpoint is
+    left for the trainer to report.
+
+    Returns:
+        The finished checkpoint when ``final/`` is missing (its save failed, e.g. on a full disk): the run then
+        writes ``final/`` from it without training. None otherwise (there are steps left).
 
     Raises:
         ConfigError: naming the checkpoint, its step and the key to raise.
@@ -181,17 +200,20 @@ def check_unfinished(config: DistillConfig, resume: str | bool) -> None:
         state = json.loads((folder / "trainer_state.json").read_text())
         step, recorded = int(state["global_step"]), int(state.get("max_steps") or 0)
     except (InputError, OSError, ValueError, KeyError, TypeError):
-        return
+        return None
     max_steps = config.training.get("max_steps")
     if isinstance(max_steps, int) and max_steps > 0:
         done, limit, key = step >= max_steps, max_steps, "training.max_steps"
     else:
         done, limit, key = recorded > 0 and step >= recorded, recorded, "training.num_train_epochs"
+    if done and not (Path(output_dir) / "final").is_dir():
+        return str(folder)
     if done:
         raise ConfigError(
             f"--resume: {folder} is at step {step}, the end of the run ({key} gives {limit} steps): nothing to "
             f"train; raise {key} to train on"
         )
+    return None
 
 
 def delete_earlier_run(path: str, names: list[str]) -> None:
@@ -378,7 +400,7 @@ def training_examples(config: DistillConfig, args: Any, tokenizer: Any) -> tuple
             return data.ExampleStream(examples, per_process), []
     else:
         examples, counts = data.build_examples(
-            load_records(config), tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length
+            load_records(config, tokenizer), tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length
         )
     _log(args, "data: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     if not len(examples):
@@ -579,38 +601,127 @@ def build_trainer(config: DistillConfig) -> AdaKDTrainer:
     )
 
 
-def run(config: DistillConfig, resume: str | bool | None = None, overwrite: bool = False) -> dict[str, Any]:
+def check_resume(config: DistillConfig, resume: str | bool, accept_changes: bool) -> None:
+    """Before anything loads: the checkpoint to resume from reads back whole, and was trained with the settings of
+    ``config`` (:func:`~.checkpoints.check_resume_settings`; ``accept_changes`` lets them differ, saying which)."""
+    from .checkpoints import check_checkpoint_files, check_resume_settings, resolve_checkpoint, run_settings
+
+    folder = resolve_checkpoint(config.training["output_dir"], resume, need_state=False)
+    check_checkpoint_files(folder)
+    changed = check_resume_settings(folder, run_settings(config), accept_changes)
+    if changed and int(os.environ.get("RANK", "0")) == 0:
+        print(f"[adakd] --accept-changes: resuming {folder} with {'; '.join(changed)}", file=sys.stderr, flush=True)
+
+
+def run(
+    config: DistillConfig, resume: str | bool | None = None, overwrite: bool = False, accept_changes: bool = False
+) -> dict[str, Any]:
     """Train, then save the final model (or LoRA adapter), the tokenizer, the loss state and a model card
     (``README.md``, :mod:`.hub`) in ``output_dir/final``; with ``training.push_to_hub``, upload ``final/`` (and
     nothing else) from the main process.
 
     An ``output_dir`` that already holds a run is refused unless ``resume`` continues it or ``overwrite`` starts
-    over (:func:`check_fresh_run`)."""
+    over (:func:`check_fresh_run`). ``accept_changes``: resume although the checkpoint was trained with other
+    settings (:func:`check_resume`)."""
     target = hub_target(config)  # before anything runs: a hub_strategy adakd cannot honour is refused
     earlier = check_fresh_run(config.training["output_dir"], resume=resume, overwrite=overwrite)
+    finished = check_unfinished(config, resume) if resume else None
     if resume:
-        check_unfinished(config, resume)
+        check_resume(config, resume, accept_changes)
+    if target is not None:
+        check_hub(config, target)  # token, repo id, namespace and network: before any step, not after the last
     # The Trainer gets no hub key: it would push output_dir (checkpoints, optimizer state) and save the token.
     trainer_config = copy.copy(config)
     trainer_config.training = trainer_training(config.training)
     trainer = build_trainer(trainer_config)
+    from .checkpoints import run_settings
+
+    trainer.run_settings = run_settings(config)
     # --overwrite deletes the earlier run only now: a run refused while its data or models load leaves it intact.
     delete_earlier_run(config.training["output_dir"], earlier)
     trainer.accelerator.wait_for_everyone()
-    result = trainer.train(resume_from_checkpoint=resume)
+    if finished is None:
+        result = trainer.train(resume_from_checkpoint=resume)
+        train_loss = result.training_loss
+    else:  # the run ended but final/ was not written (a full disk): write it from the last checkpoint
+        train_loss = restore_finished(trainer, finished)
     final = Path(trainer.args.output_dir) / "final"
-    save_final(trainer, final)  # the adapter only, for a PEFT student; gathered from the shards under FSDP2 / ZeRO-3
+    write_final(trainer, config, final)
     summary = {
         "global_step": trainer.state.global_step,
-        "train_loss": result.training_loss,
+        "train_loss": train_loss,
         "ratio": trainer.loss_fn.ratio,
         "final": str(final),
         "rank": trainer.args.process_index,
     }
-    if trainer.is_world_process_zero():
-        save_loss_state(trainer.loss_fn, final)
-        write_model_card(final, config, trainer)
-        if target is not None:
-            summary["hub_repo"] = push_final(final, target)
-            _log(trainer.args, f"uploaded {final} to {summary['hub_repo']}")
+    if trainer.is_world_process_zero() and target is not None:
+        summary["hub_repo"] = push_final(final, target)
+        _log(trainer.args, f"uploaded {final} to {summary['hub_repo']}")
     return summary
+
+
+def restore_finished(trainer: AdaKDTrainer, checkpoint: str) -> float | None:
+    """Load the model, trainer state and loss state of the finished run's last ``checkpoint`` into ``trainer``
+    without training (single process or DDP, where a checkpoint holds the whole model); returns the run's recorded
+    training loss.
+
+    Raises:
+        ConfigError: under FSDP2 or ZeRO-3, whose checkpoints are loaded only inside the Trainer's loop.
+    """
+    from transformers import TrainerState
+
+    from .checkpoints import load_loss_state
+    from .engines import engine_of
+
+    engine = engine_of(trainer.accelerator)
+    if engine not in ("single", "ddp"):
+        raise ConfigError(
+            f"--resume: {checkpoint} ends the run but final/ is missing; writing it from a checkpoint is supported "
+            f"on one process or DDP, not {engine}: run the same command there with --resume"
+        )
+    trainer._load_from_checkpoint(checkpoint)
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    load_loss_state(trainer.loss_fn, checkpoint)
+    _log(trainer.args, f"{checkpoint} ends the run: writing final/ from it (no training)")
+    losses = [row["train_loss"] for row in trainer.state.log_history if "train_loss" in row]
+    return losses[-1] if losses else None
+
+
+def write_final(trainer: AdaKDTrainer, config: DistillConfig, final: Path) -> None:
+    """Save the final model (or LoRA adapter), the tokenizer, the loss state and the model card into a staging
+    folder, then publish it as ``final`` in one rename: a crash or a full disk never leaves a half-written
+    ``final/``, and an earlier one stays until the new one is complete.
+
+    Raises:
+        StorageError: the file system refused the write (no space, quota, read-only); nothing was published.
+    """
+    import shutil
+
+    from ..errors import StorageError
+    from ..files import publish_folder, storage_reason
+    from .checkpoints import STAGING_DIR, complete_checkpoints
+
+    staged = final.parent / STAGING_DIR / final.name
+    if trainer.args.should_save:
+        shutil.rmtree(staged, ignore_errors=True)  # left by a killed save
+    trainer.accelerator.wait_for_everyone()
+    try:
+        # the adapter only, for a PEFT student; gathered from the shards under FSDP2 / ZeRO-3
+        save_final(trainer, staged)
+        if trainer.is_world_process_zero():
+            save_loss_state(trainer.loss_fn, staged)
+            write_model_card(staged, config, trainer)
+            publish_folder(staged, final)
+            shutil.rmtree(staged.parent, ignore_errors=True)
+    except Exception as e:
+        reason = storage_reason(e, staged)
+        if reason is None:
+            raise
+        shutil.rmtree(staged, ignore_errors=True)  # gives back the space the partial model took
+        found = complete_checkpoints(final.parent)
+        kept = f"the last complete checkpoint is {found[0]}" if found else "no checkpoint was saved"
+        raise StorageError(
+            f"{final}: {reason} while writing the final model; nothing was published there ({kept}): free space, "
+            "then rerun the same command with --resume"
+        ) from e
+    trainer.accelerator.wait_for_everyone()

@@ -46,16 +46,20 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from .. import AdaKDLoss
-from ..errors import NonFiniteLossError
+from ..errors import NonFiniteLossError, StorageError
+from ..files import storage_reason, write_json
 from ..fused import fused_cross_entropy
 from ..integrations import step_latf, window_mean
 from ..loss import LossReport
 from ..sparse import SparseTeacher
 from .callbacks import LossStateCallback
 from .checkpoints import (
+    SETTINGS_FILE,
     STAGING_DIR,
     STATE_FILE,
     CheckpointError,
+    check_checkpoint_files,
+    check_model_matches,
     complete_checkpoints,
     load_loss_state,
     publish_checkpoint,
@@ -133,6 +137,9 @@ class AdaKDTrainer(EvaluationMixin, Trainer):
             raise ValueError(f"nonfinite: unknown policy {nonfinite!r}; valid: {', '.join(NONFINITE_POLICIES)}")
         super().__init__(model=model, **kwargs)
         self.loss_fn = loss_fn
+        # The run's settings (checkpoints.run_settings), saved in each checkpoint and compared on --resume; set by
+        # adakd.train.run, None for a trainer built by hand.
+        self.run_settings: dict[str, Any] | None = None
         self.kd_ratio = float(kd_ratio)
         self.fused = fused
         self.chunk_size = chunk_size
@@ -509,18 +516,31 @@ class AdaKDTrainer(EvaluationMixin, Trainer):
         if self.args.should_save:
             shutil.rmtree(os.path.join(staging, name), ignore_errors=True)  # left by a killed save
         self.accelerator.wait_for_everyone()
+        folder = Path(staging) / name
         self._staging = staging
         try:
             super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                folder.mkdir(parents=True, exist_ok=True)
+                save_loss_state(self.loss_fn, folder)
+                if self.run_settings is not None:
+                    write_json(folder / SETTINGS_FILE, self.run_settings)
+            if self.onpolicy is not None:  # every rank: its own replay buffer
+                folder.mkdir(parents=True, exist_ok=True)
+                self.onpolicy.save(folder, rank=self.args.process_index)
+        except Exception as e:
+            reason = storage_reason(e, folder)
+            if reason is None:
+                raise
+            shutil.rmtree(folder, ignore_errors=True)  # gives back the space the partial checkpoint took
+            found = complete_checkpoints(run_dir, need_state=self.kd_ratio > 0)
+            kept = f"the last complete checkpoint is {found[0]}" if found else "no checkpoint is complete yet"
+            raise StorageError(
+                f"{run_dir}: {reason} while saving {name}; the partial save was discarded ({kept}): free space, "
+                "then rerun the same command with --resume"
+            ) from e
         finally:
             self._staging = None
-        folder = Path(staging) / name
-        if self.args.should_save:
-            folder.mkdir(parents=True, exist_ok=True)
-            save_loss_state(self.loss_fn, folder)
-        if self.onpolicy is not None:  # every rank: its own replay buffer
-            folder.mkdir(parents=True, exist_ok=True)
-            self.onpolicy.save(folder, rank=self.args.process_index)
         self.accelerator.wait_for_everyone()  # every rank's files are in before the rename
         if self.args.should_save:
             self.state.best_model_checkpoint = publish_checkpoint(
@@ -542,6 +562,8 @@ class AdaKDTrainer(EvaluationMixin, Trainer):
         """
         if resume_from_checkpoint:
             resume_from_checkpoint = self.resolve_checkpoint(resume_from_checkpoint)
+            check_checkpoint_files(resume_from_checkpoint)
+            check_model_matches(resume_from_checkpoint, self.model)
             load_loss_state(self.loss_fn, resume_from_checkpoint)
             if self.onpolicy is not None:
                 self.onpolicy.load(resume_from_checkpoint, rank=self.args.process_index)
