@@ -436,3 +436,29 @@ def test_compare_notes_results_generated_differently():
     assert "generated differently" not in compare_table([old, raw])
     table = compare_table([old, result("greedy", greedy=True, chat_template="qwen2")])
     assert "(old: raw prompts, sampled; greedy: chat template qwen2, greedy)" in table
+
+
+def test_tokens_per_second_counts_every_decoded_token(monkeypatch):
+    """Each decoding step counts, the one that produced the answer's end included; the answers' own tokens are
+    reported apart. (The end token used to be left out, so runs that decoded as many tokens read as different
+    speeds, and the HF and vLLM backends counted differently.)"""
+    import time
+
+    import torch
+
+    import adakd.generation as generation
+    from adakd.data import tokenizer_for
+    from adakd.generation import GenerationConfig, HFBackend
+
+    tok = tokenizer_for("byte")
+    ends = tok.eos_token_id
+
+    def decode(model, batch, **kwargs):
+        time.sleep(0.01)
+        return [[65, 66, ends], [67]][: len(batch)]
+
+    monkeypatch.setattr(generation, "generate_ids", decode)
+    config = GenerationConfig(batch_size=2)
+    texts = HFBackend(torch.nn.Linear(1, 1), tok).generate(["a", "b"], 0, config)
+    assert texts == ["AB", "C"]
+    assert config.stats["tokens"] == 4 and config.stats["answer_tokens"] == 3 and config.stats["seconds"] >= 0.01

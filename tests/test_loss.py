@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -399,3 +400,14 @@ def test_step_after_a_batch_whose_labels_are_all_ignored_keeps_the_ratio():
     assert empty.item() == 0.0 and loss_fn.step() == before
     with pytest.raises(ValueError, match="needs at least one forward"):
         loss_fn.step()
+
+
+def test_the_docstring_names_every_latf_argument_as_latf_spells_it():
+    import inspect
+
+    from adakd import LATF, AdaKDLoss
+
+    doc = AdaKDLoss.__init__.__doc__ or AdaKDLoss.__doc__
+    listed = doc.split("**latf_kwargs:", 1)[1].split("only with", 1)[0]
+    names = set(re.findall(r"``(\w+)``", listed))
+    assert names == set(inspect.signature(LATF.__init__).parameters) - {"self"}, names

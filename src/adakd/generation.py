@@ -26,7 +26,9 @@ BACKENDS = ("hf", "vllm")
 @dataclass
 class GenerationConfig:
     """How ``adakd eval`` decodes. ``greedy`` overrides the sampling parameters; lengths are in tokens; ``stats``
-    accumulates the generated tokens and the seconds spent generating, for the tokens/s figure."""
+    accumulates, over every call, the tokens decoded (``tokens``: each answer's tokens and the token that ended it,
+    one decoding step each, whatever the backend), the tokens kept in the answers (``answer_tokens``) and the
+    seconds spent in the backend's generate (``seconds``), for the tokens/s figure."""
 
     max_length: int = 512
     max_prompt_length: int = 256
@@ -35,7 +37,7 @@ class GenerationConfig:
     top_k: int = 0
     greedy: bool = False
     batch_size: int = 8
-    stats: dict[str, float] = field(default_factory=lambda: {"tokens": 0.0, "seconds": 0.0})
+    stats: dict[str, float] = field(default_factory=lambda: {"tokens": 0.0, "answer_tokens": 0.0, "seconds": 0.0})
 
 
 def _encode_prompts(tokenizer: Any, prompts: list[str], config: GenerationConfig) -> list[list[int]]:
@@ -94,9 +96,10 @@ class HFBackend:
             )
             config.stats["seconds"] += time.perf_counter() - start_time
             for ids in new:
+                config.stats["tokens"] += len(ids)
                 if ids and ids[-1] in stops:
                     ids = ids[:-1]
-                config.stats["tokens"] += len(ids)
+                config.stats["answer_tokens"] = config.stats.get("answer_tokens", 0.0) + len(ids)
                 outputs.append(tok.decode(ids, skip_special_tokens=True).strip())
             if progress is not None:
                 progress.update(len(batch))
@@ -213,8 +216,12 @@ class VLLMBackend:
         results = self.llm.generate(requests, params, use_tqdm=progress is not None)
         config.stats["seconds"] += time.perf_counter() - start_time
         texts = []
+        ends = {*stop_token_ids, self.tokenizer.eos_token_id}
         for r in results:
-            config.stats["tokens"] += len(r.outputs[0].token_ids)
+            ids = list(r.outputs[0].token_ids)  # with the token that ended the answer, as the HF backend counts
+            config.stats["tokens"] += len(ids)
+            kept = len(ids) - (1 if ids and ids[-1] in ends else 0)
+            config.stats["answer_tokens"] = config.stats.get("answer_tokens", 0.0) + kept
             texts.append(r.outputs[0].text.strip())
         if progress is not None:
             progress.update(len(prompts))

@@ -74,7 +74,7 @@ class AdaKDLoss(nn.Module):
         detach_tau: ``True`` (the paper: τ_i carries no gradient) or ``False`` (the authors' released code: the
             gradient also flows through τ_i, i.e. through the kept tokens' scores and their median). The kept set
             is a selection and carries no gradient either way. Not with ``one_pass``.
-        **latf_kwargs: :class:`adakd.LATF` arguments (``ema_decay``, ``tolerance``, ``step``, ``min_ratio``,
+        **latf_kwargs: :class:`adakd.LATF` arguments (``ema_decay``, ``tolerance``, ``step_size``, ``min_ratio``,
             ``max_ratio``, ``warmup_steps``); only with ``selection="latf"``.
 
     With ``selection="all"``, ``temperature="fixed"`` and ``tau_base=1`` the loss is the masked mean of the base

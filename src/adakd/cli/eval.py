@@ -123,8 +123,9 @@ def run(args: argparse.Namespace) -> int:
     gen = results["generation"]
     print(format_table(results))
     print(
-        f"[adakd] {gen['generated_tokens']} tokens generated at {gen['tokens_per_second']:.1f} tokens/s; "
-        f"scoring {gen['scoring_seconds']:.2f} s; results in {args.output}, "
+        f"[adakd] {gen['generated_tokens']} tokens decoded in {gen['generation_seconds']:.1f} s of generation, "
+        f"{gen['tokens_per_second']:.1f} tokens/s ({gen['answer_tokens']} kept in the answers); wall "
+        f"{gen['wall_seconds']:.1f} s, scoring {gen['scoring_seconds']:.2f} s; results in {args.output}, "
         f"predictions in {predictions_dir(args.output)}",
         file=sys.stderr,
     )

@@ -121,7 +121,10 @@ def evaluate(
         "stop_tokens": tokenizer.convert_ids_to_tokens(
             list(dict.fromkeys(i for i in (tokenizer.eos_token_id, *stops) if i is not None))
         ),
+        # every decoded token (answers and the tokens that ended them) per second spent in the backend's generate
         "generated_tokens": int(gen["tokens"]),
+        "answer_tokens": int(gen.get("answer_tokens", 0)),
+        "generation_seconds": gen["seconds"],
         "tokens_per_second": gen["tokens"] / gen["seconds"] if gen["seconds"] else 0.0,
         "wall_seconds": time.perf_counter() - start,
         "scoring_seconds": scoring_seconds,

@@ -1,9 +1,11 @@
 """The AdaKD trainer's callback: LATF after every optimizer step, ROUGE-L every ``eval.rouge_every`` steps, and the
-metrics file (``output_dir/metrics.jsonl``, one JSON line per ``Trainer.log``: training rows, eval rows)."""
+metrics file (``output_dir/metrics.jsonl``, one JSON line per ``Trainer.log``: training rows, eval rows, each with
+the wall-clock ``time`` it was written, in Unix seconds, so that a run's speed reads from its log across resumes)."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -64,4 +66,5 @@ class LossStateCallback(TrainerCallback):
         if state.is_world_process_zero and logs:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
             with open(Path(args.output_dir) / METRICS_FILE, "a") as f:
-                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+                row = {"step": state.global_step, **logs, "time": round(time.time(), 3)}
+                f.write(json.dumps(row) + "\n")

@@ -333,6 +333,31 @@ def training_arguments(config: DistillConfig) -> Any:
     return args
 
 
+def align_special_tokens(config: DistillConfig, student: Any, tokenizer: Any, args: Any) -> None:
+    """Give the student's config and generation config the tokenizer's eos / bos / pad ids, as the Trainer does
+    when training starts, but quietly: the Trainer warns on every run ("The tokenizer has new PAD/BOS/EOS tokens
+    ..."), although a model built from an inline config has placeholder ids and a pretrained one commonly lacks a pad
+    id. A pretrained student whose ids change gets one line saying which; the saved model carries the new ids."""
+    import logging
+
+    from transformers.trainer_utils import align_special_tokens as align
+
+    text_config = student.config.get_text_config()
+    names = ("eos_token_id", "bos_token_id", "pad_token_id")
+    before = {name: getattr(text_config, name, None) for name in names}
+    log = logging.getLogger("transformers.trainer_utils")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        align(student, tokenizer)
+    finally:
+        log.setLevel(level)
+    after = {name: getattr(text_config, name, None) for name in names}
+    changed = [f"{name} {before[name]} → {after[name]}" for name in names if before[name] != after[name]]
+    if changed and config.student.config is None:
+        _log(args, f"the student's special tokens now follow the tokenizer's: {', '.join(changed)}")
+
+
 def load_tokenizer(config: DistillConfig) -> Any:
     """The student's tokenizer (``student.tokenizer``, else the student's own files), at ``student.tokenizer_revision``
     (for the student's own files, by default the model's ``model_kwargs.revision``).
@@ -564,6 +589,7 @@ def build_trainer(config: DistillConfig) -> AdaKDTrainer:
     examples, eval_examples = training_examples(config, args, tokenizer)
     eval_dataset, rouge = evaluation_data(config, args, tokenizer)
     student, teacher = load_models(config, args, tokenizer)
+    align_special_tokens(config, student, tokenizer, args)
     cache = teacher_cache(config, args, tokenizer, examples, _vocab_rows(student))
     loss_fn = config.build_loss(total_steps=optimizer_steps(args, len(examples)), vocab_size=len(tokenizer))
     onpolicy = None

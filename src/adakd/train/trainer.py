@@ -548,6 +548,22 @@ class AdaKDTrainer(EvaluationMixin, Trainer):
             )
         self.accelerator.wait_for_everyone()
 
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        """The Trainer's warning about missing keys after it loads a checkpoint, without the expected case: a
+        student with tied embeddings saves ``lm_head.weight`` once (as the embedding), so every resume reported
+        it missing, which reads like a damaged checkpoint. Keys that are the same tensor as a loaded one are tied
+        back and not reported; anything else still is."""
+        missing = set(load_result.missing_keys)
+        if missing:
+            by_storage: dict[int, set[str]] = {}
+            for name, tensor in self.model.state_dict(keep_vars=True).items():
+                by_storage.setdefault(tensor.data_ptr(), set()).add(name)
+            tied = {n for names in by_storage.values() if names - missing for n in names & missing}
+            if tied == missing:
+                self.model.tie_weights()
+                load_result = type(load_result)([], load_result.unexpected_keys)
+        super()._issue_warnings_after_load(load_result)
+
     def resolve_checkpoint(self, resume_from_checkpoint: str | bool) -> str:
         """The checkpoint to resume from: the given folder (checked), or with ``True`` the newest complete one
         (:func:`adakd.train.checkpoints.resolve_checkpoint`); the loss state is required when the run distils."""
