@@ -87,7 +87,7 @@ def test_public_api():
         "Record", "TokenRecord", "TEMPLATES", "format_prompt", "read_minillm_jsonl", "read_instruction_jsonl",
         "read_token_shards", "load_hf_dataset", "synthetic_instructions", "build_examples", "DistillCollator",
         "tokenizer_for", "fit_example", "FORMATS", "CHAT_TEMPLATES", "chat_example", "detect_format", "load_rows",
-        "tokenize_rows", "TokenizedData", "ExampleStream",
+        "tokenize_rows", "TokenizedData", "ExampleStream", "check_shard_tokenizer",
     }  # fmt: skip
     assert data.FORMATS == ("messages", "prompt_completion", "minillm", "instructions")
     assert data.TEMPLATES == ("minillm", "qwen2")

@@ -4,15 +4,23 @@ The examples are built exactly as ``adakd train`` builds them (same tokenizer, t
 so that a training run reading the cache (``teacher.cache``) finds one row per supervised position.
 
 Resumable: ``plan.json`` (what the cache is made of) is written before any shard, and shards are written atomically;
-the same command run again skips the shards already there, another command is refused. Several processes
-(``torchrun``): shard s is computed by rank s % world, rank 0 writes ``manifest.json`` once all are there.
+the same command run again keeps the shards already there whose header names this plan and whose bytes check out,
+computes the damaged ones again, and refuses a shard of another cache; another command is refused. One run at a time:
+the run holds an exclusive ``flock`` on ``DIR/build.lock`` from start to end. Several processes (``torchrun``):
+shard s is computed by rank s % world, rank 0 (the one holding the lock) writes ``manifest.json`` once all are there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
+import errno
 import json
+import os
+import socket
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +28,7 @@ from ..files import write_json
 from ..shapes import check_vocab_sizes
 from .format import (
     FORMAT,
+    LOCK,
     MANIFEST,
     PLAN,
     data_info,
@@ -27,8 +36,12 @@ from .format import (
     first_difference,
     id_dtype,
     is_cache_file,
+    manifest_problem,
+    read_shard_header,
     sha256_file,
+    shard_index,
     shard_name,
+    shard_problem,
     show,
     template_info,
     tokenizer_info,
@@ -128,8 +141,139 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+# What to do about a file-system error, by errno (the message says what happened: os.strerror).
+_ADVICE = {
+    errno.ENOSPC: "free some space and run the same command again (the shards written so far are kept)",
+    errno.EDQUOT: "free some space and run the same command again (the shards written so far are kept)",
+    errno.EROFS: "give --output a folder on a writable file system",
+    errno.EACCES: "give --output a folder this user can write",
+    errno.EPERM: "give --output a folder this user can write",
+}
+
+
+@contextlib.contextmanager
+def _fs(output: str, path: Path, verb: str = "write") -> Iterator[None]:
+    """Turn an ``OSError`` met while ``verb``-ing ``path`` into one :class:`InputError` line naming the path (the file
+    written, not its temporary name) and the reason (``no space left on device``, ``read-only file system``, ...)."""
+    from ..errors import InputError
+
+    try:
+        yield
+    except OSError as e:
+        reason = e.strerror or str(e) or type(e).__name__
+        reason = reason[:1].lower() + reason[1:]  # "No space left on device" → "no space left on device"
+        advice = _ADVICE.get(e.errno or 0)
+        raise InputError(
+            f"--output {output}: cannot {verb} {path}: {reason}{'; ' + advice if advice else ''}"
+        ) from None
+
+
+def _note(message: str) -> None:
+    """One line on stderr (rank 0's notes: what a run found and does about it)."""
+    print(f"[adakd] {message}", file=sys.stderr, flush=True)
+
+
+class _OutputLock:
+    """An exclusive, non-blocking ``flock`` on ``DIR/build.lock``, held by one ``adakd cache`` run (rank 0 under
+    ``torchrun``) from before it reads the folder until it returns; the file holds the holder's process id and host.
+
+    A second run is refused in one line naming the holder. The file is deleted when the lock is released (the lock
+    is taken again when the file found is no longer the one in place), and a folder this run created is removed
+    again when it is still empty (a refused run leaves nothing behind). Without ``fcntl`` (Windows) or on a file
+    system without ``flock``, the run goes on unlocked and says so.
+    """
+
+    def __init__(self, output: str) -> None:
+        self.output, self.path = output, Path(output) / LOCK
+        self.fd: int | None = None
+        self.created = False
+
+    def acquire(self) -> None:
+        from ..errors import InputError
+
+        folder = self.path.parent
+        if folder.exists() and not folder.is_dir():
+            raise InputError(f"--output {self.output}: exists and is not a folder")
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            _note(f"cache: {self.output}: cannot lock the folder here (no fcntl): run one adakd cache on it at a time")
+            return
+        for _ in range(20):  # a holder that deletes the file as we open it: take the new one
+            with _fs(self.output, folder):
+                if not folder.is_dir():
+                    folder.mkdir(parents=True, exist_ok=True)
+                    self.created = True
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:
+                continue  # the folder was removed meanwhile
+            except OSError as e:
+                with _fs(self.output, self.path):
+                    raise e
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                    os.close(fd)
+                    _note(f"cache: {self.output}: cannot lock {self.path} ({e.strerror or e}): run one adakd cache on "
+                          "it at a time")  # fmt: skip
+                    return
+                holder = _holder(fd)
+                os.close(fd)
+                raise InputError(
+                    f"--output {self.output}: another adakd cache run ({holder}) is writing to this folder (it holds "
+                    f"{self.path}): wait for it to end, or use another folder"
+                ) from None
+            if not _same_file(fd, self.path):
+                os.close(fd)
+                continue
+            self.fd = fd
+            try:
+                with _fs(self.output, self.path):
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+            except BaseException:
+                self.release()
+                raise
+            return
+        raise InputError(f"--output {self.output}: cannot take the lock {self.path}: it keeps being replaced")
+
+    def release(self) -> None:
+        """Delete the file and unlock; remove the folder when this run created it and it is empty."""
+        if self.fd is not None:
+            if _same_file(self.fd, self.path):
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+            os.close(self.fd)
+            self.fd = None
+        if self.created:
+            with contextlib.suppress(OSError):
+                self.path.parent.rmdir()  # only when empty
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _holder(fd: int) -> str:
+    """``pid N on HOST`` from a lock file's content (``pid unknown`` while its holder has not written it yet)."""
+    try:
+        words = os.pread(fd, 512, 0).decode("utf-8", "replace").split()
+    except OSError:
+        words = []
+    if not words or not words[0].isdigit():
+        return "pid unknown"
+    return f"pid {words[0]}" + (f" on {words[1]}" if len(words) > 1 else "")
+
+
 class _Folder:
-    """The ``--output`` folder as found at start: its plan and manifest (None when absent or unreadable)."""
+    """The ``--output`` folder as found at start: its plan and manifest (None when absent, unreadable or, for the
+    manifest, inconsistent), and after :meth:`verify` the shards to compute again (``redo``: name → why)."""
 
     def __init__(self, output: str, overwrite: bool) -> None:
         from ..errors import InputError
@@ -138,13 +282,24 @@ class _Folder:
         if self.path.exists() and not self.path.is_dir():
             raise InputError(f"--output {output}: exists and is not a folder")
         self.plan = self.manifest = None
+        self.manifest_note: str | None = None
+        self.redo: dict[str, str] = {}
+        self._bytes_ok: dict[str, bool] = {}  # shard name → whether its bytes checked out (read once)
         if overwrite or not self.path.is_dir():
             return
-        self.plan, self.manifest = _read_json(self.path / PLAN), _read_json(self.path / MANIFEST)
-        others = sorted(p.name for p in self.path.iterdir() if not is_cache_file(p.name))
-        if self.plan is None and (others or any(self.path.iterdir())):
+        with _fs(output, self.path, "read"):
+            names = sorted(p.name for p in self.path.iterdir() if p.name != LOCK)
+        self.plan, manifest = _read_json(self.path / PLAN), _read_json(self.path / MANIFEST)
+        others = [name for name in names if not is_cache_file(name)]
+        if self.plan is None and names:
             shown = ", ".join(others[:3]) or "cache files without plan.json"
             raise InputError(f"--output {output}: not empty and holds no adakd cache ({shown}); use another folder")
+        if manifest is not None:
+            problem = manifest_problem(manifest)
+            if problem is None:
+                self.manifest = manifest
+            else:
+                self.manifest_note = f"{MANIFEST}: {problem[0]}: {problem[1]}"
 
     def check(self, plan: dict[str, Any]) -> dict[str, Any]:
         """Refuse a folder that holds a cache made another way, naming the first field that differs; returns
@@ -165,22 +320,91 @@ class _Folder:
             )
         return plan
 
-    def complete(self, plan: dict[str, Any]) -> bool:
-        """Whether the manifest is there, matches ``plan`` and every shard it lists is there with its size."""
-        m = self.manifest
-        return m is not None and first_difference(m, plan) is None and not self.damaged(missing=True)
+    def verify(self, plan: dict[str, Any], shards: list[tuple[int, int, int]]) -> None:
+        """Check every shard file the folder holds against ``plan``: its header (a whole safetensors file, written
+        for this plan at this place, with the tensors the plan says) and its bytes (the manifest's sha256 when the
+        manifest lists it, else the sha256 of the tensors its header records). A damaged shard, or one written
+        without that header, is put in ``redo``; a shard of another cache is refused (it is not this run's to
+        delete)."""
+        from ..errors import InputError
 
-    def damaged(self, missing: bool = False) -> set[str]:
-        """The shards the manifest lists whose file has another size (truncated), and with ``missing`` those that
-        are not there: they are computed again."""
-        out = set()
-        for shard in (self.manifest or {}).get("shards", []):
-            path = self.path / str(shard.get("file"))
-            if path.is_file() and path.stat().st_size != shard.get("bytes"):
-                out.add(path.name)
-            elif missing and not path.is_file():
-                out.add(path.name)
-        return out
+        self.redo = {}
+        if self.plan is None:  # a new folder, or --overwrite
+            return
+        matches = self.manifest is not None and first_difference(self.manifest, plan) is None
+        listed = {entry["file"]: entry for entry in self.manifest["shards"]} if matches else {}
+        with _fs(self.output, self.path, "read"):
+            files = sorted(p for p in self.path.iterdir() if shard_index(p.name) is not None and p.is_file())
+        for path in files:
+            s = shard_index(path.name)
+            if s >= len(shards):
+                raise InputError(
+                    f"--output {self.output}: {path.name} is not a shard of this cache, which has {len(shards)} shards "
+                    "(a file of another cache?): delete it, or use --overwrite"
+                )
+            with _fs(self.output, path, "read"):
+                problem = self._shard_problem(path, s, plan, shards[s], listed.get(path.name))
+            if problem is not None:
+                self.redo[path.name] = problem
+
+    def _shard_problem(self, path: Path, s: int, plan: dict, place: tuple, entry: dict | None) -> str | None:
+        from ..errors import InputError
+
+        try:
+            header = read_shard_header(path)
+        except ValueError as e:
+            return str(e)
+        meta = header.meta
+        if meta is None:  # an older adakd's shard: kept only when this plan's manifest vouches for its bytes
+            if entry is not None and self._bytes(path, lambda: (header.size, sha256_file(path)[1]) ==
+                                                 (entry["bytes"], entry["sha256"])):  # fmt: skip
+                return None
+            return "written without the header that says which cache it belongs to (an older adakd?)"
+        theirs = meta.get("plan") if isinstance(meta.get("plan"), dict) else {}
+        diff = first_difference(theirs, plan)
+        if diff is not None:
+            key, was, now = diff
+            raise InputError(
+                f"--output {self.output}: {path.name} was computed for a cache made with {key} {show(was)}, not "
+                f"{show(now)} (a shard of another cache): delete it, or use --overwrite"
+            )
+        first, count, positions = place
+        where = {"index": s, "first_example": first, "examples": count, "positions": positions}
+        if meta.get("shard") != where:
+            index = meta["shard"].get("index") if isinstance(meta.get("shard"), dict) else None
+            raise InputError(
+                f"--output {self.output}: {path.name} holds shard {show(index)} of this cache, not shard {s} (a "
+                "renamed file?): delete it, or use --overwrite"
+            )
+        ref = {**theirs, **plan}
+        wrong = shard_problem(header, top_k=ref.get("top_k"), id_dtype=ref.get("id_dtype"),
+                              logprob_dtype=ref.get("logprob_dtype"), examples=count, positions=positions)  # fmt: skip
+        if wrong is not None:
+            field, want, found = wrong
+            return f"its tensors do not match its header ({field}: {show(want)} expected, {show(found)} found)"
+        if entry is not None:
+            if not self._bytes(path, lambda: (header.size, sha256_file(path)[1]) == (entry["bytes"], entry["sha256"])):
+                return "its size or sha256 is not the manifest's (corrupt)"
+        elif not self._bytes(path, lambda: header.tensors_sha256() == meta.get("tensors_sha256")):
+            return "its tensors' sha256 is not the one its header records (corrupt)"
+        return None
+
+    def _bytes(self, path: Path, check: Any) -> bool:
+        """``check()`` of a shard's bytes, run once per shard (the folder does not change while the lock is held)."""
+        if path.name not in self._bytes_ok:
+            self._bytes_ok[path.name] = bool(check())
+        return self._bytes_ok[path.name]
+
+    def complete(self, plan: dict[str, Any], count: int) -> bool:
+        """Whether the manifest is there, matches ``plan``, lists ``count`` shards, and every one is there and
+        passed :meth:`verify`."""
+        m = self.manifest
+        diff = None if m is None else first_difference(m, plan)
+        if diff is not None:
+            self.manifest_note = f"{MANIFEST}: {diff[0]}: {show(diff[1])} where {PLAN} has {show(diff[2])}"
+        if m is None or diff is not None or len(m["shards"]) != count:
+            return False
+        return not self.redo and all((self.path / entry["file"]).is_file() for entry in m["shards"])
 
 
 class _Ranks:
@@ -211,16 +435,26 @@ def _log(ranks: _Ranks, message: str) -> None:
 
 
 def _prepare(folder: _Folder, plan: dict[str, Any], overwrite: bool, ranks: _Ranks) -> None:
-    """Rank 0, while the others wait: delete the old cache (``--overwrite``) or an outdated manifest and the
-    temporary files an interrupted run left, then write ``plan.json``."""
+    """Rank 0, while the others wait: delete the old cache (``--overwrite``), or an outdated manifest, the shards
+    :meth:`_Folder.verify` found damaged (one line each on stderr) and the temporary files an interrupted run left;
+    then write ``plan.json``."""
     if ranks.main:
-        folder.path.mkdir(parents=True, exist_ok=True)
-        damaged = folder.damaged()
-        for path in folder.path.iterdir():
-            stale = overwrite or ".tmp" in path.name or path.name == MANIFEST or path.name in damaged
+        output = folder.output
+        with _fs(output, folder.path):
+            folder.path.mkdir(parents=True, exist_ok=True)
+        if folder.manifest_note and not overwrite:
+            _note(f"cache: {output}: {folder.manifest_note}; the manifest is written anew")
+        for name, why in sorted(folder.redo.items()):
+            _note(f"cache: {output}: {name}: {why}; computing it again")
+        with _fs(output, folder.path, "read"):
+            paths = sorted(folder.path.iterdir())
+        for path in paths:
+            stale = overwrite or ".tmp" in path.name or path.name == MANIFEST or path.name in folder.redo
             if stale and is_cache_file(path.name):
-                path.unlink()
-        write_json(folder.path / PLAN, plan)
+                with _fs(output, path, "delete"):
+                    path.unlink()
+        with _fs(output, folder.path / PLAN):
+            write_json(folder.path / PLAN, plan)
     ranks.barrier()
 
 
@@ -244,13 +478,16 @@ def _shards(digest: Any, shard_examples: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def _compute(model: Any, examples: Any, shards: list, folder: Path, ranks: _Ranks, **options: Any) -> int:
+def _compute(
+    model: Any, examples: Any, shards: list, folder: _Folder, plan: dict, ranks: _Ranks, **options: Any
+) -> int:
     """Compute and write this process's missing shards (shard s belongs to rank s % world); returns their count.
-    ``options``: :func:`~adakd.cache.writer.compute_shard`'s keywords."""
+    ``options``: :func:`~adakd.cache.writer.compute_shard`'s keywords. Each shard's header records ``plan`` and its
+    place (:func:`~adakd.cache.writer.write_shard`)."""
     from tqdm.auto import tqdm
 
     mine = [s for s in range(len(shards)) if s % ranks.world == ranks.rank]
-    todo = [s for s in mine if not (folder / shard_name(s)).is_file()]
+    todo = [s for s in mine if not (folder.path / shard_name(s)).is_file()]
     if len(todo) < len(mine):
         _log(ranks, f"cache: {len(mine) - len(todo)} of this process's {len(mine)} shards already written, kept")
     total = sum(shards[s][1] for s in todo)
@@ -260,7 +497,11 @@ def _compute(model: Any, examples: Any, shards: list, folder: Path, ranks: _Rank
             tensors = compute_shard(model, examples, first, count, progress=progress, **options)
             if int(tensors["offsets"][-1]) != positions:  # the collator masks as the digest counts: a bug otherwise
                 raise RuntimeError(f"shard {s}: {int(tensors['offsets'][-1])} rows for {positions} positions")
-            write_shard(folder / shard_name(s), tensors)
+            place = {"index": s, "first_example": first, "examples": count, "positions": positions}
+            meta = {"plan": plan, "shard": place}
+            path = folder.path / shard_name(s)
+            with _fs(folder.output, path):
+                write_shard(path, tensors, meta)
     return len(todo)
 
 
@@ -275,7 +516,7 @@ def _write_manifest(folder: _Folder, plan: dict[str, Any], shards: list) -> dict
     tail_mass, tail_max = 0.0, 0.0
     for s, (first, count, positions) in enumerate(shards):
         path = folder.path / shard_name(s)
-        with safe_open(str(path), framework="numpy") as f:
+        with _fs(folder.output, path, "read"), safe_open(str(path), framework="numpy") as f:
             rows = int(f.get_tensor("offsets")[-1])
             mass = np.exp(f.get_tensor("tail").astype(np.float64))
         tail_mass += float(mass.sum())
@@ -285,7 +526,8 @@ def _write_manifest(folder: _Folder, plan: dict[str, Any], shards: list) -> dict
                 f"--output {folder.output}: {path.name} holds {rows} rows where this cache has {positions} "
                 "positions (a file from another run?): delete it and run the command again"
             )
-        size, sha = sha256_file(path)
+        with _fs(folder.output, path, "read"):
+            size, sha = sha256_file(path)
         entries.append(
             {"file": path.name, "first_example": first, "examples": count, "positions": positions, "bytes": size,
              "sha256": sha}
@@ -295,12 +537,14 @@ def _write_manifest(folder: _Folder, plan: dict[str, Any], shards: list) -> dict
     # the tail bucket (docs/cache.md: above about 1%, raise --top-k or train with the live teacher).
     tail = {"mean": tail_mass / max(1, plan["positions"]), "max": tail_max}
     manifest = {"format": plan["format"], "created": created, **plan, "tail_mass": tail, "shards": entries}
-    write_json(folder.path / MANIFEST, manifest)
+    with _fs(folder.output, folder.path / MANIFEST):
+        write_json(folder.path / MANIFEST, manifest)
     return manifest
 
 
 def _summary(manifest: dict[str, Any], output: str, computed: int, rank: int) -> dict[str, Any]:
     size = sum(s["bytes"] for s in manifest["shards"])
+    mean = manifest.get("tail_mass", {}).get("mean")
     return {
         "output": output,
         "examples": manifest["examples"],
@@ -308,7 +552,7 @@ def _summary(manifest: dict[str, Any], output: str, computed: int, rank: int) ->
         "shards": len(manifest["shards"]),
         "bytes": size,
         "bytes_per_position": size / max(1, manifest["positions"]),
-        "tail_mass": manifest.get("tail_mass", {}).get("mean", float("nan")),
+        "tail_mass": mean if isinstance(mean, (int, float)) else float("nan"),
         "top_k": manifest["top_k"],  # effective: a --top-k above the vocabulary keeps the whole vocabulary
         "computed_shards": computed,
         "rank": rank,
@@ -343,28 +587,50 @@ def build_cache(
 
     Raises:
         ConfigError: a config ``adakd cache`` refuses (:func:`check_cache_config`), or what training would refuse.
-        InputError: a bad option, or an ``output`` that holds something else.
+        InputError: a bad option; an ``output`` that holds something else, a shard of another cache, or that another
+            ``adakd cache`` run is writing (it holds ``output/build.lock``); a file-system error (a full disk, a
+            read-only file system), naming the path.
     """
     _check_options(top_k, dtype, batch_size, shard_examples)
     check_cache_config(config)
-    from ..data import DistillCollator
-    from ..train.config import ConfigError
-    from ..train.run import check_tokenizers, load_tokenizer, training_arguments, training_examples
+    from ..train.run import training_arguments
 
     # Each process runs a whole teacher: DeepSpeed would build it partitioned (zero.Init) for training.
     plain = copy.copy(config)
     plain.training = {key: value for key, value in config.training.items() if key != "deepspeed"}
     args = training_arguments(plain)
     ranks = _Ranks(args)
+    lock = _OutputLock(output) if ranks.main else None
+    if lock is not None:
+        lock.acquire()  # before the folder is read, until the command returns: one run at a time
+    try:
+        ranks.barrier()  # the others read the folder once rank 0 holds it
+        return _build(config, args, ranks, output, top_k, dtype, batch_size, shard_examples, overwrite)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _build(
+    config: Any, args: Any, ranks: _Ranks, output: str, top_k: int, dtype: str, batch_size: int, shard_examples: int,
+    overwrite: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """:func:`build_cache` once the folder is locked."""
+    from ..data import DistillCollator
+    from ..train.config import ConfigError
+    from ..train.run import check_tokenizers, load_tokenizer, training_examples
+
     tokenizer = load_tokenizer(config)
     check_tokenizers(config, tokenizer)
     examples, _ = training_examples(config, args, tokenizer)
     digest = digest_examples(examples)
+    shards = _shards(digest, shard_examples)
     conversations = _conversations(config)
     fields: dict[str, Any] = {"top_k": top_k, "logprob_dtype": dtype, "shard_examples": shard_examples}
     folder = _Folder(output, overwrite)
     plan = folder.check(_plan(config, tokenizer, digest, conversations, **fields))
-    if folder.complete(plan):
+    folder.verify(plan, shards)
+    if folder.complete(plan, len(shards)):
         _log(ranks, f"cache: {output} is complete already; nothing to compute")
         return _summary(folder.manifest, output, 0, ranks.rank)
     vocab = student_vocab_rows(config)  # the rows training compares over: the teacher is cropped to them
@@ -376,13 +642,13 @@ def build_cache(
         raise ConfigError(f"teacher: {e}") from e
     fields.update(top_k=min(top_k, vocab), vocab_size=vocab, teacher_vocab_size=teacher_vocab, id_dtype=id_dtype(vocab))
     plan = folder.check(_plan(config, tokenizer, digest, conversations, **fields))
+    folder.verify(plan, shards)  # the headers against the whole plan (the bytes were read once, above)
     ranks.barrier()  # every process has read the folder before rank 0 changes it
     _prepare(folder, plan, overwrite, ranks)
-    shards = _shards(digest, shard_examples)
     head = linear_head(model)
     computed = _compute(
-        model, examples, shards, folder.path, ranks, k=fields["top_k"], collate=DistillCollator(tokenizer.pad_token_id),
-        batch_size=batch_size, head=head, id_dtype=fields["id_dtype"], logprob_dtype=dtype, width=vocab,
+        model, examples, shards, folder, plan, ranks, k=fields["top_k"], batch_size=batch_size, head=head,
+        collate=DistillCollator(tokenizer.pad_token_id), id_dtype=fields["id_dtype"], logprob_dtype=dtype, width=vocab,
     )  # fmt: skip
     ranks.barrier()
     summary = {"computed_shards": computed, "rank": ranks.rank}

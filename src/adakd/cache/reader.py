@@ -1,9 +1,10 @@
 """Reading a teacher cache at training time: :func:`open_cache` checks that it belongs to the run, :class:`TeacherCache`
 reads an example's rows, :class:`CachedTeacherCollator` puts them into a batch next to the student's inputs.
 
-Opening a cache reads every shard once (its sha256): a corrupt or truncated cache stops the run at start, not at the
-step that reads the bad rows. That costs one read of the cache (about a second per GB from a local disk), on every
-process.
+Opening a cache checks the manifest against itself (types, the shard list against the counts) and against every
+shard's header (k, rows, examples, dtypes), then reads every shard once (its sha256): a hand-edited manifest, a corrupt
+or a truncated cache stops the run at start, not at the step that reads the bad rows. That costs one read of the cache
+(about a second per GB from a local disk), on every process.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ from .format import (
     MANIFEST,
     data_info,
     digest_examples,
+    manifest_problem,
+    read_shard_header,
     sha256_file,
+    shard_problem,
     show,
     template_info,
     tokenizer_info,
@@ -109,6 +113,13 @@ def _read_manifest(path: str, folder: Path) -> dict[str, Any]:
     missing = [key for key in _REQUIRED if key not in manifest]
     if missing:
         raise ConfigError(f"teacher.cache: {path}: manifest.json lacks {', '.join(missing)}")
+    problem = manifest_problem(manifest)
+    if problem is not None:
+        key, reason = problem
+        raise ConfigError(
+            f"teacher.cache: {path}: manifest.json: {key}: {reason} (a hand-edited manifest?): compute the cache again "
+            "with adakd cache"
+        )
     return manifest
 
 
@@ -128,6 +139,46 @@ def _check_files(path: str, folder: Path, manifest: dict[str, Any]) -> None:
                 f"teacher.cache: {path}: {shard['file']} has {size} bytes, the manifest {shard['bytes']} (truncated?): "
                 "run the adakd cache command again to compute it anew"
             )
+
+
+# What a shard holds, by the manifest key a header contradicts.
+_HOLDS = {"top_k": "tokens per row", "positions": "rows", "examples": "examples (offsets)", "id_dtype": "token ids",
+          "logprob_dtype": "log-probabilities"}  # fmt: skip
+
+
+def _check_headers(path: str, folder: Path, manifest: dict[str, Any]) -> None:
+    """Every shard's header holds what the manifest says: ``top_k`` tokens per row, the shard's ``positions`` rows and
+    ``examples`` offsets, the manifest's dtypes (only the headers are read)."""
+    from ..train.config import ConfigError
+
+    for s, shard in enumerate(manifest["shards"]):
+        file = folder / shard["file"]
+        try:
+            header = read_shard_header(file)
+        except ValueError as e:
+            raise ConfigError(
+                f"teacher.cache: {path}: {shard['file']} is corrupt ({e}): run the adakd cache command again to "
+                "compute it anew"
+            ) from None
+        except OSError as e:
+            raise ConfigError(f"teacher.cache: {path}: {shard['file']}: cannot read ({e.strerror or e})") from None
+        wrong = shard_problem(
+            header, top_k=manifest["top_k"], id_dtype=manifest.get("id_dtype"),
+            logprob_dtype=manifest.get("logprob_dtype"), examples=shard["examples"], positions=shard["positions"],
+        )  # fmt: skip
+        if wrong is None:
+            continue
+        field, claimed, found = wrong
+        if field == "tensors":
+            raise ConfigError(
+                f"teacher.cache: {path}: {shard['file']} is not a teacher cache shard (it holds {show(found)}, not "
+                f"{show(claimed)})"
+            )
+        key = field if field in ("top_k", "id_dtype", "logprob_dtype") else f"shards[{s}].{field}"
+        raise ConfigError(
+            f"teacher.cache: {path}: manifest.json: {key}: {show(claimed)}, but {shard['file']} holds {show(found)} "
+            f"{_HOLDS[field]} (a hand-edited manifest?): compute the cache again with adakd cache"
+        )
 
 
 def _check_tokenizer(path: str, manifest: dict[str, Any], mine: dict[str, Any], chat_template: bool) -> None:
@@ -200,9 +251,11 @@ def open_cache(path: str | os.PathLike, *, config: Any, tokenizer: Any, examples
 
     Raises:
         ConfigError: one line, ``teacher.cache: <path>: ...``: an on-policy run; a missing folder, manifest or shard;
-            a manifest that is not JSON or of another format version; then, the first that applies, another
-            tokenizer, data source (``data.path`` ...), template, ``data.max_length`` / ``max_prompt_length``, or
-            other tokenised examples (count, then content); last a shard whose sha256 differs (corrupt).
+            a manifest that is not JSON, of another format version, or inconsistent (a field of the wrong type, a
+            shard list that does not add up, a ``top_k``, row count or dtype that a shard's header contradicts:
+            ``manifest.json: <key>: ...``); then, the first that applies, another tokenizer, data source
+            (``data.path`` ...), template, ``data.max_length`` / ``max_prompt_length``, or other tokenised examples
+            (count, then content); last a shard whose sha256 differs (corrupt).
     """
     from ..train.config import ConfigError
 
@@ -214,6 +267,7 @@ def open_cache(path: str | os.PathLike, *, config: Any, tokenizer: Any, examples
         )
     manifest = _read_manifest(where, folder)
     _check_files(where, folder, manifest)
+    _check_headers(where, folder, manifest)
     from ..train.models import tokenizer_source
 
     mine = tokenizer_info(tokenizer_source(config.student), tokenizer)

@@ -8,6 +8,7 @@ for a large vocabulary. Other teachers (soft-capped logits, ...) run whole and t
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 
 from ..files import atomic_write
 from ..sparse import SparseTeacher, sparse_from_logits
-from .format import IGNORE_INDEX
+from .format import IGNORE_INDEX, SHARD_META, tensors_sha256
 
 __all__ = ["LinearHead", "compute_shard", "linear_head", "student_vocab_rows", "teacher_rows", "write_shard"]
 
@@ -173,12 +174,23 @@ def compute_shard(
     }
 
 
-def write_shard(path: str | os.PathLike, tensors: dict[str, np.ndarray]) -> int:
+def write_shard(path: str | os.PathLike, tensors: dict[str, np.ndarray], meta: dict[str, Any] | None = None) -> int:
     """Write a shard atomically (a temporary file in the same folder, flushed to disk, then renamed over ``path``);
-    returns its size in bytes. Nothing in it varies between runs: the same tensors give the same bytes."""
+    returns its size in bytes. ``meta`` (the plan and the shard's place, see :mod:`adakd.cache.format`) goes into the
+    safetensors header with the sha256 of the tensors (:func:`~adakd.cache.format.tensors_sha256`). Nothing in it
+    varies between runs: the same tensors and ``meta`` give the same bytes.
+
+    Raises:
+        OSError: the file cannot be written (a full disk, a read-only file system, ...); the temporary file is
+            deleted and ``path`` is left as it was.
+    """
     from safetensors.numpy import save
 
-    payload = save(tensors)
+    metadata = None
+    if meta is not None:
+        described = {**meta, "tensors_sha256": tensors_sha256(tensors)}
+        metadata = {SHARD_META: json.dumps(described, sort_keys=True, separators=(",", ":"))}
+    payload = save(tensors, metadata=metadata)
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:

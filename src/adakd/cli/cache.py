@@ -38,7 +38,8 @@ def add_parser(sub: Any) -> None:
             "Run the config's teacher over its training data (tokenised as adakd train does) and store, at every "
             "supervised position, its top-k token ids and log-probabilities and the log of the rest of its mass. "
             "Train from it with: adakd train CONFIG.yaml teacher.cache=DIR. Run the same command again to continue "
-            "an interrupted cache; launch it with torchrun to share the shards among processes."
+            "an interrupted cache (the shards there are checked; a damaged one is computed again); one run per DIR at "
+            "a time (DIR/build.lock); launch it with torchrun to share the shards among processes."
         ),
     )
     p.add_argument("config", help="the run's YAML file (see configs/)")

@@ -12,7 +12,7 @@ them.
 from __future__ import annotations
 
 from .chat import CHAT_TEMPLATES, chat_example
-from .examples import DistillCollator, build_examples, fit_example, tokenizer_for
+from .examples import DistillCollator, build_examples, check_shard_tokenizer, fit_example, tokenizer_for
 from .hf import FORMATS, ExampleStream, TokenizedData, detect_format, load_rows, tokenize_rows
 from .readers import (
     Record,
@@ -36,6 +36,7 @@ __all__ = [
     "TokenizedData",
     "build_examples",
     "chat_example",
+    "check_shard_tokenizer",
     "detect_format",
     "fit_example",
     "format_prompt",

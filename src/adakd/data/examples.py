@@ -25,6 +25,7 @@ __all__ = [
     "DistillCollator",
     "build_examples",
     "byte_tokenizer",
+    "check_shard_tokenizer",
     "fit_example",
     "response_example",
     "tokenizer_for",
@@ -265,3 +266,32 @@ def tokenizer_for(name_or_path: str, label: str | None = None, **kwargs: Any) ->
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def check_shard_tokenizer(
+    name_or_path: str, tokenizer: PreTrainedTokenizerBase, label: str = "data.shard_tokenizer", **kwargs: Any
+) -> None:
+    """Token shards (:func:`adakd.data.read_token_shards`) hold the ids of the tokenizer that wrote them,
+    ``name_or_path``; ``tokenizer`` (the student's) can train on them only when each of those ids means the same token
+    in it: every token of the writer's vocabulary must have the same id in ``tokenizer``'s (which may add tokens of
+    its own after them, e.g. a chat template's). ``kwargs`` go to :func:`tokenizer_for` (e.g. ``revision``).
+
+    Raises:
+        InputError: the writer's tokenizer cannot be loaded, or its ids mean other tokens in ``tokenizer``; the
+            message names ``label`` (the config key) and both vocabulary sizes.
+    """
+    try:
+        writer = tokenizer_for(name_or_path, **kwargs)
+    except InputError as e:
+        raise InputError(f"{label}: {e}") from e
+    written, student = writer.get_vocab(), tokenizer.get_vocab()
+    differ = [token for token, i in written.items() if student.get(token) != i]
+    if differ:
+        example = min(differ, key=lambda token: written[token])
+        there = student.get(example)
+        raise InputError(
+            f"{label}: {name_or_path} is not the student's tokenizer: {len(differ)} of its {len(written)} tokens have "
+            f"another id, or none, among the student's {len(student)} (e.g. {example!r}: {written[example]} in the "
+            f"shards, {'none' if there is None else there} in the student's), so the shards' ids would mean other "
+            "tokens; train a student with that tokenizer, or re-tokenise the text with the student's (data.source hf)"
+        )

@@ -20,14 +20,20 @@ and a second process (or a second run) reads it instead of tokenising again.
 
 from __future__ import annotations
 
+import codecs
 import functools
+import glob
+import hashlib
+import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
-from .chat import CHAT_TEMPLATES, chat_example, resolve_chat_template
+from ..files import iter_jsonl
+from .chat import CHAT_TEMPLATES, chat_example, resolve_chat_template, template_label
 from .examples import check_lengths, count_outcomes, fit_example, response_example
 from .readers import _check_limit, instruction_record, minillm_record
 from .templates import TEMPLATES
@@ -89,8 +95,9 @@ def load_rows(
         spec: a hub id or local dataset folder (``load_dataset(spec, config, split=..., revision=...)``), a folder
             written by ``save_to_disk``, or local data files: a path (or glob) ending in ``.json``, ``.jsonl``,
             ``.parquet``, ``.arrow`` or ``.csv``, or ``"<builder>:<files>"``. Data files are one split, ``"train"``.
-        config: the dataset's configuration (subset), for a dataset name.
-        split: the split to read (``datasets`` split syntax, e.g. ``"train[:1000]"``, works).
+        config: the dataset's configuration (subset), for a dataset name (not for a ``save_to_disk`` folder).
+        split: the split to read (``datasets`` split syntax, e.g. ``"train[:1000]"``, works; also for a
+            ``save_to_disk`` folder, whose one saved ``Dataset`` is the split ``"train"``).
         revision: a hub branch, tag or commit, for a hub dataset.
         streaming: return an ``IterableDataset`` that reads rows as they are iterated.
         limit: read only the first ``limit`` rows.
@@ -101,41 +108,167 @@ def load_rows(
 
     Raises:
         InputError: a data file that does not exist, or a dataset or split that cannot be loaded (an unknown hub id,
-            no network, bad file contents); ``datasets``' error is chained.
+            no network, bad file contents); ``datasets``' error is chained. A text data file (JSON, JSON Lines, CSV)
+            is read through first: one that is empty or not UTF-8 is named with its line (``file:line``, from 1),
+            and so is a JSON or JSON Lines file that ``datasets`` cannot parse.
     """
     _check_limit(limit)
     import datasets  # heavy (about a second); only this reader needs it
 
     where = f"{label}: {spec}" if label else spec
     local = dataset_builder(spec)
+    files: list[Path] = []
     try:
         if local is not None:
-            builder, files = local
+            builder, pattern = local
             explicit = spec.startswith(f"{builder}:")
-            if not explicit and not any(c in files for c in _GLOB) and not Path(files).exists():
+            if not explicit and not any(c in pattern for c in _GLOB) and not Path(pattern).exists():
                 raise InputError(f"{where}: no such file")
-            ds = datasets.load_dataset(builder, data_files=files, split=split, streaming=streaming)
+            files = _data_files(pattern)
+            if builder in _TEXT_BUILDERS:
+                for path in files:
+                    _check_text_file(path, label)
+            ds = datasets.load_dataset(builder, data_files=pattern, split=split, streaming=streaming)
         elif _saved_to_disk(spec):
-            ds = datasets.load_from_disk(spec)
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise ValueError(f"Unknown split {split!r}; the folder holds {', '.join(ds)}")
-                ds = ds[split]
-            elif split != "train":  # one saved Dataset is one split: reading it whole for another would mislead
-                raise ValueError(f"Unknown split {split!r}; the folder holds one saved dataset, read as 'train'")
+            for key, value in (("data.config", config), ("data.revision", revision)):
+                if value is not None:
+                    raise InputError(
+                        f"{key}: {value!r} does not apply to {spec}, a folder written by save_to_disk (it holds "
+                        "no configurations or revisions); leave it out"
+                    )
+            ds = _saved_split(datasets, datasets.load_from_disk(spec), split)
             if streaming:
                 ds = ds.to_iterable_dataset()
         else:
+            if Path(spec).is_dir():
+                files = sorted(p for suffix in ("json", "jsonl") for p in Path(spec).rglob(f"*.{suffix}"))
             ds = datasets.load_dataset(spec, config, split=split, revision=revision, streaming=streaming)
-    except (OSError, ValueError, datasets.exceptions.DatasetsError) as e:
+    except (OSError, ValueError, StopIteration, datasets.exceptions.DatasetsError) as e:
         if isinstance(e, InputError):
             raise
-        # Some of datasets' messages run over many lines (a list of files, a traceback of the builder).
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"{where} ({split}): cannot load ({reason})") from e
+        raise _load_failure(e, where, split, files, label) from e
     if limit is not None:
         ds = ds.take(limit) if streaming else ds.select(range(min(limit, len(ds))))
     return ds
+
+
+# The data-file builders whose files are text that adakd reads through before datasets parses them.
+_TEXT_BUILDERS = ("json", "csv")
+_CHUNK = 1 << 24
+
+
+def _data_files(pattern: str) -> list[Path]:
+    """The local files a data-file spec names (a path or a glob), in order; none when it names nothing here."""
+    if any(c in pattern for c in _GLOB):
+        return [Path(p) for p in sorted(glob.glob(pattern, recursive=True)) if Path(p).is_file()]
+    return [Path(pattern)] if Path(pattern).is_file() else []
+
+
+def _check_text_file(path: Path, label: str | None) -> None:
+    """A text data file must hold something and be UTF-8: ``datasets`` reads an empty JSON file as an internal error
+    and lets bytes that are not UTF-8 through into the table, where they fail only when the row is read.
+
+    Raises:
+        InputError: ``[label: ]path: no records (an empty file)``, or ``[label: ]path:line: not UTF-8 (byte N:
+            ...)`` as the JSONL readers say it.
+    """
+    prefix = f"{label}: {path}" if label else str(path)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    filled = False
+    with path.open("rb") as f:
+        try:
+            while chunk := f.read(_CHUNK):
+                decoder.decode(chunk)
+                filled = filled or bool(chunk.strip())
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            f.seek(0)
+            for lineno, raw in enumerate(f, start=1):  # only now, line by line, to name the line
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise InputError(f"{prefix}:{lineno}: not UTF-8 (byte {err.start + 1}: {err.reason})") from None
+            raise InputError(f"{prefix}: not UTF-8 (it ends inside a character)") from None
+    if not filled:
+        raise InputError(f"{prefix}: no records (an empty file)")
+
+
+def _load_failure(e: BaseException, where: str, split: str, files: list[Path], label: str | None) -> InputError:
+    """adakd's own line for a dataset ``datasets`` could not load: the first bad line of a local JSON file when there
+    is one, else what went wrong in words (``datasets``' outer messages say only that something did)."""
+    for path in files:
+        if path.suffix.lower() in (".json", ".jsonl"):
+            found = _json_file_problem(path, label)
+            if found is not None:
+                return found
+    message = str(e).strip()
+    if isinstance(e, StopIteration) or re.match(r'Instruction ".*" corresponds to no data', message):
+        what = "the split selects no record" if "[" in split else "no records"
+        return InputError(f"{where} ({split}): {what}")
+    if type(e).__name__ == "EmptyDatasetError":  # a folder without a data file datasets reads
+        return InputError(f"{where}: no data files in the folder (.jsonl, .json, .parquet, .arrow, .csv)")
+    if "No task.toml or instruction.md files found" in message:
+        return InputError(
+            f"{where}: datasets reads a folder that holds an instruction.md as a Harbor task set, which needs "
+            "task.toml files: give the data files instead (data.path: the folder's *.jsonl, *.parquet, ...)"
+        )
+    return InputError(f"{where} ({split}): cannot load ({_reason(e)})")
+
+
+def _reason(e: BaseException) -> str:
+    """The first line of what went wrong: ``datasets``' generation error wraps the reader's own error, which says it."""
+    import datasets
+
+    seen = 0
+    while isinstance(e, datasets.exceptions.DatasetGenerationError) and e.__cause__ is not None and seen < 8:
+        e, seen = e.__cause__, seen + 1
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _json_file_problem(path: Path, label: str | None) -> InputError | None:
+    """The first problem of a JSON or JSON Lines file, named by its line as the JSONL readers name it, or None."""
+    prefix = f"{label}: {path}" if label else str(path)
+    try:
+        with path.open("rb") as f:
+            head = f.read(4096).lstrip()
+        if head.startswith(b"["):  # one JSON array of records
+            try:
+                records = json.loads(path.read_bytes().decode("utf-8"))
+            except UnicodeDecodeError:
+                return None  # _check_text_file names the line
+            except json.JSONDecodeError as err:
+                return InputError(f"{prefix}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})")
+            if not records:
+                return InputError(f"{prefix}: no records (an empty JSON array)")
+            return None
+        count = sum(1 for _ in iter_jsonl(path))
+    except InputError as err:
+        return InputError(f"{label}: {err}") if label else err
+    except (OSError, RecursionError):
+        return None
+    return None if count else InputError(f"{prefix}: no records (an empty file)")
+
+
+def _saved_split(datasets: Any, saved: Any, split: str) -> Any:
+    """The rows of ``split`` (``datasets`` split syntax: ``train``, ``train[:100]``, ``train[10%:]+test``) of a
+    folder written by ``save_to_disk``: a ``DatasetDict``'s splits, or one saved ``Dataset`` as the split ``train``."""
+    parts = dict(saved) if isinstance(saved, datasets.DatasetDict) else {"train": saved}
+    try:
+        instructions = datasets.ReadInstruction.from_spec(split).to_absolute({k: len(v) for k, v in parts.items()})
+    except (ValueError, AssertionError) as e:
+        held = ", ".join(parts)
+        what = "holds the splits" if isinstance(saved, datasets.DatasetDict) else "holds one saved dataset, read as"
+        name = re.sub(r"\[.*$", "", split).strip()
+        if name and name not in parts and "+" not in split:
+            raise ValueError(f"Unknown split {name!r}; the folder {what} {held}") from e
+        raise ValueError(f"not a split ({e}); the folder {what} {held}") from e
+    # (datasets' select refuses an empty range that starts at the end)
+    pieces = [parts[i.splitname].select(range(i.from_, i.to) if i.to > i.from_ else []) for i in instructions]
+    rows = pieces[0] if len(pieces) == 1 else datasets.concatenate_datasets(pieces)
+    if not len(rows) and any(len(v) for v in parts.values()):
+        raise ValueError(f'Instruction "{split}" corresponds to no data!')
+    return rows
 
 
 def detect_format(row: Mapping[str, Any], where: str) -> str:
@@ -207,7 +340,10 @@ def tokenize_rows(
     check_lengths(max_length, max_prompt_length)
     if data_format is not None and data_format not in FORMATS:
         raise InputError(f"unknown data format {data_format!r}; valid: {', '.join(FORMATS)}")
-    first = next(iter(rows), None)
+    try:
+        first = next(iter(rows), None)
+    except UnicodeDecodeError as e:  # a local data file's bad bytes are caught by load_rows with their line
+        raise InputError(f"{where} row 0: {_not_utf8(e)}") from None
     if data_format is None:
         if first is None:
             raise InputError(f"{where}: no records")
@@ -226,11 +362,13 @@ def tokenize_rows(
 
     encode = functools.partial(
         _encode_row,
+        code=_code_digest(),
         tokenizer=tokenizer,
         data_format=data_format,
         conversational=conversational,
         chat_template=chat_template,
         template=template or "minillm",
+        label=template_label(template, tokenizer_name),
         max_length=max_length,
         max_prompt_length=max_prompt_length,
         where=where,
@@ -272,6 +410,16 @@ def _check_record_template(data_format: str, template: str | None) -> None:
     )
 
 
+@functools.cache
+def _code_digest() -> str:
+    """A digest of this package's source. ``datasets`` fingerprints a module's function by its name alone, so a cached
+    map would otherwise outlive a change to how adakd tokenises rows (an upgrade, a checkout)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _trained(outcome: str) -> bool:
     """Whether the length policy kept an example (``datasets.filter`` predicate)."""
     return outcome in ("kept", "truncated")
@@ -286,30 +434,67 @@ def _encode_row(
     conversational: bool,
     chat_template: str | None,
     template: str,
+    label: str,
     max_length: int,
     max_prompt_length: int,
     where: str,
+    code: str,
 ) -> dict[str, Any]:
-    """One row -> ``{"input_ids", "labels", "outcome"}`` (``datasets.map`` function; skipped rows are empty)."""
+    """One row -> ``{"input_ids", "labels", "outcome"}`` (``datasets.map`` function; skipped rows are empty).
+
+    ``code`` (:func:`_code_digest`) is not used: it is in the arguments for ``datasets``' cache fingerprint only.
+    """
     at = f"{where} row {index}"
-    if data_format == "messages":
-        if row.get("messages") is None:
-            raise InputError(f"{at}: missing 'messages' (data.format messages)")
-        ids, labels = chat_example(row["messages"], tokenizer, chat_template, where=f"{at}: 'messages'")
-    elif data_format == "prompt_completion":
-        ids, labels = _prompt_completion(row, tokenizer, conversational, chat_template, at)
-    else:
-        if data_format == "minillm":
-            record = minillm_record(row, at)
-        else:
-            record = instruction_record(row, template, at)
-        ids, labels = _text_pair(tokenizer, record.prompt, record.response)
+    try:
+        ids, labels = _row_example(
+            row, tokenizer, data_format, conversational, chat_template, template, label, max_length, at
+        )
+    except UnicodeDecodeError as e:  # a string column that is not UTF-8 (Arrow decodes it only when it is read)
+        raise InputError(f"{at}: {_not_utf8(e)}") from None
     ids, labels, outcome = fit_example(ids, labels, max_length, max_prompt_length)
     return {"input_ids": ids, "labels": labels, "outcome": outcome}
 
 
+def _not_utf8(e: UnicodeDecodeError) -> str:
+    """A string that is not UTF-8, as the JSONL readers say it (``byte N`` counts from 1, in the string here)."""
+    return f"not UTF-8 (byte {e.start + 1} of a string: {e.reason})"
+
+
+def _row_example(
+    row: Mapping[str, Any],
+    tokenizer: PreTrainedTokenizerBase,
+    data_format: str,
+    conversational: bool,
+    chat_template: str | None,
+    template: str,
+    label: str,
+    max_length: int,
+    at: str,
+) -> tuple[list[int], list[int]]:
+    """One row's ``(input_ids, labels)`` before the length policy."""
+    if data_format == "messages":
+        if row.get("messages") is None:
+            raise InputError(f"{at}: missing 'messages' (data.format messages)")
+        return chat_example(
+            row["messages"], tokenizer, chat_template, where=f"{at}: 'messages'", max_length=max_length, label=label
+        )
+    if data_format == "prompt_completion":
+        return _prompt_completion(row, tokenizer, conversational, chat_template, at, label, max_length)
+    if data_format == "minillm":
+        record = minillm_record(row, at)
+    else:
+        record = instruction_record(row, template, at)
+    return _text_pair(tokenizer, record.prompt, record.response)
+
+
 def _prompt_completion(
-    row: Mapping[str, Any], tokenizer: Any, conversational: bool, chat_template: str | None, at: str
+    row: Mapping[str, Any],
+    tokenizer: Any,
+    conversational: bool,
+    chat_template: str | None,
+    at: str,
+    label: str = "the chat template",
+    max_length: int | None = None,
 ) -> tuple[list[int], list[int]]:
     """TRL's prompt-completion row: conversational (lists of turns, only the completion trained) or standard
     (strings, tokenised as a MiniLLM prompt and response are)."""
@@ -320,7 +505,15 @@ def _prompt_completion(
     if conversational:
         if not isinstance(prompt, list) or not isinstance(completion, list):
             raise InputError(f"{at}: 'prompt' and 'completion' must both be lists of turns, as in the first row")
-        return chat_example([*prompt, *completion], tokenizer, chat_template, train_from=len(prompt), where=at)
+        return chat_example(
+            [*prompt, *completion],
+            tokenizer,
+            chat_template,
+            train_from=len(prompt),
+            where=at,
+            max_length=max_length,
+            label=label,
+        )
     if not isinstance(prompt, str) or not isinstance(completion, str):
         raise InputError(f"{at}: 'prompt' and 'completion' must both be strings, as in the first row")
     if not completion.strip():

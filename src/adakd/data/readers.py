@@ -199,14 +199,24 @@ def _read_mmidx_index(idx_path: Path) -> tuple[np.dtype, int, np.ndarray, np.nda
     return dtype, sep, sizes, pointers
 
 
-def read_token_shards(prefix: str | Path, limit: int | None = None) -> list[TokenRecord]:
+def read_token_shards(prefix: str | Path, limit: int | None = None, vocab_size: int | None = None) -> list[TokenRecord]:
     """Read a MiniLLM/Megatron MMIDIDX token shard pair ``prefix + ".idx"`` / ``prefix + ".bin"``.
 
     Each item is ``prompt ids, separator, response ids, eos``. The separator is 65535 in uint16 shards and -1 in
     int32 shards. The final token (the writer's eos) is dropped from ``response_ids``;
     :func:`adakd.data.build_examples` appends the tokenizer's eos instead.
 
+    The shards hold ids of the tokenizer that wrote them, and carry no trace of it. Given ``vocab_size`` (the length
+    of the tokenizer that will train on them), every prompt and response id must be one of its ids,
+    ``0 .. vocab_size - 1``: an id beyond is a sure sign of another tokenizer (an embedding lookup would fail at the
+    first step, or a larger vocabulary would train on ids that mean other tokens);
+    :func:`adakd.data.check_shard_tokenizer` compares the writer's tokenizer itself, when it is known.
+
     Returns at most ``limit`` :class:`TokenRecord`, in shard order. Only the ``.bin`` bytes those items need are read.
+
+    Raises:
+        InputError: a file that is missing or not an MMIDIDX pair, an item without a separator, or an id outside
+            ``vocab_size``; the message names the file (and the item, counted from 0).
     """
     _check_limit(limit)
     prefix = str(prefix)
@@ -226,11 +236,12 @@ def read_token_shards(prefix: str | Path, limit: int | None = None) -> list[Toke
         raise InputError(f"{bin_path}: {available} bytes, but the index points up to byte {end}")
     tokens = np.fromfile(bin_path, dtype=dtype, count=end // dtype.itemsize)
     starts, stops = (pointers // dtype.itemsize).tolist(), (pointers // dtype.itemsize + sizes).tolist()
-    return [_split_item(tokens[starts[i] : stops[i]], sep, bin_path, i) for i in range(n)]
+    return [_split_item(tokens[starts[i] : stops[i]], sep, bin_path, i, vocab_size) for i in range(n)]
 
 
-def _split_item(item: np.ndarray, sep: int, bin_path: Path, i: int) -> TokenRecord:
-    """Item ``i`` of the shard (``prompt, sep, response, eos``) as a :class:`TokenRecord` without the eos."""
+def _split_item(item: np.ndarray, sep: int, bin_path: Path, i: int, vocab_size: int | None = None) -> TokenRecord:
+    """Item ``i`` of the shard (``prompt, sep, response, eos``) as a :class:`TokenRecord` without the eos, its ids
+    checked to be below ``vocab_size`` when given."""
     import numpy as np
 
     hits = np.flatnonzero(item == sep)
@@ -239,7 +250,16 @@ def _split_item(item: np.ndarray, sep: int, bin_path: Path, i: int) -> TokenReco
     k = int(hits[0])
     if k + 1 >= len(item):
         raise InputError(f"{bin_path}: item {i} ends at the separator (expected response tokens and an eos)")
-    return TokenRecord(prompt_ids=item[:k].tolist(), response_ids=item[k + 1 : -1].tolist())
+    prompt, response = item[:k], item[k + 1 : -1]
+    if vocab_size is not None:
+        for part in (prompt, response):
+            if part.size and (int(part.min()) < 0 or int(part.max()) >= vocab_size):
+                bad = int(part[(part < 0) | (part >= vocab_size)][0])
+                raise InputError(
+                    f"{bin_path}: item {i} holds the token id {bad}, which the tokenizer's {vocab_size} tokens do "
+                    f"not have (ids 0 to {vocab_size - 1}): these shards were written by another tokenizer"
+                )
+    return TokenRecord(prompt_ids=prompt.tolist(), response_ids=response.tolist())
 
 
 # ---------------------------------------------------------------------------------------------- Hugging Face

@@ -113,6 +113,9 @@ class DataSection:
     eval_path: str | None = None  # a file (shard prefix, dataset name) in data.source's format
     eval_split: str | None = None  # source "hf": a split of data.path (or of eval_path), e.g. "validation"
     eval_limit: int | None = None  # use the first N eval records
+    # shards: the tokenizer the token shards were written with (a name or path, or "byte"), checked against the
+    # student's (the shards hold its ids and carry no trace of it); without it, only the ids' range is checked
+    shard_tokenizer: str | None = None
 
 
 LATF_KEYS = ("ema_decay", "tolerance", "step_size", "min_ratio", "max_ratio", "warmup_ratio", "warmup_steps")
@@ -319,6 +322,10 @@ class DistillConfig:
                     raise self.error(f"data.{key}", f"applies to datasets (source 'hf'), not to source {d.source!r}")
             if d.source != "synthetic" and not d.path:
                 raise self.error("data.path", f"source {d.source!r} needs a path")
+        if d.shard_tokenizer is not None and d.source != "shards":
+            raise self.error(
+                "data.shard_tokenizer", f"applies to token shards (source 'shards'), not to source {d.source!r}"
+            )
         for key in ("config", "revision"):
             if getattr(d, key) is not None and d.name is None:
                 raise self.error(f"data.{key}", "applies to a dataset named by data.name, not to data files")
@@ -602,7 +609,7 @@ def _expand_paths(config: DistillConfig) -> None:
                 value = getattr(model, name)
                 if value:
                     setattr(model, name, _expand(config, f"{section}.{name}", value))
-    for name in ("path", "name", "template", "eval_path"):
+    for name in ("path", "name", "template", "eval_path", "shard_tokenizer"):
         value = getattr(config.data, name, None)
         if value:
             setattr(config.data, name, _expand(config, f"data.{name}", value))
