@@ -426,3 +426,40 @@ def test_a_run_and_its_resume_show_no_expected_warnings(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     assert model.config.eos_token_id == model.config.pad_token_id == 256  # the byte tokenizer's
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+FRAGMENT = """
+import sys, torch
+from adakd.train.callbacks import release_freed_memory
+
+def rss():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) // 1024
+
+torch.empty(4 << 20, dtype=torch.uint8).fill_(1)  # freeing an mmapped 4 MB block raises glibc's mmap threshold
+held = [torch.ones(3 << 18) for _ in range(300)]  # 300 x 3 MB, now from the heap
+del held[:-1]  # the last block stays, so the heap's free space sits below it and cannot shrink by itself
+before = rss()
+assert release_freed_memory()
+print(before, rss())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_freed_cpu_memory_goes_back_to_the_system_every_step(tmp_path, monkeypatch):
+    """The growth a long CPU run showed (bench/memory_bench.py) is glibc keeping freed heap memory: trimming gives it
+    back (here, 900 MB held after their tensors were freed), and the trainer trims every ``ADAKD_MALLOC_TRIM``
+    optimizer steps."""
+    out = subprocess.run([sys.executable, "-c", FRAGMENT], capture_output=True, text=True, check=True).stdout.split()
+    before, after = int(out[0]), int(out[1])
+    assert before > 800 and after < before - 700, (before, after)
+
+    import adakd.train.callbacks as callbacks
+
+    calls = []
+    monkeypatch.setattr(callbacks, "release_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setenv("ADAKD_MALLOC_TRIM", "2")
+    build_trainer(_config(tmp_path, "training.max_steps=5")).train()
+    assert len(calls) == 2  # after steps 2 and 4
+    monkeypatch.setenv("ADAKD_MALLOC_TRIM", "0")
+    build_trainer(_config(tmp_path, "training.max_steps=2", name="off")).train()
+    assert len(calls) == 2

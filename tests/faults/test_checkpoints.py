@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import adakd.train.trainer as trainer_module
+from adakd.errors import StorageError
 from adakd.train import build_trainer
 from adakd.train.trainer import STAGING_DIR, STATE_FILE, CheckpointError
 
@@ -55,12 +56,16 @@ def test_crash_mid_save_leaves_no_checkpoint_and_resume_recovers(tmp_path, monke
         return real(loss_fn, folder)
 
     monkeypatch.setattr(trainer_module, "save_loss_state", crash_on_second)
-    with pytest.raises(OSError):
-        build_trainer(tiny(tmp_path, *RUN)).train()
     out = tmp_path / "run"
+    with pytest.raises(StorageError) as info:  # an OSError too, for callers of the Python API
+        build_trainer(tiny(tmp_path, *RUN)).train()
+    assert str(info.value) == (
+        f"{out}: no space left on device while saving checkpoint-4; the partial save was discarded (the last "
+        f"complete checkpoint is {out / 'checkpoint-2'}): free space, then rerun the same command with --resume"
+    )
     assert (out / "checkpoint-2" / STATE_FILE).is_file()
     assert not (out / "checkpoint-4").exists()  # the half-written one never got its name
-    assert (out / STAGING_DIR).is_dir()
+    assert not (out / STAGING_DIR / "checkpoint-4").exists()  # and its space was given back
     monkeypatch.setattr(trainer_module, "save_loss_state", real)
     trainer = build_trainer(tiny(tmp_path, *RUN))
     assert trainer.resolve_checkpoint(True).endswith("checkpoint-2")
@@ -113,7 +118,10 @@ def _last_per_step(folder) -> dict[int, dict]:
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_killed_then_resumed_matches_an_uninterrupted_run(tmp_path, sig):
+    """kill -9 (nothing runs after it) and SIGTERM (a scheduler's preemption: adakd ends as on an interrupt, one
+    line, exit 143): neither leaves a half-written checkpoint, and the resumed run ends as the uninterrupted one."""
     common = [
         "training.max_steps=40",
         "training.save_steps=10",
@@ -131,16 +139,21 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [*cmd, f"training.output_dir={killed}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 300
-    while not (killed / "checkpoint-10").is_dir():  # renamed into place only once complete
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen(
+            [*cmd, f"training.output_dir={killed}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err
+        )
+        deadline = time.monotonic() + 300
+        while not (killed / "checkpoint-10").is_dir():  # renamed into place only once complete
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        proc.wait()
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        assert proc.returncode == 143
+        assert (tmp_path / "stderr.txt").read_text().splitlines()[-1] == "adakd: terminated (SIGTERM)"
     assert not (killed / "final").exists()
 
     resumed = subprocess.run(

@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
+from typing import Any
 
 from ..errors import AdakdError, InputError
 from . import cache as cache_cmd
@@ -75,15 +78,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption, ``docker stop``, torchrun stopping its workers), raised where the process
+    is, so that it ends as an interrupt does: files being written stay staged (never published half-written), and
+    the next run resumes from the last complete checkpoint."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``adakd ARGV`` (default: ``sys.argv[1:]``) and return its exit status.
 
     0: done; 2: bad input (:class:`~adakd.errors.InputError`) or a missing optional dependency; 1: another of
-    adakd's own errors; 130: interrupted. Each error is one ``adakd: error: ...`` line on stderr; any other exception
-    propagates with its traceback (a bug), as do adakd's own under ``--debug``.
+    adakd's own errors; 130: interrupted (Ctrl-C); 143: terminated (SIGTERM). Each error is one
+    ``adakd: error: ...`` line on stderr; any other exception propagates with its traceback (a bug), as do adakd's
+    own under ``--debug``.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Restored on return: main() is also called in-process (tests, scripts), whose own handler must survive it.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         return args.handler(args)
     except ModuleNotFoundError as e:
@@ -97,14 +114,18 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if args.debug:
             raise
-        print("adakd: interrupted", file=sys.stderr)
-        return 130
+        terminated = isinstance(e, Terminated)
+        print("adakd: terminated (SIGTERM)" if terminated else "adakd: interrupted", file=sys.stderr)
+        return 128 + signal.SIGTERM if terminated else 130
     except AdakdError as e:
         if args.debug:
             raise
         message = str(e).splitlines()[0] if str(e) else e.__class__.__name__
         print(f"adakd: error: {message}", file=sys.stderr)
         return 2 if isinstance(e, InputError) else 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
