@@ -430,7 +430,7 @@ def test_a_run_and_its_resume_show_no_expected_warnings(tmp_path):
 
 FRAGMENT = """
 import sys, torch
-from adakd.train.callbacks import release_freed_memory
+from adakd.memory import release_freed_memory
 
 def rss():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) // 1024

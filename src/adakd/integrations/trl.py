@@ -49,6 +49,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..errors import InputError
 from ..loss import AdaKDLoss
+from ..memory import release_freed_memory, trim_interval
 from ..train.checkpoints import load_loss_state, resolve_checkpoint, save_loss_state
 from ..train.config import ConfigError
 from ..train.engines import call_through, check_linear_head, full_parameters
@@ -118,6 +119,9 @@ class _AdaKDCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
+        every = trim_interval()
+        if every and state.global_step % every == 0:
+            release_freed_memory()  # glibc keeps freed CPU memory: see adakd.memory
         step_latf(self.trainer.loss_fn, self.trainer.accelerator)
 
 
