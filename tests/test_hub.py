@@ -196,10 +196,17 @@ def test_a_failed_upload_keeps_the_model_and_says_how_to_upload_it(tmp_path, mon
     assert issubclass(HfHubHTTPError, OSError)  # what the Hub's client raises is caught as such
 
 
-def test_an_upload_that_cannot_reach_the_hub_is_one_line_with_a_quoted_command(tmp_path, monkeypatch):
-    import httpx2
+def _http():
+    """The HTTP client huggingface_hub uses: httpx2 in its 2.x releases, httpx before."""
+    try:
+        import httpx2 as http
+    except ImportError:
+        import httpx as http
+    return http
 
-    _Hub(monkeypatch, fail=httpx2.ConnectError("[Errno -2] Name or service not known"))
+
+def test_an_upload_that_cannot_reach_the_hub_is_one_line_with_a_quoted_command(tmp_path, monkeypatch):
+    _Hub(monkeypatch, fail=_http().ConnectError("[Errno -2] Name or service not known"))
     out = tmp_path / "my run"  # a space: the printed command must still be one that a shell runs
     with pytest.raises(UploadError) as info:
         run(_config(tmp_path, f"training.output_dir={out}", "training.max_steps=2", "training.push_to_hub=true",
@@ -211,10 +218,9 @@ def test_an_upload_that_cannot_reach_the_hub_is_one_line_with_a_quoted_command(t
 
 
 def _hub_error(status: int):
-    import httpx2
-
-    request = httpx2.Request("GET", "https://huggingface.co/api/whoami-v2")
-    return HfHubHTTPError(f"{status} Client Error", response=httpx2.Response(status, request=request))
+    http = _http()
+    request = http.Request("GET", "https://huggingface.co/api/whoami-v2")
+    return HfHubHTTPError(f"{status} Client Error", response=http.Response(status, request=request))
 
 
 @pytest.mark.parametrize(
@@ -230,13 +236,12 @@ def _hub_error(status: int):
     ],
 )  # fmt: skip
 def test_push_to_hub_is_checked_before_the_first_step(tmp_path, monkeypatch, capsys, whoami, overrides, expected):
-    import httpx2
     from huggingface_hub.errors import LocalTokenNotFoundError
 
     from adakd.cli import main
 
     error = {
-        "down": httpx2.ConnectError("[Errno -2] Name or service not known"),
+        "down": _http().ConnectError("[Errno -2] Name or service not known"),
         "401": _hub_error(401),
         "no token": LocalTokenNotFoundError("Token is required to call the /whoami-v2 endpoint, but no token found."),
     }.get(whoami)

@@ -7,7 +7,7 @@ exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-__all__ = ["AdakdError", "InputError", "NonFiniteLossError", "OptionError", "StorageError"]
+__all__ = ["AdakdError", "ConfigError", "InputError", "NonFiniteLossError", "OptionError", "StorageError"]
 
 
 class AdakdError(Exception):
@@ -26,6 +26,15 @@ class OptionError(InputError):
     def __init__(self, option: str, reason: str, message: str | None = None) -> None:
         super().__init__(message or f"{option} {reason}")
         self.option, self.reason = option, reason
+
+
+class ConfigError(InputError):
+    """A bad configuration. The message names the file (when known) and the dotted key; ``key`` and ``reason``
+    carry them apart (None when the error is about the file as a whole), so that a caller never parses the text."""
+
+    def __init__(self, message: str, key: str | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.key, self.reason = key, reason
 
 
 class NonFiniteLossError(AdakdError, ValueError):

@@ -124,8 +124,15 @@ def test_datasets_messages_become_adakd_lines(tmp_path):
     harbor.mkdir()
     write_jsonl(harbor / "train.jsonl", [{"messages": CHAT}])
     (harbor / "instruction.md").write_text("How this data was made.\n")
-    with pytest.raises(InputError, match=r"^data.name: .*harbor: datasets reads a folder that holds an instruction.md"):
-        load_rows(str(harbor), label="data.name")
+    from datasets import packaged_modules
+
+    if "harbor" in packaged_modules._PACKAGED_DATASETS_MODULES:  # datasets >= 5.1 reads such a folder as Harbor's
+        with pytest.raises(
+            InputError, match=r"^data.name: .*harbor: datasets reads a folder that holds an instruction"
+        ):
+            load_rows(str(harbor), label="data.name")
+    else:
+        assert len(load_rows(str(harbor), label="data.name")) == 1
     (tmp_path / "none").mkdir()
     with pytest.raises(InputError, match=r"none: no data files in the folder"):
         load_rows(str(tmp_path / "none"))

@@ -617,7 +617,7 @@ def _build(
 ) -> dict[str, Any]:  # fmt: skip
     """:func:`build_cache` once the folder is locked."""
     from ..data import DistillCollator
-    from ..train.config import ConfigError
+    from ..errors import ConfigError
     from ..train.run import check_tokenizers, load_tokenizer, training_examples
 
     tokenizer = load_tokenizer(config)

@@ -88,7 +88,7 @@ class TeacherCache:
 
 
 def _read_manifest(path: str, folder: Path) -> dict[str, Any]:
-    from ..train.config import ConfigError
+    from ..errors import ConfigError
 
     if not folder.is_dir():
         raise ConfigError(f"teacher.cache: {path}: no such folder")
@@ -125,7 +125,7 @@ def _read_manifest(path: str, folder: Path) -> dict[str, Any]:
 
 def _check_files(path: str, folder: Path, manifest: dict[str, Any]) -> None:
     """Every shard is there with the size the manifest gives."""
-    from ..train.config import ConfigError
+    from ..errors import ConfigError
 
     for shard in manifest["shards"]:
         file = folder / shard["file"]
@@ -149,7 +149,7 @@ _HOLDS = {"top_k": "tokens per row", "positions": "rows", "examples": "examples 
 def _check_headers(path: str, folder: Path, manifest: dict[str, Any]) -> None:
     """Every shard's header holds what the manifest says: ``top_k`` tokens per row, the shard's ``positions`` rows and
     ``examples`` offsets, the manifest's dtypes (only the headers are read)."""
-    from ..train.config import ConfigError
+    from ..errors import ConfigError
 
     for s, shard in enumerate(manifest["shards"]):
         file = folder / shard["file"]
@@ -183,7 +183,7 @@ def _check_headers(path: str, folder: Path, manifest: dict[str, Any]) -> None:
 
 def _check_tokenizer(path: str, manifest: dict[str, Any], mine: dict[str, Any], chat_template: bool) -> None:
     """The vocabulary and special tokens (``chat_template`` False), or the chat template (True), are the cache's."""
-    from ..train.config import ConfigError
+    from ..errors import ConfigError
 
     theirs = manifest["tokenizer"]
     parts = ("chat_template_sha256",) if chat_template else ("vocab_sha256", "special_tokens_sha256")
@@ -198,7 +198,7 @@ def _check_tokenizer(path: str, manifest: dict[str, Any], mine: dict[str, Any], 
 
 def _check_data(path: str, manifest: dict[str, Any], config: Any, tokenizer: Any) -> None:
     """The data source, the template and the lengths are the cache's."""
-    from ..train.config import ConfigError
+    from ..errors import ConfigError
 
     theirs, mine = manifest["data"], data_info(config.data)
     for key in (*mine, *(k for k in theirs if k not in mine)):
@@ -229,7 +229,7 @@ def _check_data(path: str, manifest: dict[str, Any], config: Any, tokenizer: Any
 
 
 def _check_digests(path: str, folder: Path, manifest: dict[str, Any]) -> None:
-    from ..train.config import ConfigError
+    from ..errors import ConfigError
 
     for shard in manifest["shards"]:
         if sha256_file(folder / shard["file"])[1] != shard["sha256"]:
@@ -257,7 +257,7 @@ def open_cache(path: str | os.PathLike, *, config: Any, tokenizer: Any, examples
             (``data.path`` ...), template, ``data.max_length`` / ``max_prompt_length``, or other tokenised examples
             (count, then content); last a shard whose sha256 differs (corrupt).
     """
-    from ..train.config import ConfigError
+    from ..errors import ConfigError
 
     where, folder = str(path), Path(path)
     if config.onpolicy.mode != "off":
@@ -319,7 +319,7 @@ class CachedTeacherCollator:
         self.collator, self.cache = collator, cache
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        from ..train.config import ConfigError
+        from ..errors import ConfigError
 
         batch = self.collator(features)
         supervised = batch["labels"][:, 1:] != IGNORE_INDEX  # [B, T − 1]

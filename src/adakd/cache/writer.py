@@ -37,7 +37,7 @@ class LinearHead:
 def linear_head(model: torch.nn.Module) -> LinearHead | None:
     """The teacher's decoder and lm_head when its logits are the plain product (checked on a probe sequence), else
     None (the whole model runs)."""
-    from ..train.config import ConfigError
+    from ..errors import ConfigError
     from ..train.engines import check_linear_head, unwrap
 
     try:
@@ -66,8 +66,8 @@ def student_vocab_rows(config: Any) -> int:
     """
     from transformers import AutoConfig
 
+    from ..errors import ConfigError
     from ..models import adapter_config
-    from ..train.config import ConfigError
 
     section = config.student
     if section.config is not None:

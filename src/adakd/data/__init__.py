@@ -13,11 +13,10 @@ from __future__ import annotations
 
 from .chat import CHAT_TEMPLATES, chat_example
 from .examples import DistillCollator, build_examples, check_shard_tokenizer, fit_example, tokenizer_for
-from .hf import FORMATS, ExampleStream, TokenizedData, detect_format, load_rows, tokenize_rows
+from .hf import FORMATS, ExampleStream, TokenizedData, detect_format, load_hf_dataset, load_rows, tokenize_rows
 from .readers import (
     Record,
     TokenRecord,
-    load_hf_dataset,
     read_instruction_jsonl,
     read_minillm_jsonl,
     read_token_shards,

@@ -35,7 +35,7 @@ from ..errors import InputError
 from ..files import iter_jsonl
 from .chat import CHAT_TEMPLATES, chat_example, resolve_chat_template, template_label
 from .examples import check_lengths, count_outcomes, fit_example, response_example
-from .readers import _check_limit, instruction_record, minillm_record
+from .readers import Record, _check_limit, instruction_record, minillm_record, record_from_row
 from .templates import TEMPLATES
 
 if TYPE_CHECKING:
@@ -48,6 +48,7 @@ __all__ = [
     "TokenizedData",
     "dataset_builder",
     "detect_format",
+    "load_hf_dataset",
     "load_rows",
     "tokenize_rows",
 ]
@@ -543,3 +544,22 @@ class ExampleStream:
 
     def __len__(self) -> int:
         return self.examples_per_process
+
+
+def load_hf_dataset(
+    name: str, split: str = "train", template: str = "minillm", limit: int | None = None, label: str | None = None
+) -> list[Record]:
+    """Load a Hugging Face dataset and map its rows like the JSONL readers (see :func:`record_from_row`).
+
+    ``name`` is anything :func:`adakd.data.hf.load_rows` loads: a hub id (e.g.
+    ``"databricks/databricks-dolly-15k"``), a local dataset folder, or local data files (``"json:<path>"``,
+    ``"data.parquet"``, ...; their split is ``"train"``). Returns at most ``limit`` records. Conversations (the
+    chat formats) are not records: :func:`adakd.data.tokenize_rows` tokenises those.
+
+    Raises:
+        InputError: the dataset or split cannot be loaded (missing files, an unknown hub id or split, no network;
+            ``datasets``' error is chained), or a row lacks the fields. A load failure names ``label`` first (the
+            key or flag ``name`` came from), when given.
+    """
+    rows = load_rows(name, split=split, limit=limit, label=label)
+    return [record_from_row(row, template, f"{name} ({split}) row {i}") for i, row in enumerate(rows)]

@@ -26,7 +26,6 @@ __all__ = [
     "Record",
     "TokenRecord",
     "instruction_record",
-    "load_hf_dataset",
     "minillm_record",
     "read_instruction_jsonl",
     "read_minillm_jsonl",
@@ -260,30 +259,6 @@ def _split_item(item: np.ndarray, sep: int, bin_path: Path, i: int, vocab_size: 
                     f"not have (ids 0 to {vocab_size - 1}): these shards were written by another tokenizer"
                 )
     return TokenRecord(prompt_ids=prompt.tolist(), response_ids=response.tolist())
-
-
-# ---------------------------------------------------------------------------------------------- Hugging Face
-
-
-def load_hf_dataset(
-    name: str, split: str = "train", template: str = "minillm", limit: int | None = None, label: str | None = None
-) -> list[Record]:
-    """Load a Hugging Face dataset and map its rows like the JSONL readers (see :func:`record_from_row`).
-
-    ``name`` is anything :func:`adakd.data.hf.load_rows` loads: a hub id (e.g.
-    ``"databricks/databricks-dolly-15k"``), a local dataset folder, or local data files (``"json:<path>"``,
-    ``"data.parquet"``, ...; their split is ``"train"``). Returns at most ``limit`` records. Conversations (the
-    chat formats) are not records: :func:`adakd.data.tokenize_rows` tokenises those.
-
-    Raises:
-        InputError: the dataset or split cannot be loaded (missing files, an unknown hub id or split, no network;
-            ``datasets``' error is chained), or a row lacks the fields. A load failure names ``label`` first (the
-            key or flag ``name`` came from), when given.
-    """
-    from .hf import load_rows  # imports datasets, which only this reader needs
-
-    rows = load_rows(name, split=split, limit=limit, label=label)
-    return [record_from_row(row, template, f"{name} ({split}) row {i}") for i, row in enumerate(rows)]
 
 
 # ---------------------------------------------------------------------------------------------- synthetic

@@ -47,11 +47,10 @@ except ImportError as e:  # a TRL without the DistillationTrainer (before 1.16)
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..loss import AdaKDLoss
 from ..memory import release_freed_memory, trim_interval
 from ..train.checkpoints import load_loss_state, resolve_checkpoint, save_loss_state
-from ..train.config import ConfigError
 from ..train.engines import call_through, check_linear_head, full_parameters
 from ..train.trainer import LOGGED
 from . import step_latf, window_mean

@@ -7,16 +7,27 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from transformers import TrainerCallback
 
 from ..memory import release_freed_memory, trim_interval
 
-if TYPE_CHECKING:
-    from .trainer import AdaKDTrainer
+__all__ = ["METRICS_FILE", "LossStateCallback", "StepHooks", "repair_metrics"]
 
-__all__ = ["METRICS_FILE", "LossStateCallback", "repair_metrics"]
+
+class StepHooks(Protocol):
+    """What the callback asks of its trainer (:class:`~adakd.train.trainer.AdaKDTrainer` provides it); a protocol,
+    so that this module does not import the trainer that imports it."""
+
+    rouge: Any
+
+    def _end_optimizer_step(self) -> None: ...
+
+    def _validate_onpolicy(self, initial: bool = False) -> None: ...
+
+    def log_rouge(self) -> None: ...
+
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -42,7 +53,7 @@ def repair_metrics(path: Path) -> int:
 class LossStateCallback(TrainerCallback):
     """Steps LATF after every optimizer step, scores ROUGE-L when due, writes metrics.jsonl (main process)."""
 
-    def __init__(self, trainer: AdaKDTrainer) -> None:
+    def __init__(self, trainer: StepHooks) -> None:
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):

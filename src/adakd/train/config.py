@@ -19,8 +19,8 @@ from typing import Any, ClassVar
 import yaml
 
 from ..data.templates import TEMPLATES
-from ..errors import OptionError
-from .typed_yaml import ConfigError, build, parse_yaml
+from ..errors import ConfigError, OptionError
+from .typed_yaml import build, parse_yaml
 
 __all__ = [
     "ConfigError",
@@ -214,7 +214,7 @@ class DistillConfig:
 
     def error(self, key: str, message: str) -> ConfigError:
         """A :class:`ConfigError` naming the file (when known) and ``key``; the caller raises it."""
-        return ConfigError(f"{self.origin + ': ' if self.origin else ''}{key}: {message}")
+        return ConfigError(f"{self.origin + ': ' if self.origin else ''}{key}: {message}", key=key, reason=message)
 
     def validate(self) -> DistillConfig:
         """Check every section; raises ConfigError naming the key."""
@@ -235,7 +235,7 @@ class DistillConfig:
                 raise self.error(f"{name}.dtype", f"unknown dtype {model.dtype!r}; valid: {', '.join(DTYPES)}")
             if model.name_or_path is None and model.gguf_file is None and model.tokenizer is None:
                 raise self.error(f"{name}.tokenizer", "an inline model needs a tokenizer (a path, or 'byte')")
-            from .models import check_loading  # models imports this module
+            from .model_checks import check_loading  # needs adakd.models: loaded when a model section is checked
 
             try:
                 check_loading(model, name)  # model_kwargs, adapter, quantization, license

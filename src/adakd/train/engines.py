@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError
+from ..errors import ConfigError
 
 __all__ = [
     "ENGINES",

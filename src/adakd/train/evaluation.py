@@ -236,9 +236,8 @@ class RougeDuringTraining:
             ConfigError: a tokenizer without a chat template, a template file that cannot be read, or a record that
                 cannot be one user turn, named under ``eval.chat_template``; at start, not at the first scoring step.
         """
-        from ..errors import InputError
+        from ..errors import ConfigError, InputError
         from ..eval.sets import chat_template_for, user_turns
-        from .typed_yaml import ConfigError
 
         ev = config.eval
         chat = None

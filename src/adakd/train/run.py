@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..loss import check_vocab_sizes
-from .config import ConfigError, DistillConfig
+from .config import DistillConfig
 from .engines import save_final
 from .hub import check_hub, hub_target, push_final, trainer_training, write_model_card
 from .models import apply_lora, check_quantization_backend, load_model, tokenizer_kwargs, tokenizer_source

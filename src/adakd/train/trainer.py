@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from .. import AdaKDLoss
-from ..errors import NonFiniteLossError, StorageError
+from ..errors import ConfigError, NonFiniteLossError, StorageError
 from ..files import storage_reason, write_json
 from ..fused import fused_cross_entropy
 from ..integrations import step_latf, window_mean
@@ -66,7 +66,7 @@ from .checkpoints import (
     resolve_checkpoint,
     save_loss_state,
 )
-from .config import NONFINITE_POLICIES, ConfigError
+from .config import NONFINITE_POLICIES
 from .engines import call_through, check_linear_head, engine_of, full_parameters, unwrap
 from .evaluation import EvaluationMixin, RougeDuringTraining
 from .onpolicy import OnPolicyController

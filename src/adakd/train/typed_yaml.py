@@ -12,13 +12,9 @@ from typing import Any
 
 import yaml
 
-from ..errors import InputError
+from ..errors import ConfigError
 
 __all__ = ["ConfigError", "build", "parse_yaml"]
-
-
-class ConfigError(InputError):
-    """A bad configuration; the message names the file (when known) and the dotted key."""
 
 
 class _Loader(yaml.SafeLoader):
