@@ -17,7 +17,7 @@ PAGE = ROOT / "docs" / "errors.md"
 
 # Exit status 2: bad input the user can fix; 1: adakd's other errors.
 INPUT = {"InputError", "ConfigError", "CheckpointError", "OptionError", "error", "_choice"}
-OTHER = {"JudgeRequestError", "NonFiniteLossError", "UploadError"}
+OTHER = {"JudgeRequestError", "NonFiniteLossError", "StorageError", "UploadError"}
 
 # What to do, by where the message comes from (a module, or a package for everything under it).
 FIXES = {
