@@ -11,7 +11,7 @@ from pathlib import Path
 import adakd
 
 MATH = {"adakd", "adakd._version", "adakd._without_numpy", "adakd.adaptive", "adakd.divergences", "adakd.errors",
-        "adakd.fused", "adakd.loss", "adakd.loss_options", "adakd.loss_report", "adakd.shapes",
+        "adakd.fused", "adakd.labels", "adakd.loss", "adakd.loss_options", "adakd.loss_report", "adakd.shapes",
         "adakd.sparse"}  # fmt: skip
 
 PROBE = """

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from .adaptive import idts_from_median, idts_temperatures_with_grad
 from .divergences import DivergenceFn
+from .labels import IGNORE_INDEX
 from .sparse import LogitScore, SparseTeacher, pair_log_probs
 
 __all__ = [
@@ -596,7 +597,12 @@ class FusedCrossEntropy(torch.autograd.Function):
 
 
 def fused_cross_entropy(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, chunk_size: int, ignore_index: int = -100
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    chunk_size: int,
+    ignore_index: int = IGNORE_INDEX,
 ) -> Tensor:
     """Σ cross-entropy over the rows of ``hidden [N, H]`` whose ``labels [N]`` are not ``ignore_index``, without
     keeping ``[N, V]`` logits (:class:`FusedCrossEntropy`); float32 (float64 for float64 inputs); 0 with a zero

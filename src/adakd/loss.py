@@ -32,6 +32,7 @@ from .fused import (
     chunked_scores,
     default_chunk_size,
 )
+from .labels import IGNORE_INDEX
 from .loss_options import C_MAX, build_controller, check_options
 from .loss_report import LossReport, make_report
 from .shapes import align_vocab, check_hidden_inputs, check_vocab_sizes
@@ -94,7 +95,7 @@ class AdaKDLoss(nn.Module):
         tau_base: float = 1.0,
         total_steps: int | None = None,
         vocab_size: int | None = None,
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         reduction: str = "mean",
         impl: str = "torch",
         one_pass: bool = False,

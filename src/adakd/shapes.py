@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from .labels import IGNORE_INDEX
 from .sparse import SparseTeacher, check_sparse
 
 __all__ = ["align_vocab", "check_hidden_inputs", "check_vocab_sizes"]
@@ -65,7 +66,7 @@ def check_hidden_inputs(
     teacher_bias: Tensor | None,
     labels: Tensor,
     vocab_size: int | None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
 ) -> None:
     """Raise ``ValueError`` unless :meth:`AdaKDLoss.forward_hidden`'s inputs agree in shape, vocabulary and dtype
     (a :class:`SparseTeacher` in place of ``teacher_hidden`` takes no teacher weight or bias)."""

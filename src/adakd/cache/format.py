@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from ..labels import IGNORE_INDEX
+
 __all__ = [
     "DATA_FIELDS",
     "FORMAT",
@@ -64,7 +66,6 @@ PLAN = "plan.json"
 MANIFEST = "manifest.json"
 LOCK = "build.lock"  # held (flock) by the adakd cache run writing the folder; not a cache file
 SHARD_META = "adakd"  # the safetensors metadata key of a shard's own description (JSON)
-IGNORE_INDEX = -100  # adakd.data.examples.IGNORE_INDEX (not imported: that module imports torch and the readers)
 # The data keys that name where the examples come from; synthetic data add synthetic_size and seed.
 DATA_FIELDS = ("source", "path", "name", "config", "split", "revision", "format", "limit")
 _READ_BYTES = 1 << 22

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import InputError
+from ..labels import IGNORE_INDEX
 from .readers import Record, TokenRecord
 
 if TYPE_CHECKING:
@@ -31,7 +32,6 @@ __all__ = [
     "tokenizer_for",
 ]
 
-IGNORE_INDEX = -100
 _EOS = "<|endoftext|>"
 
 

@@ -13,12 +13,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..labels import IGNORE_INDEX
 from .layers import decoder_layers
 from .scores import ScoreSums
 
 __all__ = ["layer_scores", "mean_cross_entropy", "token_cross_entropy"]
-
-IGNORE_INDEX = -100
 
 
 def layer_scores(model: Any, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, Any]:

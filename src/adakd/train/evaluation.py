@@ -34,6 +34,7 @@ from torch import Tensor
 from ..adaptive import score_fn
 from ..divergences import DivergenceFn, log_probs
 from ..fused import default_chunk_size, linear
+from ..labels import IGNORE_INDEX
 from ..shapes import align_vocab
 from .engines import call_through, full_parameters, unwrap
 
@@ -47,7 +48,6 @@ __all__ = [
     "token_terms",
 ]
 
-IGNORE_INDEX = -100
 SUM_COLUMNS = ("tokens", "ce", "kd", "hellinger")  # the columns of the per-sequence sums
 
 # rows [n] of the flattened [B·T] positions -> (student logits [n, V_s], teacher logits [n, V_t] or None)

@@ -31,6 +31,7 @@ from ..data import DistillCollator
 from ..errors import InputError
 from ..files import torch_save
 from ..generation import generate_ids
+from ..labels import IGNORE_INDEX
 
 __all__ = [
     "ONPOLICY_STATE_FILE",
@@ -42,7 +43,6 @@ __all__ = [
 ]
 
 ONPOLICY_STATE_FILE = "onpolicy_state.pt"
-IGNORE_INDEX = -100
 Example = dict[str, list[int]]
 
 
