@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import ast
+import functools
 import json
 import subprocess
 import sys
@@ -33,23 +33,21 @@ def test_the_public_losses_load_only_torch_and_the_math_modules():
     assert ours == MATH, ours ^ MATH
 
 
+@functools.cache
+def _architecture():
+    """tools/architecture.py, the one parser of adakd's imports (it is not a package module)."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "tools" / "architecture.py"
+    spec = importlib.util.spec_from_file_location("architecture", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
 def _module_level_imports(path: Path, name: str, is_package: bool) -> set[str]:
     """The adakd modules that ``name`` imports at module level (function-level imports are lazy by design)."""
-    tree = ast.parse(path.read_text())
-    package = name if is_package else name.rpartition(".")[0]
-    found = set()
-    for node in tree.body:
-        if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-                target = f"{base}.{node.module}" if node.module else base
-            else:
-                target = node.module or ""
-            found.add(target)
-            found.update(f"{target}.{alias.name}" for alias in node.names)  # `from . import x` imports module x
-        elif isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-    return {m for m in found if m.split(".")[0] == "adakd"}
+    return _architecture().imports(path, name, is_package, local=False)
 
 
 def test_no_import_cycles():
