@@ -16,6 +16,11 @@ GPU (``--device cuda``): Qwen2-1.5B's and Qwen2-7B's hidden sizes, heads and voc
 ``--layers`` decoder layers each (default 2: the loss paths differ in the output layer, which keeps its real
 size), bfloat16. Without ``--data`` the built-in synthetic instructions and byte tokenizer are used.
 
+``--compare OLD_SRC`` times the same variants under another checkout of adakd too (``PYTHONPATH=OLD_SRC`` in its
+workers; e.g. a ``git worktree`` of the commit before a change): each round runs every variant under both, one
+right after the other, and the table gives each variant's median time under each and the median over rounds of
+the per-round ratio (this code / the other), so a refactoring is proven not to slow any step.
+
 The matrix-work floor printed for AdaKD is what its extra logit products alone would cost: plain KD's measured
 step plus the exact path's additional products (pass 1 scores every token, pass 2 repeats the kept tokens'
 products) at the measured throughput of plain KD's own output-layer products.
@@ -178,6 +183,81 @@ def _product_seconds(n: int, h_s: int, h_t: int, vocab: int, device: str) -> dic
     }
 
 
+def _worker_flags(variant: str, args: argparse.Namespace, device: str) -> list[str]:
+    flags = [
+        "--worker",
+        variant,
+        "--device",
+        device,
+        "--batch-size",
+        str(args.batch_size),
+        "--max-length",
+        str(args.max_length),
+        "--layers",
+        str(args.layers),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--measure",
+        "time",
+    ]
+    if args.data:
+        flags += ["--data", args.data, "--tokenizer", args.tokenizer]
+    return flags
+
+
+def compare(args: argparse.Namespace, device: str) -> int:
+    """``--compare``: each variant under this code and under ``args.compare``'s, back to back in every round."""
+    old_src = str(Path(args.compare).resolve())
+    if not (Path(old_src) / "adakd" / "__init__.py").is_file():
+        raise SystemExit(f"step_bench: error: --compare {args.compare}: no adakd package there")
+    new_src = str(Path(__file__).resolve().parent.parent / "src")
+    times: dict[str, dict[str, list[float]]] = {v: {"old": [], "new": []} for v in args.variants}
+    for round_ in range(args.rounds):
+        for variant in args.variants:
+            order = ("old", "new") if round_ % 2 == 0 else ("new", "old")  # alternate who goes first
+            for code in order:
+                env = {"PYTHONPATH": old_src if code == "old" else new_src}
+                row = harness.run_isolated(__file__, _worker_flags(variant, args, device), env=env)
+                times[variant][code].append(row["ms"])
+            ratio = times[variant]["new"][-1] / times[variant]["old"][-1]
+            print(
+                f"  round {round_ + 1}, {variant}: old {times[variant]['old'][-1] / 1e3:.3f} s, new "
+                f"{times[variant]['new'][-1] / 1e3:.3f} s, new/old {ratio:.3f}",
+                flush=True,
+            )
+    rows = []
+    for variant in args.variants:
+        old, new = times[variant]["old"], times[variant]["new"]
+        ratios = [n / o for n, o in zip(new, old, strict=True)]
+        rows.append(
+            {
+                "variant": variant,
+                "old_ms": statistics.median(old),
+                "new_ms": statistics.median(new),
+                "ratio": statistics.median(ratios),
+                "round_ratios": ratios,
+            }
+        )
+    base_old = next((r["old_ms"] for r in rows if r["variant"] == "plain-kd/fused"), rows[0]["old_ms"])
+    base_new = next((r["new_ms"] for r in rows if r["variant"] == "plain-kd/fused"), rows[0]["new_ms"])
+    print(f"old: {old_src}\nnew: {new_src}")
+    print(
+        "| variant | old s/step | old × plain fused | new s/step | new × plain fused | new / old (median of rounds) |"
+    )
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {DESCRIPTIONS[r['variant']]} | {r['old_ms'] / 1e3:.3f} | {r['old_ms'] / base_old:.2f} | "
+            f"{r['new_ms'] / 1e3:.3f} | {r['new_ms'] / base_new:.2f} | {r['ratio']:.3f} "
+            f"({', '.join(f'{x:.3f}' for x in r['round_ratios'])}) |"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
@@ -191,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the time is their median")
     p.add_argument("--json", default=None)
+    p.add_argument("--compare", default=None, metavar="OLD_SRC", help="also time each variant under this adakd src")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--measure", default="both", choices=["both", "memory", "time"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -208,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{shape['dtype']}; batch {args.batch_size} × ≤{args.max_length} tokens of "
         f"{args.data or 'synthetic instructions'}; median of {args.steps} steps after {args.warmup}"
     )
+    if args.compare:
+        return compare(args, device)
     rows = {}
     # Rounds interleave the variants (A B C, A B C, ...): a machine whose speed drifts over minutes (a shared VM)
     # then slows every variant alike, and the median over rounds drops a round that caught a slow spell.

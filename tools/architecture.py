@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "src" / "adakd"
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
+MAX_POSITIONAL = 8
 
 
 def modules() -> dict[str, tuple[Path, bool]]:
@@ -51,15 +52,127 @@ def imports(path: Path, name: str, is_package: bool, local: bool) -> set[str]:
     return {m for m in found if m.split(".")[0] == "adakd"}
 
 
-def circles(local: bool = True) -> list[list[str]]:
-    """The import circles (strongly connected components of more than one module), each sorted."""
+def _ancestors(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def graph(local: bool = True, packages: bool = False) -> dict[str, set[str]]:
+    """Module -> the adakd modules it imports (at module level; with ``local`` inside functions too).
+
+    With ``packages``, importing ``a.b.c`` also runs the ``__init__`` of the packages ``a`` and ``a.b`` (except those
+    the importer is inside of, already running): an edge to the node ``a.b.__init__``, whose own edges are the
+    package's module-level imports (what running it imports; a PEP 562 ``__getattr__`` imports later, on use)."""
     mods = modules()
-    graph = {}
+    out: dict[str, set[str]] = {}
     for name, (path, is_package) in mods.items():
         targets = imports(path, name, is_package, local) & mods.keys()
         # An edge to one's own ancestor package is not followed (a submodule running `from . import x` needs x, which
         # the edge to x records); a package's edges to its submodules are (importing the package runs them).
-        graph[name] = {t for t in targets if t != name and not name.startswith(t + ".")}
+        out[name] = {t for t in targets if t != name and not name.startswith(t + ".")}
+        if packages:
+            own = set(_ancestors(name)) | {name}
+            out[name] |= {f"{a}.__init__" for t in targets for a in _ancestors(t) if a not in own}
+            if is_package:
+                runs = imports(path, name, is_package, local=False) & mods.keys()
+                out[f"{name}.__init__"] = {t for t in runs if t != name}
+    for node in {t for targets in out.values() for t in targets} - out.keys():
+        out[node] = set()  # a package whose __init__ imports nothing
+    return out
+
+
+# The layers, lowest first: a module imports only from its own layer or lower ones. A module's layer is that of its
+# own name in LAYER_OF, else of its longest listed prefix. ``adakd`` itself is the public façade, above everything:
+# no module of adakd imports it. ``adakd.train`` (the package) and ``adakd.train.run`` compose everything below.
+LAYERS = ("math", "support", "domain", "training", "cache and integrations", "runs", "command line", "façade")
+MATH_MODULES = (
+    "adakd._version",
+    "adakd._without_numpy",
+    "adakd.errors",
+    "adakd.labels",
+    "adakd.divergences",
+    "adakd.adaptive",
+    "adakd.controllers",
+    "adakd.sparse",
+    "adakd.shapes",
+    "adakd.fused",
+    "adakd.loss",
+    "adakd.loss_options",
+    "adakd.loss_report",
+    "adakd.window",
+)
+LAYER_OF = {
+    **dict.fromkeys(MATH_MODULES, "math"),
+    **dict.fromkeys(("adakd.files", "adakd.markdown", "adakd.memory", "adakd.models"), "support"),
+    **dict.fromkeys(
+        ("adakd.data", "adakd.generation", "adakd.eval", "adakd.analysis", "adakd.prune", "adakd.report"), "domain"
+    ),
+    "adakd.train.": "training",  # every module inside adakd/train/ but the two below
+    **dict.fromkeys(("adakd.cache", "adakd.integrations"), "cache and integrations"),
+    **dict.fromkeys(("adakd.train", "adakd.train.run", "adakd.demo"), "runs"),
+    **dict.fromkeys(("adakd.cli", "adakd.__main__"), "command line"),
+}
+
+
+def layer(name: str) -> str:
+    """The layer of module ``name`` (see :data:`LAYERS`)."""
+    if name == "adakd":
+        return "façade"
+    if name in LAYER_OF:
+        return LAYER_OF[name]
+    prefixes = [p for p in LAYER_OF if name.startswith(p if p.endswith(".") else p + ".")]
+    if not prefixes:
+        raise KeyError(f"{name}: no layer; add it to tools/architecture.py LAYER_OF")
+    return LAYER_OF[max(prefixes, key=len)]
+
+
+def upward_imports() -> list[list[str]]:
+    """``[importer, imported, "layer -> higher layer"]`` for every import (function-local ones included) from a
+    lower layer to a higher one."""
+    rank = {name: i for i, name in enumerate(LAYERS)}
+    found = []
+    for name, targets in graph(local=True).items():
+        for t in sorted(targets):
+            if rank[layer(t)] > rank[layer(name)]:
+                found.append([name, t, f"{layer(name)} -> {layer(t)}"])
+    mods = modules()
+    for name, (path, is_package) in mods.items():
+        # `from .. import AdaKDLoss`: a name taken from the façade (the graph drops edges to one's own ancestors)
+        names = {t for t in imports(path, name, is_package, local=True) if t.rpartition(".")[0] == "adakd"}
+        if name != "adakd" and names - mods.keys():
+            found.append([name, "adakd", f"{layer(name)} -> façade"])
+    return sorted(found)
+
+
+def long_calls(limit: int = MAX_POSITIONAL) -> list[str]:
+    """``module:line`` of every call with more than ``limit`` positional arguments."""
+    found = []
+    for name, (path, _) in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and len(node.args) > limit:
+                found.append(f"{name}:{node.lineno} ({len(node.args)} positional)")
+    return found
+
+
+def chunk_loops() -> dict[str, int]:
+    """Module -> its loops over row chunks: ``for`` over ``range(start, stop, step)`` or over ``x.split(n)``."""
+    found: dict[str, int] = {}
+    for name, (path, _) in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.For) or not isinstance(node.iter, ast.Call):
+                continue
+            call = node.iter
+            stepped = isinstance(call.func, ast.Name) and call.func.id == "range" and len(call.args) == 3
+            split = isinstance(call.func, ast.Attribute) and call.func.attr == "split" and len(call.args) == 1
+            if stepped or split:
+                found[name] = found.get(name, 0) + 1
+    return found
+
+
+def circles(local: bool = True, packages: bool = False) -> list[list[str]]:
+    """The import circles (strongly connected components of more than one module), each sorted; ``local`` and
+    ``packages`` as :func:`graph`."""
+    edges = graph(local, packages)
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -71,7 +184,7 @@ def circles(local: bool = True) -> list[list[str]]:
         index[v] = low[v] = len(index)
         stack.append(v)
         on_stack.add(v)
-        for w in sorted(graph[v]):
+        for w in sorted(edges[v]):
             if w not in index:
                 strong(w)
                 low[v] = min(low[v], low[w])
@@ -88,7 +201,7 @@ def circles(local: bool = True) -> list[list[str]]:
             if len(component) > 1:
                 found.append(sorted(component))
 
-    for v in sorted(graph):
+    for v in sorted(edges):
         if v not in index:
             strong(v)
     return sorted(found)
@@ -127,6 +240,10 @@ def measure() -> dict:
         "functions_over_limit": sorted(long_functions, key=lambda x: -x[1]),
         "circles_module_level": circles(local=False),
         "circles_all_imports": circles(local=True),
+        "circles_with_package_inits": circles(local=True, packages=True),
+        "upward_imports": upward_imports(),
+        "long_positional_calls": long_calls(),
+        "chunk_loops": chunk_loops(),
         "autograd_functions": functions_classes,
         "fmt_skip_lines": skips,
     }
@@ -151,6 +268,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"import circles, function-local imports included: {len(m['circles_all_imports'])}")
     for c in m["circles_all_imports"]:
         print("  " + ", ".join(c))
+    print(f"import circles, package __init__ runs included: {len(m['circles_with_package_inits'])}")
+    for c in m["circles_with_package_inits"]:
+        print("  " + ", ".join(c))
+    print(f"imports from a lower layer to a higher one: {len(m['upward_imports'])}")
+    for importer, imported, how in m["upward_imports"]:
+        print(f"  {importer} -> {imported} ({how})")
+    print(f"calls with more than {MAX_POSITIONAL} positional arguments: {len(m['long_positional_calls'])}")
+    for where in m["long_positional_calls"]:
+        print(f"  {where}")
+    loops = m["chunk_loops"]
+    print(f"chunk loops: {sum(loops.values())} (" + ", ".join(f"{k} {v}" for k, v in sorted(loops.items())) + ")")
     print(f"autograd.Function classes: {m['autograd_functions']}; '# fmt: skip' lines: {m['fmt_skip_lines']}")
     return 0
 
