@@ -154,6 +154,20 @@ def long_calls(limit: int = MAX_POSITIONAL) -> list[str]:
     return found
 
 
+def packed_calls() -> list[str]:
+    """``module:line`` of every call whose argument list ``# fmt: skip`` keeps packed (the marker on the line that
+    closes a call spanning several lines or a definition's parameter list); data tables may keep theirs."""
+    found = []
+    for name, (path, _) in modules().items():
+        text = path.read_text()
+        lines = text.splitlines()
+        for node in ast.walk(ast.parse(text)):
+            spans = isinstance(node, ast.Call | ast.FunctionDef) and node.end_lineno > node.lineno
+            if spans and "# fmt: skip" in lines[node.end_lineno - 1]:
+                found.append(f"{name}:{node.lineno}")
+    return sorted(set(found))
+
+
 def chunk_loops() -> dict[str, int]:
     """Module -> its loops over row chunks: ``for`` over ``range(start, stop, step)`` or over ``x.split(n)``."""
     found: dict[str, int] = {}
@@ -244,6 +258,7 @@ def measure() -> dict:
         "upward_imports": upward_imports(),
         "long_positional_calls": long_calls(),
         "chunk_loops": chunk_loops(),
+        "packed_calls": packed_calls(),
         "autograd_functions": functions_classes,
         "fmt_skip_lines": skips,
     }
@@ -277,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"calls with more than {MAX_POSITIONAL} positional arguments: {len(m['long_positional_calls'])}")
     for where in m["long_positional_calls"]:
         print(f"  {where}")
+    print(f"calls whose arguments '# fmt: skip' packs: {len(m['packed_calls'])}")
     loops = m["chunk_loops"]
     print(f"chunk loops: {sum(loops.values())} (" + ", ".join(f"{k} {v}" for k, v in sorted(loops.items())) + ")")
     print(f"autograd.Function classes: {m['autograd_functions']}; '# fmt: skip' lines: {m['fmt_skip_lines']}")

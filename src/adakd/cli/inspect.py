@@ -57,13 +57,17 @@ def add_parser(sub) -> None:
         "--tau-base", type=float, default=None, help=f"τ of a kept token at the median; default: {from_run} 1"
     )
     p.add_argument(
-        "--tau-weight", choices=("squared", "none"), default=None,
+        "--tau-weight",
+        choices=("squared", "none"),
+        default=None,
         help=f"the factor on each kept token's loss: squared (τ²) or none; default: {from_run} squared",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--detach-tau", choices=("true", "false"), default=None,
+        "--detach-tau",
+        choices=("true", "false"),
+        default=None,
         help=f"true (the paper: no gradient through τ) or false (the released code), shown; default: {from_run} true",
-    )  # fmt: skip
+    )
     p.add_argument("--format", choices=("html", "text"), default="html", help="html (needs --output) or text")
     p.add_argument("--output", default=None, help="the HTML page to write (with --format text: the table, else stdout)")
     p.add_argument("--scale-min", type=float, default=None, help="colour scale low end (default: auto)")
@@ -227,9 +231,16 @@ def run(args: argparse.Namespace) -> int:
     teacher = load_model(args.teacher, "--teacher", device=device)
     student = load_model(args.student, "--student", base=args.student_base, device=device)
     infos = analyse(
-        teacher, student, tokenizer, prompt, response, ratio=args.ratio, c=args.c, tau_base=args.tau_base,
+        teacher,
+        student,
+        tokenizer,
+        prompt,
+        response,
+        ratio=args.ratio,
+        c=args.c,
+        tau_base=args.tau_base,
         tau_weight=args.tau_weight,
-    )  # fmt: skip
+    )
     if args.format == "text":
         _write_table(args, infos)
     else:

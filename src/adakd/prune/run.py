@@ -96,8 +96,9 @@ def prune_teacher(opts: PruneOptions) -> dict[str, Any]:
     score_batches = eval_batches = None
     if opts.calibration is not None:
         wanted = opts.calibration_examples + opts.eval_examples
-        examples = read_calibration(opts.calibration, tokenizer, limit=wanted, max_length=opts.max_length,
-                                    tokenizer_name=opts.teacher)  # fmt: skip
+        examples = read_calibration(
+            opts.calibration, tokenizer, limit=wanted, max_length=opts.max_length, tokenizer_name=opts.teacher
+        )
         held_out = examples[opts.calibration_examples :]
         if opts.eval_examples and not held_out:
             raise InputError(

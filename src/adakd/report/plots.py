@@ -159,10 +159,14 @@ def plot_temperatures(runs: Mapping[str, Sequence[Mapping]], path: str | os.Path
         band = [r for r in rows if all(is_number(r.get(f"adakd/tau_{k}")) for k in ("min", "max"))]
         if band:
             ax.fill_between(
-                [float(r["step"]) for r in band], [float(r["adakd/tau_min"]) for r in band],
-                [float(r["adakd/tau_max"]) for r in band], color=color, alpha=0.2 if len(runs) == 1 else 0.12,
-                linewidth=0, label=_name(label, "τ min–max", runs),
-            )  # fmt: skip
+                [float(r["step"]) for r in band],
+                [float(r["adakd/tau_min"]) for r in band],
+                [float(r["adakd/tau_max"]) for r in band],
+                color=color,
+                alpha=0.2 if len(runs) == 1 else 0.12,
+                linewidth=0,
+                label=_name(label, "τ min–max", runs),
+            )
             drawn += 1
         _curve(ax, steps, mean, color, _name(label, "mean τ", runs))
         drawn += 1
@@ -241,16 +245,26 @@ def _draw_tokens(ax, s_kept, t_kept, s_dropped, t_dropped) -> int:
         return entries
     if t_dropped is not None:
         ax.scatter(
-            s_dropped, t_dropped, s=16, facecolors="none", edgecolors="0.55", linewidths=0.8,
+            s_dropped,
+            t_dropped,
+            s=16,
+            facecolors="none",
+            edgecolors="0.55",
+            linewidths=0.8,
             label=f"dropped by LATF ({len(s_dropped)}): would-be τ, not used",
-        )  # fmt: skip
+        )
     else:
         # No τ to place them at: a rug along the bottom edge, x still their difficulty.
         ax.plot(
-            s_dropped, np.full(len(s_dropped), 0.02), linestyle="none", marker="|", markersize=12,
-            color="0.55", transform=ax.get_xaxis_transform(),
+            s_dropped,
+            np.full(len(s_dropped), 0.02),
+            linestyle="none",
+            marker="|",
+            markersize=12,
+            color="0.55",
+            transform=ax.get_xaxis_transform(),
             label=f"dropped by LATF ({len(s_dropped)}): no τ (ticks at the bottom)",
-        )  # fmt: skip
+        )
     return entries + 1
 
 
@@ -263,9 +277,12 @@ def _draw_idts(ax, s, curve: Callable, median: float, c: float, tau_base: float)
     xs = np.linspace(max(lo, 1e-6 * max(hi, 1e-12)), hi, 400) if hi > lo else np.array([lo])
     base_text = "" if math.isclose(tau_base, 1.0, abs_tol=1e-4) else f"{tau_base:.3g}·"
     ax.plot(
-        xs, curve(xs), color="C3", linewidth=1.5,
+        xs,
+        curve(xs),
+        color="C3",
+        linewidth=1.5,
         label=f"IDTS: τ = {base_text}exp(−c·tanh(log(s/m))), c = {c:.3g}, m = {median:.3g}",
-    )  # fmt: skip
+    )
 
 
 def plot_tau_vs_difficulty(

@@ -83,9 +83,14 @@ def plot_differences(
                 continue
             err = None if math.isnan(d["high"]) else [[d["mean"] - d["low"]], [d["high"] - d["mean"]]]
             ax.errorbar(
-                d["mean"], i + offset, xerr=err, fmt="o", color=colours[j % len(colours)], capsize=4,
+                d["mean"],
+                i + offset,
+                xerr=err,
+                fmt="o",
+                color=colours[j % len(colours)],
+                capsize=4,
                 label=name if i == next(k for k, (_, b) in enumerate(rows) if b.get(name) is not None) else None,
-            )  # fmt: skip
+            )
     ax.axvline(0.0, color="black", linewidth=0.8)
     ax.set_yticks(range(len(rows)), [label for label, _ in rows])
     ax.invert_yaxis()

@@ -155,10 +155,13 @@ def render_html(
         "kept_bg": kept_bg, "kept_ink": _ink(kept_bg), "drop_bg": drop_bg,
     }  # fmt: skip
     return _template().render(
-        title=title, settings=rows, legend=legend, prompt=prompt,
+        title=title,
+        settings=rows,
+        legend=legend,
+        prompt=prompt,
         tokens=[_token_view(t, n, ends) for t in infos],
         top_rows=[_row_view(t, ends) for t in sorted(infos, key=lambda t: t.rank)[:top]],
-    )  # fmt: skip
+    )
 
 
 def _template():
@@ -185,18 +188,30 @@ def _token_view(t: TokenInfo, n: int, scale: tuple[float, float]) -> dict[str, A
     elif "\n" in t.text and not t.text.strip():
         classes.append("nl")
     return {
-        "classes": " ".join(classes), "bg": bg, "ink": _ink(bg), "position": t.position,
-        "score": f"{t.score:.6f}", "tooltip": _tooltip(t, n), "text": t.text,
-    }  # fmt: skip
+        "classes": " ".join(classes),
+        "bg": bg,
+        "ink": _ink(bg),
+        "position": t.position,
+        "score": f"{t.score:.6f}",
+        "tooltip": _tooltip(t, n),
+        "text": t.text,
+    }
 
 
 def _row_view(t: TokenInfo, scale: tuple[float, float]) -> dict[str, Any]:
     return {
-        "rank": t.rank, "position": t.position, "token": _visible(t.text, t.special), "token_id": t.token_id,
+        "rank": t.rank,
+        "position": t.position,
+        "token": _visible(t.text, t.special),
+        "token_id": t.token_id,
         "width": round(100 * min(max(t.score, 0.0), 1.0)),  # on [0, 1], unlike the colour
-        "bg": colour(t.score, *scale), "score": f"{t.score:.4f}", "kept": "yes" if t.kept else "no",
-        "tau": _num(t.tau), "p_teacher": f"{t.p_teacher:.4f}", "p_student": f"{t.p_student:.4f}",
-    }  # fmt: skip
+        "bg": colour(t.score, *scale),
+        "score": f"{t.score:.4f}",
+        "kept": "yes" if t.kept else "no",
+        "tau": _num(t.tau),
+        "p_teacher": f"{t.p_teacher:.4f}",
+        "p_student": f"{t.p_student:.4f}",
+    }
 
 
 # ---------------------------------------------------------------------------------------------- text
