@@ -13,7 +13,6 @@ shard s is computed by rank s % world, rank 0 (the one holding the lock) writes 
 from __future__ import annotations
 
 import contextlib
-import copy
 import datetime
 import errno
 import json
@@ -124,9 +123,9 @@ def _conversations(config: Any) -> bool:
     if config.data.source != "hf":
         return False
     from ..data import detect_format
-    from ..train.run import load_records
+    from ..train.examples import load_records
 
-    first = next(iter(load_records(config)), None)
+    first = next(iter(load_records(config.data)), None)
     if first is None:
         return False
     data_format = config.data.format or detect_format(first, "data row 0")
@@ -593,12 +592,11 @@ def build_cache(
     """
     _check_options(top_k, dtype, batch_size, shard_examples)
     check_cache_config(config)
-    from ..train.run import training_arguments
+    from ..train.inputs import training_arguments
 
     # Each process runs a whole teacher: DeepSpeed would build it partitioned (zero.Init) for training.
-    plain = copy.copy(config)
-    plain.training = {key: value for key, value in config.training.items() if key != "deepspeed"}
-    args = training_arguments(plain)
+    plain = {key: value for key, value in config.training.items() if key != "deepspeed"}
+    args = training_arguments(plain, origin=config.origin)
     ranks = _Ranks(args)
     lock = _OutputLock(output) if ranks.main else None
     if lock is not None:
@@ -618,11 +616,14 @@ def _build(
     """:func:`build_cache` once the folder is locked."""
     from ..data import DistillCollator
     from ..errors import ConfigError
-    from ..train.run import check_tokenizers, load_tokenizer, training_examples
+    from ..train.examples import training_examples
+    from ..train.inputs import check_tokenizers, load_tokenizer
+    from ..train.models import tokenizer_source
 
-    tokenizer = load_tokenizer(config)
-    check_tokenizers(config, tokenizer)
-    examples, _ = training_examples(config, args, tokenizer)
+    tokenizer = load_tokenizer(config.student)
+    check_tokenizers(config.teacher, config.loss, tokenizer)
+    # check_cache_config refused on-policy modes: nothing is held out
+    examples, _ = training_examples(config.data, args, tokenizer, tokenizer_name=tokenizer_source(config.student))
     digest = digest_examples(examples)
     shards = _shards(digest, shard_examples)
     conversations = _conversations(config)
