@@ -359,7 +359,7 @@ def _build(config: Any, args: Any, ranks: _Ranks, output: str, options: _Options
     try:
         check_vocab_sizes(vocab, teacher_vocab, len(tokenizer))
     except ValueError as e:
-        raise ConfigError(f"teacher: {e}", key="teacher", reason=str(e)) from e
+        raise ConfigError(f"teacher: {e}") from e
     fields.update(top_k=min(top_k, vocab), vocab_size=vocab, teacher_vocab_size=teacher_vocab, id_dtype=id_dtype(vocab))
     plan = folder.check(_plan(config.teacher, config.data, tokenizer, digest, conversations, **fields))
     folder.verify(plan, shards)  # the headers against the whole plan (the bytes were read once, above)

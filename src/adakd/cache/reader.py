@@ -245,8 +245,8 @@ def open_cache(path: str | os.PathLike, *, config: Any, tokenizer: Any, examples
     Args:
         path: the folder ``adakd cache`` wrote.
         config: the run's :class:`adakd.train.DistillConfig`.
-        tokenizer: the student tokenizer, as :func:`adakd.train.run.training_examples` left it (for conversations it
-            holds the chat template the examples were rendered with).
+        tokenizer: the student tokenizer, as :func:`adakd.train.examples.training_examples` left it (for
+            conversations it holds the chat template the examples were rendered with).
         examples: the tokenised training examples (a list of ``input_ids``/``labels`` dicts or a ``datasets.Dataset``).
 
     Raises:

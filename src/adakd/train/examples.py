@@ -58,7 +58,8 @@ def load_records(d: DataSection, tokenizer: Any = None, *, named: bool = True) -
     give its tokens the same ids (:func:`adakd.data.check_shard_tokenizer`), and every id must be below the
     tokenizer's length (without ``data.shard_tokenizer``, the only check, which the run says).
 
-    ``named``: errors name ``data.path`` (False for an eval set, whose caller names its errors under its own key).
+    ``named``: a ``datasets`` source that cannot be loaded is named under ``data.path`` (False: left unnamed, for a
+    caller that names it under its own key, as :func:`eval_dataset` does).
 
     Raises:
         ConfigError: a data file that is missing or unreadable, named under ``data.path``.
@@ -76,7 +77,7 @@ def load_records(d: DataSection, tokenizer: Any = None, *, named: bool = True) -
             spec, config=d.config, split=d.split, revision=d.revision, streaming=d.streaming, limit=d.limit, label=key
         )
     for path in (d.path + ".idx", d.path + ".bin") if d.source == "shards" else (d.path,):
-        check_readable("data.path" if named else None, path)
+        check_readable("data.path", path)
     if d.source == "minillm_jsonl":
         return data.read_minillm_jsonl(d.path, limit=d.limit)
     if d.source == "instructions":
@@ -94,24 +95,22 @@ def load_records(d: DataSection, tokenizer: Any = None, *, named: bool = True) -
     return data.read_token_shards(d.path, limit=d.limit, vocab_size=len(tokenizer))
 
 
-def check_readable(key: str | None, path: str) -> None:
+def check_readable(key: str, path: str) -> None:
     """Open ``path`` once, so that a missing or unreadable data file is reported under its config key ``key`` (the
-    readers name the file alone; None: the caller names it).
+    readers name the file alone).
 
     Raises:
-        ConfigError: ``key: path: no such file`` / ``cannot read (reason)``.
+        ConfigError: ``key: path: no such file`` / ``key: path: cannot read (why)``, with ``key`` and ``reason`` (the
+            message after the key) apart.
     """
     try:
         with open(path, "rb"):
             pass
     except FileNotFoundError as e:
-        raise _error(key, f"{path}: no such file") from e
+        raise ConfigError(f"{key}: {path}: no such file", key=key, reason=f"{path}: no such file") from e
     except OSError as e:  # a directory, no permission, an I/O error
-        raise _error(key, f"{path}: cannot read ({e.strerror or e})") from e
-
-
-def _error(key: str | None, reason: str) -> ConfigError:
-    return ConfigError(f"{key}: {reason}" if key else reason, key=key, reason=reason)
+        why = e.strerror or e
+        raise ConfigError(f"{key}: {path}: cannot read ({why})", key=key, reason=f"{path}: cannot read ({why})") from e
 
 
 def training_examples(
@@ -131,7 +130,7 @@ def training_examples(
     the student tokenizer's chat template, or the one ``data.template`` names, which then becomes the tokenizer's
     ``chat_template``: the tokenizer saved with the model formats conversations as the model was trained on them.
     ``args``: the run's ``TrainingArguments``; ``tokenizer_name``: where the tokenizer came from, for messages;
-    ``named``: errors name the ``data`` keys (False for an eval set, named by its caller).
+    ``named``: see :func:`load_records`.
 
     Raises:
         ConfigError: no example is left after tokenisation, or the held-out set would take them all.
@@ -169,12 +168,12 @@ def training_examples(
         )
     _log(args, "data: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     if not len(examples):
-        raise _error("data" if named else None, f"no example left after tokenisation ({counts})")
+        reason = f"no example left after tokenisation ({counts})"
+        raise ConfigError(f"data: no example left after tokenisation ({counts})", key="data", reason=reason)
     if holdout is None:
         return examples, []
     if holdout >= len(examples):
-        reason = f"{holdout} leaves no training example (of {len(examples)})"
-        raise ConfigError(f"onpolicy.eval_examples: {reason}", key="onpolicy.eval_examples", reason=reason)
+        raise ConfigError(f"onpolicy.eval_examples: {holdout} leaves no training example (of {len(examples)})")
     _log(args, f"on-policy: {holdout} examples held out for validation")
     if isinstance(examples, list):
         return examples[:-holdout], examples[-holdout:]
@@ -203,10 +202,13 @@ def eval_dataset(d: DataSection, args: Any, tokenizer: Any, *, tokenizer_name: s
         d, path=d.eval_path or d.path, split=d.eval_split or d.split, limit=d.eval_limit, streaming=False
     )
     try:
-        # named=False: the readers leave out the training data's keys, and every error is named under ``key`` here.
+        # named=False: datasets' load errors leave data.path out, to be named under ``key`` here.
         examples, _ = training_examples(section, args, tokenizer, tokenizer_name=tokenizer_name, named=False)
     except InputError as e:
-        raise ConfigError(f"{key}: {e}", key=key, reason=str(e)) from e
+        # An error the readers name under the training data's key (data.path, data) is this set's, under ``key``.
+        ours = isinstance(e, ConfigError) and e.key in ("data.path", "data") and e.reason is not None
+        reason = e.reason if ours else str(e)
+        raise ConfigError(f"{key}: {reason}", key=key, reason=reason) from e
     _log(args, f"eval set: {len(examples)} examples ({key}: {d.eval_path or d.eval_split})")
     return ExampleDataset(examples)
 
@@ -234,11 +236,9 @@ def rouge_examples(ev: EvalSection, d: DataSection) -> tuple[Any, Any] | None:
     try:
         eval_set = load_eval_set(path.stem, path, limit=ev.rouge_limit)
     except InputError as e:
-        raise ConfigError(f"eval.rouge_examples: {e}", key="eval.rouge_examples", reason=str(e)) from e
+        raise ConfigError(f"eval.rouge_examples: {e}") from e
     if not eval_set.records:
-        raise ConfigError(
-            f"eval.rouge_examples: {path}: no record", key="eval.rouge_examples", reason=f"{path}: no record"
-        )
+        raise ConfigError(f"eval.rouge_examples: {path}: no record")
     generation = GenerationConfig(
         max_length=d.max_length if ev.max_length is None else ev.max_length,
         max_prompt_length=d.max_prompt_length if ev.max_prompt_length is None else ev.max_prompt_length,

@@ -153,10 +153,9 @@ def load_tokenizer(section: ModelSection) -> Any:
     try:
         tokenizer = tokenizer_for(source, **tokenizer_kwargs(section))
     except InputError as e:
-        raise ConfigError(f"{key}: {e}", key=key, reason=str(e)) from e
+        raise ConfigError(f"{key}: {e}") from e
     if tokenizer.eos_token_id is None:
-        reason = f"the tokenizer {source!r} has no eos token, which ends every response"
-        raise ConfigError(f"{key}: {reason}", key=key, reason=reason)
+        raise ConfigError(f"{key}: the tokenizer {source!r} has no eos token, which ends every response")
     return tokenizer
 
 
@@ -180,8 +179,7 @@ def check_tokenizers(teacher: ModelSection | None, loss: LossSection, tokenizer:
         other = tokenizer_for(source, **tokenizer_kwargs(teacher))
     except InputError as e:
         if teacher.tokenizer or teacher.gguf_file:  # named explicitly, or stored in the GGUF file: it must load
-            reason = f"cannot load the teacher's tokenizer from {source!r} ({e})"
-            raise ConfigError(f"{key}: {reason}", key=key, reason=reason) from e
+            raise ConfigError(f"{key}: cannot load the teacher's tokenizer from {source!r} ({e})") from e
         # A teacher folder without tokenizer files: nothing to compare, which the run says rather than hides.
         print(
             f"[adakd] teacher.name_or_path {source}: no tokenizer files, so the teacher's vocabulary is not compared "
@@ -192,11 +190,10 @@ def check_tokenizers(teacher: ModelSection | None, loss: LossSection, tokenizer:
     a, b = tokenizer.get_vocab(), other.get_vocab()
     if a != b:
         differ = len(set(a.items()) ^ set(b.items()))
-        reason = (
-            f"the teacher's vocabulary ({len(b)} tokens) differs from the student's ({len(a)}; {differ} entries "
-            "differ): logit KD needs one tokenizer (set loss.allow_tokenizer_mismatch: true to go on anyway)"
+        raise ConfigError(
+            f"{key}: the teacher's vocabulary ({len(b)} tokens) differs from the student's ({len(a)}; {differ} "
+            "entries differ): logit KD needs one tokenizer (set loss.allow_tokenizer_mismatch: true to go on anyway)"
         )
-        raise ConfigError(f"{key}: {reason}", key=key, reason=reason)
 
 
 @contextlib.contextmanager
@@ -242,8 +239,7 @@ def load_models(student: ModelSection, teacher: ModelSection | None, args: Any, 
         model = load_model(student, "student", device=args.device)
     v_s = vocab_rows(model)
     if len(tokenizer) > v_s:
-        reason = f"its vocabulary ({v_s}) is smaller than the tokenizer's ({len(tokenizer)})"
-        raise ConfigError(f"student: {reason}", key="student", reason=reason)
+        raise ConfigError(f"student: its vocabulary ({v_s}) is smaller than the tokenizer's ({len(tokenizer)})")
     teacher_model = None
     if teacher is not None:
         with _seeded_init(args, teacher):
@@ -251,7 +247,7 @@ def load_models(student: ModelSection, teacher: ModelSection | None, args: Any, 
         try:
             check_vocab_sizes(v_s, vocab_rows(teacher_model), len(tokenizer))
         except ValueError as e:
-            raise ConfigError(f"teacher: {e}", key="teacher", reason=str(e)) from e
+            raise ConfigError(f"teacher: {e}") from e
     model = apply_lora(model, student, gradient_checkpointing=bool(args.gradient_checkpointing))
     if student.lora is not None and args.process_index == 0:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -45,8 +45,9 @@ def teacher_cache(config: DistillConfig, inputs: RunInputs) -> Any:
     cache = open_cache(path, config=config, tokenizer=inputs.tokenizer, examples=inputs.examples)
     rows = vocab_rows(inputs.student)
     if cache.vocab_size != rows:
-        reason = f"{path}: made for a student vocabulary of {cache.vocab_size} rows, this student has {rows}"
-        raise ConfigError(f"teacher.cache: {reason}", key="teacher.cache", reason=reason)
+        raise ConfigError(
+            f"teacher.cache: {path}: made for a student vocabulary of {cache.vocab_size} rows, this student has {rows}"
+        )
     made = cache.manifest.get("teacher", {}).get("name_or_path") or "an inline teacher"
     _log(inputs.args, f"teacher: read from the cache {path} (top-{cache.top_k} of {made}); no model loaded")
     return cache

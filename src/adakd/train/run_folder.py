@@ -24,8 +24,7 @@ def check_output_dir(path: str) -> None:
         probe.write_bytes(b"")
         os.remove(probe)
     except OSError as e:
-        reason = f"{path}: not writable ({e.strerror or e})"
-        raise ConfigError(f"training.output_dir: {reason}", key="training.output_dir", reason=reason) from e
+        raise ConfigError(f"training.output_dir: {path}: not writable ({e.strerror or e})") from e
 
 
 def _earlier_run(folder: Path) -> list[str]:
@@ -54,11 +53,10 @@ def check_fresh_run(path: str, *, resume: str | bool | None, overwrite: bool) ->
         return []
     if not overwrite:
         shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
-        reason = (
-            f"{path} already holds a run ({shown}); continue it with --resume, or start over with --overwrite (which "
-            "deletes them)"
+        raise ConfigError(
+            f"training.output_dir: {path} already holds a run ({shown}); continue it with --resume, "
+            "or start over with --overwrite (which deletes them)"
         )
-        raise ConfigError(f"training.output_dir: {reason}", key="training.output_dir", reason=reason)
     return found
 
 
