@@ -163,9 +163,13 @@ def _check_headers(path: str, folder: Path, manifest: dict[str, Any]) -> None:
         except OSError as e:
             raise ConfigError(f"teacher.cache: {path}: {shard['file']}: cannot read ({e.strerror or e})") from None
         wrong = shard_problem(
-            header, top_k=manifest["top_k"], id_dtype=manifest.get("id_dtype"),
-            logprob_dtype=manifest.get("logprob_dtype"), examples=shard["examples"], positions=shard["positions"],
-        )  # fmt: skip
+            header,
+            top_k=manifest["top_k"],
+            id_dtype=manifest.get("id_dtype"),
+            logprob_dtype=manifest.get("logprob_dtype"),
+            examples=shard["examples"],
+            positions=shard["positions"],
+        )
         if wrong is None:
             continue
         field, claimed, found = wrong

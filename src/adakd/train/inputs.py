@@ -103,7 +103,17 @@ def resolve_inputs(config: DistillConfig) -> RunInputs:
     teaching = teacher if distils and config.loss.kd_ratio > 0 and not cached else None
     student, teacher_model = load_models(config.student, teaching, args, tokenizer)
     align_special_tokens(student, tokenizer, args, say=config.student.config is None)
-    return RunInputs(args, tokenizer, examples, eval_examples, evaluated, rouge, student, teacher_model, cached)
+    return RunInputs(
+        args=args,
+        tokenizer=tokenizer,
+        examples=examples,
+        eval_examples=eval_examples,
+        eval_dataset=evaluated,
+        rouge=rouge,
+        student=student,
+        teacher=teacher_model,
+        cached_teacher=cached,
+    )
 
 
 def training_arguments(training: dict[str, Any], *, origin: str | None = None, cached_teacher: bool = False) -> Any:
