@@ -187,7 +187,7 @@ def demo_pair(args, log) -> dict[str, Any]:
     from adakd.demo.run import METHODS, _train
     from adakd.models import load_causal_lm
     from adakd.train import load_config
-    from adakd.train.run import training_examples
+    from adakd.train.examples import training_examples
     from study import evaluate_model, prepare, study_settings
 
     out = Path(args.output) / "demo"
@@ -202,7 +202,7 @@ def demo_pair(args, log) -> dict[str, Any]:
     held_out = dict(data, path=str(out / "shared" / "data" / "validation.jsonl"), limit=args.fidelity_examples)
     spec = _cache_config(shared["student-init"], shared["teacher"], shared["tok_dir"], held_out, out / "tmp")
     config = load_config(data=spec)
-    examples, _ = training_examples(config, _Args(), shared["tokenizer"])
+    examples, _ = training_examples(config.data, _Args(), shared["tokenizer"])
     result: dict[str, Any] = {"fidelity": fidelity(teacher, student, list(examples), shared["tokenizer"].pad_token_id,
                                                    args.ks)}  # fmt: skip
     train_data = dict(data, path=str(shared["train_file"]))
@@ -252,7 +252,7 @@ def gpt2_pair(args, log) -> dict[str, Any]:
     """Fidelity, cache size and time per step on the GPT-2 vocabulary (Dolly token shards)."""
     from adakd.models import load_causal_lm
     from adakd.train import build_trainer, load_config
-    from adakd.train.run import training_examples
+    from adakd.train.examples import training_examples
 
     out = Path(args.output) / "gpt2"
     vocab = 50304
@@ -282,7 +282,7 @@ def gpt2_pair(args, log) -> dict[str, Any]:
     student = load_causal_lm(str(models["student"]), dtype="float32")
     valid = dict(data, path=args.dolly.replace("train_", "valid_"), limit=args.fidelity_examples)
     spec = _cache_config(models["student"], models["teacher"], Path(args.tokenizer), valid, out / "tmp")
-    examples, _ = training_examples(load_config(data=spec), _Args(), _tokenizer(args.tokenizer))
+    examples, _ = training_examples(load_config(data=spec).data, _Args(), _tokenizer(args.tokenizer))
     result: dict[str, Any] = {"fidelity": fidelity(teacher, student, list(examples), 50256, args.ks)}
     train = dict(data, limit=args.gpt2_cache_examples)
     spec = _cache_config(models["student"], models["teacher"], Path(args.tokenizer), train, out / "tmp")

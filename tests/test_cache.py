@@ -30,8 +30,9 @@ from adakd.data import DistillCollator  # noqa: E402
 from adakd.sparse import sparse_from_logits  # noqa: E402
 from adakd.train import load_config  # noqa: E402
 from adakd.train.config import ConfigError  # noqa: E402
+from adakd.train.examples import training_examples  # noqa: E402
+from adakd.train.inputs import load_tokenizer, training_arguments  # noqa: E402
 from adakd.train.models import load_model  # noqa: E402
-from adakd.train.run import load_tokenizer, training_arguments, training_examples  # noqa: E402
 
 from .faults.common import cli, one_line_error  # noqa: E402
 
@@ -78,9 +79,9 @@ def setup(tmp_path_factory):
 
 def _inputs(config):
     """The student tokenizer and the training examples, as training builds them."""
-    args = training_arguments(config)
-    tokenizer = load_tokenizer(config)
-    examples, _ = training_examples(config, args, tokenizer)
+    args = training_arguments(config.training)
+    tokenizer = load_tokenizer(config.student)
+    examples, _ = training_examples(config.data, args, tokenizer)
     return tokenizer, examples
 
 
@@ -239,7 +240,7 @@ def test_another_tokenizer_or_other_examples_are_refused(setup):
     path, cache = setup
     config = load_config(path)
     tokenizer, examples = _inputs(config)
-    other = load_tokenizer(config)
+    other = load_tokenizer(config.student)
     other.add_tokens(["<extra>"])
     with pytest.raises(ConfigError, match=r": made with another tokenizer \(byte, 257 tokens; this run's byte, 258"):
         open_cache(cache, config=config, tokenizer=other, examples=examples)

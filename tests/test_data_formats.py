@@ -41,7 +41,8 @@ from adakd.data.examples import byte_tokenizer  # noqa: E402
 from adakd.errors import InputError  # noqa: E402
 from adakd.train import build_trainer, load_config, run  # noqa: E402
 from adakd.train.config import ConfigError  # noqa: E402
-from adakd.train.run import ExampleDataset, training_arguments, training_examples  # noqa: E402
+from adakd.train.examples import ExampleDataset, training_examples  # noqa: E402
+from adakd.train.inputs import training_arguments  # noqa: E402
 
 from .faults.common import TINY, one_line_error  # noqa: E402
 
@@ -398,7 +399,7 @@ def test_hub_arguments_reach_load_dataset(tmp_path, hf_cache, monkeypatch):
     )
     assert config.data.source == "hf"
     tok = chat_tokenizer(template=None)
-    examples, held_out = training_examples(config, training_arguments(config), tok)
+    examples, held_out = training_examples(config.data, training_arguments(config.training), tok)
     assert calls == [
         ("trl-lib/Capybara", "default", {"split": "validation", "revision": "0123abc", "streaming": False})
     ]
@@ -479,7 +480,8 @@ _WORKER = """
 import json, os, sys
 import adakd.data.hf as hf
 from adakd.train import load_config
-from adakd.train.run import training_arguments, training_examples
+from adakd.train.examples import training_examples
+from adakd.train.inputs import training_arguments
 
 real = hf._encode_row
 
@@ -492,8 +494,8 @@ def counted(*args, **kwargs):  # counts the records this process tokenises itsel
 
 hf._encode_row = counted
 config = load_config(sys.argv[2], sys.argv[3:])
-args = training_arguments(config)
-examples, _ = training_examples(config, args, __import__("adakd.data", fromlist=["x"]).tokenizer_for("byte"))
+args = training_arguments(config.training)
+examples, _ = training_examples(config.data, args, __import__("adakd.data", fromlist=["x"]).tokenizer_for("byte"))
 print("RESULT", os.environ["RANK"], json.dumps([examples[i] for i in range(len(examples))]), flush=True)
 """
 
@@ -570,7 +572,9 @@ def test_a_streamed_dataset_trains_for_max_steps(tmp_path, hf_cache):
         "training.max_steps=3",
         "training.per_device_train_batch_size=2",
     )
-    examples, held_out = training_examples(config, training_arguments(config), chat_tokenizer(template=None))
+    examples, held_out = training_examples(
+        config.data, training_arguments(config.training), chat_tokenizer(template=None)
+    )
     assert isinstance(examples, ExampleStream) and held_out == []
     assert len(examples) == 3 * 2  # what one process trains on: max_steps x batch x accumulation
     assert ExampleDataset(examples) is examples.dataset  # the Trainer gets the stream itself

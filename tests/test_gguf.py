@@ -165,13 +165,13 @@ def test_a_teacher_without_tokenizer_files_is_said_not_compared(tmp_path, capsys
     (it used to skip the comparison without a word)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from adakd.train.run import check_tokenizers, load_tokenizer
+    from adakd.train.inputs import check_tokenizers, load_tokenizer
 
     folder = tmp_path / "teacher"
     AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen2", vocab_size=320, hidden_size=16,
                                      intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                      num_key_value_heads=1)).save_pretrained(folder)  # fmt: skip
     config = _config(tmp_path, "teacher.config=null", "teacher.tokenizer=null", f"teacher.name_or_path={folder}")
-    check_tokenizers(config, load_tokenizer(config))
+    check_tokenizers(config.teacher, config.loss, load_tokenizer(config.student))
     err = capsys.readouterr().err
     assert f"teacher.name_or_path {folder}: no tokenizer files, so the teacher's vocabulary is not compared" in err

@@ -23,8 +23,8 @@ from adakd.models import load_causal_lm  # noqa: E402
 from adakd.train import build_trainer, load_config  # noqa: E402
 from adakd.train import models as train_models  # noqa: E402
 from adakd.train.config import ConfigError, ModelSection  # noqa: E402
+from adakd.train.inputs import load_tokenizer  # noqa: E402
 from adakd.train.models import check_quantization_backend, load_model, prepare_teacher, tokenizer_kwargs  # noqa: E402
-from adakd.train.run import load_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny-cpu.yaml"
@@ -164,7 +164,7 @@ def test_the_tokenizer_revision_reaches_from_pretrained(tmp_path, monkeypatch):
 
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(wrapper))
     config = _config(tmp_path, f"student.tokenizer={folder}", "student.tokenizer_revision=main")
-    assert len(load_tokenizer(config)) == 257
+    assert len(load_tokenizer(config.student)) == 257
     assert calls == [(str(folder), {"revision": "main"})]
 
 

@@ -281,7 +281,7 @@ def test_kd_is_normalised_by_the_tokens_the_loss_really_kept(tmp_path):
 def test_optimizer_steps_match_the_trainers_own_count(tmp_path, examples, batch, accumulation, epochs):
     """LATF's warm-up and the ratio schedules are sized from the run's optimizer steps: the same count the
     Trainer will run, a fractional num_train_epochs included (it used to be rounded up to whole epochs)."""
-    from adakd.train.run import optimizer_steps
+    from adakd.train.inputs import optimizer_steps
 
     config = _config(
         tmp_path, "training.max_steps=-1", f"training.num_train_epochs={epochs}",

@@ -64,11 +64,11 @@ def test_a_whole_vocabulary_cache_trains_exactly_like_the_live_teacher(tmp_path,
 
 
 def test_a_small_cache_trains_without_loading_the_teacher(tmp_path, monkeypatch):
-    run_module = sys.modules["adakd.train.run"]  # adakd.train.run is also the name of a function there
+    inputs_module = sys.modules["adakd.train.inputs"]
     cache = _cache(tmp_path, 8)
     loaded = []
-    original = run_module.load_model
-    monkeypatch.setattr(run_module, "load_model", lambda section, role, **kw: loaded.append(role) or original(
+    original = inputs_module.load_model
+    monkeypatch.setattr(inputs_module, "load_model", lambda section, role, **kw: loaded.append(role) or original(
         section, role, **kw))  # fmt: skip
     trainer = _train(tmp_path, "k8", f"teacher.cache={cache}", "loss.fused=true")
     assert loaded == ["student"]

@@ -26,7 +26,8 @@ from adakd.cache.format import read_shard_header  # noqa: E402
 from adakd.cli import main  # noqa: E402
 from adakd.train import load_config  # noqa: E402
 from adakd.train.config import ConfigError  # noqa: E402
-from adakd.train.run import load_tokenizer, training_arguments, training_examples  # noqa: E402
+from adakd.train.examples import training_examples  # noqa: E402
+from adakd.train.inputs import load_tokenizer, training_arguments  # noqa: E402
 
 from .common import TINY, cli, cli_subprocess, one_line_error  # noqa: E402
 
@@ -367,8 +368,8 @@ def inputs(base):
     """The config, tokenizer and examples of a training run that reads the base cache."""
     root, _ = base
     config = load_config(TINY, _overrides(root))
-    tokenizer = load_tokenizer(config)
-    examples, _ = training_examples(config, training_arguments(config), tokenizer)
+    tokenizer = load_tokenizer(config.student)
+    examples, _ = training_examples(config.data, training_arguments(config.training), tokenizer)
     return config, tokenizer, examples
 
 

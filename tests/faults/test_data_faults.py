@@ -64,7 +64,7 @@ def no_models(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a model was loaded before the data was refused")
 
-    monkeypatch.setattr(importlib.import_module("adakd.train.run"), "load_model", boom)
+    monkeypatch.setattr(importlib.import_module("adakd.train.inputs"), "load_model", boom)
 
 
 def write_jsonl(path: Path, rows) -> Path:

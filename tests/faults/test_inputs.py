@@ -13,7 +13,7 @@ from adakd.data import read_instruction_jsonl, read_minillm_jsonl
 from adakd.errors import InputError
 from adakd.train import build_trainer
 from adakd.train.config import ConfigError
-from adakd.train.run import check_tokenizers
+from adakd.train.inputs import check_tokenizers
 
 from .common import TINY, cli, cli_subprocess, one_line_error, tiny
 
@@ -149,7 +149,7 @@ def test_tokenizer_mismatch(capsys, tmp_path):
     config = tiny(tmp_path, f"teacher.tokenizer={other}", "loss.allow_tokenizer_mismatch=true")
     from adakd.data.examples import byte_tokenizer
 
-    check_tokenizers(config, byte_tokenizer())  # allowed: no error
+    check_tokenizers(config.teacher, config.loss, byte_tokenizer())  # allowed: no error
 
 
 def test_vocabulary_crop_that_drops_real_tokens(capsys, tmp_path):

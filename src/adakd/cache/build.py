@@ -12,37 +12,23 @@ shard s is computed by rank s % world, rank 0 (the one holding the lock) writes 
 
 from __future__ import annotations
 
-import contextlib
-import copy
+import dataclasses
 import datetime
-import errno
-import json
-import os
-import socket
-import sys
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from ..files import write_json
 from ..shapes import check_vocab_sizes
+from .folder import CacheFolder, OutputLock, file_errors, note
 from .format import (
     FORMAT,
-    LOCK,
     MANIFEST,
     PLAN,
     data_info,
     digest_examples,
-    first_difference,
     id_dtype,
     is_cache_file,
-    manifest_problem,
-    read_shard_header,
     sha256_file,
-    shard_index,
     shard_name,
-    shard_problem,
-    show,
     template_info,
     tokenizer_info,
 )
@@ -89,11 +75,11 @@ def _check_options(top_k: int, dtype: str, batch_size: int, shard_examples: int)
         raise InputError(f"--dtype: {dtype!r} is not one of {', '.join(LOGPROB_DTYPES)}")
 
 
-def _plan(config: Any, tokenizer: Any, digest: Any, conversations: bool, **fields: Any) -> dict[str, Any]:
+def _plan(t: Any, d: Any, tokenizer: Any, digest: Any, conversations: bool, **fields: Any) -> dict[str, Any]:
     """What the cache is made of, in the order a difference is reported (the manifest less ``created`` and
-    ``shards``). ``fields``: ``top_k``, ``logprob_dtype``, ``shard_examples``, and once the teacher is loaded
-    ``vocab_size`` and ``id_dtype``."""
-    t, d = config.teacher, config.data
+    ``shards``): of the ``teacher`` section ``t``, the ``data`` section ``d``, the student ``tokenizer`` and the
+    examples' ``digest``. ``fields``: ``tokenizer_source`` (where the tokenizer came from), ``top_k``,
+    ``logprob_dtype``, ``shard_examples``, and once the teacher is loaded ``vocab_size`` and ``id_dtype``."""
     teacher = {
         "name_or_path": t.name_or_path,
         "revision": t.model_kwargs.get("revision"),
@@ -109,302 +95,37 @@ def _plan(config: Any, tokenizer: Any, digest: Any, conversations: bool, **field
     plan = {"format": FORMAT, "teacher": teacher}
     keys = ("vocab_size", "teacher_vocab_size", "top_k", "logprob_dtype", "id_dtype")
     plan.update({key: fields[key] for key in keys if key in fields})
-    from ..train.models import tokenizer_source
-
-    plan["tokenizer"] = tokenizer_info(tokenizer_source(config.student), tokenizer)
+    plan["tokenizer"] = tokenizer_info(fields["tokenizer_source"], tokenizer)
     plan.update(data=data_info(d), template=template_info(d.template, tokenizer, conversations))
     plan.update(max_length=d.max_length, max_prompt_length=d.max_prompt_length, shard_examples=fields["shard_examples"])
     plan.update(examples=digest.count, positions=digest.total, examples_sha256=digest.sha256)
     return plan
 
 
-def _conversations(config: Any) -> bool:
+def _conversations(d: Any) -> bool:
     """Whether the training examples are conversations rendered with a chat template (as
     :func:`adakd.data.tokenize_rows` decides: from ``data.format``, else the first row)."""
-    if config.data.source != "hf":
+    if d.source != "hf":
         return False
     from ..data import detect_format
-    from ..train.run import load_records
+    from ..train.examples import load_records
 
-    first = next(iter(load_records(config)), None)
+    first = next(iter(load_records(d)), None)
     if first is None:
         return False
-    data_format = config.data.format or detect_format(first, "data row 0")
+    data_format = d.format or detect_format(first, "data row 0")
     return data_format == "messages" or (data_format == "prompt_completion" and isinstance(first.get("prompt"), list))
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """:func:`build_cache`'s options (checked by :func:`_check_options`)."""
 
-
-# What to do about a file-system error, by errno (the message says what happened: os.strerror).
-_ADVICE = {
-    errno.ENOSPC: "free some space and run the same command again (the shards written so far are kept)",
-    errno.EDQUOT: "free some space and run the same command again (the shards written so far are kept)",
-    errno.EROFS: "give --output a folder on a writable file system",
-    errno.EACCES: "give --output a folder this user can write",
-    errno.EPERM: "give --output a folder this user can write",
-}
-
-
-@contextlib.contextmanager
-def _fs(output: str, path: Path, verb: str = "write") -> Iterator[None]:
-    """Turn an ``OSError`` met while ``verb``-ing ``path`` into one :class:`InputError` line naming the path (the file
-    written, not its temporary name) and the reason (``no space left on device``, ``read-only file system``, ...)."""
-    from ..errors import InputError
-
-    try:
-        yield
-    except OSError as e:
-        reason = e.strerror or str(e) or type(e).__name__
-        reason = reason[:1].lower() + reason[1:]  # "No space left on device" → "no space left on device"
-        advice = _ADVICE.get(e.errno or 0)
-        raise InputError(
-            f"--output {output}: cannot {verb} {path}: {reason}{'; ' + advice if advice else ''}"
-        ) from None
-
-
-def _note(message: str) -> None:
-    """One line on stderr (rank 0's notes: what a run found and does about it)."""
-    print(f"[adakd] {message}", file=sys.stderr, flush=True)
-
-
-class _OutputLock:
-    """An exclusive, non-blocking ``flock`` on ``DIR/build.lock``, held by one ``adakd cache`` run (rank 0 under
-    ``torchrun``) from before it reads the folder until it returns; the file holds the holder's process id and host.
-
-    A second run is refused in one line naming the holder. The file is deleted when the lock is released (the lock
-    is taken again when the file found is no longer the one in place), and a folder this run created is removed
-    again when it is still empty (a refused run leaves nothing behind). Without ``fcntl`` (Windows) or on a file
-    system without ``flock``, the run goes on unlocked and says so.
-    """
-
-    def __init__(self, output: str) -> None:
-        self.output, self.path = output, Path(output) / LOCK
-        self.fd: int | None = None
-        self.created = False
-
-    def acquire(self) -> None:
-        from ..errors import InputError
-
-        folder = self.path.parent
-        if folder.exists() and not folder.is_dir():
-            raise InputError(f"--output {self.output}: exists and is not a folder")
-        try:
-            import fcntl
-        except ImportError:  # Windows
-            _note(f"cache: {self.output}: cannot lock the folder here (no fcntl): run one adakd cache on it at a time")
-            return
-        for _ in range(20):  # a holder that deletes the file as we open it: take the new one
-            with _fs(self.output, folder):
-                if not folder.is_dir():
-                    folder.mkdir(parents=True, exist_ok=True)
-                    self.created = True
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except FileNotFoundError:
-                continue  # the folder was removed meanwhile
-            except OSError as e:
-                with _fs(self.output, self.path):
-                    raise e
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
-                    os.close(fd)
-                    _note(f"cache: {self.output}: cannot lock {self.path} ({e.strerror or e}): run one adakd cache on "
-                          "it at a time")  # fmt: skip
-                    return
-                holder = _holder(fd)
-                os.close(fd)
-                raise InputError(
-                    f"--output {self.output}: another adakd cache run ({holder}) is writing to this folder (it holds "
-                    f"{self.path}): wait for it to end, or use another folder"
-                ) from None
-            if not _same_file(fd, self.path):
-                os.close(fd)
-                continue
-            self.fd = fd
-            try:
-                with _fs(self.output, self.path):
-                    os.ftruncate(fd, 0)
-                    os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
-            except BaseException:
-                self.release()
-                raise
-            return
-        raise InputError(f"--output {self.output}: cannot take the lock {self.path}: it keeps being replaced")
-
-    def release(self) -> None:
-        """Delete the file and unlock; remove the folder when this run created it and it is empty."""
-        if self.fd is not None:
-            if _same_file(self.fd, self.path):
-                with contextlib.suppress(OSError):
-                    self.path.unlink()
-            os.close(self.fd)
-            self.fd = None
-        if self.created:
-            with contextlib.suppress(OSError):
-                self.path.parent.rmdir()  # only when empty
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        a, b = os.fstat(fd), os.stat(path)
-    except OSError:
-        return False
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
-
-
-def _holder(fd: int) -> str:
-    """``pid N on HOST`` from a lock file's content (``pid unknown`` while its holder has not written it yet)."""
-    try:
-        words = os.pread(fd, 512, 0).decode("utf-8", "replace").split()
-    except OSError:
-        words = []
-    if not words or not words[0].isdigit():
-        return "pid unknown"
-    return f"pid {words[0]}" + (f" on {words[1]}" if len(words) > 1 else "")
-
-
-class _Folder:
-    """The ``--output`` folder as found at start: its plan and manifest (None when absent, unreadable or, for the
-    manifest, inconsistent), and after :meth:`verify` the shards to compute again (``redo``: name → why)."""
-
-    def __init__(self, output: str, overwrite: bool) -> None:
-        from ..errors import InputError
-
-        self.output, self.path = output, Path(output)
-        if self.path.exists() and not self.path.is_dir():
-            raise InputError(f"--output {output}: exists and is not a folder")
-        self.plan = self.manifest = None
-        self.manifest_note: str | None = None
-        self.redo: dict[str, str] = {}
-        self._bytes_ok: dict[str, bool] = {}  # shard name → whether its bytes checked out (read once)
-        if overwrite or not self.path.is_dir():
-            return
-        with _fs(output, self.path, "read"):
-            names = sorted(p.name for p in self.path.iterdir() if p.name != LOCK)
-        self.plan, manifest = _read_json(self.path / PLAN), _read_json(self.path / MANIFEST)
-        others = [name for name in names if not is_cache_file(name)]
-        if self.plan is None and names:
-            shown = ", ".join(others[:3]) or "cache files without plan.json"
-            raise InputError(f"--output {output}: not empty and holds no adakd cache ({shown}); use another folder")
-        if manifest is not None:
-            problem = manifest_problem(manifest)
-            if problem is None:
-                self.manifest = manifest
-            else:
-                self.manifest_note = f"{MANIFEST}: {problem[0]}: {problem[1]}"
-
-    def check(self, plan: dict[str, Any]) -> dict[str, Any]:
-        """Refuse a folder that holds a cache made another way, naming the first field that differs; returns
-        ``plan``, its ``top_k`` made effective (min(k, V_t)) from the old plan when the teacher is not loaded yet."""
-        if self.plan is None:
-            return plan
-        from ..errors import InputError
-
-        old = self.plan
-        if "vocab_size" not in plan and isinstance(old.get("vocab_size"), int):
-            plan = {**plan, "top_k": min(plan["top_k"], old["vocab_size"])}
-        diff = first_difference(old, plan)
-        if diff is not None:
-            key, was, now = diff
-            raise InputError(
-                f"--output {self.output}: holds a cache made with {key} {show(was)}, not {show(now)}; use another "
-                "folder or --overwrite"
-            )
-        return plan
-
-    def verify(self, plan: dict[str, Any], shards: list[tuple[int, int, int]]) -> None:
-        """Check every shard file the folder holds against ``plan``: its header (a whole safetensors file, written
-        for this plan at this place, with the tensors the plan says) and its bytes (the manifest's sha256 when the
-        manifest lists it, else the sha256 of the tensors its header records). A damaged shard, or one written
-        without that header, is put in ``redo``; a shard of another cache is refused (it is not this run's to
-        delete)."""
-        from ..errors import InputError
-
-        self.redo = {}
-        if self.plan is None:  # a new folder, or --overwrite
-            return
-        matches = self.manifest is not None and first_difference(self.manifest, plan) is None
-        listed = {entry["file"]: entry for entry in self.manifest["shards"]} if matches else {}
-        with _fs(self.output, self.path, "read"):
-            files = sorted(p for p in self.path.iterdir() if shard_index(p.name) is not None and p.is_file())
-        for path in files:
-            s = shard_index(path.name)
-            if s >= len(shards):
-                raise InputError(
-                    f"--output {self.output}: {path.name} is not a shard of this cache, which has {len(shards)} shards "
-                    "(a file of another cache?): delete it, or use --overwrite"
-                )
-            with _fs(self.output, path, "read"):
-                problem = self._shard_problem(path, s, plan, shards[s], listed.get(path.name))
-            if problem is not None:
-                self.redo[path.name] = problem
-
-    def _shard_problem(self, path: Path, s: int, plan: dict, place: tuple, entry: dict | None) -> str | None:
-        from ..errors import InputError
-
-        try:
-            header = read_shard_header(path)
-        except ValueError as e:
-            return str(e)
-        meta = header.meta
-        if meta is None:  # an older adakd's shard: kept only when this plan's manifest vouches for its bytes
-            if entry is not None and self._bytes(path, lambda: (header.size, sha256_file(path)[1]) ==
-                                                 (entry["bytes"], entry["sha256"])):  # fmt: skip
-                return None
-            return "written without the header that says which cache it belongs to (an older adakd?)"
-        theirs = meta.get("plan") if isinstance(meta.get("plan"), dict) else {}
-        diff = first_difference(theirs, plan)
-        if diff is not None:
-            key, was, now = diff
-            raise InputError(
-                f"--output {self.output}: {path.name} was computed for a cache made with {key} {show(was)}, not "
-                f"{show(now)} (a shard of another cache): delete it, or use --overwrite"
-            )
-        first, count, positions = place
-        where = {"index": s, "first_example": first, "examples": count, "positions": positions}
-        if meta.get("shard") != where:
-            index = meta["shard"].get("index") if isinstance(meta.get("shard"), dict) else None
-            raise InputError(
-                f"--output {self.output}: {path.name} holds shard {show(index)} of this cache, not shard {s} (a "
-                "renamed file?): delete it, or use --overwrite"
-            )
-        ref = {**theirs, **plan}
-        wrong = shard_problem(header, top_k=ref.get("top_k"), id_dtype=ref.get("id_dtype"),
-                              logprob_dtype=ref.get("logprob_dtype"), examples=count, positions=positions)  # fmt: skip
-        if wrong is not None:
-            field, want, found = wrong
-            return f"its tensors do not match its header ({field}: {show(want)} expected, {show(found)} found)"
-        if entry is not None:
-            if not self._bytes(path, lambda: (header.size, sha256_file(path)[1]) == (entry["bytes"], entry["sha256"])):
-                return "its size or sha256 is not the manifest's (corrupt)"
-        elif not self._bytes(path, lambda: header.tensors_sha256() == meta.get("tensors_sha256")):
-            return "its tensors' sha256 is not the one its header records (corrupt)"
-        return None
-
-    def _bytes(self, path: Path, check: Any) -> bool:
-        """``check()`` of a shard's bytes, run once per shard (the folder does not change while the lock is held)."""
-        if path.name not in self._bytes_ok:
-            self._bytes_ok[path.name] = bool(check())
-        return self._bytes_ok[path.name]
-
-    def complete(self, plan: dict[str, Any], count: int) -> bool:
-        """Whether the manifest is there, matches ``plan``, lists ``count`` shards, and every one is there and
-        passed :meth:`verify`."""
-        m = self.manifest
-        diff = None if m is None else first_difference(m, plan)
-        if diff is not None:
-            self.manifest_note = f"{MANIFEST}: {diff[0]}: {show(diff[1])} where {PLAN} has {show(diff[2])}"
-        if m is None or diff is not None or len(m["shards"]) != count:
-            return False
-        return not self.redo and all((self.path / entry["file"]).is_file() for entry in m["shards"])
+    top_k: int
+    dtype: str
+    batch_size: int
+    shard_examples: int
+    overwrite: bool
 
 
 class _Ranks:
@@ -434,36 +155,36 @@ def _log(ranks: _Ranks, message: str) -> None:
         print(f"[adakd] {message}", flush=True)
 
 
-def _prepare(folder: _Folder, plan: dict[str, Any], overwrite: bool, ranks: _Ranks) -> None:
+def _prepare(folder: CacheFolder, plan: dict[str, Any], overwrite: bool, ranks: _Ranks) -> None:
     """Rank 0, while the others wait: delete the old cache (``--overwrite``), or an outdated manifest, the shards
-    :meth:`_Folder.verify` found damaged (one line each on stderr) and the temporary files an interrupted run left;
+    :meth:`CacheFolder.verify` found damaged (one line each on stderr) and the temporary files an interrupted run left;
     then write ``plan.json``."""
     if ranks.main:
         output = folder.output
-        with _fs(output, folder.path):
+        with file_errors(output, folder.path):
             folder.path.mkdir(parents=True, exist_ok=True)
         if folder.manifest_note and not overwrite:
-            _note(f"cache: {output}: {folder.manifest_note}; the manifest is written anew")
+            note(f"cache: {output}: {folder.manifest_note}; the manifest is written anew")
         for name, why in sorted(folder.redo.items()):
-            _note(f"cache: {output}: {name}: {why}; computing it again")
-        with _fs(output, folder.path, "read"):
+            note(f"cache: {output}: {name}: {why}; computing it again")
+        with file_errors(output, folder.path, "read"):
             paths = sorted(folder.path.iterdir())
         for path in paths:
             stale = overwrite or ".tmp" in path.name or path.name == MANIFEST or path.name in folder.redo
             if stale and is_cache_file(path.name):
-                with _fs(output, path, "delete"):
+                with file_errors(output, path, "delete"):
                     path.unlink()
-        with _fs(output, folder.path / PLAN):
+        with file_errors(output, folder.path / PLAN):
             write_json(folder.path / PLAN, plan)
     ranks.barrier()
 
 
-def _teacher(config: Any, args: Any) -> Any:
+def _teacher(section: Any, args: Any) -> Any:
     """The teacher alone, on the run's device, in eval mode, without gradients."""
     from ..train.models import check_quantization_backend, load_model
 
-    check_quantization_backend(config.teacher, "teacher", args.device)
-    model = load_model(config.teacher, "teacher", device=args.device)
+    check_quantization_backend(section, "teacher", args.device)
+    model = load_model(section, "teacher", device=args.device)
     if not getattr(model, "is_quantized", False):  # a quantised model was loaded onto its device
         model = model.to(args.device)
     return model.eval().requires_grad_(False)
@@ -479,7 +200,7 @@ def _shards(digest: Any, shard_examples: int) -> list[tuple[int, int, int]]:
 
 
 def _compute(
-    model: Any, examples: Any, shards: list, folder: _Folder, plan: dict, ranks: _Ranks, **options: Any
+    model: Any, examples: Any, shards: list, folder: CacheFolder, plan: dict, ranks: _Ranks, **options: Any
 ) -> int:
     """Compute and write this process's missing shards (shard s belongs to rank s % world); returns their count.
     ``options``: :func:`~adakd.cache.writer.compute_shard`'s keywords. Each shard's header records ``plan`` and its
@@ -500,12 +221,12 @@ def _compute(
             place = {"index": s, "first_example": first, "examples": count, "positions": positions}
             meta = {"plan": plan, "shard": place}
             path = folder.path / shard_name(s)
-            with _fs(folder.output, path):
+            with file_errors(folder.output, path):
                 write_shard(path, tensors, meta)
     return len(todo)
 
 
-def _write_manifest(folder: _Folder, plan: dict[str, Any], shards: list) -> dict[str, Any]:
+def _write_manifest(folder: CacheFolder, plan: dict[str, Any], shards: list) -> dict[str, Any]:
     """Read every shard back (its size, sha256 and row count) and write ``manifest.json`` atomically."""
     import numpy as np
     from safetensors import safe_open
@@ -516,7 +237,7 @@ def _write_manifest(folder: _Folder, plan: dict[str, Any], shards: list) -> dict
     tail_mass, tail_max = 0.0, 0.0
     for s, (first, count, positions) in enumerate(shards):
         path = folder.path / shard_name(s)
-        with _fs(folder.output, path, "read"), safe_open(str(path), framework="numpy") as f:
+        with file_errors(folder.output, path, "read"), safe_open(str(path), framework="numpy") as f:
             rows = int(f.get_tensor("offsets")[-1])
             mass = np.exp(f.get_tensor("tail").astype(np.float64))
         tail_mass += float(mass.sum())
@@ -526,18 +247,16 @@ def _write_manifest(folder: _Folder, plan: dict[str, Any], shards: list) -> dict
                 f"--output {folder.output}: {path.name} holds {rows} rows where this cache has {positions} "
                 "positions (a file from another run?): delete it and run the command again"
             )
-        with _fs(folder.output, path, "read"):
+        with file_errors(folder.output, path, "read"):
             size, sha = sha256_file(path)
-        entries.append(
-            {"file": path.name, "first_example": first, "examples": count, "positions": positions, "bytes": size,
-             "sha256": sha}
-        )  # fmt: skip
+        entry = {"file": path.name, "first_example": first, "examples": count, "positions": positions}
+        entries.append({**entry, "bytes": size, "sha256": sha})
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     # The teacher's mass outside the top-k, over every position: how much of its distribution the cache lumps into
     # the tail bucket (docs/cache.md: above about 1%, raise --top-k or train with the live teacher).
     tail = {"mean": tail_mass / max(1, plan["positions"]), "max": tail_max}
     manifest = {"format": plan["format"], "created": created, **plan, "tail_mass": tail, "shards": entries}
-    with _fs(folder.output, folder.path / MANIFEST):
+    with file_errors(folder.output, folder.path / MANIFEST):
         write_json(folder.path / MANIFEST, manifest)
     return manifest
 
@@ -593,63 +312,75 @@ def build_cache(
     """
     _check_options(top_k, dtype, batch_size, shard_examples)
     check_cache_config(config)
-    from ..train.run import training_arguments
+    from ..train.inputs import training_arguments
 
     # Each process runs a whole teacher: DeepSpeed would build it partitioned (zero.Init) for training.
-    plain = copy.copy(config)
-    plain.training = {key: value for key, value in config.training.items() if key != "deepspeed"}
-    args = training_arguments(plain)
+    plain = {key: value for key, value in config.training.items() if key != "deepspeed"}
+    args = training_arguments(plain, origin=config.origin)
     ranks = _Ranks(args)
-    lock = _OutputLock(output) if ranks.main else None
+    lock = OutputLock(output) if ranks.main else None
     if lock is not None:
         lock.acquire()  # before the folder is read, until the command returns: one run at a time
     try:
         ranks.barrier()  # the others read the folder once rank 0 holds it
-        return _build(config, args, ranks, output, top_k, dtype, batch_size, shard_examples, overwrite)
+        return _build(config, args, ranks, output, _Options(top_k, dtype, batch_size, shard_examples, overwrite))
     finally:
         if lock is not None:
             lock.release()
 
 
-def _build(
-    config: Any, args: Any, ranks: _Ranks, output: str, top_k: int, dtype: str, batch_size: int, shard_examples: int,
-    overwrite: bool,
-) -> dict[str, Any]:  # fmt: skip
+def _build(config: Any, args: Any, ranks: _Ranks, output: str, options: _Options) -> dict[str, Any]:
     """:func:`build_cache` once the folder is locked."""
     from ..data import DistillCollator
     from ..errors import ConfigError
-    from ..train.run import check_tokenizers, load_tokenizer, training_examples
+    from ..train.examples import training_examples
+    from ..train.inputs import check_tokenizers, load_tokenizer
+    from ..train.models import tokenizer_source
 
-    tokenizer = load_tokenizer(config)
-    check_tokenizers(config, tokenizer)
-    examples, _ = training_examples(config, args, tokenizer)
+    top_k, dtype, shard_examples, overwrite = options.top_k, options.dtype, options.shard_examples, options.overwrite
+    tokenizer = load_tokenizer(config.student)
+    check_tokenizers(config.teacher, config.loss, tokenizer)
+    # check_cache_config refused on-policy modes: nothing is held out
+    examples, _ = training_examples(config.data, args, tokenizer, tokenizer_name=tokenizer_source(config.student))
     digest = digest_examples(examples)
     shards = _shards(digest, shard_examples)
-    conversations = _conversations(config)
+    conversations = _conversations(config.data)
     fields: dict[str, Any] = {"top_k": top_k, "logprob_dtype": dtype, "shard_examples": shard_examples}
-    folder = _Folder(output, overwrite)
-    plan = folder.check(_plan(config, tokenizer, digest, conversations, **fields))
+    fields["tokenizer_source"] = tokenizer_source(config.student)
+    folder = CacheFolder(output, overwrite)
+    plan = folder.check(_plan(config.teacher, config.data, tokenizer, digest, conversations, **fields))
     folder.verify(plan, shards)
     if folder.complete(plan, len(shards)):
         _log(ranks, f"cache: {output} is complete already; nothing to compute")
         return _summary(folder.manifest, output, 0, ranks.rank)
-    vocab = student_vocab_rows(config)  # the rows training compares over: the teacher is cropped to them
-    model = _teacher(config, args)
+    vocab = student_vocab_rows(config.student)  # the rows training compares over: the teacher is cropped to them
+    model = _teacher(config.teacher, args)
     teacher_vocab = vocab_rows(model)
     try:
         check_vocab_sizes(vocab, teacher_vocab, len(tokenizer))
     except ValueError as e:
         raise ConfigError(f"teacher: {e}") from e
     fields.update(top_k=min(top_k, vocab), vocab_size=vocab, teacher_vocab_size=teacher_vocab, id_dtype=id_dtype(vocab))
-    plan = folder.check(_plan(config, tokenizer, digest, conversations, **fields))
+    plan = folder.check(_plan(config.teacher, config.data, tokenizer, digest, conversations, **fields))
     folder.verify(plan, shards)  # the headers against the whole plan (the bytes were read once, above)
     ranks.barrier()  # every process has read the folder before rank 0 changes it
     _prepare(folder, plan, overwrite, ranks)
     head = linear_head(model)
     computed = _compute(
-        model, examples, shards, folder, plan, ranks, k=fields["top_k"], batch_size=batch_size, head=head,
-        collate=DistillCollator(tokenizer.pad_token_id), id_dtype=fields["id_dtype"], logprob_dtype=dtype, width=vocab,
-    )  # fmt: skip
+        model,
+        examples,
+        shards,
+        folder,
+        plan,
+        ranks,
+        k=fields["top_k"],
+        batch_size=options.batch_size,
+        head=head,
+        collate=DistillCollator(tokenizer.pad_token_id),
+        id_dtype=fields["id_dtype"],
+        logprob_dtype=dtype,
+        width=vocab,
+    )
     ranks.barrier()
     summary = {"computed_shards": computed, "rank": ranks.rank}
     if ranks.main:

@@ -163,9 +163,13 @@ def _check_headers(path: str, folder: Path, manifest: dict[str, Any]) -> None:
         except OSError as e:
             raise ConfigError(f"teacher.cache: {path}: {shard['file']}: cannot read ({e.strerror or e})") from None
         wrong = shard_problem(
-            header, top_k=manifest["top_k"], id_dtype=manifest.get("id_dtype"),
-            logprob_dtype=manifest.get("logprob_dtype"), examples=shard["examples"], positions=shard["positions"],
-        )  # fmt: skip
+            header,
+            top_k=manifest["top_k"],
+            id_dtype=manifest.get("id_dtype"),
+            logprob_dtype=manifest.get("logprob_dtype"),
+            examples=shard["examples"],
+            positions=shard["positions"],
+        )
         if wrong is None:
             continue
         field, claimed, found = wrong
@@ -245,8 +249,8 @@ def open_cache(path: str | os.PathLike, *, config: Any, tokenizer: Any, examples
     Args:
         path: the folder ``adakd cache`` wrote.
         config: the run's :class:`adakd.train.DistillConfig`.
-        tokenizer: the student tokenizer, as :func:`adakd.train.run.training_examples` left it (for conversations it
-            holds the chat template the examples were rendered with).
+        tokenizer: the student tokenizer, as :func:`adakd.train.examples.training_examples` left it (for
+            conversations it holds the chat template the examples were rendered with).
         examples: the tokenised training examples (a list of ``input_ids``/``labels`` dicts or a ``datasets.Dataset``).
 
     Raises:

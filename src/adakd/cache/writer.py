@@ -56,10 +56,11 @@ def vocab_rows(model: torch.nn.Module) -> int:
     return int(model.config.vocab_size)
 
 
-def student_vocab_rows(config: Any) -> int:
-    """V_s: the student's lm_head rows, read from its config (inline, or ``config.json`` of ``student.name_or_path``,
-    or of the base model when that is a LoRA adapter) without loading its weights. The cache keeps the teacher's
-    distribution over these rows, as training crops a live teacher to them (:func:`adakd.align_vocab`).
+def student_vocab_rows(section: Any) -> int:
+    """V_s: the student's lm_head rows, read from the config of the ``student`` section ``section`` (inline, or
+    ``config.json`` of ``student.name_or_path``, or of the base model when that is a LoRA adapter) without loading its
+    weights. The cache keeps the teacher's distribution over these rows, as training crops a live teacher to them
+    (:func:`adakd.align_vocab`).
 
     Raises:
         ConfigError: under ``student.config`` / ``student.name_or_path``, a config that cannot be read.
@@ -69,7 +70,6 @@ def student_vocab_rows(config: Any) -> int:
     from ..errors import ConfigError
     from ..models import adapter_config
 
-    section = config.student
     if section.config is not None:
         cfg = dict(section.config)
         try:
