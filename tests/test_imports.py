@@ -82,7 +82,7 @@ def test_no_import_cycles():
 
 
 # The circles that function-local imports close: issue 24 removed the last one (adakd.cache -> adakd.cache.build ->
-# adakd.train.run), so none may come back.
+# adakd.train.runner), so none may come back.
 KNOWN_CIRCLES = []
 
 

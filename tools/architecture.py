@@ -83,7 +83,7 @@ def graph(local: bool = True, packages: bool = False) -> dict[str, set[str]]:
 
 # The layers, lowest first: a module imports only from its own layer or lower ones. A module's layer is that of its
 # own name in LAYER_OF, else of its longest listed prefix. ``adakd`` itself is the public façade, above everything:
-# no module of adakd imports it. ``adakd.train`` (the package) and ``adakd.train.run`` compose everything below.
+# no module of adakd imports it. ``adakd.train`` (the package) and ``adakd.train.runner`` compose everything below.
 LAYERS = ("math", "support", "domain", "training", "cache and integrations", "runs", "command line", "façade")
 MATH_MODULES = (
     "adakd._version",
@@ -109,7 +109,7 @@ LAYER_OF = {
     ),
     "adakd.train.": "training",  # every module inside adakd/train/ but the two below
     **dict.fromkeys(("adakd.cache", "adakd.integrations"), "cache and integrations"),
-    **dict.fromkeys(("adakd.train", "adakd.train.run", "adakd.demo"), "runs"),
+    **dict.fromkeys(("adakd.train", "adakd.train.runner", "adakd.demo"), "runs"),
     **dict.fromkeys(("adakd.cli", "adakd.__main__"), "command line"),
 }
 

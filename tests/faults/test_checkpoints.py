@@ -25,7 +25,7 @@ SAME = ["data.synthetic_size=64", "loss.fused=false"]  # the settings of tiny() 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """A finished 4-step run with checkpoint-2 and checkpoint-4 (copy before changing it)."""
-    from adakd.train.run import run
+    from adakd.train.runner import run
 
     root = tmp_path_factory.mktemp("ckpt")
     run(tiny(root, *RUN))  # as adakd train runs it: the checkpoints record the run's settings
@@ -187,7 +187,7 @@ def test_resume_keeps_the_best_checkpoint_and_ends_with_the_same_final_model(tmp
     from transformers import TrainerCallback
 
     from adakd.data import synthetic_instructions
-    from adakd.train.run import run
+    from adakd.train.runner import run
 
     data = tmp_path / "data.jsonl"
     rows = [{"prompt": r.prompt, "output": r.response} for r in synthetic_instructions(60, seed=3)]
@@ -290,7 +290,7 @@ def test_a_full_disk_while_writing_final_publishes_nothing_and_resume_writes_it(
     import importlib
     import json
 
-    run_module = importlib.import_module("adakd.train.run")  # the module, not the function adakd.train exports
+    run_module = importlib.import_module("adakd.train.runner")  # the module
 
     from .common import one_line
 
@@ -332,7 +332,7 @@ def _no_models(monkeypatch):
     """Fail the test if the run gets as far as building its trainer (loading models)."""
     import importlib
 
-    run_module = importlib.import_module("adakd.train.run")
+    run_module = importlib.import_module("adakd.train.runner")
 
     def refuse(*args, **kwargs):
         raise AssertionError("the models were loaded before the checkpoint was checked")
