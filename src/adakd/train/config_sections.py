@@ -146,7 +146,7 @@ class DataSection:
         """Infer a missing ``source`` (see above), then check the keys that say where the data are and how they are
         read (``source``, ``name``, ``config``, ``revision``, ``streaming``, ``path``, ``shard_tokenizer``,
         ``format``)."""
-        from ..data.hf import FILE_BUILDERS, dataset_builder
+        from ..data.hf_load import FILE_BUILDERS, dataset_builder
 
         if self.source is None:
             if self.name is not None or (self.path and (dataset_builder(self.path) or Path(self.path).is_dir())):
