@@ -207,6 +207,16 @@ def _training_rows(args: Any, global_step: int) -> list[tuple[str, Any]]:
     ]
 
 
+def _config_yaml(config: DistillConfig) -> str:
+    """The run's config as YAML, as loaded, with its tokens redacted (a card is public)."""
+    return yaml.safe_dump(
+        _redacted({k: v for k, v in dataclasses.asdict(config).items() if k != "origin"}),
+        sort_keys=False,
+        allow_unicode=True,
+        width=120,
+    )
+
+
 def model_card(
     config: DistillConfig,
     *,
@@ -238,12 +248,6 @@ def model_card(
     d = config.data
     what = _what(student, teacher, config.loss.kd_ratio, adapter)
     data_rows = [(f"data.{f.name}", _show(getattr(d, f.name))) for f in dataclasses.fields(d)]
-    config_yaml = yaml.safe_dump(
-        _redacted({k: v for k, v in dataclasses.asdict(config).items() if k != "origin"}),
-        sort_keys=False,
-        allow_unicode=True,
-        width=120,
-    )
     lines = [
         "---",
         yaml.safe_dump(_front_matter(student, d, adapter), sort_keys=False, allow_unicode=True).strip(),
@@ -288,7 +292,7 @@ def model_card(
         "The run's config, as loaded (tokens redacted):",
         "",
         "```yaml",
-        config_yaml.rstrip(),
+        _config_yaml(config).rstrip(),
         "```",
         "",
     ]
