@@ -20,8 +20,8 @@ from .readers import (
     read_instruction_jsonl,
     read_minillm_jsonl,
     read_token_shards,
-    synthetic_instructions,
 )
+from .synthetic import synthetic_instructions
 from .templates import TEMPLATES, format_prompt
 
 __all__ = [
