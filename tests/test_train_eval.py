@@ -421,8 +421,7 @@ def test_rouge_with_the_chat_template_equals_adakd_eval_chat_template(tmp_path, 
     first = json.loads(ours_rows[0])
     assert (
         first["chat_prompt"]
-        == "<|im_start|>user\nReverse the order of these words.\n\nmarble forest window ocean<|im_end|>\n"
-        "<|im_start|>assistant\n"
+        == "<|im_start|>user\nRepeat the word 'light' three times.<|im_end|>\n<|im_start|>assistant\n"
     )
 
 
