@@ -254,9 +254,14 @@ def manifest_problem(manifest: dict[str, Any]) -> tuple[str, str] | None:
     for key, low in (("top_k", 1), ("vocab_size", 1), ("examples", 0), ("positions", 0), ("shard_examples", 1)):
         if key in manifest and not _count(manifest[key], low):
             return key, f"expected an integer of at least {low}, got {_typed(manifest[key])}"
-    for key, kind, name in (("tokenizer", dict, "an object"), ("data", dict, "an object"),
-                            ("template", dict, "an object"), ("examples_sha256", str, "a string"),
-                            ("tail_mass", dict, "an object"), ("shards", list, "a list")):  # fmt: skip
+    for key, kind, name in (
+        ("tokenizer", dict, "an object"),
+        ("data", dict, "an object"),
+        ("template", dict, "an object"),
+        ("examples_sha256", str, "a string"),
+        ("tail_mass", dict, "an object"),
+        ("shards", list, "a list"),
+    ):
         if key in manifest and not isinstance(manifest[key], kind):
             return key, f"expected {name}, got {_typed(manifest[key])}"
     for key, valid in (("id_dtype", ("uint16", "int32")), ("logprob_dtype", ("float16", "float32"))):

@@ -115,8 +115,16 @@ def _last(rows: Sequence[dict[str, Any]], predicate: Any) -> dict[str, Any] | No
     return next((row for row in reversed(rows) if predicate(row)), None)
 
 
-_TRAIN_METRICS = ("loss", "kd_loss", "ce_loss", "adakd/ratio", "adakd/tau_mean", "adakd/kept_tokens",
-                  "adakd/valid_tokens", "learning_rate")  # fmt: skip
+_TRAIN_METRICS = (
+    "loss",
+    "kd_loss",
+    "ce_loss",
+    "adakd/ratio",
+    "adakd/tau_mean",
+    "adakd/kept_tokens",
+    "adakd/valid_tokens",
+    "learning_rate",
+)
 _NOT_METRICS = ("epoch", "step", "total_flos")
 
 

@@ -33,8 +33,15 @@ __all__ = [
 ]
 
 # TrainingArguments' hub fields: adakd reads them, the Trainer never sees them.
-HUB_KEYS = ("push_to_hub", "hub_model_id", "hub_private_repo", "hub_token", "hub_strategy", "hub_always_push",
-            "hub_revision")  # fmt: skip
+HUB_KEYS = (
+    "push_to_hub",
+    "hub_model_id",
+    "hub_private_repo",
+    "hub_token",
+    "hub_strategy",
+    "hub_always_push",
+    "hub_revision",
+)
 
 
 class UploadError(AdakdError):
