@@ -137,9 +137,9 @@ class DistillConfig:
         """
         d, ev = self.data, self.eval
         if d.eval_path:
-            d.eval_path = _expand(self, "data.eval_path", d.eval_path)
+            d.eval_path = _expand(self.error, "data.eval_path", d.eval_path)
         if ev.rouge_examples:
-            ev.rouge_examples = _expand(self, "eval.rouge_examples", ev.rouge_examples)
+            ev.rouge_examples = _expand(self.error, "eval.rouge_examples", ev.rouge_examples)
         if d.eval_split is not None and d.source != "hf":
             raise self.error("data.eval_split", f"source {d.source!r} has no splits (only 'hf'): give data.eval_path")
         if d.eval_path is not None and d.source == "synthetic":
@@ -337,13 +337,13 @@ def load_config(
 _VARIABLE = re.compile(r"\$(\{[A-Za-z_][A-Za-z0-9_]*\}|[A-Za-z_][A-Za-z0-9_]*)")
 
 
-def _expand(config: DistillConfig, key: str, value: str) -> str:
+def _expand(error: ErrorFactory, key: str, value: str) -> str:
     """``value`` with ``$VAR`` / ``${VAR}`` from the environment; an unset variable is an error naming it (left
     literal, it would become a folder named ``${VAR}``)."""
     for match in _VARIABLE.finditer(value):
         name = match.group(1).strip("{}")
         if name not in os.environ:
-            raise config.error(key, f"${name} is not set (in {value!r}); export it, or write the path out")
+            raise error(key, f"${name} is not set (in {value!r}); export it, or write the path out")
     return os.path.expandvars(value)
 
 
@@ -354,10 +354,10 @@ def _expand_paths(config: DistillConfig) -> None:
             for name in ("name_or_path", "tokenizer", "adapter", "cache"):
                 value = getattr(model, name)
                 if value:
-                    setattr(model, name, _expand(config, f"{section}.{name}", value))
+                    setattr(model, name, _expand(config.error, f"{section}.{name}", value))
     for name in ("path", "name", "template", "eval_path", "shard_tokenizer"):
         value = getattr(config.data, name, None)
         if value:
-            setattr(config.data, name, _expand(config, f"data.{name}", value))
+            setattr(config.data, name, _expand(config.error, f"data.{name}", value))
     if config.training.get("output_dir"):
-        config.training["output_dir"] = _expand(config, "training.output_dir", str(config.training["output_dir"]))
+        config.training["output_dir"] = _expand(config.error, "training.output_dir", str(config.training["output_dir"]))
