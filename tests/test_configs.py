@@ -219,3 +219,28 @@ def test_tau_options_reach_the_loss(tmp_path):
     )
     loss = config.build_loss(total_steps=10)
     assert (loss.tau_weight, loss.detach_tau) == ("none", False)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "reason"),
+    [
+        # typed_yaml: a type, an unknown key, a value of an X | None field
+        (["loss.c=abc"], "loss.c", "expected a number, got 'abc'"),
+        (["loss.selecton=latf"], "loss.selecton", "unknown key (did you mean 'selection'?)"),
+        (["data.limit=abc"], "data.limit", "expected an integer, got 'abc'"),
+        # a section's own check, and a rule between sections
+        (["onpolicy.mode=gkd", "onpolicy.top_p=0"], "onpolicy.top_p", "must be in (0, 1], got 0.0"),
+        (["teacher=null"], "teacher", "no teacher: set loss.kd_ratio: 0 for plain SFT, or give a teacher"),
+        # two errors: the earlier section's is the one reported (data is checked before loss)
+        (["data.limit=-1", "loss.fused=maybe"], "data.limit", "must be >= 0, got -1"),
+        (["loss.kd_ratio=2", "teacher=null"], "loss.kd_ratio", "must be in [0, 1], got 2.0"),
+    ],
+)
+def test_config_errors_carry_key_and_reason(overrides, key, reason, tmp_path):
+    # The key and the reason travel apart from the text: a caller reads them, never the message.
+    path = REPO / "configs" / "tiny-cpu.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_config(path, [f"training.output_dir={tmp_path}", *overrides])
+    error = info.value
+    assert error.key == key and error.reason.startswith(reason)  # an unknown key's reason goes on: "; valid: ..."
+    assert str(error) == f"{path}: {key}: {error.reason}"

@@ -16,13 +16,15 @@ SOURCE = ROOT / "src" / "adakd"
 PAGE = ROOT / "docs" / "errors.md"
 
 # Exit status 2: bad input the user can fix; 1: adakd's other errors.
-INPUT = {"InputError", "ConfigError", "CheckpointError", "OptionError", "error", "_choice"}
+INPUT = {"InputError", "ConfigError", "CheckpointError", "OptionError", "error", "_key_error", "_choice"}
 OTHER = {"JudgeRequestError", "NonFiniteLossError", "StorageError", "UploadError"}
 
 # What to do, by where the message comes from (a module, or a package for everything under it).
 FIXES = {
     "train/config.py": "Fix the key the message names in the YAML file, or override it on the command line "
     "(`key.sub=value`). The valid values are listed in [training and configs](training.md).",
+    "train/config_sections.py": "Fix the key the message names in the YAML file, or override it on the command "
+    "line (`key.sub=value`). The valid values are listed in [training and configs](training.md).",
     "train/typed_yaml.py": "Fix the YAML at the line named, or the key's type (a number, a list, ...).",
     "train": "The message names the config key or the checkpoint; fix that key, point it at an existing file or "
     "folder, or resume from another checkpoint (`--resume outputs/run/checkpoint-N`).",
@@ -78,6 +80,9 @@ def _messages(path: Path) -> list[tuple[int, str, str]]:
         if name == "error" and len(args) >= 2:  # DistillConfig.error(key, reason)
             key, reason = _text(args[0]), _text(args[1])
             message = None if reason is None else f"FILE: {key or '…'}: {reason}"
+        elif name == "_key_error" and len(args) >= 2:  # typed_yaml's ConfigError(f"{key}: {reason}", key=, reason=)
+            key, reason = _text(args[0]), _text(args[1])
+            message = None if reason is None else f"{key or '…'}: {reason}"
         elif name == "OptionError" and len(args) >= 2:  # its message, or "option reason"
             option, reason = _text(args[0]), _text(args[1])
             message = _text(args[2]) if len(args) > 2 else None if reason is None else f"{option or '…'} {reason}"

@@ -22,13 +22,18 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--quick", action="store_true", help="a smoke check: smaller budgets, one training seed")
     p.add_argument("--seed", type=int, default=0, help="the data, tokenizer, teacher and warm-start seed")
     p.add_argument(
-        "--train-seeds", type=int, nargs="+", default=None, metavar="SEED",
+        "--train-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="SEED",
         help="the students' training seeds (default: 0 1 2; --quick: 0); two or more for a comparison",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--ablations", action="store_true",
+        "--ablations",
+        action="store_true",
         help="also train SFT, RKL + LATF only, RKL + IDTS only and AdaKD-RKL without the tau^2 weight (longer)",
-    )  # fmt: skip
+    )
     p.set_defaults(handler=run)
 
 
@@ -37,7 +42,10 @@ def run(args: argparse.Namespace) -> int:
     from ..demo import run_demo
 
     run_demo(
-        args.output, quick=args.quick, seed=args.seed, ablations=args.ablations,
+        args.output,
+        quick=args.quick,
+        seed=args.seed,
+        ablations=args.ablations,
         train_seeds=None if args.train_seeds is None else tuple(args.train_seeds),
-    )  # fmt: skip
+    )
     return 0

@@ -1,8 +1,9 @@
 """Data pipeline: instruction data and conversations -> prompt-masked training examples -> padded batches.
 
-Sources (:mod:`.readers`) give :class:`Record` (text) or :class:`TokenRecord` (MiniLLM token shards);
-:func:`build_examples` tokenizes them with MiniLLM's length policy (:func:`fit_example`). Hugging Face datasets and
-local data files (:mod:`.hf`: :func:`load_rows`) in any of :data:`FORMATS` (TRL's conversational ``messages`` and
+Sources (:mod:`.readers`; the synthetic tasks: :mod:`.synthetic`) give :class:`Record` (text) or :class:`TokenRecord`
+(MiniLLM token shards); :func:`build_examples` tokenizes them with MiniLLM's length policy (:func:`fit_example`).
+Hugging Face datasets and
+local data files (:mod:`.hf_load`: :func:`load_rows`) in any of :data:`FORMATS` (TRL's conversational ``messages`` and
 ``prompt``/``completion``, MiniLLM, dolly instructions) are tokenised by :func:`tokenize_rows` with ``Dataset.map``;
 conversations go through the chat template, trained on their assistant turns (:mod:`.chat`: :func:`chat_example`).
 :class:`DistillCollator` pads a batch. ``datasets`` and ``transformers`` are imported only by the functions that need
@@ -20,8 +21,8 @@ from .readers import (
     read_instruction_jsonl,
     read_minillm_jsonl,
     read_token_shards,
-    synthetic_instructions,
 )
+from .synthetic import synthetic_instructions
 from .templates import TEMPLATES, format_prompt
 
 __all__ = [

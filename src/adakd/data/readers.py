@@ -1,4 +1,5 @@
-"""Record sources: MiniLLM eval JSONL, raw dolly-style JSONL, MiniLLM token shards, Hugging Face datasets, synthetic.
+"""Record sources: MiniLLM eval JSONL, raw dolly-style JSONL, MiniLLM token shards, Hugging Face datasets (the
+synthetic tasks are :mod:`.synthetic`'s).
 
 Text readers return :class:`Record` (a formatted prompt plus references); the token-shard reader returns
 :class:`TokenRecord` (already tokenized ids). :func:`adakd.data.build_examples` turns either into training examples.
@@ -8,9 +9,8 @@ give the same record.
 
 from __future__ import annotations
 
-import random
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +31,6 @@ __all__ = [
     "read_minillm_jsonl",
     "read_token_shards",
     "record_from_row",
-    "synthetic_instructions",
 ]
 
 
@@ -259,80 +258,3 @@ def _split_item(item: np.ndarray, sep: int, bin_path: Path, i: int, vocab_size: 
                     f"not have (ids 0 to {vocab_size - 1}): these shards were written by another tokenizer"
                 )
     return TokenRecord(prompt_ids=prompt.tolist(), response_ids=response.tolist())
-
-
-# ---------------------------------------------------------------------------------------------- synthetic
-
-_WORDS = (
-    "apple", "river", "stone", "cloud", "green", "quick", "music", "light", "table", "tiger",
-    "paper", "ocean", "happy", "dream", "forest", "silver", "garden", "window", "rocket", "candle",
-)  # fmt: skip
-_CAPITALS = (
-    ("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Canada", "Ottawa"), ("Egypt", "Cairo"),
-    ("Kenya", "Nairobi"), ("Peru", "Lima"), ("Norway", "Oslo"), ("Spain", "Madrid"), ("India", "New Delhi"),
-    ("Brazil", "Brasília"), ("Australia", "Canberra"),
-)  # fmt: skip
-
-# rng -> (instruction, input or None, response)
-_Task = Callable[[random.Random], tuple[str, "str | None", str]]
-
-
-def _task_reverse(rng: random.Random) -> tuple[str, str | None, str]:
-    words = rng.sample(_WORDS, rng.randint(3, 6))
-    return "Reverse the order of the words in the input.", " ".join(words), " ".join(reversed(words))
-
-
-def _task_add(rng: random.Random) -> tuple[str, str | None, str]:
-    a, b = rng.randint(0, 999), rng.randint(0, 999)
-    return f"Add the numbers {a} and {b}.", None, f"{a} + {b} = {a + b}"
-
-
-def _task_repeat(rng: random.Random) -> tuple[str, str | None, str]:
-    word = rng.choice(_WORDS)
-    return f"Repeat the word '{word}' three times.", None, " ".join([word] * 3)
-
-
-def _task_sort_letters(rng: random.Random) -> tuple[str, str | None, str]:
-    letters = rng.sample("abcdefghijklmnopqrstuvwxyz", rng.randint(4, 8))
-    return "Sort these letters alphabetically.", " ".join(letters), " ".join(sorted(letters))
-
-
-def _task_capital(rng: random.Random) -> tuple[str, str | None, str]:
-    country, capital = rng.choice(_CAPITALS)
-    return f"What is the capital of {country}?", None, f"The capital of {country} is {capital}."
-
-
-def _task_count_words(rng: random.Random) -> tuple[str, str | None, str]:
-    words = [rng.choice(_WORDS) for _ in range(rng.randint(2, 9))]
-    return "How many words are in the input?", " ".join(words), f"There are {len(words)} words."
-
-
-def _task_uppercase(rng: random.Random) -> tuple[str, str | None, str]:
-    text = " ".join(rng.sample(_WORDS, rng.randint(2, 5)))
-    return "Rewrite the input in uppercase letters.", text, text.upper()
-
-
-_TASKS: tuple[_Task, ...] = (
-    _task_reverse,
-    _task_add,
-    _task_repeat,
-    _task_sort_letters,
-    _task_capital,
-    _task_count_words,
-    _task_uppercase,
-)
-
-
-def synthetic_instructions(n: int = 256, seed: int = 0) -> list[Record]:
-    """``n`` short, deterministic instruction/response pairs (seven task kinds) in the MiniLLM template.
-
-    The same ``(n, seed)`` always gives the same records; responses are at most about a dozen words.
-    """
-    if not isinstance(n, int) or n < 0:
-        raise InputError(f"n must be a non-negative int, got {n!r}")
-    rng = random.Random(seed)
-    records = []
-    for _ in range(n):
-        instruction, context, response = rng.choice(_TASKS)(rng)
-        records.append(Record(prompt=format_prompt(instruction, context), response=response, references=(response,)))
-    return records

@@ -90,15 +90,7 @@ def evaluate(
                 scoring_seconds += time.perf_counter() - t0
                 per_seed[str(seed)] = statistics.fmean(scores) if scores else 0.0
                 per_seed_avg[seed].append(per_seed[str(seed)])
-                # "prompt" stays the record's own (adakd judge pairs two files' answers by it); with a chat template,
-                # "chat_prompt" is the text the model continued.
-                rows = [
-                    {"index": i, "prompt": r.prompt, "prediction": t, "references": list(r.references), "rougeL": sc}
-                    for i, (r, t, sc) in enumerate(zip(s.records, texts, scores, strict=True))
-                ]
-                if chat_template is not None:
-                    for row, text in zip(rows, prompts, strict=True):
-                        row["chat_prompt"] = text
+                rows = _prediction_rows(s, texts, scores, prompts if chat_template is not None else None)
                 write_jsonl(pred_dir / f"{s.name}.seed{seed}.jsonl", rows)  # atomic: never half a file
             results["datasets"][s.name] = {
                 "n": len(s.records),
@@ -107,8 +99,39 @@ def evaluate(
             }
     averages = [statistics.fmean(v) for v in per_seed_avg.values() if v]
     results["average"] = mean_std(averages) if averages else {"mean": 0.0, "std": 0.0}
-    gen = config.stats
     results["generation"] = {
+        **_generation_settings(config, seeds, chat_template),
+        "stop_tokens": tokenizer.convert_ids_to_tokens(
+            list(dict.fromkeys(i for i in (tokenizer.eos_token_id, *stops) if i is not None))
+        ),
+        **_throughput(config.stats),
+        "wall_seconds": time.perf_counter() - start,
+        "scoring_seconds": scoring_seconds,
+    }
+    write_json(output, results)
+    return results
+
+
+def _prediction_rows(
+    s: EvalSet, texts: list[str], scores: list[float], chat_prompts: list[str] | None
+) -> list[dict[str, Any]]:
+    """One set's predictions file for one seed: a row per record. ``"prompt"`` stays the record's own (adakd judge
+    pairs two files' answers by it); with a chat template, ``"chat_prompt"`` is the text the model continued."""
+    rows = [
+        {"index": i, "prompt": r.prompt, "prediction": t, "references": list(r.references), "rougeL": sc}
+        for i, (r, t, sc) in enumerate(zip(s.records, texts, scores, strict=True))
+    ]
+    if chat_prompts is not None:
+        for row, text in zip(rows, chat_prompts, strict=True):
+            row["chat_prompt"] = text
+    return rows
+
+
+def _generation_settings(
+    config: GenerationConfig, seeds: list[int], chat_template: ChatTemplate | None
+) -> dict[str, Any]:
+    """The decoding settings the results record (``generation``'s first keys)."""
+    return {
         "seeds": seeds,
         "greedy": config.greedy,
         "temperature": config.temperature,
@@ -118,19 +141,17 @@ def evaluate(
         "max_prompt_length": config.max_prompt_length,
         "batch_size": config.batch_size,
         "chat_template": None if chat_template is None else chat_template.source,
-        "stop_tokens": tokenizer.convert_ids_to_tokens(
-            list(dict.fromkeys(i for i in (tokenizer.eos_token_id, *stops) if i is not None))
-        ),
-        # every decoded token (answers and the tokens that ended them) per second spent in the backend's generate
+    }
+
+
+def _throughput(gen: dict[str, Any]) -> dict[str, Any]:
+    """Every decoded token (answers and the tokens that ended them) per second spent in the backend's generate."""
+    return {
         "generated_tokens": int(gen["tokens"]),
         "answer_tokens": int(gen.get("answer_tokens", 0)),
         "generation_seconds": gen["seconds"],
         "tokens_per_second": gen["tokens"] / gen["seconds"] if gen["seconds"] else 0.0,
-        "wall_seconds": time.perf_counter() - start,
-        "scoring_seconds": scoring_seconds,
     }
-    write_json(output, results)
-    return results
 
 
 def format_table(results: dict[str, Any]) -> str:

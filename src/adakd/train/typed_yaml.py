@@ -49,6 +49,12 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
 
+def _key_error(key: str, reason: str) -> ConfigError:
+    """A :class:`ConfigError` ``key: reason`` that carries both apart, so that a caller adds the file name without
+    reading the text."""
+    return ConfigError(f"{key}: {reason}", key=key, reason=reason)
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """Check (and lightly coerce) a YAML value against a dataclass field type; raise ConfigError naming ``key``."""
     origin = typing.get_origin(tp)
@@ -63,41 +69,43 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             try:
                 return _convert(value, arg, key)
             except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: expected {' or '.join(map(_type_name, args))}")
+                errors.append(e)
+        if len(errors) == 1:  # ``X | None``: the one type's own error
+            raise errors[0]
+        raise _key_error(key, f"expected {' or '.join(map(_type_name, args))}")
     if dataclasses.is_dataclass(tp):
         # A section that declares TRUE_MEANS_DEFAULTS can be switched on with ``true`` (``lora: true``).
         if value is True and getattr(tp, "TRUE_MEANS_DEFAULTS", False):
             value = {}
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise _key_error(key, f"expected a mapping, got {value!r}")
         return build(tp, value, key)
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise _key_error(key, f"expected a list, got {value!r}")
         (item,) = typing.get_args(tp)
         return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise _key_error(key, f"expected a mapping, got {value!r}")
         return dict(value)
     if tp is Any:
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+            raise _key_error(key, f"expected true or false, got {value!r}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise _key_error(key, f"expected an integer, got {value!r}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise _key_error(key, f"expected a number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise _key_error(key, f"expected a string, got {value!r}")
         return value
     raise TypeError(f"{key}: unsupported field type {tp}")  # a bug in the schema, not in the YAML
 
@@ -123,12 +131,12 @@ def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         where = f"{prefix}." if prefix else ""
         close = difflib.get_close_matches(unknown[0], list(fields), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{where}{unknown[0]}: unknown key{hint}; valid: {', '.join(fields)}")
+        raise _key_error(f"{where}{unknown[0]}", f"unknown key{hint}; valid: {', '.join(fields)}")
     kwargs = {}
     for name, f in fields.items():
         key = f"{prefix}.{name}" if prefix else name
         if name in data:
             kwargs[name] = _convert(data[name], hints[name], key)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{key}: is required")
+            raise _key_error(key, "is required")
     return cls(**kwargs)
