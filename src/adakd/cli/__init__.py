@@ -61,7 +61,7 @@ EXTRAS = {
 def build_parser() -> argparse.ArgumentParser:
     """The ``adakd`` parser: one subcommand per module of this package, each setting its ``handler``."""
     parser = argparse.ArgumentParser(prog="adakd", description="Token-adaptive knowledge distillation (AdaKD).")
-    from .. import __version__
+    from .._version import __version__
 
     parser.add_argument("--version", action="version", version=f"adakd {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")

@@ -269,3 +269,37 @@ def _settings_lines(s: Any, vocab: int) -> list[str]:
         f" batch {s.batch_size} sequences, cosine schedule with 5% warm-up, AdamW, weight decay 0.01, clip 1.0",
         "",
     ]
+
+
+def plot_all(
+    plots: Path, s, methods, *, results, comparison, metrics, finals, loss_fns, teacher_dir, tokenizer, splits
+):
+    """The demo report's figures: scores, paired differences, the LATF ratio, the losses and τ against difficulty (the
+    first training seed's AdaKD student, by its own loss settings)."""
+
+    from ..models import load_causal_lm
+    from ..report.plots import plot_losses, plot_ratio, plot_tau_vs_difficulty
+    from .scoring import difficulty_sample
+
+    first = s.train_seeds[0]
+    plot_scores(results, plots / "rouge.png")
+    if comparison:
+        plot_comparison(comparison, plots / "paired.png")
+    plot_ratio({f"AdaKD-RKL, training seed {k}": v for k, v in metrics["adakd-rkl"].items()}, plots / "ratio.png")
+    plot_losses({LABELS[k]: metrics[k][first] for k in methods}, plots / "losses.png")
+    teacher_model = load_causal_lm(str(teacher_dir), dtype="float32").eval()
+    student_model = load_causal_lm(str(finals["adakd-rkl"][first]), dtype="float32").eval()
+    loss_fn = loss_fns[first]
+    scores, taus, kept, median = difficulty_sample(
+        teacher_model, student_model, tokenizer, splits["validation"][:64], loss_fn
+    )
+    plot_tau_vs_difficulty(
+        scores,
+        taus,
+        kept,
+        plots / "tau_vs_difficulty.png",
+        ratio=loss_fn.ratio,
+        median=median,
+        c=loss_fn.c,
+        tau_base=loss_fn.tau_base,
+    )

@@ -31,17 +31,8 @@ from typing import Any
 from ..data import Record
 from ..errors import InputError
 from ..files import write_jsonl, write_text
-from ..models import load_causal_lm
-from .report import (
-    LABELS,
-    comparison_table,
-    comparisons,
-    plot_comparison,
-    plot_scores,
-    scores_table,
-    write_report,
-)
-from .scoring import difficulty_sample, score_model
+from .report import comparison_table, comparisons, plot_all, scores_table, write_report
+from .scoring import score_model
 from .tasks import FAMILIES, SOFT_FAMILIES, TaskRecord, make_splits
 
 __all__ = ["ABLATIONS", "COMPARED", "METHODS", "DemoSettings", "run_demo"]
@@ -90,9 +81,15 @@ class DemoSettings:
         if not quick:
             return cls(seed=seed)
         return cls(
-            seed=seed, n_train=3000, n_test=90, teacher_steps=500, init_steps=300, student_steps=150,
-            train_seeds=(0,), eval_seeds=(10,),
-        )  # fmt: skip
+            seed=seed,
+            n_train=3000,
+            n_test=90,
+            teacher_steps=500,
+            init_steps=300,
+            student_steps=150,
+            train_seeds=(0,),
+            eval_seeds=(10,),
+        )
 
 
 def _write_jsonl(path: Path, records: list[Record]) -> None:
@@ -224,32 +221,24 @@ def run_demo(
     s = _settings(settings, quick, seed, train_seeds)
     methods = COMPARED + (ABLATIONS if ablations else ())
     out = Path(output)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file in the way, no permission
-        raise InputError(f"--output {out}: cannot create the folder ({e.strerror or e})") from e
     times: dict[str, float] = {}
     t_all = time.perf_counter()
 
-    splits = make_splits(s.n_train, s.n_val, s.n_test, seed=s.seed, tasks=s.tasks)
-    for split, records in splits.items():
-        _write_jsonl(out / "data" / f"{split}.jsonl", records)
-    tok_dir = out / "tokenizer"
-    tokenizer = train_tokenizer(splits["train"], s.vocab_size, tok_dir)
-    log(f"[demo] data: {', '.join(f'{k} {len(v)}' for k, v in splits.items())}; tokenizer: {len(tokenizer)} tokens")
+    splits, tok_dir, tokenizer = _data(out, s, log)
 
     train_file = out / "data" / "train.jsonl"
     runs_dir = out / "runs"
-    log(f"[demo] teacher: SFT for {s.teacher_steps} steps")
-    teacher_dir, _, times["teacher"], _ = _train(
-        "teacher", runs_dir, s, tok_dir, train_file, steps=s.teacher_steps, loss={"kd_ratio": 0.0}, sizes=s.teacher
-    )
-    log(f"[demo] students: a shared SFT warm-start of {s.init_steps} steps")
-    init_dir, _, times["student warm-start"], _ = _train(
-        "warm-start", runs_dir, s, tok_dir, train_file, steps=s.init_steps, loss={"kd_ratio": 0.0}, sizes=s.student
-    )
+    teacher_dir, init_dir = _base_models(runs_dir, s, tok_dir, train_file, times, log)
     finals, metrics, loss_fns = _train_students(
-        s, methods, runs_dir, tok_dir, train_file, init_dir, teacher_dir, times, log
+        s,
+        methods,
+        runs_dir,
+        tok_dir=tok_dir,
+        train_file=train_file,
+        init_dir=init_dir,
+        teacher_dir=teacher_dir,
+        times=times,
+        log=log,
     )
 
     n_models = 2 + sum(len(v) for v in finals.values())
@@ -261,10 +250,68 @@ def run_demo(
 
     start = time.perf_counter()
     comparison = comparisons(results, s.train_seeds)
-    _plots(out / "plots", s, methods, results, comparison, metrics, finals, loss_fns, teacher_dir, tokenizer, splits)
+    plot_all(
+        out / "plots",
+        s,
+        methods,
+        results=results,
+        comparison=comparison,
+        metrics=metrics,
+        finals=finals,
+        loss_fns=loss_fns,
+        teacher_dir=teacher_dir,
+        tokenizer=tokenizer,
+        splits=splits,
+    )
     times["plots"] = time.perf_counter() - start
     times["total"] = time.perf_counter() - t_all
 
+    return _finish(
+        out,
+        s,
+        methods,
+        quick=quick,
+        results=results,
+        comparison=comparison,
+        times=times,
+        loss_fns=loss_fns,
+        vocab=len(tokenizer),
+        log=log,
+    )
+
+
+def _data(out: Path, s: DemoSettings, log: Callable[[str], Any]) -> tuple[dict[str, list[Record]], Path, Any]:
+    """The task splits (written as JSONL under ``out/data``) and the tokenizer trained on the training split."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission
+        raise InputError(f"--output {out}: cannot create the folder ({e.strerror or e})") from e
+    splits = make_splits(s.n_train, s.n_val, s.n_test, seed=s.seed, tasks=s.tasks)
+    for split, records in splits.items():
+        _write_jsonl(out / "data" / f"{split}.jsonl", records)
+    tok_dir = out / "tokenizer"
+    tokenizer = train_tokenizer(splits["train"], s.vocab_size, tok_dir)
+    log(f"[demo] data: {', '.join(f'{k} {len(v)}' for k, v in splits.items())}; tokenizer: {len(tokenizer)} tokens")
+    return splits, tok_dir, tokenizer
+
+
+def _base_models(
+    runs_dir: Path, s: DemoSettings, tok_dir: Path, train_file: Path, times: dict, log
+) -> tuple[Path, Path]:
+    """The teacher (SFT) and the students' shared SFT warm-start: their ``final/`` folders."""
+    log(f"[demo] teacher: SFT for {s.teacher_steps} steps")
+    teacher_dir, _, times["teacher"], _ = _train(
+        "teacher", runs_dir, s, tok_dir, train_file, steps=s.teacher_steps, loss={"kd_ratio": 0.0}, sizes=s.teacher
+    )
+    log(f"[demo] students: a shared SFT warm-start of {s.init_steps} steps")
+    init_dir, _, times["student warm-start"], _ = _train(
+        "warm-start", runs_dir, s, tok_dir, train_file, steps=s.init_steps, loss={"kd_ratio": 0.0}, sizes=s.student
+    )
+    return teacher_dir, init_dir
+
+
+def _finish(out: Path, s: DemoSettings, methods, *, quick, results, comparison, times, loss_fns, vocab, log):
+    """``demo.json`` and the report; the summary."""
     summary = {
         "settings": dataclasses.asdict(s),
         "quick": quick,
@@ -277,7 +324,7 @@ def run_demo(
         "seconds": times,
     }
     write_text(out / "demo.json", json.dumps(summary, indent=2, default=str))
-    report = write_report(out, s, results, comparison, times, summary["final_ratios"], len(tokenizer), quick)
+    report = write_report(out, s, results, comparison, times, summary["final_ratios"], vocab, quick)
     log("\n" + scores_table(results))
     if comparison:
         log("\n" + comparison_table(comparison))
@@ -318,7 +365,7 @@ def _score_all(
     return results
 
 
-def _train_students(s, methods, runs_dir, tok_dir, train_file, init_dir, teacher_dir, times, log):
+def _train_students(s, methods, runs_dir, *, tok_dir, train_file, init_dir, teacher_dir, times, log):
     """Every method from the shared warm-start, once per training seed: (final folders, metrics rows, the AdaKD
     runs' loss modules), each by method and seed."""
     finals: dict[str, dict[int, Path]] = {}
@@ -330,36 +377,19 @@ def _train_students(s, methods, runs_dir, tok_dir, train_file, init_dir, teacher
             log(f"[demo] student {name}, training seed {train_seed}: {s.student_steps} steps from the warm-start")
             loss = {"kd_ratio": 1.0, **METHODS[name]}
             final, rows, _, trainer = _train(
-                f"{name}-seed{train_seed}", runs_dir, dataclasses.replace(s, seed=train_seed), tok_dir, train_file,
-                steps=s.student_steps, loss=loss, init=init_dir, teacher=None if loss["kd_ratio"] == 0 else teacher_dir,
-            )  # fmt: skip
+                f"{name}-seed{train_seed}",
+                runs_dir,
+                dataclasses.replace(s, seed=train_seed),
+                tok_dir,
+                train_file,
+                steps=s.student_steps,
+                loss=loss,
+                init=init_dir,
+                teacher=None if loss["kd_ratio"] == 0 else teacher_dir,
+            )
             finals.setdefault(name, {})[train_seed] = final
             metrics.setdefault(name, {})[train_seed] = rows
             if name == "adakd-rkl":
                 loss_fns[train_seed] = trainer.loss_fn
         times[name] = time.perf_counter() - start
     return finals, metrics, loss_fns
-
-
-def _plots(plots: Path, s, methods, results, comparison, metrics, finals, loss_fns, teacher_dir, tokenizer, splits):
-    """The report's figures: scores, paired differences, the LATF ratio, the losses and τ against difficulty (the
-    first training seed's AdaKD student, by its own loss settings)."""
-
-    from ..report.plots import plot_losses, plot_ratio, plot_tau_vs_difficulty
-
-    first = s.train_seeds[0]
-    plot_scores(results, plots / "rouge.png")
-    if comparison:
-        plot_comparison(comparison, plots / "paired.png")
-    plot_ratio({f"AdaKD-RKL, training seed {k}": v for k, v in metrics["adakd-rkl"].items()}, plots / "ratio.png")
-    plot_losses({LABELS[k]: metrics[k][first] for k in methods}, plots / "losses.png")
-    teacher_model = load_causal_lm(str(teacher_dir), dtype="float32").eval()
-    student_model = load_causal_lm(str(finals["adakd-rkl"][first]), dtype="float32").eval()
-    loss_fn = loss_fns[first]
-    scores, taus, kept, median = difficulty_sample(
-        teacher_model, student_model, tokenizer, splits["validation"][:64], loss_fn
-    )
-    plot_tau_vs_difficulty(
-        scores, taus, kept, plots / "tau_vs_difficulty.png", ratio=loss_fn.ratio, median=median, c=loss_fn.c,
-        tau_base=loss_fn.tau_base,
-    )  # fmt: skip

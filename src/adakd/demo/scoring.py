@@ -84,9 +84,9 @@ def difficulty_sample(
         ``(scores [N], taus [N], kept [N] bool, median)`` over the N answer tokens; dropped tokens get the τ they
         would have had.
     """
-    from .. import align_vocab, difficulty_scores, select_tokens
-    from ..adaptive import idts_from_median
+    from ..adaptive import difficulty_scores, idts_from_median, select_tokens
     from ..data import DistillCollator, build_examples
+    from ..shapes import align_vocab
 
     examples, _ = build_examples(records, tokenizer, max_length=128, max_prompt_length=96)
     batch = DistillCollator(tokenizer.pad_token_id)(examples)

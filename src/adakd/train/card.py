@@ -249,7 +249,7 @@ def model_card(
         adapter: ``final/`` holds a LoRA adapter (``library_name: peft``), not a whole model.
         command: the command line; default: this process's.
     """
-    from .. import __version__
+    from .._version import __version__
 
     student, teacher = config.student, config.teacher
     name = config.training.get("hub_model_id") or Path(config.training["output_dir"]).name

@@ -202,7 +202,7 @@ class DistillConfig:
 
     def build_loss(self, total_steps: int, vocab_size: int | None = None) -> Any:
         """The run's :class:`adakd.AdaKDLoss` (``reduction="sum"``: the trainer normalises over the window)."""
-        from .. import AdaKDLoss
+        from ..loss import AdaKDLoss
 
         loss = self.loss
         latf = {key: getattr(loss, key) for key in LATF_KEYS if getattr(loss, key) is not None}

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import AdakdError
 from .card import CARD, REPO_ID, TAGS, model_card, write_model_card
-from .config import DistillConfig
+from .config_sections import ErrorFactory
 
 __all__ = [
     "CARD",
@@ -65,19 +65,18 @@ def trainer_training(training: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in training.items() if key not in HUB_KEYS}
 
 
-def hub_target(config: DistillConfig) -> HubTarget | None:
+def hub_target(training: dict[str, Any], error: ErrorFactory) -> HubTarget | None:
     """The upload ``training.push_to_hub: true`` asks for, or None.
 
     Raises:
         ConfigError: ``training.hub_strategy`` asks for checkpoints or a push at every save (adakd uploads
             ``final/`` once: ``end``).
     """
-    training = config.training
     if not training.get("push_to_hub"):
         return None
     strategy = training.get("hub_strategy", "end")
     if strategy != "end":
-        raise config.error(
+        raise error(
             "training.hub_strategy",
             f"{strategy!r}: adakd uploads final/ only, once, after training (never checkpoints or optimizer state); "
             "set it to 'end' or leave it out",
@@ -117,7 +116,7 @@ def _token_check_failure(e: BaseException, target: HubTarget, endpoint: str) -> 
     return f"the Hub's answer to the token check: {_first_line(e)}"
 
 
-def check_hub(config: DistillConfig, target: HubTarget) -> None:
+def check_hub(training: dict[str, Any], target: HubTarget, error: ErrorFactory) -> None:
     """Before the first step, that ``final/`` can be uploaded at the end: the repo id is well formed, the Hub
     answers, the token is accepted, and its user may write to the repo's namespace (their own or an organisation
     they belong to). Catches what would otherwise fail only after hours of training.
@@ -127,9 +126,9 @@ def check_hub(config: DistillConfig, target: HubTarget) -> None:
     """
     from huggingface_hub import HfApi, constants
 
-    key = "training.hub_model_id" if config.training.get("hub_model_id") else "training.output_dir"
+    key = "training.hub_model_id" if training.get("hub_model_id") else "training.output_dir"
     if not REPO_ID.fullmatch(target.repo_id) or ".." in target.repo_id or len(target.repo_id.split("/")[-1]) > 96:
-        raise config.error(
+        raise error(
             key,
             f"{target.repo_id!r} is not a Hub repo id (NAME or NAMESPACE/NAME: letters, digits, '-', '_', '.'; up "
             "to 96 characters)",
@@ -141,7 +140,7 @@ def check_hub(config: DistillConfig, target: HubTarget) -> None:
         if not (_unreachable(e) or isinstance(e, OSError)):
             raise
         reason = _token_check_failure(e, target, constants.ENDPOINT)
-        raise config.error(
+        raise error(
             token_key,
             f"{reason}; checked before training so that final/ can be uploaded after it (or set "
             "training.push_to_hub: false and upload final/ later with `hf upload`)",
@@ -150,7 +149,7 @@ def check_hub(config: DistillConfig, target: HubTarget) -> None:
     user = me.get("name")
     allowed = {user} | {org.get("name") for org in me.get("orgs") or [] if isinstance(org, dict)}
     if namespace is not None and user and namespace not in allowed:
-        raise config.error(
+        raise error(
             key,
             f"{target.repo_id}: the token's user {user!r} cannot write to {namespace!r} (theirs: "
             f"{', '.join(sorted(n for n in allowed if n))})",

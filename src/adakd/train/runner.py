@@ -112,13 +112,15 @@ def run(
     An ``output_dir`` that already holds a run is refused unless ``resume`` continues it or ``overwrite`` starts
     over (:func:`check_fresh_run`). ``accept_changes``: resume although the checkpoint was trained with other
     settings (:func:`check_resume`)."""
-    target = hub_target(config)  # before anything runs: a hub_strategy adakd cannot honour is refused
+    # Before anything runs: a hub_strategy adakd cannot honour is refused.
+    target = hub_target(config.training, config.error)
     earlier = check_fresh_run(config.training["output_dir"], resume=resume, overwrite=overwrite)
     finished = check_unfinished(config.training, resume) if resume else None
     if resume:
         check_resume(config.training["output_dir"], resume, run_settings(config), accept_changes)
     if target is not None:
-        check_hub(config, target)  # token, repo id, namespace and network: before any step, not after the last
+        # Token, repo id, namespace and network: before any step, not after the last.
+        check_hub(config.training, target, config.error)
     # The Trainer gets no hub key: it would push output_dir (checkpoints, optimizer state) and save the token.
     trainer_config = copy.copy(config)
     trainer_config.training = trainer_training(config.training)
