@@ -100,10 +100,18 @@ class AdaKDLoss(PathsMixin, MixMixin, nn.Module):
     ) -> None:
         super().__init__()
         check_options(
-            selection=selection, temperature=temperature, reduction=reduction, impl=impl, c=c,
-            tau_weight=tau_weight, detach_tau=detach_tau, one_pass=one_pass, tau_base=tau_base, ratio=ratio,
+            selection=selection,
+            temperature=temperature,
+            reduction=reduction,
+            impl=impl,
+            c=c,
+            tau_weight=tau_weight,
+            detach_tau=detach_tau,
+            one_pass=one_pass,
+            tau_base=tau_base,
+            ratio=ratio,
             latf_kwargs=latf_kwargs,
-        )  # fmt: skip
+        )
         self.base = base
         self.base_params = dict(base_params or {})
         self.div = divergence_fn(base, **self.base_params)
