@@ -71,9 +71,17 @@ def test_logit_products_per_mode(kwargs, count, chunk_size, mix):
     options = {} if mix is None else {"mix": adakd.Mix(mix)}
     with _LogitProducts(V_S) as mode:
         loss, report = loss_fn.forward_hidden(
-            p[0], p[1], ht, wt, labels, student_bias=p[2], teacher_bias=bt, chunk_size=chunk_size, return_report=True,
+            p[0],
+            p[1],
+            ht,
+            wt,
+            labels,
+            student_bias=p[2],
+            teacher_bias=bt,
+            chunk_size=chunk_size,
+            return_report=True,
             **options,
-        )  # fmt: skip
+        )
         loss.backward()
     assert mode.count == count(report.valid_tokens, report.kept_tokens, chunk_size)
 

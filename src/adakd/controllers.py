@@ -135,7 +135,8 @@ class RatioSchedule:
 
     def __init__(self, kind: str, *, ratio: float, total_steps: int | None = None) -> None:
         if kind not in self.KINDS:
-            raise OptionError("selection", f"unknown ratio schedule {kind!r}; valid: {', '.join(self.KINDS)}")
+            message = f"unknown ratio schedule {kind!r}; valid: {', '.join(self.KINDS)}"
+            raise OptionError("selection", message, message)
         self.kind = kind
         self.end_ratio = check_ratio("ratio", ratio)
         if kind != "fixed" and (isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1):
