@@ -78,25 +78,27 @@ def _score_pass(student, teacher, rows, targets, plan: KDPlan, ce_grads: GradBuf
     return scores, ce_sum
 
 
-def _kd_pass(student, teacher, rows, tau, plan: KDPlan, grads: GradBuffers, ce: dict | None, scale: float):
-    """Pass 2 without the fold: Σ w(τ)·D of ``rows`` and its gradients times ``scale`` into ``grads`` (added to
-    pass 1's when ``ce`` is None and ``grads`` hold them, else written). ``ce`` (every row kept, no pass 1):
-    ``{"targets", "coef", "sum", "weighted"}``, the CE from the same logits, its sum and its sum times ``coef``
-    accumulated into them."""
+def _kd_pass(student, teacher, rows, tau, plan: KDPlan, grads: GradBuffers, scale: float, ce_targets=None):
+    """Pass 2 without the fold: ``(Σ w(τ)·D, Σ CE, Σ CE·coef)`` of ``rows``, the gradients times ``scale`` into
+    ``grads`` (added to pass 1's CE gradients when the plan mixes CE in, else written). ``ce_targets [n]`` (every
+    row kept, no pass 1): the CE and its gradient from the same logits, weighed by the plan's coefficient; the CE
+    sums are None without them."""
     total = _zero(plan, rows.device)
-    accumulate = ce is None and plan.ce_weight > 0
+    accumulate = ce_targets is None and plan.ce_weight > 0
+    coef = plan.ce_coef(rows.numel(), rows.numel()) if ce_targets is not None else 0.0
+    ce_sum, ce_weighted = (None, None) if ce_targets is None else (_zero(plan, rows.device), _zero(plan, rows.device))
     for ch in chunks(rows, plan.chunk_size, student, teacher):
         loss_c, g = plan.kd(ch.student, ch.teacher, ch.part(tau))
         total += loss_c
         g = g * scale
-        if ce is not None:
-            ce_c, g_ce = ce_chunk(ch.student, ch.part(ce["targets"]), plan.dtype)
-            ce["sum"] += ce_c
-            ce["weighted"] += ce_c * ce["coef"]
-            g = g + ce["coef"] * g_ce
+        if ce_targets is not None:
+            ce_c, g_ce = ce_chunk(ch.student, ch.part(ce_targets), plan.dtype)
+            ce_sum += ce_c
+            ce_weighted += ce_c * coef
+            g = g + coef * g_ce
         if grads.any:
             grads.add(ch.rows, ch.hidden, g, accumulate=accumulate)
-    return total
+    return total, ce_sum, ce_weighted
 
 
 def _folded_pass(student, teacher, rows, tau: Tensor, plan: KDPlan, grads: GradBuffers, scale: float) -> Tensor:
@@ -169,13 +171,10 @@ def exact(
             total, tau = _tau_grad_pass(student, teacher, kept_rows, kept_scores, kept_targets, plan, grads, scale)
         elif isinstance(tau, Tensor) and student.foldable and teacher.foldable:
             total = _folded_pass(student, teacher, kept_rows, tau, plan, grads, scale)
+        elif mixed and ce_sum is None:  # every row kept, no pass 1: the CE from pass 2's logits
+            total, ce_sum, ce_total = _kd_pass(student, teacher, kept_rows, tau, plan, grads, scale, targets)
         else:
-            ce = None
-            if mixed and ce_sum is None:  # every row kept, no pass 1: the CE from pass 2's logits
-                ce = {"targets": targets, "coef": coef, "sum": _zero(plan, rows.device), "weighted": ce_total}
-            total = _kd_pass(student, teacher, kept_rows, tau, plan, grads, ce, scale)
-            if ce is not None:
-                ce_sum = ce["sum"]
+            total = _kd_pass(student, teacher, kept_rows, tau, plan, grads, scale)[0]
         kd = total * scale
         stats = summarise(tau, kept_scores, kd if plan.mean else kd / k)
         outcome = Outcome(k, stats, math.nan if ce_sum is None else ce_sum / n, scores)
