@@ -239,7 +239,7 @@ def one_pass(
             if keep.numel() < r.numel():
                 r, h, s = r.index_select(0, keep), h.index_select(0, keep), s.index_select(0, keep)
                 z_s, z_t = z_s.index_select(0, keep), teacher.take(z_t, keep)
-            tau = plan.idts.tau_base if median is None else plan.idts.from_median(s, median)
+            tau = plan.idts.from_median(s, median)  # τ_base for a fixed τ (whose median is None)
             tally.add_tau(tau, keep.numel())
             loss_c, g = plan.kd(z_s, z_t, tau)
             tally.total += loss_c
