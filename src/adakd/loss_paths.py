@@ -182,10 +182,10 @@ class PathsMixin:
             plan = self._plan(dtype, impl, chunk_size, ce_weight, reduction)
             loss, outcome = fused.one_pass(source, t_source, rows, targets, plan, self._previous(rows.device))
             if outcome.kept:
-                self._finite(loss)  # before the state changes
-            self._prev_scores = outcome.scores
-            if outcome.kept:
+                self._finite(loss)  # before any state changes
+                self._prev_scores = outcome.scores
                 return loss, self._record(loss, ratio, n, outcome)
+            self._prev_scores = outcome.scores  # no token reached the threshold: the exact passes run
         plan = self._plan(dtype, impl, chunk_size, ce_weight, reduction, self.tau_has_grad)
         loss, outcome = fused.exact(source, t_source, rows, targets, plan, self._keep(n))
         self._finite(loss)
