@@ -63,7 +63,14 @@ def _zero(plan: KDPlan, device: torch.device) -> Tensor:
     return torch.zeros((), dtype=plan.dtype, device=device)
 
 
-def _score_pass(student, teacher, rows, targets, plan: KDPlan, ce_grads: GradBuffers | None):
+def _score_pass(
+    student: LinearHead,
+    teacher: TeacherSource,
+    rows: Tensor,
+    targets: Tensor,
+    plan: KDPlan,
+    ce_grads: GradBuffers | None,
+) -> tuple[Tensor, Tensor | None]:
     """Pass 1: ``([n] scores, Σ CE | None)``; with ``ce_grads`` the CE's gradients are added to them."""
     scores = torch.empty(rows.numel(), dtype=plan.dtype, device=rows.device)
     ce_sum = None if ce_grads is None else _zero(plan, rows.device)
@@ -78,7 +85,16 @@ def _score_pass(student, teacher, rows, targets, plan: KDPlan, ce_grads: GradBuf
     return scores, ce_sum
 
 
-def _kd_pass(student, teacher, rows, tau, plan: KDPlan, grads: GradBuffers, scale: float, ce_targets=None):
+def _kd_pass(
+    student: LinearHead,
+    teacher: TeacherSource,
+    rows: Tensor,
+    tau: Tensor | float,
+    plan: KDPlan,
+    grads: GradBuffers,
+    scale: float,
+    ce_targets: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Pass 2 without the fold: ``(Σ w(τ)·D, Σ CE, Σ CE·coef)`` of ``rows``, the gradients times ``scale`` into
     ``grads`` (added to pass 1's CE gradients when the plan mixes CE in, else written). ``ce_targets [n]`` (every
     row kept, no pass 1): the CE and its gradient from the same logits, weighed by the plan's coefficient; the CE
@@ -101,7 +117,9 @@ def _kd_pass(student, teacher, rows, tau, plan: KDPlan, grads: GradBuffers, scal
     return total, ce_sum, ce_weighted
 
 
-def _folded_pass(student, teacher, rows, tau: Tensor, plan: KDPlan, grads: GradBuffers, scale: float) -> Tensor:
+def _folded_pass(
+    student: LinearHead, teacher: LinearHead, rows: Tensor, tau: Tensor, plan: KDPlan, grads: GradBuffers, scale: float
+) -> Tensor:
     """Pass 2 with 1/τ_i applied to the hidden states (``[c, H]``) rather than to the logits (``[c, V]``): two
     ``[c, V]`` divisions fewer per chunk; the τ² weight is passed apart."""
     total = _zero(plan, rows.device)
@@ -114,7 +132,16 @@ def _folded_pass(student, teacher, rows, tau: Tensor, plan: KDPlan, grads: GradB
     return total
 
 
-def _tau_grad_pass(student, teacher, rows, kept_scores, targets, plan: KDPlan, grads: GradBuffers, scale: float):
+def _tau_grad_pass(
+    student: LinearHead,
+    teacher: TeacherSource,
+    rows: Tensor,
+    kept_scores: Tensor,
+    targets: Tensor,
+    plan: KDPlan,
+    grads: GradBuffers,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
     """Passes 2 and 3 with the gradient through τ: ``(Σ w(τ)·D, τ [k])``, τ's graph built once here."""
     with torch.enable_grad():
         s_k = kept_scores.detach().to(plan.dtype).requires_grad_(True)
@@ -250,7 +277,9 @@ def one_pass(
     return run_job(student.hidden, student.weight, student.bias, Job(run, plan.dtype))
 
 
-def _one_pass_total(grads, ce_grads, plan: KDPlan, tally: _Tally, scores: Tensor, threshold: float):
+def _one_pass_total(
+    grads: GradBuffers, ce_grads: GradBuffers | None, plan: KDPlan, tally: _Tally, scores: Tensor, threshold: float
+) -> tuple[Tensor, Outcome]:
     """The one-pass loss and :class:`Outcome` once every chunk is done: the KD scaled by the kept count, the CE's
     gradients weighed in, the statistics of this batch's kept rows."""
     n, count = scores.numel(), tally.count
