@@ -179,3 +179,33 @@ def test_mix_errors():
     with pytest.raises(ValueError, match="teacher"):
         adakd.AdaKDLoss()(zs, None, labels, mix=adakd.Mix(0.5))
     assert adakd.loss.Mix is adakd.Mix
+
+
+@pytest.mark.parametrize("alpha", [0.3, 1.0])
+def test_mix_in_one_pass_mode_is_the_trainers_algebra(alpha):
+    # The second call is a real one-pass call (the previous batch is the first); both losses see the same history.
+    inputs = _inputs(6, torch.float32)
+    hs, ws, bs, ht, wt, labels = inputs
+    kwargs = {"selection": "fixed", "ratio": 0.5, "one_pass": True, "reduction": "sum"}
+    mixed_fn, plain_fn = adakd.AdaKDLoss(**kwargs), adakd.AdaKDLoss(**kwargs)
+    denom = (labels != -100).sum().clamp_min(1).to(torch.float32)
+    for scale in (1.0, 0.8):
+        p = [t.clone().requires_grad_(True) for t in (hs * scale, ws, bs)]
+        got = mixed_fn.forward_hidden(p[0], p[1], ht, wt, labels, student_bias=p[2], chunk_size=5, mix=adakd.Mix(alpha))
+        q = [t.clone().requires_grad_(True) for t in (hs * scale, ws, bs)]
+        total, report = plain_fn.forward_hidden(
+            q[0],
+            q[1],
+            ht,
+            wt,
+            labels,
+            student_bias=q[2],
+            chunk_size=5,
+            ce_weight=(1 - alpha) / alpha,
+            return_report=True,
+        )
+        want = alpha * window_mean(total, report, denom)
+        assert torch.equal(got, want)
+        for a, b in zip(torch.autograd.grad(got, p), torch.autograd.grad(want, q), strict=True):
+            assert torch.equal(a, b)
+    assert mixed_fn.pending() == plain_fn.pending()
