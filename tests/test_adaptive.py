@@ -237,3 +237,33 @@ def test_indicator_errors():
         adakd.difficulty_scores("entropy", s, t)
     with pytest.raises(ValueError, match="needs the labels"):
         adakd.difficulty_scores("ce", s, t)
+
+
+def test_idts_value_object_is_the_closed_form_in_each_mode():
+    from adakd.adaptive import IDTS
+    from adakd.errors import OptionError
+
+    s = torch.tensor([0.1, 0.4, 0.2, 0.8, 0.3], dtype=torch.float64)
+    m = 0.3  # the lower median
+    for mode, sign in (("inverse", -1.0), ("reverse", 1.0)):
+        idts = IDTS(c=0.7, tau_base=1.3, mode=mode)
+        want = 1.3 * torch.exp(sign * 0.7 * torch.tanh(torch.log(s / m)))
+        torch.testing.assert_close(idts.temperatures(s), want)
+        torch.testing.assert_close(idts.from_median(s, 0.3), want)
+        g = s.clone().requires_grad_(True)
+        tau = idts.with_grad(g)
+        torch.testing.assert_close(tau.detach(), want)
+        (grad,) = torch.autograd.grad(tau.sum(), g)
+        assert grad[4] != 0  # the median's token collects the median's gradient too
+        assert torch.equal(idts.temperatures(s), adakd.idts_temperatures(s, c=0.7, tau_base=1.3, reverse=sign > 0))
+    fixed = IDTS(c=0.7, tau_base=1.3, mode="fixed")
+    assert fixed.fixed and fixed.temperatures(s) == 1.3 and fixed.from_median(s, None) == 1.3
+    with pytest.raises(OptionError, match="unknown temperature 'hot'"):
+        IDTS(mode="hot")
+
+
+def test_the_ratio_controllers_live_in_their_own_module():
+    from adakd import adaptive, controllers
+
+    assert adaptive.LATF is controllers.LATF is adakd.LATF
+    assert adaptive.RatioSchedule is controllers.RatioSchedule is adakd.RatioSchedule
