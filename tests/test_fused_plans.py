@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import adakd
 from adakd import fused
+from adakd.sparse import sparse_from_logits
 
 N, H_S, H_T, V_S, V_T = 37, 13, 19, 50, 56
 SRC = Path(__file__).resolve().parents[1] / "src" / "adakd"
@@ -167,7 +168,10 @@ class _Teacher(torch.nn.Module):
 
 
 @pytest.mark.parametrize("linear_head", [False, True])
-def test_teacher_top_k_equals_the_cache_writers_rows(linear_head, monkeypatch):
+def test_teacher_top_k_and_the_cache_writer_give_the_top_k_of_the_models_own_logits(linear_head):
+    """The top-k rows, chunk by chunk (from hidden states and the lm_head's weight, or from logits), are
+    sparse_from_logits of the model's own logits at the supervised positions taken at once; the cache writer's rows
+    are the same."""
     writer = pytest.importorskip("adakd.cache.writer")
     teacher = _Teacher().eval()
     g = torch.Generator().manual_seed(5)
@@ -177,28 +181,27 @@ def test_teacher_top_k_equals_the_cache_writers_rows(linear_head, monkeypatch):
     labels[2, 8:] = -100
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     width, k = V_S, 6
-    monkeypatch.setattr(writer, "_CHUNK_LOGITS", 4 * width)  # several chunks of 4 rows
-    head = writer.LinearHead(teacher.decoder, teacher.lm_head) if linear_head else None
-    want = writer.teacher_rows(teacher, batch, k, head, width)
     supervised = labels[:, 1:] != -100
     with torch.no_grad():
+        logits = teacher(ids).logits[:, :-1][supervised]  # the model's own lm_head call, every row at once
+        want = sparse_from_logits(logits[:, :width], k)
         if linear_head:
             rows = teacher.decoder(ids).last_hidden_state[:, :-1][supervised]
             got = fused.teacher_top_k(
                 rows, k, weight=teacher.lm_head.weight, bias=teacher.lm_head.bias, width=width, chunk_size=4
             )
         else:
-            rows = teacher(ids).logits[:, :-1][supervised]
-            got = fused.teacher_top_k(rows, k, width=width, chunk_size=4)
-    for a, b in zip(got, want, strict=True):
-        assert torch.equal(a, b)
+            got = fused.teacher_top_k(logits, k, width=width, chunk_size=4)  # several chunks of 4 rows
+    head = writer.LinearHead(teacher.decoder, teacher.lm_head) if linear_head else None
+    written = writer.teacher_rows(teacher, batch, k, head, width)
+    for sparse in (got, written):
+        assert torch.equal(sparse.ids, want.ids)
+        torch.testing.assert_close(sparse.logprobs, want.logprobs, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(sparse.tail, want.tail, rtol=1e-6, atol=1e-6)
     # The top-k is the largest k of each row of the cropped logits, its tail the rest of the mass.
-    logits = rows[:, :width] if not linear_head else torch.nn.functional.linear(rows, teacher.lm_head.weight)[:, :width]
-    if linear_head:
-        logits = logits + teacher.lm_head.bias[:width]
-    lp = torch.log_softmax(logits.double(), -1)
+    lp = torch.log_softmax(logits[:, :width].double(), -1)
     torch.testing.assert_close(got.logprobs.double(), lp.topk(k, -1).values, rtol=1e-5, atol=1e-6)
-    empty = fused.teacher_top_k(rows[:0], k, width=width)
+    empty = fused.teacher_top_k(logits[:0], k, width=width)
     assert empty.ids.shape == (0, k) and empty.tail.shape == (0,)
 
 

@@ -99,6 +99,8 @@ MATH_MODULES = (
     "adakd.loss",
     "adakd.loss_options",
     "adakd.loss_report",
+    "adakd.loss_mix",
+    "adakd.loss_paths",
     "adakd.window",
 )
 LAYER_OF = {

@@ -18,13 +18,11 @@ import numpy as np
 import torch
 
 from ..files import atomic_write
-from ..sparse import SparseTeacher, sparse_from_logits
+from ..fused import teacher_top_k
+from ..sparse import SparseTeacher
 from .format import IGNORE_INDEX, SHARD_META, tensors_sha256
 
 __all__ = ["LinearHead", "compute_shard", "linear_head", "student_vocab_rows", "teacher_rows", "write_shard"]
-
-# Rows of logits turned into top-k at a time: about 2^26 float32 logits (256 MiB) whatever the vocabulary.
-_CHUNK_LOGITS = 1 << 26
 
 
 class LinearHead:
@@ -118,20 +116,13 @@ def teacher_rows(
     ids = batch["input_ids"].to(device)
     mask = batch["attention_mask"].to(device)
     supervised = (batch["labels"][:, 1:] != IGNORE_INDEX).to(device)  # [B, T − 1]: position t predicts t + 1
-    if head is not None:
-        hidden = head.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        rows, project = hidden[:, :-1][supervised], head.head  # [N, H]
-    else:
-        rows, project = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][supervised], None
     width = width or vocab_rows(model)
-    parts = []
-    for chunk in rows.split(max(1, _CHUNK_LOGITS // width)):
-        logits = project(chunk) if project is not None else chunk  # [c, V_t], the model's dtype
-        parts.append(sparse_from_logits(logits[..., :width], k))
-    if not parts:
-        empty = torch.empty(0, min(k, width), device=device)
-        return SparseTeacher(empty.long(), empty, torch.empty(0, device=device))
-    return SparseTeacher(*(torch.cat(field) for field in zip(*parts, strict=True)))
+    if head is None:
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][supervised]
+        return teacher_top_k(logits, k, width=width)
+    hidden = head.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    # [N, H] rows through the lm_head's own parameters, a chunk of logits at a time (the one chunk loop of adakd.fused)
+    return teacher_top_k(hidden[:, :-1][supervised], k, weight=head.head.weight, bias=head.head.bias, width=width)
 
 
 def compute_shard(
