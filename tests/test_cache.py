@@ -88,14 +88,28 @@ def _inputs(config):
 def _open(path, cache, *overrides, tokenizer=None, examples=None):
     config = load_config(path, list(overrides))
     tok, made = _inputs(config)
-    return open_cache(cache, config=config, tokenizer=tokenizer or tok, examples=made if examples is None else examples)
+    return open_cache(
+        cache,
+        student=config.student,
+        data=config.data,
+        onpolicy_mode=config.onpolicy.mode,
+        tokenizer=tokenizer or tok,
+        examples=made if examples is None else examples,
+    )
 
 
 def test_the_cache_holds_the_teachers_top_k_at_every_supervised_position(setup):
     path, cache_dir = setup
     config = load_config(path)
     tokenizer, examples = _inputs(config)
-    cache = open_cache(cache_dir, config=config, tokenizer=tokenizer, examples=examples)
+    cache = open_cache(
+        cache_dir,
+        student=config.student,
+        data=config.data,
+        onpolicy_mode=config.onpolicy.mode,
+        tokenizer=tokenizer,
+        examples=examples,
+    )
     m = cache.manifest
     # The teacher's 320 rows are cropped to the student's 288, as training crops a live teacher (align_vocab).
     assert (cache.top_k, cache.vocab_size, m["teacher_vocab_size"]) == (K, 288, 320)
@@ -243,13 +257,34 @@ def test_another_tokenizer_or_other_examples_are_refused(setup):
     other = load_tokenizer(config.student)
     other.add_tokens(["<extra>"])
     with pytest.raises(ConfigError, match=r": made with another tokenizer \(byte, 257 tokens; this run's byte, 258"):
-        open_cache(cache, config=config, tokenizer=other, examples=examples)
+        open_cache(
+            cache,
+            student=config.student,
+            data=config.data,
+            onpolicy_mode=config.onpolicy.mode,
+            tokenizer=other,
+            examples=examples,
+        )
     with pytest.raises(ConfigError, match=r"the tokenised training data differ from the cache's \(9 examples, the"):
-        open_cache(cache, config=config, tokenizer=tokenizer, examples=examples[:9])
+        open_cache(
+            cache,
+            student=config.student,
+            data=config.data,
+            onpolicy_mode=config.onpolicy.mode,
+            tokenizer=tokenizer,
+            examples=examples[:9],
+        )
     changed = [dict(e) for e in examples]
     changed[3] = {**changed[3], "labels": [*changed[3]["labels"][:-1], -100]}  # the eos no longer trained
     with pytest.raises(ConfigError, match=r"differ from the cache's \(the same 10 examples in number, not in token"):
-        open_cache(cache, config=config, tokenizer=tokenizer, examples=changed)
+        open_cache(
+            cache,
+            student=config.student,
+            data=config.data,
+            onpolicy_mode=config.onpolicy.mode,
+            tokenizer=tokenizer,
+            examples=changed,
+        )
 
 
 _V9 = {"name": "adakd-teacher-cache", "version": 9}

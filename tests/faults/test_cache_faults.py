@@ -418,7 +418,14 @@ def test_a_hand_edited_manifest_is_refused_naming_the_key(base, inputs, tmp_path
     path = out / "manifest.json"
     path.write_text(json.dumps(edit(json.loads(path.read_text()))))
     with pytest.raises(ConfigError) as info:
-        open_cache(out, config=config, tokenizer=tokenizer, examples=examples)
+        open_cache(
+            out,
+            student=config.student,
+            data=config.data,
+            onpolicy_mode=config.onpolicy.mode,
+            tokenizer=tokenizer,
+            examples=examples,
+        )
     text = str(info.value)
     found = re.match(E(f"teacher.cache: {out}: manifest.json: ") + pattern, text)
     assert found and "\n" not in text, text

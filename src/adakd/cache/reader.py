@@ -200,11 +200,11 @@ def _check_tokenizer(path: str, manifest: dict[str, Any], mine: dict[str, Any], 
         )
 
 
-def _check_data(path: str, manifest: dict[str, Any], config: Any, tokenizer: Any) -> None:
+def _check_data(path: str, manifest: dict[str, Any], data: Any, tokenizer: Any) -> None:
     """The data source, the template and the lengths are the cache's."""
     from ..errors import ConfigError
 
-    theirs, mine = manifest["data"], data_info(config.data)
+    theirs, mine = manifest["data"], data_info(data)
     for key in (*mine, *(k for k in theirs if k not in mine)):
         if theirs.get(key) != mine.get(key):
             raise ConfigError(
@@ -212,7 +212,7 @@ def _check_data(path: str, manifest: dict[str, Any], config: Any, tokenizer: Any
                 f"{show(mine.get(key))}"
             )
     template = manifest["template"]
-    used = template_info(config.data.template, tokenizer, bool(template.get("conversations")))
+    used = template_info(data.template, tokenizer, bool(template.get("conversations")))
     if template.get("name") != used["name"]:
         raise ConfigError(
             f"teacher.cache: {path}: data.template: the cache was made with {show(template.get('name'))}, this run "
@@ -225,10 +225,10 @@ def _check_data(path: str, manifest: dict[str, Any], config: Any, tokenizer: Any
                 "template than this run's"
             )
     for key in ("max_length", "max_prompt_length"):
-        if manifest[key] != getattr(config.data, key):
+        if manifest[key] != getattr(data, key):
             raise ConfigError(
                 f"teacher.cache: {path}: data.{key}: the cache was made with {manifest[key]}, this run uses "
-                f"{getattr(config.data, key)}"
+                f"{getattr(data, key)}"
             )
 
 
@@ -243,15 +243,26 @@ def _check_digests(path: str, folder: Path, manifest: dict[str, Any]) -> None:
             )
 
 
-def open_cache(path: str | os.PathLike, *, config: Any, tokenizer: Any, examples: Any) -> TeacherCache:
+def open_cache(
+    path: str | os.PathLike,
+    *,
+    student: Any,
+    data: Any,
+    tokenizer: Any,
+    examples: Any,
+    onpolicy_mode: str = "off",
+) -> TeacherCache:
     """Open the teacher cache ``path`` for a training run, after checking it was made for this run.
 
     Args:
         path: the folder ``adakd cache`` wrote.
-        config: the run's :class:`adakd.train.DistillConfig`.
+        student: the run's ``student`` section (``config.student`` of an :class:`adakd.train.DistillConfig`): where
+            its tokenizer comes from.
+        data: the run's ``data`` section (``config.data``): the source, template and lengths the cache must match.
         tokenizer: the student tokenizer, as :func:`adakd.train.examples.training_examples` left it (for
             conversations it holds the chat template the examples were rendered with).
         examples: the tokenised training examples (a list of ``input_ids``/``labels`` dicts or a ``datasets.Dataset``).
+        onpolicy_mode: the run's ``onpolicy.mode``; a cache serves ``off`` only.
 
     Raises:
         ConfigError: one line, ``teacher.cache: <path>: ...``: an on-policy run; a missing folder, manifest or shard;
@@ -264,9 +275,9 @@ def open_cache(path: str | os.PathLike, *, config: Any, tokenizer: Any, examples
     from ..errors import ConfigError
 
     where, folder = str(path), Path(path)
-    if config.onpolicy.mode != "off":
+    if onpolicy_mode != "off":
         raise ConfigError(
-            f"teacher.cache: {where}: onpolicy.mode {config.onpolicy.mode} distils on generated text, which a cache "
+            f"teacher.cache: {where}: onpolicy.mode {onpolicy_mode} distils on generated text, which a cache "
             "does not cover: give the live teacher, or set onpolicy.mode: off"
         )
     manifest = _read_manifest(where, folder)
@@ -274,9 +285,9 @@ def open_cache(path: str | os.PathLike, *, config: Any, tokenizer: Any, examples
     _check_headers(where, folder, manifest)
     from ..train.models import tokenizer_source
 
-    mine = tokenizer_info(tokenizer_source(config.student), tokenizer)
+    mine = tokenizer_info(tokenizer_source(student), tokenizer)
     _check_tokenizer(where, manifest, mine, chat_template=False)
-    _check_data(where, manifest, config, tokenizer)
+    _check_data(where, manifest, data, tokenizer)
     _check_tokenizer(where, manifest, mine, chat_template=True)
     digest = digest_examples(examples)
     if digest.count != manifest["examples"]:

@@ -42,7 +42,14 @@ def teacher_cache(config: DistillConfig, inputs: RunInputs) -> Any:
     from ..cache import open_cache
 
     path = config.teacher.cache
-    cache = open_cache(path, config=config, tokenizer=inputs.tokenizer, examples=inputs.examples)
+    cache = open_cache(
+        path,
+        student=config.student,
+        data=config.data,
+        onpolicy_mode=config.onpolicy.mode,
+        tokenizer=inputs.tokenizer,
+        examples=inputs.examples,
+    )
     rows = vocab_rows(inputs.student)
     if cache.vocab_size != rows:
         raise ConfigError(
