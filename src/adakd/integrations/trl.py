@@ -8,7 +8,8 @@ the hub, its logging); the per-token loss on the completion tokens TRL marks bec
 - KD = Σ_kept τ²·D over the micro-batch, divided by the accumulation window's completion-token count (all
   micro-batches and ranks: TRL's ``num_items_in_batch``) times the micro-batch's kept share;
 - LATF advances once per optimizer step (a callback at ``on_step_end``) with L_t averaged over the step's
-  micro-batches and all-reduced over ranks (:func:`adakd.integrations.step_latf`);
+  micro-batches and all-reduced over ranks (:func:`adakd.integrations.step_latf`, through ``adakd train``'s
+  :class:`adakd.train.callbacks.LossStateCallback`);
 - the loss state is written into every ``checkpoint-N`` as ``adakd_state.pt`` (:mod:`adakd.train.checkpoints`)
   and restored by ``train(resume_from_checkpoint=...)``;
 - ``adakd/ratio``, ``adakd/kept_tokens``, ``adakd/valid_tokens``, ``adakd/tau_mean|min|max`` go through TRL's
@@ -44,16 +45,16 @@ except ModuleNotFoundError as e:  # the optional extra
     raise ModuleNotFoundError(f"adakd.integrations.trl needs TRL: pip install 'adakd[trl]' ({e})", name=e.name) from e
 except ImportError as e:  # a TRL without the DistillationTrainer (before 1.16)
     raise ImportError(f"adakd.integrations.trl needs trl>=1.16 (found an older TRL: {e})") from e
-from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..errors import ConfigError, InputError
-from ..loss import AdaKDLoss
-from ..memory import release_freed_memory, trim_interval
+from ..loss import AdaKDLoss, LossReport
+from ..train.callbacks import LossStateCallback
 from ..train.checkpoints import load_loss_state, resolve_checkpoint, save_loss_state
-from ..train.engines import call_through, check_linear_head, full_parameters
+from ..train.engines import call_through, check_linear_head
+from ..train.step import Sums, Window, hidden_loss, mix_terms
+from ..train.teacher import TeacherPart
 from ..train.trainer import LOGGED
-from . import step_latf, window_mean
 
 __all__ = ["AdaKDDistillationTrainer"]
 
@@ -111,19 +112,6 @@ def _entropy_sum(logits: torch.Tensor) -> torch.Tensor:
     return total
 
 
-class _AdaKDCallback(TrainerCallback):
-    """Advances LATF after every optimizer step (before the step's log and checkpoint)."""
-
-    def __init__(self, trainer: AdaKDDistillationTrainer) -> None:
-        self.trainer = trainer
-
-    def on_step_end(self, args, state, control, **kwargs):
-        every = trim_interval()
-        if every and state.global_step % every == 0:
-            release_freed_memory()  # glibc keeps freed CPU memory: see adakd.memory
-        step_latf(self.trainer.loss_fn, self.trainer.accelerator)
-
-
 class AdaKDDistillationTrainer(DistillationTrainer):
     """TRL's ``DistillationTrainer`` whose token loss is :class:`adakd.AdaKDLoss`.
 
@@ -154,6 +142,7 @@ class AdaKDDistillationTrainer(DistillationTrainer):
 
     _tag_names = ["trl", "distillation", "adakd"]
     _name = "AdaKD Distillation"
+    distils = True  # always a teacher and a KD term: LATF steps after every optimizer step
 
     def __init__(
         self,
@@ -210,9 +199,8 @@ class AdaKDDistillationTrainer(DistillationTrainer):
                 try:
                     check_linear_head(module, role)
                 except ConfigError as e:  # worded for the YAML key there; name the argument here
-                    reason = str(e).removeprefix("loss.fused: ").replace("set loss.fused: false", "use fused=False")
-                    raise InputError(f"fused=True: {reason}") from e
-        self.add_callback(_AdaKDCallback(self))
+                    raise InputError(f"fused=True: {e.reason}: use fused=False") from e
+        self.add_callback(LossStateCallback(self))
 
     # ----------------------------------------------------------------------------------------------------------
     # Completions: the student's samples (TRL) or the dataset's (lmbda < 1).
@@ -275,8 +263,11 @@ class AdaKDDistillationTrainer(DistillationTrainer):
             prompt_ids, _, _ = self._tokenize_prompts(prompts)  # what TRL's sampling starts from
             full = self.processing_class.apply_chat_template(
                 conversation=[list(p) + list(c) for p, c in zip(prompts, completions, strict=True)],
-                chat_template=self.chat_template, tokenize=True, return_dict=True, **self.chat_template_kwargs,
-            )["input_ids"]  # fmt: skip
+                chat_template=self.chat_template,
+                tokenize=True,
+                return_dict=True,
+                **self.chat_template_kwargs,
+            )["input_ids"]
         else:
             eos = self._tokenizer.eos_token
             prompt_ids = self.processing_class(text=list(prompts))["input_ids"]
@@ -337,38 +328,37 @@ class AdaKDDistillationTrainer(DistillationTrainer):
         valid = labels != self.loss_fn.ignore_index
         return kd_sum, report, _entropy_sum(student.detach()[valid])
 
-    def _fused_kd(self, unwrapped_student: Any, inputs: dict[str, Any], labels: torch.Tensor) -> torch.Tensor:
-        """Σ KD from hidden states and lm_head weights, as TRL's own chunked loss gets them: the backbones run
-        inside their wrappers' forwards (TRL's forward redirection); the loss then runs inside the student lm_head's
-        own forward (:func:`adakd.train.engines.call_through`, as ``adakd train``'s fused path), where DeepSpeed
-        ZeRO-3 and FSDP2 hold its full weight and attach their backward hooks to the loss."""
-        from torch.distributed.tensor import DTensor
-
+    def _fused_kd(
+        self, unwrapped_student: Any, inputs: dict[str, Any], labels: torch.Tensor
+    ) -> tuple[torch.Tensor, LossReport]:
+        """Σ KD and its report from hidden states and lm_head weights, as TRL's own chunked loss gets them: the
+        backbones run inside their wrappers' forwards (TRL's forward redirection); the loss then runs inside the
+        student lm_head's own forward (:func:`adakd.train.engines.call_through`, with ``adakd train``'s head path
+        :func:`adakd.train.step.hidden_loss`), where DeepSpeed ZeRO-3 and FSDP2 hold its full weight and attach
+        their backward hooks to the loss."""
         input_ids, attention_mask, keep, multimodal = self._sequence(inputs)
         hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, keep, **multimodal)
         self.teacher_model.eval()
         unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
         with torch.no_grad():
             teacher_hidden = self._forward_redirection(
-                self.teacher_model, unwrapped_teacher, self._get_last_hidden_state, unwrapped_teacher,
-                input_ids, attention_mask, keep, **multimodal,
-            )  # fmt: skip
-        head, t_head = unwrapped_student.get_output_embeddings(), unwrapped_teacher.get_output_embeddings()
+                self.teacher_model,
+                unwrapped_teacher,
+                self._get_last_hidden_state,
+                unwrapped_teacher,
+                input_ids,
+                attention_mask,
+                keep,
+                **multimodal,
+            )
+        teacher = TeacherPart(teacher_hidden, unwrapped_teacher.get_output_embeddings())
+        head = unwrapped_student.get_output_embeddings()
 
-        def head_loss(student_hidden: torch.Tensor) -> torch.Tensor:
-            weight, bias = head.weight, head.bias
-            if isinstance(weight, DTensor):  # a head FSDP2 left sharded: one differentiable all-gather
-                weight = weight.full_tensor()
-                bias = None if bias is None else bias.full_tensor()
-            dtype = teacher_hidden.dtype
-            with full_parameters(t_head.weight, t_head.bias) as (t_weight, t_bias):
-                # Under autocast the hidden states may be half precision: the differentiable cast the model's own
-                # lm_head call would do.
-                return self.loss_fn.forward_hidden(
-                    student_hidden, weight.to(student_hidden.dtype), teacher_hidden, t_weight.to(dtype), labels,
-                    student_bias=None if bias is None else bias.to(student_hidden.dtype),
-                    teacher_bias=None if t_bias is None else t_bias.to(dtype), chunk_size=self.chunk_size,
-                )  # fmt: skip
+        def head_loss(student_hidden: torch.Tensor) -> tuple[torch.Tensor, LossReport]:
+            with teacher.head_parameters() as t_head:
+                return hidden_loss(
+                    self.loss_fn, student_hidden, head, teacher.values, t_head, labels, chunk_size=self.chunk_size
+                )
 
         return call_through(head, head_loss, hidden)
 
@@ -407,14 +397,12 @@ class AdaKDDistillationTrainer(DistillationTrainer):
         entropy = None
         if self.fused:
             unwrapped = self.accelerator.unwrap_model(model)
-            # Only the tensor crosses the wrapper's forward; the report is read back from the loss.
-            kd_sum = self._forward_redirection(model, unwrapped, self._fused_kd, unwrapped, inputs, labels)
-            report = self.loss_fn.last_report
+            kd_sum, report = self._forward_redirection(model, unwrapped, self._fused_kd, unwrapped, inputs, labels)
         else:
             kd_sum, report, entropy = self._logits_terms(model, inputs, labels)
         if num_items_in_batch is None:
             num_items_in_batch = max(report.valid_tokens, 1)
-        loss = window_mean(kd_sum, report, num_items_in_batch)
+        loss = mix_terms(Sums(kd=kd_sum, report=report), Window(num_items_in_batch), kd_ratio=1.0).loss
 
         stats = report.as_dict()
         for key in LOGGED:

@@ -275,9 +275,15 @@ class RougeDuringTraining:
             with torch.random.fork_rng(devices=_rng_devices(device)):
                 backend = HFBackend(model, tokenizer, device=device)  # sets eval mode, as adakd eval does
                 results = evaluate(
-                    backend, [self.eval_set], [self.seed], generation, Path(output) / f"step-{step}.json",
-                    f"step {step}", show_progress=False, chat_template=self.chat_template,
-                )  # fmt: skip
+                    backend,
+                    [self.eval_set],
+                    [self.seed],
+                    generation,
+                    Path(output) / f"step-{step}.json",
+                    f"step {step}",
+                    show_progress=False,
+                    chat_template=self.chat_template,
+                )
         finally:
             model.train(was_training)
         return float(results["average"]["mean"])
