@@ -8,7 +8,7 @@ from . import _without_numpy  # noqa: F401  (first: before anything imports torc
 from ._version import __version__
 from .adaptive import INDICATORS, LATF, RatioSchedule, difficulty_scores, idts_temperatures, select_tokens
 from .divergences import DIVERGENCES, divergence, hellinger_distance
-from .loss import AdaKDLoss, align_vocab
+from .loss import AdaKDLoss, Mix, align_vocab
 from .sparse import SparseTeacher, sparse_divergence, sparse_from_logits
 
 
@@ -23,6 +23,7 @@ __all__ = [
     "DIVERGENCES",
     "INDICATORS",
     "LATF",
+    "Mix",
     "AdaKDLoss",
     "RatioSchedule",
     "SparseTeacher",

@@ -13,6 +13,7 @@ This module imports only torch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 
 from .adaptive import keep_count, score_fn, select_tokens
 from .divergences import compute_dtype, divergence_fn
-from .errors import NonFiniteLossError
+from .errors import NonFiniteLossError, OptionError
 from .fused import (
     CrossEntropyPart,
     FusedKeptLoss,
@@ -31,17 +32,19 @@ from .fused import (
     chunk_loss_fn,
     chunked_scores,
     default_chunk_size,
+    fused_cross_entropy,
 )
 from .labels import IGNORE_INDEX
 from .loss_options import C_MAX, build_controller, check_options
-from .loss_report import LossReport, make_report
-from .shapes import align_vocab, check_hidden_inputs, check_vocab_sizes
+from .loss_report import LossReport, Mix, make_report
+from .shapes import align_vocab, check_hidden_inputs, check_student_inputs, check_vocab_sizes
 from .sparse import FULL_STUDENT_INDICATORS, SparseTeacher, check_sparse, logit_scorer, pair_log_probs
 
 __all__ = [
     "C_MAX",
     "AdaKDLoss",
     "LossReport",
+    "Mix",
     "NonFiniteLossError",
     "SparseTeacher",
     "align_vocab",
@@ -243,10 +246,11 @@ class AdaKDLoss(nn.Module):
         direct = None if differentiable else self.indicator
         return logit_scorer(score, dtype, self.indicator in FULL_STUDENT_INDICATORS, direct)
 
-    def _ce_coef(self, ce_weight: float, n: int, k: int) -> float:
+    @staticmethod
+    def _ce_coef(ce_weight: float, n: int, k: int, reduction: str) -> float:
         """The factor of Σ CE in a loss with ``ce_weight`` w: w·CE_mean next to L_t (``mean``), or k times that next
         to the kept tokens' sum (``sum``, whose KD term is k·L_t), CE_mean being over the n valid tokens."""
-        return ce_weight / n if self.reduction == "mean" else ce_weight * k / n
+        return ce_weight / n if reduction == "mean" else ce_weight * k / n
 
     def _needs_scores(self, n: int) -> bool:
         """Whether n valid tokens need difficulty scores: not in plain-KD mode (keep all, one τ)."""
@@ -287,6 +291,7 @@ class AdaKDLoss(nn.Module):
         labels: Tensor,
         *,
         ce_weight: float = 0.0,
+        mix: Mix | None = None,
         return_report: bool = False,
     ) -> Tensor | tuple[Tensor, LossReport]:
         """The AdaKD loss of one micro-batch, on materialised logits (the reference path).
@@ -302,6 +307,11 @@ class AdaKDLoss(nn.Module):
                 L_t + w·CE (``reduction="mean"``; with the paper's kd_ratio α, α·(L_t + (1−α)/α·CE) is its mix), or
                 k·(L_t + w·CE) for ``reduction="sum"``, k the kept count. LATF and the report's ``mean_loss`` see
                 L_t alone; the report's ``ce_loss`` is the CE.
+            mix: a :class:`Mix` (α, W): the loss is ``(1 − α)·ΣCE/W + α·ΣKD_kept/(W·k/n)`` instead, whatever
+                ``reduction`` (not with ``ce_weight``). The CE is ``F.cross_entropy`` of ``student_logits.float()``
+                summed over the valid tokens; ``teacher_logits`` may be None at α = 0, which computes the CE alone
+                and leaves the loss's state (LATF, ``stats``) as it is. The report's ``ce_term`` and ``kd_term``
+                are the two parts.
             return_report: also return the :class:`LossReport` (what was kept, τ, L_t).
 
         Returns:
@@ -311,6 +321,71 @@ class AdaKDLoss(nn.Module):
         Raises:
             NonFiniteLossError: the loss is NaN or inf; nothing (statistics, LATF) has changed then.
         """
+        if mix is None:
+            loss, report = self._forward_logits(student_logits, teacher_logits, labels, ce_weight, self.reduction)
+        else:
+            loss, report = self._mixed_logits(student_logits, teacher_logits, labels, mix, ce_weight)
+        return (loss, report) if return_report else loss
+
+    def _mixed_logits(
+        self, student_logits: Tensor, teacher_logits: Tensor | SparseTeacher | None, labels: Tensor, mix: Mix,
+        ce_weight: float,
+    ) -> tuple[Tensor, LossReport]:  # fmt: skip
+        """:meth:`forward` with a :class:`Mix`: the trainer's CE on the float32 logits, the KD sum, both normalised."""
+        _check_mix(mix, ce_weight, teacher_logits)
+        alpha = mix.kd_ratio
+        denom = _window(mix, labels, self.ignore_index)
+        ce_sum = None
+        if alpha < 1:
+            flat = student_logits.reshape(-1, student_logits.shape[-1]).float()
+            ce_sum = torch.nn.functional.cross_entropy(
+                flat, labels.reshape(-1), ignore_index=self.ignore_index, reduction="sum"
+            )
+            self._finite(ce_sum)  # before the KD forward moves any state
+        if alpha == 0:
+            return self._ce_only(ce_sum, labels, denom)
+        kd_sum, report = self._forward_logits(student_logits, teacher_logits, labels, 0.0, "sum")
+        denom = denom.to(torch.promote_types(denom.dtype, kd_sum.dtype))  # float64 losses keep float64 W·k/n
+        kd = kd_sum / (denom * _kept_fraction(report))
+        loss = alpha * kd if ce_sum is None else (1 - alpha) * (ce_sum / denom) + alpha * kd
+        return loss, self._mixed_report(report, loss, denom, alpha, ce_sum)
+
+    def _ce_only(self, ce_sum: Tensor, labels: Tensor, denom: Tensor) -> tuple[Tensor, LossReport]:
+        """A mix at α = 0: ΣCE/W and its report (nothing kept, no KD); the loss's state does not change."""
+        loss = ce_sum / denom
+        self._finite(loss)
+        n, ce_total, window = torch.stack(
+            [(labels != self.ignore_index).sum().double(), ce_sum.detach().double(), denom.double()]
+        ).tolist()
+        n = int(n)
+        ce_loss = ce_total / n if n else math.nan
+        report = make_report(loss, self.ratio, n, 0, self.tau_base, None, math.nan, self.tau_base, ce_loss)
+        return loss, dataclasses.replace(report, mean_loss=math.nan, ce_term=ce_total / window)
+
+    def _mixed_report(
+        self, report: LossReport, loss: Tensor, denom: Tensor, alpha: float, ce_sum: Tensor | None
+    ) -> LossReport:
+        """``report`` (kept as ``last_report``) with the mix's loss, ``ce_term`` and ``kd_term`` (one device sync)."""
+        n = report.valid_tokens
+        ce = torch.zeros_like(denom) if ce_sum is None else ce_sum.detach()
+        value, ce_total, window = torch.stack([loss.detach().double(), ce.double(), denom.double()]).tolist()
+        ce_loss = report.ce_loss if ce_sum is None else (ce_total / n if n else 0.0)
+        ce_term = math.nan if alpha == 1 else ce_loss * n / window if n else 0.0
+        # From the loss itself: the report's mean_loss is rounded to float32.
+        kd_term = value if alpha == 1 else (value - (1 - alpha) * ce_term) / alpha
+        report = dataclasses.replace(report, loss=loss, ce_loss=ce_loss, ce_term=ce_term, kd_term=kd_term)
+        self.last_report = report
+        return report
+
+    def _forward_logits(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor | SparseTeacher,
+        labels: Tensor,
+        ce_weight: float,
+        reduction: str,
+    ) -> tuple[Tensor, LossReport]:
+        """:meth:`forward` without a mix, under ``reduction``."""
         sparse = isinstance(teacher_logits, SparseTeacher)
         if sparse:
             check_sparse(
@@ -337,8 +412,7 @@ class AdaKDLoss(nn.Module):
         if n == 0:
             # An empty sum keeps the graph (backward gives zeros), even if the logits hold -inf.
             loss = student[:0].sum().to(dtype)
-            report = self._record(loss, self.ratio, 0, 0, self.tau_base, None, loss)
-            return (loss, report) if return_report else loss
+            return loss, self._record(loss, self.ratio, 0, 0, self.tau_base, None, loss)
 
         def score_pass() -> Tensor:
             targets = flat_labels.index_select(0, rows)
@@ -361,12 +435,11 @@ class AdaKDLoss(nn.Module):
             student, teacher = student.index_select(0, rows), _rows(teacher, rows)
         per_token = self.div(*pair_log_probs(student, teacher, tau, dtype))
         per_token = per_token * self._weight(tau)
-        kd = per_token.mean() if self.reduction == "mean" else per_token.sum()
-        loss = kd if ce_sum is None else kd + self._ce_coef(ce_weight, n, k) * ce_sum
+        kd = per_token.mean() if reduction == "mean" else per_token.sum()
+        loss = kd if ce_sum is None else kd + self._ce_coef(ce_weight, n, k, reduction) * ce_sum
         self._finite(loss)
         ce_mean = math.nan if ce_sum is None else ce_sum.detach() / n
-        report = self._record(loss, ratio, n, k, tau, scores, per_token.mean(), ce_mean)
-        return (loss, report) if return_report else loss
+        return loss, self._record(loss, ratio, n, k, tau, scores, per_token.mean(), ce_mean)
 
     def forward_hidden(
         self,
@@ -382,6 +455,7 @@ class AdaKDLoss(nn.Module):
         impl: str | None = None,
         one_pass: bool | None = None,
         ce_weight: float = 0.0,
+        mix: Mix | None = None,
         return_report: bool = False,
     ) -> Tensor | tuple[Tensor, LossReport]:
         """The same loss as :meth:`forward` on ``student_hidden @ student_weight.T``, without materialising it.
@@ -410,7 +484,9 @@ class AdaKDLoss(nn.Module):
                 runs the exact passes. Default ``self.one_pass``. See the README for its measured effect.
             ce_weight: as :meth:`forward`. The CE and its gradient come from the logits pass 1 computes anyway (in
                 plain-KD mode, from pass 2's), so mixing it in adds no logit product.
-
+            mix: as :meth:`forward`: ``(1 − α)·ΣCE/W + α·ΣKD_kept/(W·k/n)``, the CE riding in the fused passes as
+                with ``ce_weight`` (α = 0: the chunked CE alone, :func:`adakd.fused.fused_cross_entropy`, and
+                ``teacher_hidden``/``teacher_weight`` may be None; α = 1: no CE).
             return_report: also return the :class:`LossReport`.
 
         Returns:
@@ -420,6 +496,52 @@ class AdaKDLoss(nn.Module):
         Raises:
             NonFiniteLossError: as :meth:`forward`, before any state changes.
         """
+        student = (student_hidden, student_weight, student_bias)
+        teacher = (teacher_hidden, teacher_weight, teacher_bias)
+        options = {"chunk_size": chunk_size, "impl": impl, "one_pass": one_pass}
+        if mix is None:
+            loss, report = self._forward_hidden(student, teacher, labels, ce_weight, self.reduction, **options)
+        else:
+            loss, report = self._mixed_hidden(student, teacher, labels, mix, ce_weight, options)
+        return (loss, report) if return_report else loss
+
+    def _mixed_hidden(
+        self, student: tuple, teacher: tuple, labels: Tensor, mix: Mix, ce_weight: float, options: dict[str, Any]
+    ) -> tuple[Tensor, LossReport]:
+        """:meth:`forward_hidden` with a :class:`Mix`: the CE in the fused passes (w = (1 − α)/α next to the kept
+        tokens' KD sum), normalised by W·k/n, which makes it (1 − α)·ΣCE/W + α·ΣKD/(W·k/n) exactly as the trainer's
+        algebra; at α = 0 the fused CE alone."""
+        _check_mix(mix, ce_weight, teacher[0])
+        alpha = mix.kd_ratio
+        denom = _window(mix, labels, self.ignore_index)
+        if alpha == 0:
+            hidden, weight, bias = student
+            check_student_inputs(hidden, weight, bias, labels)
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            chunk_size = options["chunk_size"] or default_chunk_size(weight.shape[0], hidden.device)
+            ce_sum = fused_cross_entropy(flat, weight, bias, labels.reshape(-1), chunk_size, self.ignore_index)
+            return self._ce_only(ce_sum, labels, denom)
+        w = (1 - alpha) / alpha
+        total, report = self._forward_hidden(student, teacher, labels, w, "sum", **options)
+        denom = denom.to(torch.promote_types(denom.dtype, total.dtype))  # float64 losses keep float64 W·k/n
+        loss = alpha * (total / (denom * _kept_fraction(report)))
+        return loss, self._mixed_report(report, loss, denom, alpha, None)
+
+    def _forward_hidden(
+        self,
+        student: tuple[Tensor, Tensor, Tensor | None],
+        teacher: tuple[Tensor | SparseTeacher, Tensor | None, Tensor | None],
+        labels: Tensor,
+        ce_weight: float,
+        reduction: str,
+        *,
+        chunk_size: int | None,
+        impl: str | None,
+        one_pass: bool | None,
+    ) -> tuple[Tensor, LossReport]:
+        """:meth:`forward_hidden` without a mix, under ``reduction``."""
+        student_hidden, student_weight, student_bias = student
+        teacher_hidden, teacher_weight, teacher_bias = teacher
         impl = impl or self.impl
         check_hidden_inputs(
             student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
@@ -446,8 +568,7 @@ class AdaKDLoss(nn.Module):
             loss = hs[:0].sum().to(dtype) + student_weight[:0].sum().to(dtype)
             if student_bias is not None:
                 loss = loss + student_bias[:0].sum().to(dtype)
-            report = self._record(loss, self.ratio, 0, 0, self.tau_base, None, loss)
-            return (loss, report) if return_report else loss
+            return loss, self._record(loss, self.ratio, 0, 0, self.tau_base, None, loss)
 
         targets = flat_labels.index_select(0, rows)
         if ce_weight < 0 or not math.isfinite(ce_weight):
@@ -458,19 +579,20 @@ class AdaKDLoss(nn.Module):
         if one_pass and self._needs_scores(n) and self._prev_scores is not None:
             chunk_fn = self._chunk_fn(dtype, impl)
             done = self._one_pass(
-                hs, student_weight, student_bias, ht, wt, bt, rows, targets, chunk_fn, chunk_size, ce_weight
-            )
+                hs, student_weight, student_bias, ht, wt, bt, rows, targets, chunk_fn, chunk_size, ce_weight,
+                reduction,
+            )  # fmt: skip
             if done is not None:
-                return done if return_report else done[0]
+                return done
 
         return self._fused_exact(
             hs, student_weight, student_bias, ht, wt, bt, rows, targets, one_pass, dtype, impl, chunk_size,
-            return_report, ce_weight,
+            reduction, ce_weight,
         )  # fmt: skip
 
     def _fused_exact(
-        self, hs, ws, bs, ht, wt, bt, rows, targets, one_pass, dtype, impl, chunk_size, return_report, ce_weight
-    ) -> Tensor | tuple[Tensor, LossReport]:
+        self, hs, ws, bs, ht, wt, bt, rows, targets, one_pass, dtype, impl, chunk_size, reduction, ce_weight
+    ) -> tuple[Tensor, LossReport]:
         """forward_hidden's exact path: pass 1 scores every valid token (no gradient; with ``ce_weight``, also their
         CE and its gradients), the selection and τ follow, pass 2 takes the loss and gradients of the kept tokens."""
         n = rows.numel()
@@ -490,8 +612,8 @@ class AdaKDLoss(nn.Module):
         ratio, k, kept, scores, tau = self._select(n, score_pass)
         if kept is not None:
             rows = rows[kept]
-        scale = 1.0 / k if self.reduction == "mean" else 1.0
-        ce_coef = self._ce_coef(ce_weight, n, k) if ce is not None else 0.0
+        scale = 1.0 / k if reduction == "mean" else 1.0
+        ce_coef = self._ce_coef(ce_weight, n, k, reduction) if ce is not None else 0.0
         if self.tau_has_grad and scores is not None:
             # τ is returned by the Function: its gradient flows back through the kept tokens' scores.
             kept_targets = targets if kept is None else targets[kept]
@@ -508,12 +630,12 @@ class AdaKDLoss(nn.Module):
         self._finite(loss)
         self._prev_scores = scored.get("all", self._prev_scores)
         kd = loss.detach() if ce is None else ce.kd_value
-        mean_loss = kd if self.reduction == "mean" else kd / k
+        mean_loss = kd if reduction == "mean" else kd / k
         report = self._record(loss, ratio, n, k, tau, scores, mean_loss, math.nan if ce is None else ce.total / n)
-        return (loss, report) if return_report else loss
+        return loss, report
 
     def _one_pass(
-        self, hs, ws, bs, ht, wt, bt, rows, targets, chunk_fn, chunk_size, ce_weight=0.0
+        self, hs, ws, bs, ht, wt, bt, rows, targets, chunk_fn, chunk_size, ce_weight, reduction
     ) -> tuple[Tensor, LossReport] | None:
         """forward_hidden's one-pass approximation: (loss, report), or None when no token reaches the threshold
         (run the exact path)."""
@@ -525,7 +647,7 @@ class AdaKDLoss(nn.Module):
         dtype = compute_dtype(hs, ht.logprobs if isinstance(ht, SparseTeacher) else ht)
         loss, scores, info = FusedOnePassLoss.apply(
             hs, ws, bs, ht, wt, bt, rows, targets, threshold, median, self.c, self.tau_base,
-            self.temperature == "reverse", self.reduction == "mean", self._scorer(dtype), chunk_fn, chunk_size, dtype,
+            self.temperature == "reverse", reduction == "mean", self._scorer(dtype), chunk_fn, chunk_size, dtype,
             ce_weight,
         )  # fmt: skip
         count, tau_sum, tau_min, tau_max, kd_value, ce_sum = info.tolist()
@@ -534,7 +656,7 @@ class AdaKDLoss(nn.Module):
             return None
         self._finite(loss)
         self._prev_scores = scores
-        mean_loss = kd_value if self.reduction == "mean" else kd_value / count
+        mean_loss = kd_value if reduction == "mean" else kd_value / count
         kept = scores[scores >= threshold]  # the same statistics as the exact path: of this batch's kept scores
         score_stats = torch.stack([kept.median(), kept.min()]).tolist()
         report = self._record(
@@ -553,3 +675,26 @@ class AdaKDLoss(nn.Module):
 def _rows(teacher: Tensor | SparseTeacher, rows: Tensor) -> Tensor | SparseTeacher:
     """The ``rows`` of a flat teacher: ``[N, V]`` logits or an ``[N]`` sparse teacher."""
     return teacher.index_select(rows) if isinstance(teacher, SparseTeacher) else teacher.index_select(0, rows)
+
+
+def _check_mix(mix: Mix, ce_weight: float, teacher: object) -> None:
+    """A mix sets the CE's weight itself, and needs a teacher unless α = 0."""
+    if not isinstance(mix, Mix):
+        raise TypeError(f"mix must be an adakd.Mix, got {type(mix).__name__}")
+    if ce_weight:
+        raise OptionError("ce_weight", f"must be 0 with a mix (its kd_ratio sets the CE's weight), got {ce_weight}")
+    if teacher is None and mix.kd_ratio > 0:
+        raise ValueError(f"a mix with kd_ratio {mix.kd_ratio} > 0 needs a teacher (None only at kd_ratio 0)")
+
+
+def _window(mix: Mix, labels: Tensor, ignore_index: int) -> Tensor:
+    """W as the trainer forms it: a float32 scalar ≥ 1 on the labels' device (the call's valid count for None);
+    the callers promote it to a float64 loss's dtype."""
+    if mix.window_tokens is None:
+        return (labels != ignore_index).sum().clamp_min(1).to(torch.float32)
+    return torch.as_tensor(mix.window_tokens, device=labels.device, dtype=torch.float32).clamp_min(1)
+
+
+def _kept_fraction(report: LossReport) -> float:
+    """k/n of a forward (1 for a batch without a valid token), as ``adakd.integrations.window_mean`` takes it."""
+    return report.kept_tokens / report.valid_tokens if report.valid_tokens else 1.0

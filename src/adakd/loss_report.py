@@ -8,7 +8,33 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["LossReport", "make_report"]
+from .errors import OptionError
+
+__all__ = ["LossReport", "Mix", "make_report"]
+
+
+@dataclass(frozen=True)
+class Mix:
+    """How :class:`adakd.AdaKDLoss` mixes the student's cross-entropy with the distillation term and normalises
+    both over an accumulation window (``forward(..., mix=Mix(...))``, ``forward_hidden(..., mix=...)``).
+
+    The returned loss is ``(1 − α)·ΣCE / W + α·ΣKD_kept / (W·k/n)``: ΣCE over the n valid tokens of the call,
+    ΣKD_kept the sum over the k kept tokens of w(τ)·D (as with ``reduction="sum"``), whatever the loss's own
+    ``reduction``. Summed over a window's micro-batches it is the window's mix of the two means.
+
+    Args:
+        kd_ratio: α in [0, 1]. 0 computes the CE alone (the teacher may be None), 1 computes no CE.
+        window_tokens: W, the valid tokens of the whole accumulation window (every micro-batch and rank), a scalar
+            tensor or a number; None: this call's valid count n. Clamped to ≥ 1.
+    """
+
+    kd_ratio: float
+    window_tokens: Tensor | float | None = None
+
+    def __post_init__(self) -> None:
+        alpha = self.kd_ratio
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+            raise OptionError("kd_ratio", f"must be a number in [0, 1], got {alpha!r}")
 
 
 @dataclass(frozen=True)
@@ -28,7 +54,11 @@ class LossReport:
     score_median: float
     score_threshold: float
     mean_loss: float
-    ce_loss: float = math.nan  # the mean CE over the valid tokens, when ``ce_weight`` mixed it in; else NaN
+    ce_loss: float = math.nan  # the mean CE over the valid tokens, when ``ce_weight`` or a mix took it; else NaN
+    # With a :class:`Mix`: ΣCE/W and ΣKD_kept/(W·k/n), so that (1 − α)·ce_term + α·kd_term is the loss; NaN for
+    # the part the mix did not compute (the CE at α = 1, the KD at α = 0) and without a mix.
+    ce_term: float = math.nan
+    kd_term: float = math.nan
 
     def as_dict(self) -> dict[str, float]:
         """The statistics by their logged names (``loss`` is ``mean_loss``)."""

@@ -10,7 +10,7 @@ from torch import Tensor
 from .labels import IGNORE_INDEX
 from .sparse import SparseTeacher, check_sparse
 
-__all__ = ["align_vocab", "check_hidden_inputs", "check_vocab_sizes"]
+__all__ = ["align_vocab", "check_hidden_inputs", "check_student_inputs", "check_vocab_sizes"]
 
 
 def check_vocab_sizes(v_student: int, v_teacher: int, vocab_size: int | None = None) -> None:
@@ -70,14 +70,8 @@ def check_hidden_inputs(
 ) -> None:
     """Raise ``ValueError`` unless :meth:`AdaKDLoss.forward_hidden`'s inputs agree in shape, vocabulary and dtype
     (a :class:`SparseTeacher` in place of ``teacher_hidden`` takes no teacher weight or bias)."""
-    lead = student_hidden.shape[:-1]
-    if labels.shape != lead:
-        raise ValueError(
-            f"student_hidden {tuple(student_hidden.shape)} and labels {tuple(labels.shape)} must share their leading "
-            "shape"
-        )
-    _check_head("student", student_hidden, student_weight, student_bias)
-    v_s = student_weight.shape[0]
+    check_student_inputs(student_hidden, student_weight, student_bias, labels)
+    lead, v_s = student_hidden.shape[:-1], student_weight.shape[0]
     if isinstance(teacher_hidden, SparseTeacher):
         if teacher_weight is not None or teacher_bias is not None:
             raise ValueError("a sparse teacher takes no teacher_weight or teacher_bias (pass None)")
@@ -92,6 +86,16 @@ def check_hidden_inputs(
     if teacher_weight.dim() == 2:  # the vocabulary first: the likelier mistake than a wrong bias
         check_vocab_sizes(v_s, teacher_weight.shape[0], vocab_size)
     _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
+
+
+def check_student_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor) -> None:
+    """Raise ``ValueError`` unless the student's ``hidden [..., H]``, ``weight [V, H]``, ``bias [V] | None`` and
+    ``labels [...]`` agree in shape and dtype (the inputs of a CE-only fused forward)."""
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"student_hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} must share their leading shape"
+        )
+    _check_head("student", hidden, weight, bias)
 
 
 def _check_head(role: str, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
