@@ -48,11 +48,11 @@ except ImportError as e:  # a TRL without the DistillationTrainer (before 1.16)
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..errors import ConfigError, InputError
-from ..loss import AdaKDLoss, LossReport
+from ..loss import AdaKDLoss, LossReport, Mix
 from ..train.callbacks import LossStateCallback
 from ..train.checkpoints import load_loss_state, resolve_checkpoint, save_loss_state
 from ..train.engines import call_through, check_linear_head
-from ..train.step import Sums, Window, hidden_loss, mix_terms
+from ..train.step import hidden_loss
 from ..train.teacher import TeacherPart
 from ..train.trainer import LOGGED
 
@@ -318,24 +318,25 @@ class AdaKDDistillationTrainer(DistillationTrainer):
             kwargs["logits_to_keep"] = keep + 1  # the last position predicts past the sequence
         return module(**kwargs).logits[:, :-1][:, -keep:]
 
-    def _logits_terms(self, model: Any, inputs: dict[str, Any], labels: torch.Tensor) -> tuple:
-        """(Σ KD, the loss's report, Σ student entropy over valid positions) on materialised completion logits."""
+    def _logits_terms(self, model: Any, inputs: dict[str, Any], labels: torch.Tensor, mix: Mix) -> tuple:
+        """(the window's KD share, the loss's report, Σ student entropy over valid positions) on materialised
+        completion logits."""
         student = self._completion_logits(model, self.model_kwarg_keys, inputs)
         self.teacher_model.eval()
         with torch.no_grad():
             teacher = self._completion_logits(self.teacher_model, self.teacher_kwarg_keys, inputs)
-        kd_sum, report = self.loss_fn(student, teacher, labels, return_report=True)
+        loss, report = self.loss_fn(student, teacher, labels, mix=mix, return_report=True)
         valid = labels != self.loss_fn.ignore_index
-        return kd_sum, report, _entropy_sum(student.detach()[valid])
+        return loss, report, _entropy_sum(student.detach()[valid])
 
     def _fused_kd(
-        self, unwrapped_student: Any, inputs: dict[str, Any], labels: torch.Tensor
+        self, unwrapped_student: Any, inputs: dict[str, Any], labels: torch.Tensor, mix: Mix
     ) -> tuple[torch.Tensor, LossReport]:
-        """Σ KD and its report from hidden states and lm_head weights, as TRL's own chunked loss gets them: the
-        backbones run inside their wrappers' forwards (TRL's forward redirection); the loss then runs inside the
-        student lm_head's own forward (:func:`adakd.train.engines.call_through`, with ``adakd train``'s head path
-        :func:`adakd.train.step.hidden_loss`), where DeepSpeed ZeRO-3 and FSDP2 hold its full weight and attach
-        their backward hooks to the loss."""
+        """The window's KD share and its report from hidden states and lm_head weights, as TRL's own chunked loss
+        gets them: the backbones run inside their wrappers' forwards (TRL's forward redirection); the loss then runs
+        inside the student lm_head's own forward (:func:`adakd.train.engines.call_through`, with ``adakd train``'s
+        head path :func:`adakd.train.step.hidden_loss`), where DeepSpeed ZeRO-3 and FSDP2 hold its full weight and
+        attach their backward hooks to the loss."""
         input_ids, attention_mask, keep, multimodal = self._sequence(inputs)
         hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, keep, **multimodal)
         self.teacher_model.eval()
@@ -356,8 +357,9 @@ class AdaKDDistillationTrainer(DistillationTrainer):
 
         def head_loss(student_hidden: torch.Tensor) -> tuple[torch.Tensor, LossReport]:
             with teacher.head_parameters() as t_head:
+                values = teacher.values
                 return hidden_loss(
-                    self.loss_fn, student_hidden, head, teacher.values, t_head, labels, chunk_size=self.chunk_size
+                    self.loss_fn, student_hidden, head, values, t_head, labels, chunk_size=self.chunk_size, mix=mix
                 )
 
         return call_through(head, head_loss, hidden)
@@ -394,15 +396,14 @@ class AdaKDDistillationTrainer(DistillationTrainer):
         # Evaluation forwards must not move LATF: the loss counts L_t towards its next step in training mode only.
         self.loss_fn.train(training)
         labels = self._labels(inputs)
+        # KD alone (no CE), normalised by the window's tokens (None: this micro-batch's own valid tokens).
+        mix = Mix(1.0, num_items_in_batch)
         entropy = None
         if self.fused:
             unwrapped = self.accelerator.unwrap_model(model)
-            kd_sum, report = self._forward_redirection(model, unwrapped, self._fused_kd, unwrapped, inputs, labels)
+            loss, report = self._forward_redirection(model, unwrapped, self._fused_kd, unwrapped, inputs, labels, mix)
         else:
-            kd_sum, report, entropy = self._logits_terms(model, inputs, labels)
-        if num_items_in_batch is None:
-            num_items_in_batch = max(report.valid_tokens, 1)
-        loss = mix_terms(Sums(kd=kd_sum, report=report), Window(num_items_in_batch), kd_ratio=1.0).loss
+            loss, report, entropy = self._logits_terms(model, inputs, labels, mix)
 
         stats = report.as_dict()
         for key in LOGGED:

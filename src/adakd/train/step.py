@@ -9,55 +9,42 @@
    teacher;
 3. the nonfinite policy (:class:`Nonfinite`): a non-finite student output, teacher output or loss raises, or
    skips the micro-batch with a zero loss whose gradient is exactly zero;
-4. the sums, Σ CE and Σ KD, become the window's terms (:func:`mix_terms`): loss = (1 − α)·CE + α·KD.
+4. the loss itself mixes and normalises (:class:`adakd.loss.Mix`): (1 − α)·ΣCE/W + α·ΣKD_kept/(W·k/n), W the
+   window's valid tokens, and reports both terms (``report.ce_term``, ``report.kd_term``).
 
-The TRL trainer shares the head path (:func:`hidden_loss`) and the terms (:func:`mix_terms`).
+The TRL trainer shares the head path (:func:`hidden_loss`) and the mix.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import NonFiniteLossError
-from ..fused import fused_cross_entropy
-from ..labels import IGNORE_INDEX
-from ..loss import AdaKDLoss, LossReport
+from ..loss import AdaKDLoss, LossReport, Mix
 from ..sparse import SparseTeacher
-from ..window import window_mean
 from .engines import autocast, call_through, unwrap
-from .teacher import Teacher, TeacherPart
+from .teacher import Teacher
 
-__all__ = ["LossStep", "Nonfinite", "StepTerms", "Sums", "Window", "head_call", "hidden_loss", "mix_terms"]
+__all__ = ["LossStep", "Nonfinite", "StepTerms", "Window", "head_call", "hidden_loss", "student_head"]
 
 
 @dataclass
 class StepTerms:
     """What one micro-batch's step returns: ``loss`` (the scalar to backpropagate, scaled like the window), its CE
-    and KD terms (window-normalised; (1 − α)·ce + α·kd = loss / scale; None where the step has no such term), the
-    loss's report (None without KD) and whether the micro-batch was skipped (a zero loss, zero gradient)."""
+    and KD terms (window-normalised floats, (1 − α)·ce + α·kd = loss / scale; None where the step has no such term),
+    the loss's report (None when skipped) and whether the micro-batch was skipped (a zero loss, zero gradient)."""
 
     loss: Tensor
-    ce: Tensor | None = None
-    kd: Tensor | None = None
+    ce: float | None = None
+    kd: float | None = None
     report: LossReport | None = None
     skipped: bool = False
-
-
-@dataclass
-class Sums:
-    """A micro-batch's sums before the window: Σ CE and Σ KD (scalars or None) and the loss's report."""
-
-    ce: Tensor | None = None
-    kd: Tensor | None = None
-    report: LossReport | None = None
 
 
 @dataclass
@@ -67,34 +54,6 @@ class Window:
 
     tokens: Tensor | float
     scale: float = 1.0
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The CE/KD algebra, in one place: the fused loss folds CE into its KD passes with ce_weight; mix_terms undoes it.
-def ce_weight(kd_ratio: float) -> float:
-    """The ``ce_weight`` w of ``AdaKDLoss.forward_hidden`` that makes α·(KD + w·CE) = (1 − α)·CE + α·KD."""
-    return (1 - kd_ratio) / kd_ratio
-
-
-def mix_terms(sums: Sums, window: Window, kd_ratio: float) -> StepTerms:
-    """The micro-batch's share of the window's loss, (1 − kd_ratio)·CE + kd_ratio·KD, and its two terms.
-
-    CE is Σ CE / window tokens; KD is a mean over kept tokens: Σ KD scaled to the window by the micro-batch's
-    share of valid tokens (:func:`adakd.window.window_mean`), so with every token kept the loss does not depend on
-    how the window is split. A report with a CE (``ce_weight`` folded it into Σ KD) gives both terms itself.
-    """
-    denom, report = window.tokens, sums.report
-    ce = None if sums.ce is None else sums.ce / denom
-    kd = None if sums.kd is None else window_mean(sums.kd, report, denom)
-    if report is not None and not math.isnan(report.ce_loss):
-        # Σ KD + (1−α)/α·(k/n)·Σ CE: α·window_mean of it is (1−α)·CE + α·KD exactly.
-        loss = kd_ratio * kd
-        device = getattr(denom, "device", None)
-        ce = torch.as_tensor(report.ce_loss * report.valid_tokens, device=device) / denom
-        kd = torch.as_tensor(report.mean_loss * report.valid_tokens, device=device) / denom
-    else:
-        loss = sum(w * term for w, term in ((1 - kd_ratio, ce), (kd_ratio, kd)) if term is not None)
-    return StepTerms(loss * window.scale, ce, kd, report)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -115,18 +74,20 @@ def hidden_loss(
     loss_fn: AdaKDLoss,
     hidden: Tensor,
     head: torch.nn.Module,
-    teacher: Tensor | SparseTeacher,
+    teacher: Tensor | SparseTeacher | None,
     teacher_head: tuple[Tensor | None, Tensor | None],
     labels: Tensor,
     *,
     chunk_size: int | None = None,
-    ce_weight: float = 0.0,
+    mix: Mix | None = None,
 ) -> tuple[Tensor, LossReport]:
-    """The summed AdaKD loss and its report from the student's final hidden states ``[B, T, H_s]`` and lm_head
-    (``AdaKDLoss.forward_hidden``), called inside the student lm_head's forward (:func:`head_call`).
+    """The AdaKD loss (mixed and normalised by ``mix``, else summed) and its report from the student's final hidden
+    states ``[B, T, H_s]`` and lm_head (``AdaKDLoss.forward_hidden``), called inside the student lm_head's forward
+    (:func:`head_call`).
 
     Args:
-        teacher: the teacher's hidden states ``[B, T, H_t]``, or a sparse teacher ``[B, T, k]``.
+        teacher: the teacher's hidden states ``[B, T, H_t]``, a sparse teacher ``[B, T, k]``, or None with a mix
+            at α = 0 (the CE alone).
         teacher_head: its lm_head ``(weight [V_t, H_t], bias [V_t] or None)``, gathered by the caller
             (:meth:`adakd.train.teacher.TeacherPart.head_parameters`), or ``(None, None)`` for a sparse teacher.
         labels: ``[B, T]``, -100 where there is no target.
@@ -142,7 +103,7 @@ def hidden_loss(
         student_bias=bias,
         teacher_bias=t_bias,
         chunk_size=chunk_size,
-        ce_weight=ce_weight,
+        mix=mix,
         return_report=True,
     )
 
@@ -245,13 +206,17 @@ class LossStep:
         """
         labels = inputs["labels"][:, 1:]
         teacher = teacher if self.kd_ratio > 0 else None
-        sums = (self._fused if self.fused else self._logits)(model, inputs, teacher, labels, step)
-        if isinstance(sums, Tensor):  # skipped: a zero loss, not scaled
-            return StepTerms(sums, skipped=True)
-        return mix_terms(sums, window, self.kd_ratio)
+        mix = Mix(self.kd_ratio, window.tokens)
+        out = (self._fused if self.fused else self._logits)(model, inputs, teacher, labels, mix, step)
+        if isinstance(out, Tensor):  # skipped: a zero loss, not scaled
+            return StepTerms(out, skipped=True)
+        loss, report = out
+        ce = report.ce_term if self.kd_ratio < 1 else None
+        kd = report.kd_term if self.kd_ratio > 0 else None
+        return StepTerms(loss * window.scale, ce, kd, report)
 
-    def _logits(self, model, inputs, teacher: Teacher | None, labels: Tensor, step: int) -> Sums | Tensor:
-        """Σ CE and Σ KD on materialised logits ``[B, T−1, V]``; a zero loss when the micro-batch is skipped."""
+    def _logits(self, model, inputs, teacher: Teacher | None, labels: Tensor, mix: Mix, step: int):
+        """(loss, report) on materialised logits ``[B, T−1, V]``; a zero loss when the micro-batch is skipped."""
         student = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits[:, :-1]
         part = None if teacher is None else teacher.part(inputs, hidden=False)
         if not bool(torch.isfinite(student).all()):
@@ -260,65 +225,42 @@ class LossStep:
         if part is not None and not part.finite():
             self.nonfinite.skip(part.what, step)
             return self.nonfinite.zero(model, student, step)
-        sums = Sums()
-        if self.kd_ratio < 1:
-            flat = student.reshape(-1, student.shape[-1]).float()
-            sums.ce = F.cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-        if part is not None:
-            try:
-                sums.kd, sums.report = self.loss_fn(student, part.values, labels, return_report=True)
-            except NonFiniteLossError:
-                self.nonfinite.skip("loss", step)
-                return self.nonfinite.zero(model, student, step)
-        return sums
+        try:
+            return self.loss_fn(student, None if part is None else part.values, labels, mix=mix, return_report=True)
+        except NonFiniteLossError:
+            self.nonfinite.skip("loss", step)
+            return self.nonfinite.zero(model, student, step)
 
-    def _fused(self, model, inputs, teacher: Teacher | None, labels: Tensor, step: int) -> Sums | Tensor:
-        """Σ CE or Σ KD (CE folded in) from hidden states and lm_head weights, the loss inside the student
-        lm_head's forward (:func:`head_call`); a zero loss when the micro-batch is skipped."""
+    def _fused(self, model, inputs, teacher: Teacher | None, labels: Tensor, mix: Mix, step: int):
+        """(loss, report) from hidden states and lm_head weights, the loss inside the student lm_head's forward
+        (:func:`head_call`); a zero loss when the micro-batch is skipped."""
         part = None if teacher is None else teacher.part(inputs, hidden=True)
         bad_teacher = part is not None and not part.finite()
         if bad_teacher:
             self.nonfinite.skip(part.what, step)
         head = unwrap(model).get_output_embeddings()
+        # The CE alone (α = 0) keeps the trainer's own chunk of 1024 rows, not the loss's default.
+        chunk_size = self.chunk_size or (1024 if part is None else None)
 
-        def head_forward(hidden: Tensor) -> tuple[Tensor, LossReport | None, bool]:
+        def head_forward(hidden: Tensor) -> tuple[Tensor, LossReport | None]:
             # The teacher's lm_head is gathered first, on every rank, also one that skips this micro-batch: the
             # gather is a collective under FSDP2 and ZeRO-3.
             with part.head_parameters() if part is not None else contextlib.nullcontext((None, None)) as t_head:
                 if not bad_teacher and not bool(torch.isfinite(hidden).all()):
                     self.nonfinite.skip("student hidden states", step)
-                    return self.nonfinite.zero(model, None, step), None, True
+                    return self.nonfinite.zero(model, None, step), None
                 if bad_teacher:
-                    return self.nonfinite.zero(model, hidden, step, (head.weight, head.bias)), None, True
+                    return self.nonfinite.zero(model, hidden, step, (head.weight, head.bias)), None
+                values = None if part is None else part.values
                 try:
-                    value, report = self._head_sum(hidden, head, part, t_head, labels)
+                    loss, report = hidden_loss(
+                        self.loss_fn, hidden, head, values, t_head, labels, chunk_size=chunk_size, mix=mix
+                    )
                 except NonFiniteLossError:  # e.g. an overflow inside the divergence: as on logits
                     self.nonfinite.skip("loss", step)
-                    return self.nonfinite.zero(model, hidden, step, (head.weight, head.bias)), None, True
-            return value.float(), report, False
+                    return self.nonfinite.zero(model, hidden, step, (head.weight, head.bias)), None
+            return loss.float(), report
 
-        # The value as it left the engine's forward (its backward hooks are attached to it).
-        value, report, skipped = head_call(model, inputs, head_forward, self.accelerator)
-        if skipped:
-            return value
-        return Sums(kd=value, report=report) if part is not None else Sums(ce=value)
-
-    def _head_sum(self, hidden: Tensor, head: torch.nn.Module, part: TeacherPart | None, t_head: tuple, labels: Tensor):
-        """Σ KD with the CE folded in (``ce_weight``) when distilling, else the fused Σ CE (no report)."""
-        if part is None:
-            flat = hidden.reshape(-1, hidden.shape[-1])
-            weight, bias = student_head(head, hidden.dtype)
-            ce = fused_cross_entropy(flat, weight, bias, labels.reshape(-1), self.chunk_size or 1024)
-            if not bool(torch.isfinite(ce)):
-                raise NonFiniteLossError("non-finite cross-entropy")
-            return ce, None
-        return hidden_loss(
-            self.loss_fn,
-            hidden,
-            head,
-            part.values,
-            t_head,
-            labels,
-            chunk_size=self.chunk_size,
-            ce_weight=ce_weight(self.kd_ratio),
-        )
+        # The loss as it left the engine's forward (its backward hooks are attached to it).
+        loss, report = head_call(model, inputs, head_forward, self.accelerator)
+        return loss if report is None else (loss, report)

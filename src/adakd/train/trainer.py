@@ -287,9 +287,9 @@ class AdaKDTrainer(EvaluationMixin, Trainer):
         w = self._window
         w["n"] = w.get("n", 0) + 1
         if terms.ce is not None:
-            w["ce_loss"] = w.get("ce_loss", 0.0) + terms.ce.item() * scale
+            w["ce_loss"] = w.get("ce_loss", 0.0) + terms.ce * scale
         if terms.kd is not None:
-            w["kd_loss"] = w.get("kd_loss", 0.0) + terms.kd.item() * scale
+            w["kd_loss"] = w.get("kd_loss", 0.0) + terms.kd * scale
             stats = terms.report.as_dict()
             for key in LOGGED:
                 w[key] = w.get(key, 0.0) + stats[key]
