@@ -1,34 +1,27 @@
 """AdaKDTrainer: a transformers.Trainer that distils a frozen teacher into the student with the AdaKD loss.
 
-The training step, spelled out (``compute_loss``):
+The training step of one micro-batch is :class:`adakd.train.step.LossStep` (``compute_loss`` calls it): the student
+forward (logits, or final hidden states for the fused loss), the teacher's part from the teacher object
+(:mod:`adakd.train.teacher`: a live model or a cache), the nonfinite policy, and the loss
+``(1 − kd_ratio)·CE + kd_ratio·KD`` mixed and normalised over the whole gradient-accumulation window (and all
+data-parallel ranks) by the loss itself (:class:`adakd.loss.Mix`): CE by the window's valid-token count
+``num_items_in_batch``, KD by the tokens the loss kept, scaled to the window by the micro-batch's share of valid
+tokens; so with ``selection: all`` the loss and gradients do not depend on how a batch is split.
 
-1. student forward (logits, or final hidden states for the fused loss), teacher forward under no_grad;
-2. shift: position i predicts label i + 1; prompt and padding labels are -100;
-3. CE = Σ_valid −log q(y) and KD = Σ_kept τ²·D (``AdaKDLoss(reduction="sum")``), both normalised over the whole
-   gradient-accumulation window (and all data-parallel ranks): CE by the window's valid-token count
-   ``num_items_in_batch``, KD by the tokens the loss reports it kept (its :class:`adakd.loss.LossReport`), scaled
-   to the window by the micro-batch's share of valid tokens; so with ``selection: all`` the loss and gradients do
-   not depend on how a batch is split into micro-batches;
-4. loss = (1 − kd_ratio)·CE + kd_ratio·KD.
-
-The trainer reads nothing else from the loss: the report of each forward, and ``AdaKDLoss.pending()`` (the sum
-and count of L_t since the last step, training-mode forwards only), which it all-reduces once per optimizer step
-and passes to ``AdaKDLoss.step``, so every rank holds the same ratio. The loss state (LATF) is saved in every
-checkpoint (``adakd_state.pt``; :mod:`adakd.train.checkpoints`) and restored on resume.
+LATF advances once per optimizer step on ``AdaKDLoss.pending()`` all-reduced over ranks
+(:func:`adakd.window.step_latf`, from :class:`adakd.train.callbacks.LossStateCallback`), so every rank holds the
+same ratio; the loss state is saved in every checkpoint (``adakd_state.pt``; :mod:`adakd.train.checkpoints`) and
+restored on resume.
 
 Several processes (DDP, FSDP2, DeepSpeed; :mod:`adakd.train.engines`): the student is always called through the
 engine's wrapper, on the fused path too (forward redirection: the fused loss runs inside the lm_head's forward,
-where the engine holds the full weight), so the gradient reduction and the parameter gathering happen as for any
-forward; every rank enters every collective at every optimizer step.
+where the engine holds the full weight); every rank enters every collective at every optimizer step.
 
 On-policy modes (GKD, DistiLLM; ``adakd.train.onpolicy``) hook in at ``get_batch_samples``: once per optimizer step
 the step's micro-batches may be replaced by generated ones before the window's tokens are counted; their state
-(replay buffer, schedule, RNG) is checkpointed next to the loss state.
-
-Evaluation (``Trainer.evaluate``, scheduled by ``eval_strategy``) logs the eval set's token-weighted CE, KD at τ = 1
-over all tokens, Hellinger difficulty and ``eval_loss`` (:mod:`adakd.train.evaluation`); it never calls the loss, so
-it moves neither LATF nor the loss's pending sums. ROUGE-L of sampled answers is scored every ``eval.rouge_every``
-optimizer steps on the main process (:class:`adakd.train.evaluation.RougeDuringTraining`).
+(replay buffer, schedule, RNG) is checkpointed next to the loss state. Evaluation (:mod:`adakd.train.evaluation`)
+logs token-weighted CE, KD at τ = 1, Hellinger and ``eval_loss`` without calling the loss, and ROUGE-L every
+``eval.rouge_every`` steps.
 """
 
 from __future__ import annotations
