@@ -147,7 +147,8 @@ class AdaKDDistillationTrainer(DistillationTrainer):
                 try:
                     check_linear_head(module, role)
                 except ConfigError as e:  # worded for the YAML key there; name the argument here
-                    raise InputError(f"fused=True: {e.reason}: use fused=False") from e
+                    why = f"{e.reason}: use fused=False"
+                    raise InputError(f"fused=True: {why}") from e
         self.add_callback(LossStateCallback(self))
 
     # ----------------------------------------------------------------------------------------------------------

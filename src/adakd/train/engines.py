@@ -161,12 +161,6 @@ _HEAD_TRANSFORMS = {
 }
 
 
-def _not_linear(reason: str, fix: str = "set loss.fused: false", sep: str = ":") -> ConfigError:
-    """The refusal of the fused path, its ``reason`` kept as data (``auto`` prints it, TRL's trainer rewords the
-    fix for its own argument)."""
-    return ConfigError(f"loss.fused: {reason}{sep} {fix}", key="loss.fused", reason=reason)
-
-
 def check_linear_head(model: torch.nn.Module, role: str) -> None:
     """Refuse ``loss.fused: true`` for a model whose logits are not ``hidden @ lm_head.weightᵀ (+ bias)``.
 
@@ -184,18 +178,31 @@ def check_linear_head(model: torch.nn.Module, role: str) -> None:
         value = getattr(config, attr, None)
         neutral = value is None or (attr != "final_logit_softcapping" and value == 1)
         if not neutral:
-            raise _not_linear(
+            reason = (
                 f"the {role} ({name}) applies {what} to its logits ({attr}={value}); the fused loss computes "
                 "hidden @ lm_head.weightᵀ only"
+            )
+            raise ConfigError(
+                f"loss.fused: the {role} ({name}) applies {what} to its logits ({attr}={value}); the fused loss "
+                "computes hidden @ lm_head.weightᵀ only: set loss.fused: false",
+                key="loss.fused",
+                reason=reason,
             )
     head = base.get_output_embeddings()
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     if head is None or decoder is None or not isinstance(head, torch.nn.Linear):
-        raise _not_linear(f"the {role} ({name}) exposes no decoder and linear output layer", sep=";")
+        raise ConfigError(
+            f"loss.fused: the {role} ({name}) exposes no decoder and linear output layer; set loss.fused: false",
+            key="loss.fused",
+            reason=f"the {role} ({name}) exposes no decoder and linear output layer",
+        )
     if type(head.weight).__name__ in ("Params4bit", "Int8Params"):  # bitsandbytes packs the weight it quantises
-        raise _not_linear(
-            f"the {role}'s output layer is quantised ({type(head).__name__}); the fused loss needs its dense weight",
+        kind = type(head).__name__
+        raise ConfigError(
+            f"loss.fused: the {role}'s output layer is quantised ({kind}); the fused loss needs its dense weight: "
             "set loss.fused: false, or keep lm_head out of the quantisation",
+            key="loss.fused",
+            reason=f"the {role}'s output layer is quantised ({kind}); the fused loss needs its dense weight",
         )
     params = list(base.parameters())
     if any(is_sharded(p) or p.is_meta for p in params):
@@ -218,9 +225,12 @@ def check_linear_head(model: torch.nn.Module, role: str) -> None:
     if logits.shape != product.shape or not torch.allclose(
         logits, product, rtol=1e-4, atol=1e-5 * float(product.abs().max().clamp_min(1))
     ):
-        raise _not_linear(
-            f"the {role} ({name}) computes logits other than hidden @ lm_head.weightᵀ (+ bias); the fused loss would "
-            "optimise another objective"
+        raise ConfigError(
+            f"loss.fused: the {role} ({name}) computes logits other than hidden @ lm_head.weightᵀ (+ bias); the fused "
+            "loss would optimise another objective: set loss.fused: false",
+            key="loss.fused",
+            reason=f"the {role} ({name}) computes logits other than hidden @ lm_head.weightᵀ (+ bias); the fused "
+            "loss would optimise another objective",
         )
 
 
