@@ -211,8 +211,19 @@ def check_linear_head(model: torch.nn.Module, role: str) -> None:
         # A quantised body with a dense lm_head (bitsandbytes skips it by default): the logits are head(hidden) as
         # the checks above establish, and bitsandbytes' CPU kernels fail on the probe's tiny inputs.
         return
-    device = head.weight.device
-    ids = torch.arange(1, 5, device=device).unsqueeze(0) % head.weight.shape[0]
+    if not _head_matches(base, decoder, head):
+        raise ConfigError(
+            f"loss.fused: the {role} ({name}) computes logits other than hidden @ lm_head.weightᵀ (+ bias); the fused "
+            "loss would optimise another objective: set loss.fused: false",
+            key="loss.fused",
+            reason=f"the {role} ({name}) computes logits other than hidden @ lm_head.weightᵀ (+ bias); the fused "
+            "loss would optimise another objective",
+        )
+
+
+def _head_matches(base: torch.nn.Module, decoder: torch.nn.Module, head: torch.nn.Linear) -> bool:
+    """Whether the model's logits are ``hidden @ Wᵀ (+ b)`` on a short probe sequence (eval mode, no gradient)."""
+    ids = torch.arange(1, 5, device=head.weight.device).unsqueeze(0) % head.weight.shape[0]
     was_training = base.training
     base.eval()
     try:
@@ -222,16 +233,9 @@ def check_linear_head(model: torch.nn.Module, role: str) -> None:
             product = torch.nn.functional.linear(hidden, head.weight, head.bias).float()
     finally:
         base.train(was_training)
-    if logits.shape != product.shape or not torch.allclose(
+    return logits.shape == product.shape and torch.allclose(
         logits, product, rtol=1e-4, atol=1e-5 * float(product.abs().max().clamp_min(1))
-    ):
-        raise ConfigError(
-            f"loss.fused: the {role} ({name}) computes logits other than hidden @ lm_head.weightᵀ (+ bias); the fused "
-            "loss would optimise another objective: set loss.fused: false",
-            key="loss.fused",
-            reason=f"the {role} ({name}) computes logits other than hidden @ lm_head.weightᵀ (+ bias); the fused "
-            "loss would optimise another objective",
-        )
+    )
 
 
 def save_final(trainer: Any, folder: str | Path) -> None:

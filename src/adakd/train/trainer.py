@@ -166,8 +166,9 @@ class AdaKDTrainer(EvaluationMixin, Trainer):
         if teacher is not None:
             teacher.prepare(self.accelerator)
         self.teacher_source = teacher
-        policy = Nonfinite(nonfinite, self.engine, self.engine_shards_params, self.args.device)
-        self.loss_step = LossStep(loss_fn, float(kd_ratio), bool(fused), chunk_size, policy, self.accelerator)
+        policy = Nonfinite(nonfinite, engine=self.engine, shards=self.engine_shards_params, device=self.args.device)
+        settings = {"fused": bool(fused), "chunk_size": chunk_size, "accelerator": self.accelerator}
+        self.loss_step = LossStep(loss_fn, float(kd_ratio), nonfinite=policy, **settings)
         self._window: dict[str, float] = {}  # sums for logging since the last log
         self.rouge = rouge
         if rouge is not None and self.engine_shards_params:  # generation on one rank cannot gather the shards
