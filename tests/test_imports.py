@@ -10,8 +10,10 @@ from pathlib import Path
 
 import adakd
 
-MATH = {"adakd", "adakd._version", "adakd._without_numpy", "adakd.adaptive", "adakd.divergences", "adakd.errors",
-        "adakd.fused", "adakd.labels", "adakd.loss", "adakd.loss_options", "adakd.loss_report", "adakd.shapes",
+MATH = {"adakd", "adakd._version", "adakd._without_numpy", "adakd.adaptive", "adakd.controllers", "adakd.divergences",
+        "adakd.errors", "adakd.fused", "adakd.fused.function", "adakd.fused.measures", "adakd.fused.outcome",
+        "adakd.fused.plans", "adakd.fused.sources", "adakd.fused.terms", "adakd.labels", "adakd.loss",
+        "adakd.loss_mix", "adakd.loss_options", "adakd.loss_paths", "adakd.loss_report", "adakd.shapes",
         "adakd.sparse"}  # fmt: skip
 
 PROBE = """

@@ -69,9 +69,16 @@ def _trainer_algebra(kwargs, inputs, alpha, window, fused, chunk_size=6):
             loss = adakd.fused.fused_cross_entropy(p[0], p[1], p[2], labels, chunk_size) / denom
         else:
             total, report = loss_fn.forward_hidden(
-                p[0], p[1], ht, wt, labels, student_bias=p[2], chunk_size=chunk_size,
-                ce_weight=(1 - alpha) / alpha, return_report=True,
-            )  # fmt: skip
+                p[0],
+                p[1],
+                ht,
+                wt,
+                labels,
+                student_bias=p[2],
+                chunk_size=chunk_size,
+                ce_weight=(1 - alpha) / alpha,
+                return_report=True,
+            )
             loss = alpha * window_mean(total, report, denom)
     else:
         zs = torch.addmm(p[2], p[0], p[1].t())

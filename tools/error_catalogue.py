@@ -32,7 +32,14 @@ FIXES = {
     "([the teacher cache](cache.md)).",
     "loss_options.py": "Set the loss option (the `AdaKDLoss` argument, or `loss.<option>` in a config, where the "
     "line reads `FILE: loss.<option>: <reason>`) to a valid value; the message lists them.",
-    "adaptive.py": "Set the LATF or schedule option (`loss.<option>`) in range.",
+    "adaptive.py": "Set the indicator or temperature option (`loss.<option>`) to a listed value.",
+    "controllers.py": "Set the LATF or schedule option (`loss.<option>`) in range.",
+    "fused": "Set `impl` to a listed value (`loss.impl`).",
+    "loss_paths.py": "Fix the `AdaKDLoss.forward_hidden` argument the message names (`chunk_size`, `ce_weight`, "
+    "`one_pass`).",
+    "loss_mix.py": "Pass a teacher unless `Mix.kd_ratio` is 0, and no `ce_weight` next to a `mix`.",
+    "loss_report.py": "Set `Mix.kd_ratio` (the config's `kd_ratio`) in [0, 1].",
+    "sparse.py": "Give the top-k view a positive support size `k`.",
     "divergences.py": "Pick a listed divergence (`loss.base`) or fix its parameter (`loss.base_params.*`).",
     "loss.py": "A non-finite loss: see `loss.nonfinite` in [troubleshooting](troubleshooting.md).",
     "eval/judge": "Check `--endpoint`, `--model` and the API key variable (`--api-key-env`), or raise `--retries` / "

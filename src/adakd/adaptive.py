@@ -1,8 +1,8 @@
-"""The adaptive parts of AdaKD: difficulty scores (Eq. 3), LATF (Eqs. 4-7), IDTS (Eqs. 9-10).
+"""The adaptive parts of AdaKD: difficulty scores (Eq. 3), the token selection and IDTS (Eqs. 9-10).
 
-See ``docs/method.md``. Scores and temperatures carry no gradient. The ratio controllers (:class:`LATF` and
-:class:`RatioSchedule`) are plain Python state machines stepped once per optimizer step, with ``state_dict`` /
-``load_state_dict`` so that a resumed run continues exactly.
+See ``docs/method.md``. Scores and temperatures carry no gradient unless asked for (:meth:`IDTS.with_grad`). The
+ratio controllers (:class:`LATF`, :class:`RatioSchedule`, Eqs. 4-7) live in :mod:`adakd.controllers` and are
+re-exported here.
 
 This module imports only torch.
 """
@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from .controllers import LATF, RatioSchedule
 from .divergences import _hellinger, _jsd, _kl, compute_dtype, log_probs
 from .errors import OptionError
 
 __all__ = [
+    "IDTS",
     "INDICATORS",
     "LATF",
     "RatioSchedule",
@@ -27,6 +30,8 @@ __all__ = [
     "idts_from_median",
     "idts_temperatures_with_grad",
     "idts_temperatures",
+    "hardest",
+    "keep_hardest",
     "keep_count",
     "score_fn",
     "select_tokens",
@@ -64,7 +69,7 @@ NMTKD_TOP_K = 5
 
 def _ce(lq: Tensor, lp: Tensor, labels: Tensor | None) -> Tensor:
     if labels is None:
-        raise ValueError("indicator 'ce' needs the labels")
+        raise ValueError("indicator 'ce' needs the labels")  # an input missing, not an option
     # Masked positions (-100) are clamped to a valid index; their score is never used.
     return -lq.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
 
@@ -135,12 +140,80 @@ def difficulty_scores(
     return fn(log_probs(student_logits, 1.0, dtype), log_probs(teacher_logits, 1.0, dtype), labels)
 
 
+TEMPERATURES = ("inverse", "fixed", "reverse")
+
+
+@dataclass(frozen=True)
+class IDTS:
+    """Inverse difficulty temperature scaling (Eqs. 9-10), built once from the loss's options.
+
+    m = a median of kept scores (the lower median, ``torch.median``); ŝ = tanh(log(max(s / m, 1e-8))), all 0 when
+    m = 0; τ = τ_base · exp(−c · ŝ) (``mode="reverse"``: exp(+c · ŝ), the Table 5 ablation). ``mode="fixed"``
+    gives every token τ_base (a float, no tensor).
+
+    Args:
+        c: the scaling strength (τ ∈ (τ_base·e^−c, τ_base·e^c)).
+        tau_base: τ for a token of median difficulty.
+        mode: ``inverse`` | ``fixed`` | ``reverse``.
+    """
+
+    c: float = 0.5
+    tau_base: float = 1.0
+    mode: str = "inverse"
+
+    def __post_init__(self) -> None:
+        if self.mode not in TEMPERATURES:
+            reason = f"unknown {self.mode!r}; valid: {', '.join(TEMPERATURES)}"
+            raise OptionError("temperature", reason, f"unknown temperature {reason.removeprefix('unknown ')}")
+
+    @property
+    def fixed(self) -> bool:
+        """Whether every token gets τ_base (no scores needed for the temperatures)."""
+        return self.mode == "fixed"
+
+    def temperatures(self, kept_scores: Tensor) -> Tensor | float:
+        """``[k]`` τ of the kept tokens from their own median (no gradient); τ_base for ``fixed``."""
+        if self.fixed:
+            return float(self.tau_base)
+        s = kept_scores.detach().to(compute_dtype(kept_scores))
+        if s.numel() == 0:
+            return s.clone()
+        return self.from_median(s, s.median())
+
+    def from_median(self, scores: Tensor, median: Tensor | float) -> Tensor | float:
+        """``[...]`` τ of ``scores`` for a given median m (the one-pass mode takes it from the previous
+        micro-batch), in the scores' dtype (at least float32), no gradient; τ_base for ``fixed``."""
+        if self.fixed:
+            return float(self.tau_base)
+        with torch.no_grad():
+            s = scores.detach().to(compute_dtype(scores))
+            return self._tau(s, torch.as_tensor(median, dtype=s.dtype, device=s.device))
+
+    def with_grad(self, kept_scores: Tensor) -> Tensor:
+        """:meth:`temperatures` attached to the scores' graph: the gradient flows through every score and through
+        the median (the lower median is one of the scores, which receives the median's gradient), as the authors'
+        released code differentiates τ (``AdaKDLoss(detach_tau=False)``). Not for ``fixed``."""
+        s = kept_scores.to(compute_dtype(kept_scores))
+        if s.numel() == 0:
+            return s.clone()
+        return self._tau(s, s.median())
+
+    def _tau(self, s: Tensor, m: Tensor) -> Tensor:
+        """τ = τ_base·exp(∓c·tanh(log(max(s/m, 1e-8)))), 0 for ŝ when m = 0; differentiable in s and m."""
+        safe_m = torch.where(m > 0, m, torch.ones_like(m))
+        s_hat = torch.tanh(torch.log((s / safe_m).clamp_min(1e-8)))
+        s_hat = torch.where(m > 0, s_hat, torch.zeros_like(s_hat))
+        sign = 1.0 if self.mode == "reverse" else -1.0
+        return self.tau_base * torch.exp(sign * self.c * s_hat)
+
+
+def _idts(reverse: bool, c: float, tau_base: float) -> IDTS:
+    return IDTS(c=c, tau_base=tau_base, mode="reverse" if reverse else "inverse")
+
+
 @torch.no_grad()
 def idts_temperatures(scores: Tensor, *, c: float = 0.5, tau_base: float = 1.0, reverse: bool = False) -> Tensor:
-    """Inverse difficulty temperature scaling (Eqs. 9-10) over the given (kept) scores.
-
-    m = lower median of ``scores`` (``torch.median``); ŝ = tanh(log(max(s / m, 1e-8))), all 0 when m = 0;
-    τ = τ_base · exp(−c · ŝ) (``reverse=True``: exp(+c · ŝ)). Hard tokens (s > m) get τ < τ_base.
+    """Inverse difficulty temperature scaling (Eqs. 9-10) over the given (kept) scores: :meth:`IDTS.temperatures`.
 
     Args:
         scores: ``[...]`` non-negative difficulty scores (any shape; the median is over all of them).
@@ -151,17 +224,13 @@ def idts_temperatures(scores: Tensor, *, c: float = 0.5, tau_base: float = 1.0, 
     Returns:
         ``[...]`` temperatures, float32 (float64 for float64 scores), detached.
     """
-    s = scores.detach().to(compute_dtype(scores))
-    if s.numel() == 0:
-        return s.clone()
-    return idts_from_median(s, s.median(), c=c, tau_base=tau_base, reverse=reverse)
+    return _idts(reverse, c, tau_base).temperatures(scores)
 
 
-@torch.no_grad()
 def idts_from_median(
     scores: Tensor, median: Tensor | float, *, c: float = 0.5, tau_base: float = 1.0, reverse: bool = False
 ) -> Tensor:
-    """Eq. 9-10 with a given median m (the one-pass fused mode takes it from the previous micro-batch).
+    """Eqs. 9-10 with a given median m: :meth:`IDTS.from_median`.
 
     Args:
         scores: ``[...]`` scores; median: m (a float or a 0-d tensor); others as :func:`idts_temperatures`.
@@ -169,32 +238,15 @@ def idts_from_median(
     Returns:
         ``[...]`` temperatures in the scores' dtype (at least float32).
     """
-    s = scores.detach().to(compute_dtype(scores))
-    return _idts(s, torch.as_tensor(median, dtype=s.dtype, device=s.device), c, tau_base, reverse)
-
-
-def _idts(s: Tensor, m: Tensor, c: float, tau_base: float, reverse: bool) -> Tensor:
-    """τ = τ_base·exp(∓c·tanh(log(max(s/m, 1e-8)))), 0 for ŝ when m = 0; differentiable in s and m."""
-    safe_m = torch.where(m > 0, m, torch.ones_like(m))
-    s_hat = torch.tanh(torch.log((s / safe_m).clamp_min(1e-8)))
-    s_hat = torch.where(m > 0, s_hat, torch.zeros_like(s_hat))
-    sign = 1.0 if reverse else -1.0
-    return tau_base * torch.exp(sign * c * s_hat)
+    return _idts(reverse, c, tau_base).from_median(scores, median)
 
 
 def idts_temperatures_with_grad(
     scores: Tensor, *, c: float = 0.5, tau_base: float = 1.0, reverse: bool = False
 ) -> Tensor:
-    """:func:`idts_temperatures` without the detach: the gradient flows through every score and through the
-    median (the lower median is one of the scores, which receives the median's gradient). This is how the
-    authors' released code differentiates τ (``AdaKDLoss(detach_tau=False)``); the paper detaches.
-
-    Args / Returns: as :func:`idts_temperatures` (``scores [k]`` → ``τ [k]``), attached to the scores' graph.
-    """
-    s = scores.to(compute_dtype(scores))
-    if s.numel() == 0:
-        return s.clone()
-    return _idts(s, s.median(), c, tau_base, reverse)
+    """:func:`idts_temperatures` without the detach (:meth:`IDTS.with_grad`): ``scores [k]`` → ``τ [k]``, attached
+    to the scores' graph."""
+    return _idts(reverse, c, tau_base).with_grad(scores)
 
 
 class TokenSelection(NamedTuple):
@@ -204,6 +256,21 @@ class TokenSelection(NamedTuple):
     index: Tensor  # [k] long, the kept positions, hardest first
     tau: Tensor | float  # [k] τ of the kept tokens in ``index`` order, or τ_base for ``temperature="fixed"``
     median: Tensor  # 0-d, m: the lower median of the kept scores (IDTS's reference point)
+
+
+def hardest(scores: Tensor, k: int) -> Tensor:
+    """``[k]`` positions of the k highest ``scores [N]``, hardest first; ties by position (a stable sort, so the
+    same tokens are kept on every device and in every caller)."""
+    return torch.argsort(scores.detach(), descending=True, stable=True)[:k]
+
+
+def keep_hardest(scores: Tensor, k: int) -> tuple[Tensor | None, Tensor]:
+    """``(index [k] | None, kept scores [k])``: the k hardest of ``scores [N]`` (:func:`hardest`), or, when every
+    token is kept, None and the scores in position order (no gather, and temperatures stay in position order)."""
+    if k < scores.numel():
+        index = hardest(scores, k)
+        return index, scores[index]
+    return None, scores
 
 
 def select_tokens(
@@ -216,8 +283,8 @@ def select_tokens(
     differentiable: bool = False,
 ) -> TokenSelection:
     """AdaKD's rule for one set of valid tokens (Eqs. 4-10): keep the k = max(1, floor(N·r)) hardest, then give
-    each kept token its IDTS temperature from the kept tokens' median. The loss, the inspector and the demo's plots
-    all call this one function.
+    each kept token its IDTS temperature from the kept tokens' median. The inspector and the demo's plots call
+    this function; the loss applies the same rule (:func:`hardest`, :class:`IDTS`).
 
     Args:
         scores: ``[N]`` difficulty scores (N ≥ 1); ties are broken by position (the earlier token first).
@@ -232,22 +299,18 @@ def select_tokens(
     n = scores.numel()
     if n == 0:
         raise ValueError("select_tokens needs at least one score")
-    if temperature not in ("inverse", "fixed", "reverse"):
-        raise ValueError(f"unknown temperature {temperature!r}; valid: inverse, fixed, reverse")
-    k = keep_count(n, ratio)
-    # A stable sort: the same tokens are kept on every device and in every caller, also when scores tie.
-    index = torch.argsort(scores.detach(), descending=True, stable=True)[:k]
+    idts = IDTS(c=c, tau_base=tau_base, mode=temperature)
+    index = hardest(scores, keep_count(n, ratio))
     kept = torch.zeros(n, dtype=torch.bool, device=scores.device)
     kept[index] = True
     kept_scores = scores[index]
     median = kept_scores.detach().median()
-    if temperature == "fixed":
-        return TokenSelection(kept, index, float(tau_base), median)
-    reverse = temperature == "reverse"
-    if differentiable:  # the median itself carries a gradient here: let autograd take it again, attached
-        tau = idts_temperatures_with_grad(kept_scores, c=c, tau_base=tau_base, reverse=reverse)
+    if idts.fixed:
+        tau: Tensor | float = float(tau_base)
+    elif differentiable:  # the median itself carries a gradient here: let autograd take it again, attached
+        tau = idts.with_grad(kept_scores)
     else:  # the median just taken, not a second one
-        tau = idts_from_median(kept_scores, median, c=c, tau_base=tau_base, reverse=reverse)
+        tau = idts.from_median(kept_scores, median)
     return TokenSelection(kept, index, tau, median)
 
 
@@ -258,155 +321,3 @@ def keep_count(num_valid: int, ratio: float) -> int:
     29 tokens it means rather than 28 from binary rounding; N·r is exact to ~1e-9 for any realistic N.
     """
     return max(1, min(num_valid, math.floor(num_valid * ratio + 1e-6)))
-
-
-def _check_ratio(name: str, value: float, low_open: bool = True) -> float:
-    value = float(value)
-    ok = (0.0 < value <= 1.0) if low_open else (0.0 <= value <= 1.0)
-    if not ok:
-        raise OptionError(name, f"must be in {'(0, 1]' if low_open else '[0, 1]'}, got {value}")
-    return value
-
-
-class LATF:
-    """Loss-driven adaptive token focusing: the kept ratio r follows an EMA of the distillation loss.
-
-    One :meth:`update` per optimizer step, with that step's loss averaged over gradient-accumulation micro-steps
-    and data-parallel ranks (so every rank computes the same r). The rule (docs/method.md, "LATF"):
-
-    - EMA: L̄ = L at the first step, else β·L̄ + (1 − β)·L.
-    - r = ``max_ratio`` for the first ``warmup_steps`` steps; at the first step after warm-up L_ref = L̄.
-    - Then: L̄ < L_ref·(1 − ε) → r ← max(r_min, r·(1 − δ)), L_ref ← L̄; L̄ > L_ref·(1 + ε) → r ←
-      min(r_max, r·(1 + δ)), L_ref ← L̄; otherwise nothing changes. The new r applies from the next step.
-
-    Args:
-        ema_decay: β ∈ [0, 1).
-        tolerance: ε ≥ 0.
-        step_size: δ ∈ [0, 1).
-        min_ratio: r_min ∈ (0, 1].
-        max_ratio: r_max ∈ [r_min, 1]; also the starting ratio r_0 (the paper's r_0 = r_max = 1).
-        warmup_steps: optimizer steps at r = r_max before the controller starts.
-    """
-
-    def __init__(
-        self,
-        *,
-        ema_decay: float = 0.99,
-        tolerance: float = 0.05,
-        step_size: float = 0.05,
-        min_ratio: float = 0.1,
-        max_ratio: float = 1.0,
-        warmup_steps: int = 0,
-    ) -> None:
-        if not 0.0 <= ema_decay < 1.0:
-            raise OptionError("ema_decay", f"must be in [0, 1), got {ema_decay}")
-        if not (math.isfinite(tolerance) and tolerance >= 0.0):
-            raise OptionError("tolerance", f"must be >= 0, got {tolerance}")
-        if not 0.0 <= step_size < 1.0:
-            raise OptionError("step_size", f"must be in [0, 1), got {step_size}")
-        self.min_ratio = _check_ratio("min_ratio", min_ratio)
-        self.max_ratio = _check_ratio("max_ratio", max_ratio)
-        if self.min_ratio > self.max_ratio:
-            raise OptionError("max_ratio", f"({max_ratio}) must be >= min_ratio ({min_ratio})")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise OptionError("warmup_steps", f"must be a non-negative int, got {warmup_steps!r}")
-        self.ema_decay = float(ema_decay)
-        self.tolerance = float(tolerance)
-        self.step_size = float(step_size)
-        self.warmup_steps = warmup_steps
-        self.ratio: float = self.max_ratio
-        self.ema: float | None = None
-        self.ref: float | None = None
-        self.num_steps = 0
-
-    def update(self, loss: float) -> float:
-        """Advance one optimizer step with that step's distillation loss; returns the ratio for the next step.
-
-        Raises:
-            ValueError: a non-finite loss (it would poison the EMA for the rest of the run).
-        """
-        loss = float(loss)
-        if not math.isfinite(loss):
-            raise ValueError(f"LATF.update got a non-finite loss ({loss}) at step {self.num_steps + 1}")
-        self.num_steps += 1
-        self.ema = loss if self.ema is None else self.ema_decay * self.ema + (1.0 - self.ema_decay) * loss
-        if self.num_steps <= self.warmup_steps:
-            return self.ratio
-        if self.ref is None:
-            self.ref = self.ema
-        elif self.ema < self.ref * (1.0 - self.tolerance):
-            self.ratio = max(self.min_ratio, self.ratio * (1.0 - self.step_size))
-            self.ref = self.ema
-        elif self.ema > self.ref * (1.0 + self.tolerance):
-            self.ratio = min(self.max_ratio, self.ratio * (1.0 + self.step_size))
-            self.ref = self.ema
-        return self.ratio
-
-    def state_dict(self) -> dict[str, Any]:
-        """The controller's state (plain Python values): ratio, EMA, reference loss, step count."""
-        return {"ratio": self.ratio, "ema": self.ema, "ref": self.ref, "num_steps": self.num_steps}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; the configuration comes from the constructor."""
-        missing = {"ratio", "ema", "ref", "num_steps"} - set(state)
-        if missing:
-            raise ValueError(f"LATF state is missing {', '.join(sorted(missing))}")
-        self.ratio = float(state["ratio"])
-        self.ema = None if state["ema"] is None else float(state["ema"])
-        self.ref = None if state["ref"] is None else float(state["ref"])
-        self.num_steps = int(state["num_steps"])
-
-    def __repr__(self) -> str:
-        return (
-            f"LATF(ratio={self.ratio:.4g}, ema_decay={self.ema_decay}, tolerance={self.tolerance}, "
-            f"step_size={self.step_size}, min_ratio={self.min_ratio}, max_ratio={self.max_ratio}, "
-            f"warmup_steps={self.warmup_steps}, num_steps={self.num_steps})"
-        )
-
-
-class RatioSchedule:
-    """A loss-independent kept ratio (the Table 4 ablations), with the same interface as :class:`LATF`.
-
-    - ``fixed``: r = ``ratio`` throughout.
-    - ``linear``: r(t) = 1 + (ratio − 1)·min(t/T, 1).
-    - ``cosine``: r(t) = ratio + (1 − ratio)·½(1 + cos(π·min(t/T, 1))).
-
-    t counts completed optimizer steps and T is ``total_steps``.
-    """
-
-    KINDS = ("fixed", "linear", "cosine")
-
-    def __init__(self, kind: str, *, ratio: float, total_steps: int | None = None) -> None:
-        if kind not in self.KINDS:
-            raise ValueError(f"unknown ratio schedule {kind!r}; valid: {', '.join(self.KINDS)}")
-        self.kind = kind
-        self.end_ratio = _check_ratio("ratio", ratio)
-        if kind != "fixed" and (isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1):
-            raise ValueError(f"selection={kind!r} needs total_steps, a positive int, got {total_steps!r}")
-        self.total_steps = total_steps
-        self.num_steps = 0
-
-    @property
-    def ratio(self) -> float:
-        if self.kind == "fixed":
-            return self.end_ratio
-        frac = min(self.num_steps / self.total_steps, 1.0)  # type: ignore[operator]
-        if self.kind == "linear":
-            return 1.0 + (self.end_ratio - 1.0) * frac
-        return self.end_ratio + (1.0 - self.end_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac))
-
-    def update(self, loss: float | None = None) -> float:
-        """Advance one optimizer step (the loss is ignored); returns the ratio for the next step."""
-        self.num_steps += 1
-        return self.ratio
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"num_steps": self.num_steps}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "num_steps" not in state:
-            raise ValueError("ratio schedule state is missing num_steps")
-        self.num_steps = int(state["num_steps"])
-
-    def __repr__(self) -> str:
-        return f"RatioSchedule({self.kind!r}, ratio={self.end_ratio}, total_steps={self.total_steps})"

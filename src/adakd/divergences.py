@@ -327,7 +327,7 @@ def _check_temperature(temperature: float | Tensor, batch_shape: torch.Size) -> 
                 f"{tuple(batch_shape)} (logits.shape[:-1])"
             ) from None
     elif not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
+        raise OptionError("temperature", f"must be a positive finite float, got {temperature!r}")
 
 
 def divergence(

@@ -1,4 +1,4 @@
-"""AdaKDLoss: token-adaptive distillation on materialised logits (the reference path).
+"""AdaKDLoss: token-adaptive distillation on materialised logits (the reference path) or fused with the lm_head.
 
 Per micro-batch (``docs/method.md``):
 
@@ -8,37 +8,29 @@ Per micro-batch (``docs/method.md``):
 4. give each kept token τ_i = τ_base·exp(−c·ŝ_i) over the kept tokens' median (IDTS, Eqs. 9-10);
 5. loss = mean over kept tokens of τ_i² · D(p^τi, q^τi) for the base divergence D (Eq. 2).
 
+:meth:`AdaKDLoss.forward_hidden` runs the same steps through the plans of :mod:`adakd.fused`.
+
 This module imports only torch.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .adaptive import keep_count, score_fn, select_tokens
-from .divergences import compute_dtype, divergence_fn
-from .errors import NonFiniteLossError, OptionError
-from .fused import (
-    CrossEntropyPart,
-    FusedKeptLoss,
-    FusedKeptLossTauGrad,
-    FusedOnePassLoss,
-    chunk_loss_fn,
-    chunked_scores,
-    default_chunk_size,
-    fused_cross_entropy,
-)
+from .adaptive import IDTS, score_fn
+from .divergences import divergence_fn
+from .errors import NonFiniteLossError
+from .fused.outcome import Outcome, empty_stats
 from .labels import IGNORE_INDEX
+from .loss_mix import MixMixin
 from .loss_options import C_MAX, build_controller, check_options
+from .loss_paths import PathsMixin
 from .loss_report import LossReport, Mix, make_report
-from .shapes import align_vocab, check_hidden_inputs, check_student_inputs, check_vocab_sizes
-from .sparse import FULL_STUDENT_INDICATORS, SparseTeacher, check_sparse, logit_scorer, pair_log_probs
+from .shapes import align_vocab, check_vocab_sizes
+from .sparse import SparseTeacher
 
 __all__ = [
     "C_MAX",
@@ -52,7 +44,7 @@ __all__ = [
 ]
 
 
-class AdaKDLoss(nn.Module):
+class AdaKDLoss(PathsMixin, MixMixin, nn.Module):
     """The AdaKD loss (LATF token selection + IDTS temperatures) around any base divergence.
 
     Args:
@@ -108,10 +100,18 @@ class AdaKDLoss(nn.Module):
     ) -> None:
         super().__init__()
         check_options(
-            selection=selection, temperature=temperature, reduction=reduction, impl=impl, c=c,
-            tau_weight=tau_weight, detach_tau=detach_tau, one_pass=one_pass, tau_base=tau_base, ratio=ratio,
+            selection=selection,
+            temperature=temperature,
+            reduction=reduction,
+            impl=impl,
+            c=c,
+            tau_weight=tau_weight,
+            detach_tau=detach_tau,
+            one_pass=one_pass,
+            tau_base=tau_base,
+            ratio=ratio,
             latf_kwargs=latf_kwargs,
-        )  # fmt: skip
+        )
         self.base = base
         self.base_params = dict(base_params or {})
         self.div = divergence_fn(base, **self.base_params)
@@ -121,6 +121,7 @@ class AdaKDLoss(nn.Module):
         self.temperature = temperature
         self.c = float(c)
         self.tau_base = float(tau_base)
+        self.idts = IDTS(c=self.c, tau_base=self.tau_base, mode=temperature)
         self.vocab_size = vocab_size
         self.ignore_index = ignore_index
         self.reduction = reduction
@@ -208,29 +209,19 @@ class AdaKDLoss(nn.Module):
         )
 
     # ----------------------------------------------------------------------------------------------------------
-    def _weight(self, tau: Tensor | float) -> Tensor | float:
-        """The per-token factor of Eq. 2: τ² (``tau_weight="squared"``) or 1 (``"none"``)."""
-        return tau * tau if self.tau_weight == "squared" else 1.0
-
-    def _record(
-        self,
-        loss: Tensor,
-        ratio: float,
-        n: int,
-        k: int,
-        tau: Tensor | float,
-        kept_scores: Tensor | None,
-        mean_loss: Tensor | float,
-        ce_loss: Tensor | float = math.nan,
-    ) -> LossReport:
+    def _record(self, loss: Tensor, ratio: float, n: int, outcome: Outcome) -> LossReport:
         """The :class:`LossReport` of this forward, kept as ``last_report``; L_t joins :meth:`pending` in training
         mode when the batch had valid tokens. Called only once the loss is known to be finite."""
-        report = make_report(loss, ratio, n, k, tau, kept_scores, mean_loss, self.tau_base, ce_loss)
+        report = make_report(loss, ratio, n, outcome.kept, outcome.stats, outcome.ce_mean)
         self.last_report = report
         self._forwards += int(self.training)
-        if self.training and k > 0:
+        if self.training and outcome.kept > 0:
             self._pending = (self._pending[0] + report.mean_loss, self._pending[1] + 1)
         return report
+
+    def _record_empty(self, loss: Tensor) -> LossReport:
+        """The report of a batch without a valid token."""
+        return self._record(loss, self.ratio, 0, Outcome(0, empty_stats(self.tau_base)))
 
     def _finite(self, loss: Tensor) -> None:
         # Checked before _record, on both paths: a bad batch must not reach LATF's EMA nor the statistics.
@@ -239,50 +230,6 @@ class AdaKDLoss(nn.Module):
                 "non-finite AdaKD loss: NaN or +inf logits, a row of -inf, or a token that one model gives "
                 "probability 0 and the other does not"
             )
-
-    def _scorer(self, dtype: torch.dtype, differentiable: bool = False):
-        """The indicator on logits (dense or sparse teacher), at τ = 1."""
-        score = self.score_with_grad if differentiable else self.score
-        direct = None if differentiable else self.indicator
-        return logit_scorer(score, dtype, self.indicator in FULL_STUDENT_INDICATORS, direct)
-
-    @staticmethod
-    def _ce_coef(ce_weight: float, n: int, k: int, reduction: str) -> float:
-        """The factor of Σ CE in a loss with ``ce_weight`` w: w·CE_mean next to L_t (``mean``), or k times that next
-        to the kept tokens' sum (``sum``, whose KD term is k·L_t), CE_mean being over the n valid tokens."""
-        return ce_weight / n if reduction == "mean" else ce_weight * k / n
-
-    def _needs_scores(self, n: int) -> bool:
-        """Whether n valid tokens need difficulty scores: not in plain-KD mode (keep all, one τ)."""
-        keeps_all = self.controller is None or keep_count(n, self.ratio) == n
-        return not (keeps_all and self.temperature == "fixed")
-
-    def _select(
-        self, n: int, score_pass: Callable[[], Tensor]
-    ) -> tuple[float, int, Tensor | None, Tensor | None, Tensor | float]:
-        """Selection and temperatures for n valid tokens (Eqs. 4-10), shared by both paths.
-
-        ``score_pass()`` returns the ``[n]`` difficulty scores; it is not called in plain-KD mode (keep all, one τ),
-        which needs none. Returns ``(ratio, k, kept [k] | None (None: keep all), kept_scores [k] | None, tau)``.
-        """
-        ratio = self.ratio
-        k = n if self.controller is None else keep_count(n, ratio)
-        if not self._needs_scores(n):
-            return ratio, k, None, None, self.tau_base
-        scores = score_pass()
-        sel = select_tokens(
-            scores, ratio if self.controller is not None else 1.0, temperature=self.temperature, c=self.c,
-            tau_base=self.tau_base, differentiable=self.tau_has_grad,
-        )  # fmt: skip
-        if k < n:
-            return ratio, k, sel.index, scores[sel.index], sel.tau
-        # Every token kept: stay in position order (no gather of the logits), τ moved back to it.
-        tau = sel.tau
-        if isinstance(tau, Tensor):
-            inverse = torch.empty_like(sel.index)
-            inverse[sel.index] = torch.arange(n, device=sel.index.device)
-            tau = tau[inverse]
-        return ratio, k, None, scores, tau
 
     def forward(
         self,
@@ -326,120 +273,6 @@ class AdaKDLoss(nn.Module):
         else:
             loss, report = self._mixed_logits(student_logits, teacher_logits, labels, mix, ce_weight)
         return (loss, report) if return_report else loss
-
-    def _mixed_logits(
-        self, student_logits: Tensor, teacher_logits: Tensor | SparseTeacher | None, labels: Tensor, mix: Mix,
-        ce_weight: float,
-    ) -> tuple[Tensor, LossReport]:  # fmt: skip
-        """:meth:`forward` with a :class:`Mix`: the trainer's CE on the float32 logits, the KD sum, both normalised."""
-        _check_mix(mix, ce_weight, teacher_logits)
-        alpha = mix.kd_ratio
-        denom = _window(mix, labels, self.ignore_index)
-        ce_sum = None
-        if alpha < 1:
-            flat = student_logits.reshape(-1, student_logits.shape[-1]).float()
-            ce_sum = torch.nn.functional.cross_entropy(
-                flat, labels.reshape(-1), ignore_index=self.ignore_index, reduction="sum"
-            )
-            self._finite(ce_sum)  # before the KD forward moves any state
-        if alpha == 0:
-            return self._ce_only(ce_sum, labels, denom)
-        kd_sum, report = self._forward_logits(student_logits, teacher_logits, labels, 0.0, "sum")
-        denom = denom.to(torch.promote_types(denom.dtype, kd_sum.dtype))  # float64 losses keep float64 W·k/n
-        kd = kd_sum / (denom * _kept_fraction(report))
-        loss = alpha * kd if ce_sum is None else (1 - alpha) * (ce_sum / denom) + alpha * kd
-        return loss, self._mixed_report(report, loss, denom, alpha, ce_sum)
-
-    def _ce_only(self, ce_sum: Tensor, labels: Tensor, denom: Tensor) -> tuple[Tensor, LossReport]:
-        """A mix at α = 0: ΣCE/W and its report (nothing kept, no KD); the loss's state does not change."""
-        loss = ce_sum / denom
-        self._finite(loss)
-        n, ce_total, window = torch.stack(
-            [(labels != self.ignore_index).sum().double(), ce_sum.detach().double(), denom.double()]
-        ).tolist()
-        n = int(n)
-        ce_loss = ce_total / n if n else math.nan
-        report = make_report(loss, self.ratio, n, 0, self.tau_base, None, math.nan, self.tau_base, ce_loss)
-        return loss, dataclasses.replace(report, mean_loss=math.nan, ce_term=ce_total / window)
-
-    def _mixed_report(
-        self, report: LossReport, loss: Tensor, denom: Tensor, alpha: float, ce_sum: Tensor | None
-    ) -> LossReport:
-        """``report`` (kept as ``last_report``) with the mix's loss, ``ce_term`` and ``kd_term`` (one device sync)."""
-        n = report.valid_tokens
-        ce = torch.zeros_like(denom) if ce_sum is None else ce_sum.detach()
-        value, ce_total, window = torch.stack([loss.detach().double(), ce.double(), denom.double()]).tolist()
-        ce_loss = report.ce_loss if ce_sum is None else (ce_total / n if n else 0.0)
-        ce_term = math.nan if alpha == 1 else ce_loss * n / window if n else 0.0
-        # From the loss itself: the report's mean_loss is rounded to float32.
-        kd_term = value if alpha == 1 else (value - (1 - alpha) * ce_term) / alpha
-        report = dataclasses.replace(report, loss=loss, ce_loss=ce_loss, ce_term=ce_term, kd_term=kd_term)
-        self.last_report = report
-        return report
-
-    def _forward_logits(
-        self,
-        student_logits: Tensor,
-        teacher_logits: Tensor | SparseTeacher,
-        labels: Tensor,
-        ce_weight: float,
-        reduction: str,
-    ) -> tuple[Tensor, LossReport]:
-        """:meth:`forward` without a mix, under ``reduction``."""
-        sparse = isinstance(teacher_logits, SparseTeacher)
-        if sparse:
-            check_sparse(
-                teacher_logits, student_logits.shape[:-1], student_logits.shape[-1], labels != self.ignore_index
-            )
-            check_vocab_sizes(student_logits.shape[-1], student_logits.shape[-1], self.vocab_size)
-        else:
-            student_logits, teacher_logits = align_vocab(student_logits, teacher_logits, self.vocab_size)
-        if labels.shape != student_logits.shape[:-1]:
-            raise ValueError(
-                f"labels {tuple(labels.shape)} must have the logits' leading shape {tuple(student_logits.shape[:-1])}"
-            )
-        vocab = student_logits.shape[-1]
-        student = student_logits.reshape(-1, vocab)
-        if sparse:
-            teacher = SparseTeacher(*(t.detach() for t in teacher_logits)).reshape(-1)
-            dtype = compute_dtype(student, teacher.logprobs)
-        else:
-            teacher = teacher_logits.detach().reshape(-1, vocab)
-            dtype = compute_dtype(student, teacher)
-        flat_labels = labels.reshape(-1)
-        rows = (flat_labels != self.ignore_index).nonzero().squeeze(1)
-        n = rows.numel()
-        if n == 0:
-            # An empty sum keeps the graph (backward gives zeros), even if the logits hold -inf.
-            loss = student[:0].sum().to(dtype)
-            return loss, self._record(loss, self.ratio, 0, 0, self.tau_base, None, loss)
-
-        def score_pass() -> Tensor:
-            targets = flat_labels.index_select(0, rows)
-            if self.tau_has_grad:  # τ will carry the gradient back through these scores
-                return self._scorer(dtype, True)(student.index_select(0, rows), _rows(teacher, rows), targets)
-            with torch.no_grad():
-                return self._scorer(dtype)(student.detach().index_select(0, rows), _rows(teacher, rows), targets)
-
-        if ce_weight < 0 or not math.isfinite(ce_weight):
-            raise ValueError(f"ce_weight must be a finite number >= 0, got {ce_weight}")
-        ratio, k, kept, scores, tau = self._select(n, score_pass)
-        ce_sum = None
-        if ce_weight:
-            valid = student.index_select(0, rows).to(dtype)
-            ce_sum = torch.nn.functional.cross_entropy(valid, flat_labels.index_select(0, rows), reduction="sum")
-        if kept is not None:
-            rows = rows[kept]
-        # One gather of the rows that take loss, straight from the inputs (no intermediate copy of all valid rows).
-        if rows.numel() < student.shape[0]:
-            student, teacher = student.index_select(0, rows), _rows(teacher, rows)
-        per_token = self.div(*pair_log_probs(student, teacher, tau, dtype))
-        per_token = per_token * self._weight(tau)
-        kd = per_token.mean() if reduction == "mean" else per_token.sum()
-        loss = kd if ce_sum is None else kd + self._ce_coef(ce_weight, n, k, reduction) * ce_sum
-        self._finite(loss)
-        ce_mean = math.nan if ce_sum is None else ce_sum.detach() / n
-        return loss, self._record(loss, ratio, n, k, tau, scores, per_token.mean(), ce_mean)
 
     def forward_hidden(
         self,
@@ -504,197 +337,3 @@ class AdaKDLoss(nn.Module):
         else:
             loss, report = self._mixed_hidden(student, teacher, labels, mix, ce_weight, options)
         return (loss, report) if return_report else loss
-
-    def _mixed_hidden(
-        self, student: tuple, teacher: tuple, labels: Tensor, mix: Mix, ce_weight: float, options: dict[str, Any]
-    ) -> tuple[Tensor, LossReport]:
-        """:meth:`forward_hidden` with a :class:`Mix`: the CE in the fused passes (w = (1 − α)/α next to the kept
-        tokens' KD sum), normalised by W·k/n, which makes it (1 − α)·ΣCE/W + α·ΣKD/(W·k/n) exactly as the trainer's
-        algebra; at α = 0 the fused CE alone."""
-        _check_mix(mix, ce_weight, teacher[0])
-        alpha = mix.kd_ratio
-        denom = _window(mix, labels, self.ignore_index)
-        if alpha == 0:
-            hidden, weight, bias = student
-            check_student_inputs(hidden, weight, bias, labels)
-            flat = hidden.reshape(-1, hidden.shape[-1])
-            chunk_size = options["chunk_size"] or default_chunk_size(weight.shape[0], hidden.device)
-            ce_sum = fused_cross_entropy(flat, weight, bias, labels.reshape(-1), chunk_size, self.ignore_index)
-            return self._ce_only(ce_sum, labels, denom)
-        w = (1 - alpha) / alpha
-        total, report = self._forward_hidden(student, teacher, labels, w, "sum", **options)
-        denom = denom.to(torch.promote_types(denom.dtype, total.dtype))  # float64 losses keep float64 W·k/n
-        loss = alpha * (total / (denom * _kept_fraction(report)))
-        return loss, self._mixed_report(report, loss, denom, alpha, None)
-
-    def _forward_hidden(
-        self,
-        student: tuple[Tensor, Tensor, Tensor | None],
-        teacher: tuple[Tensor | SparseTeacher, Tensor | None, Tensor | None],
-        labels: Tensor,
-        ce_weight: float,
-        reduction: str,
-        *,
-        chunk_size: int | None,
-        impl: str | None,
-        one_pass: bool | None,
-    ) -> tuple[Tensor, LossReport]:
-        """:meth:`forward_hidden` without a mix, under ``reduction``."""
-        student_hidden, student_weight, student_bias = student
-        teacher_hidden, teacher_weight, teacher_bias = teacher
-        impl = impl or self.impl
-        check_hidden_inputs(
-            student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
-            self.vocab_size, self.ignore_index,
-        )  # fmt: skip
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
-        h_s, v_s = student_hidden.shape[-1], student_weight.shape[0]
-        hs = student_hidden.reshape(-1, h_s)
-        if isinstance(teacher_hidden, SparseTeacher):
-            ht, wt, bt = SparseTeacher(*(t.detach() for t in teacher_hidden)).reshape(-1), None, None
-            dtype = compute_dtype(hs, ht.logprobs)
-        else:
-            ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
-            wt = teacher_weight.detach()[:v_s]
-            bt = None if teacher_bias is None else teacher_bias.detach()[:v_s]
-            dtype = compute_dtype(hs, ht)
-        flat_labels = labels.reshape(-1)
-        chunk_size = chunk_size or default_chunk_size(v_s, hs.device)
-        rows = (flat_labels != self.ignore_index).nonzero().squeeze(1)
-        n = rows.numel()
-        if n == 0:
-            # Empty sums keep every student input in the graph with a zero gradient.
-            loss = hs[:0].sum().to(dtype) + student_weight[:0].sum().to(dtype)
-            if student_bias is not None:
-                loss = loss + student_bias[:0].sum().to(dtype)
-            return loss, self._record(loss, self.ratio, 0, 0, self.tau_base, None, loss)
-
-        targets = flat_labels.index_select(0, rows)
-        if ce_weight < 0 or not math.isfinite(ce_weight):
-            raise ValueError(f"ce_weight must be a finite number >= 0, got {ce_weight}")
-        one_pass = self.one_pass if one_pass is None else one_pass
-        if one_pass and not self.detach_tau:
-            raise ValueError("one_pass supports detach_tau=True only (its temperatures come from the previous batch)")
-        if one_pass and self._needs_scores(n) and self._prev_scores is not None:
-            chunk_fn = self._chunk_fn(dtype, impl)
-            done = self._one_pass(
-                hs, student_weight, student_bias, ht, wt, bt, rows, targets, chunk_fn, chunk_size, ce_weight,
-                reduction,
-            )  # fmt: skip
-            if done is not None:
-                return done
-
-        return self._fused_exact(
-            hs, student_weight, student_bias, ht, wt, bt, rows, targets, one_pass, dtype, impl, chunk_size,
-            reduction, ce_weight,
-        )  # fmt: skip
-
-    def _fused_exact(
-        self, hs, ws, bs, ht, wt, bt, rows, targets, one_pass, dtype, impl, chunk_size, reduction, ce_weight
-    ) -> tuple[Tensor, LossReport]:
-        """forward_hidden's exact path: pass 1 scores every valid token (no gradient; with ``ce_weight``, also their
-        CE and its gradients), the selection and τ follow, pass 2 takes the loss and gradients of the kept tokens."""
-        n = rows.numel()
-        bs_detached = None if bs is None else bs.detach()
-        scored: dict[str, Tensor] = {}
-        ce = CrossEntropyPart(hs, ws, bs, dtype) if ce_weight else None
-
-        def score_pass() -> Tensor:
-            scores = chunked_scores(
-                self._scorer(dtype), hs.detach(), ws.detach(), bs_detached, ht, wt, bt, rows, targets, chunk_size,
-                dtype, ce,
-            )  # fmt: skip
-            if one_pass:
-                scored["all"] = scores  # becomes the one-pass state once the loss is known to be finite
-            return scores
-
-        ratio, k, kept, scores, tau = self._select(n, score_pass)
-        if kept is not None:
-            rows = rows[kept]
-        scale = 1.0 / k if reduction == "mean" else 1.0
-        ce_coef = self._ce_coef(ce_weight, n, k, reduction) if ce is not None else 0.0
-        if self.tau_has_grad and scores is not None:
-            # τ is returned by the Function: its gradient flows back through the kept tokens' scores.
-            kept_targets = targets if kept is None else targets[kept]
-            loss, tau = FusedKeptLossTauGrad.apply(
-                hs, ws, bs, ht, wt, bt, rows, scores, kept_targets, self._scorer(dtype, True), self.c, self.tau_base,
-                self.temperature == "reverse", scale, self._chunk_fn(dtype, impl, True), chunk_size, dtype, ce,
-                ce_coef,
-            )  # fmt: skip
-        else:
-            chunk_fn = self._chunk_fn(dtype, impl)
-            loss = FusedKeptLoss.apply(
-                hs, ws, bs, ht, wt, bt, rows, tau, scale, chunk_fn, chunk_size, dtype, ce, ce_coef, targets
-            )
-        self._finite(loss)
-        self._prev_scores = scored.get("all", self._prev_scores)
-        kd = loss.detach() if ce is None else ce.kd_value
-        mean_loss = kd if reduction == "mean" else kd / k
-        report = self._record(loss, ratio, n, k, tau, scores, mean_loss, math.nan if ce is None else ce.total / n)
-        return loss, report
-
-    def _one_pass(
-        self, hs, ws, bs, ht, wt, bt, rows, targets, chunk_fn, chunk_size, ce_weight, reduction
-    ) -> tuple[Tensor, LossReport] | None:
-        """forward_hidden's one-pass approximation: (loss, report), or None when no token reaches the threshold
-        (run the exact path)."""
-        prev, n, ratio = self._prev_scores.to(hs.device), rows.numel(), self.ratio
-        k_prev = prev.numel() if self.controller is None else keep_count(prev.numel(), ratio)
-        top = prev.topk(k_prev).values  # descending: the last is the k-th score
-        threshold = top[-1].item() if k_prev < prev.numel() else -math.inf
-        median = None if self.temperature == "fixed" else top.median().item()
-        dtype = compute_dtype(hs, ht.logprobs if isinstance(ht, SparseTeacher) else ht)
-        loss, scores, info = FusedOnePassLoss.apply(
-            hs, ws, bs, ht, wt, bt, rows, targets, threshold, median, self.c, self.tau_base,
-            self.temperature == "reverse", reduction == "mean", self._scorer(dtype), chunk_fn, chunk_size, dtype,
-            ce_weight,
-        )  # fmt: skip
-        count, tau_sum, tau_min, tau_max, kd_value, ce_sum = info.tolist()
-        if count == 0:
-            self._prev_scores = scores
-            return None
-        self._finite(loss)
-        self._prev_scores = scores
-        mean_loss = kd_value if reduction == "mean" else kd_value / count
-        kept = scores[scores >= threshold]  # the same statistics as the exact path: of this batch's kept scores
-        score_stats = torch.stack([kept.median(), kept.min()]).tolist()
-        report = self._record(
-            loss, ratio, n, int(count), [tau_sum / count, tau_min, tau_max], score_stats, mean_loss,
-            ce_sum / n if ce_weight else math.nan,
-        )  # fmt: skip
-        return loss, report
-
-    def _chunk_fn(self, dtype: torch.dtype, impl: str, tau_grad: bool = False):
-        key = (dtype, impl, tau_grad)
-        if key not in self._chunk_fns:
-            self._chunk_fns[key] = chunk_loss_fn(self.div, dtype, impl, tau_weight=self.tau_weight, tau_grad=tau_grad)
-        return self._chunk_fns[key]
-
-
-def _rows(teacher: Tensor | SparseTeacher, rows: Tensor) -> Tensor | SparseTeacher:
-    """The ``rows`` of a flat teacher: ``[N, V]`` logits or an ``[N]`` sparse teacher."""
-    return teacher.index_select(rows) if isinstance(teacher, SparseTeacher) else teacher.index_select(0, rows)
-
-
-def _check_mix(mix: Mix, ce_weight: float, teacher: object) -> None:
-    """A mix sets the CE's weight itself, and needs a teacher unless α = 0."""
-    if not isinstance(mix, Mix):
-        raise TypeError(f"mix must be an adakd.Mix, got {type(mix).__name__}")
-    if ce_weight:
-        raise OptionError("ce_weight", f"must be 0 with a mix (its kd_ratio sets the CE's weight), got {ce_weight}")
-    if teacher is None and mix.kd_ratio > 0:
-        raise ValueError(f"a mix with kd_ratio {mix.kd_ratio} > 0 needs a teacher (None only at kd_ratio 0)")
-
-
-def _window(mix: Mix, labels: Tensor, ignore_index: int) -> Tensor:
-    """W as the trainer forms it: a float32 scalar ≥ 1 on the labels' device (the call's valid count for None);
-    the callers promote it to a float64 loss's dtype."""
-    if mix.window_tokens is None:
-        return (labels != ignore_index).sum().clamp_min(1).to(torch.float32)
-    return torch.as_tensor(mix.window_tokens, device=labels.device, dtype=torch.float32).clamp_min(1)
-
-
-def _kept_fraction(report: LossReport) -> float:
-    """k/n of a forward (1 for a batch without a valid token), as ``adakd.integrations.window_mean`` takes it."""
-    return report.kept_tokens / report.valid_tokens if report.valid_tokens else 1.0

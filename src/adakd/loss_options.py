@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .adaptive import LATF, RatioSchedule, _check_ratio
+from .controllers import LATF, RatioSchedule, check_ratio
 from .errors import OptionError
-from .fused import IMPLS
+from .fused.terms import IMPLS
 
 __all__ = ["C_MAX", "REDUCTIONS", "SELECTIONS", "TAU_WEIGHTS", "TEMPERATURES", "build_controller", "check_options"]
 
@@ -69,7 +69,7 @@ def check_options(
     if not (math.isfinite(tau_base) and tau_base > 0):
         raise OptionError("tau_base", f"must be a positive finite number, got {tau_base}")
     if ratio is not None:
-        _check_ratio("ratio", ratio)
+        check_ratio("ratio", ratio)
     if ratio is not None and selection == "latf":
         # A ratio that LATF would ignore is a user's mistake, not a default: say where r_0 comes from.
         reason = (

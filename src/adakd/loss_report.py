@@ -70,41 +70,17 @@ class LossReport:
 
 
 def make_report(
-    loss: Tensor,
-    ratio: float,
-    n: int,
-    k: int,
-    tau: Tensor | float | list[float],
-    kept_scores: Tensor | list[float] | None,
-    mean_loss: Tensor | float,
-    tau_base: float,
-    ce_loss: Tensor | float = math.nan,
+    loss: Tensor, ratio: float, n: int, k: int, stats: Tensor, ce_mean: Tensor | float = math.nan
 ) -> LossReport:
-    """The report of a forward that kept ``k`` of ``n`` valid tokens.
+    """The report of a forward that kept ``k`` of ``n`` valid tokens, read with one device sync.
 
     Args:
         loss: the returned loss (scalar).
         ratio: the ratio r the forward used.
-        tau: the kept tokens' temperatures ``[k]`` or one τ; the one-pass path passes ``[mean, min, max]``.
-        kept_scores: the kept tokens' scores ``[k]``, None in plain-KD mode (no scores), or ``[median, min]``
-            from the one-pass path (which passes ``mean_loss`` as a float).
-        mean_loss: L_t (scalar tensor or float).
-        tau_base: τ reported for an empty batch.
-        ce_loss: the mean CE over the valid tokens mixed into ``loss`` (``ce_weight``), NaN when none was.
+        stats: ``[6]`` τ mean, min and max of the kept tokens, their scores' median and minimum, and L_t
+            (:func:`adakd.fused.outcome.summarise`, or a plan's own).
+        ce_mean: the mean CE over the valid tokens mixed into ``loss`` (0-d tensor), NaN when none was.
     """
-    if k == 0:  # nothing valid in this batch
-        values = [tau_base] * 3 + [0.0] * 3
-    elif isinstance(mean_loss, float):  # the one-pass path has its statistics already
-        values = [*tau, *kept_scores, mean_loss]
-    else:
-        tau = tau.detach() if isinstance(tau, Tensor) else tau
-        kept_scores = None if kept_scores is None else kept_scores.detach()
-        loss_value = mean_loss.detach().float()
-        t = tau.float() if isinstance(tau, Tensor) else torch.full_like(loss_value, tau)
-        nan = torch.full_like(loss_value, math.nan)  # plain KD computes no scores
-        s = kept_scores.float() if kept_scores is not None else None
-        median, low = (nan, nan) if s is None else (s.median(), s.min())
-        stacked = torch.stack([t.mean(), t.min(), t.max(), median, low, loss_value])
-        values = stacked.tolist()  # one device sync for all the statistics
-    ce = float(ce_loss.detach()) if isinstance(ce_loss, Tensor) else float(ce_loss)
-    return LossReport(loss, float(ratio), int(n), int(k), *values, ce_loss=ce)
+    ce = torch.as_tensor(ce_mean, dtype=torch.float64, device=stats.device).reshape(1)
+    values = torch.cat([stats.detach().double(), ce.detach()]).tolist()
+    return LossReport(loss, float(ratio), int(n), int(k), *values[:6], ce_loss=values[6])

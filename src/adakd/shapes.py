@@ -10,7 +10,13 @@ from torch import Tensor
 from .labels import IGNORE_INDEX
 from .sparse import SparseTeacher, check_sparse
 
-__all__ = ["align_vocab", "check_hidden_inputs", "check_student_inputs", "check_vocab_sizes"]
+__all__ = [
+    "align_vocab",
+    "check_hidden_inputs",
+    "check_logits_inputs",
+    "check_student_inputs",
+    "check_vocab_sizes",
+]
 
 
 def check_vocab_sizes(v_student: int, v_teacher: int, vocab_size: int | None = None) -> None:
@@ -58,18 +64,22 @@ def align_vocab(student_logits: Tensor, teacher_logits: Tensor, vocab_size: int 
 
 
 def check_hidden_inputs(
-    student_hidden: Tensor,
-    student_weight: Tensor,
-    student_bias: Tensor | None,
-    teacher_hidden: Tensor | SparseTeacher,
-    teacher_weight: Tensor | None,
-    teacher_bias: Tensor | None,
+    student: tuple[Tensor, Tensor, Tensor | None],
+    teacher: tuple[Tensor | SparseTeacher, Tensor | None, Tensor | None],
     labels: Tensor,
     vocab_size: int | None,
     ignore_index: int = IGNORE_INDEX,
 ) -> None:
-    """Raise ``ValueError`` unless :meth:`AdaKDLoss.forward_hidden`'s inputs agree in shape, vocabulary and dtype
-    (a :class:`SparseTeacher` in place of ``teacher_hidden`` takes no teacher weight or bias)."""
+    """Raise ``ValueError`` unless :meth:`AdaKDLoss.forward_hidden`'s inputs agree in shape, vocabulary and dtype.
+
+    Args:
+        student: ``(hidden [..., H_s], weight [V_s, H_s], bias [V_s] | None)``.
+        teacher: ``(hidden [..., H_t], weight [V_t, H_t], bias [V_t] | None)``, or a :class:`SparseTeacher` ``[...]``
+            with weight and bias None.
+        labels: ``[...]``.
+    """
+    student_hidden, student_weight, student_bias = student
+    teacher_hidden, teacher_weight, teacher_bias = teacher
     check_student_inputs(student_hidden, student_weight, student_bias, labels)
     lead, v_s = student_hidden.shape[:-1], student_weight.shape[0]
     if isinstance(teacher_hidden, SparseTeacher):
@@ -86,6 +96,29 @@ def check_hidden_inputs(
     if teacher_weight.dim() == 2:  # the vocabulary first: the likelier mistake than a wrong bias
         check_vocab_sizes(v_s, teacher_weight.shape[0], vocab_size)
     _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
+
+
+def check_logits_inputs(
+    student_logits: Tensor,
+    teacher: Tensor | SparseTeacher,
+    labels: Tensor,
+    vocab_size: int | None,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[Tensor, Tensor | SparseTeacher]:
+    """:meth:`AdaKDLoss.forward`'s inputs, checked: ``(student_logits [..., V_s], teacher)`` with dense teacher
+    logits ``[..., V_t]`` cropped to V_s (:func:`align_vocab`), or a :class:`SparseTeacher` ``[...]`` checked against
+    the student's vocabulary; ``labels`` must have the logits' leading shape."""
+    if isinstance(teacher, SparseTeacher):
+        lead, vocab = student_logits.shape[:-1], student_logits.shape[-1]
+        check_sparse(teacher, lead, vocab, labels != ignore_index)
+        check_vocab_sizes(vocab, vocab, vocab_size)
+    else:
+        student_logits, teacher = align_vocab(student_logits, teacher, vocab_size)
+    if labels.shape != student_logits.shape[:-1]:
+        raise ValueError(
+            f"labels {tuple(labels.shape)} must have the logits' leading shape {tuple(student_logits.shape[:-1])}"
+        )
+    return student_logits, teacher
 
 
 def check_student_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor) -> None:

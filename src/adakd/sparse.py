@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .adaptive import LOGIT_INDICATORS, score_fn
 from .divergences import compute_dtype, divergence_fn, log_probs
+from .errors import OptionError
 
 __all__ = [
     "FULL_STUDENT_INDICATORS",
@@ -97,7 +98,7 @@ def sparse_from_logits(logits: Tensor, k: int) -> SparseTeacher:
         for float64 logits) and ``tail``, the exact log-sum-exp of every other token's log-probability.
     """
     if k < 1:
-        raise ValueError(f"k must be a positive int, got {k}")
+        raise OptionError("k", f"must be a positive int, got {k}")
     lp = log_probs(logits, 1.0)
     k = min(k, lp.shape[-1])
     top = lp.topk(k, dim=-1)
