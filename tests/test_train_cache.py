@@ -173,8 +173,8 @@ def test_any_sparse_source_is_a_teacher_and_trains_as_the_cache(tmp_path):
 
     cache = _cache(tmp_path, 8)
     flag = _train(tmp_path, "flag", f"teacher.cache={cache}", "loss.fused=true")
-    parts = build_trainer(load_config(TINY, [f"training.output_dir={tmp_path / 'served'}", *COMMON,
-                                             f"teacher.cache={cache}", "loss.fused=true"]))  # fmt: skip
+    overrides = [f"training.output_dir={tmp_path / 'served'}", *COMMON, f"teacher.cache={cache}", "loss.fused=true"]
+    parts = build_trainer(load_config(TINY, overrides))
     common = {"loss_fn": parts.loss_fn, "kd_ratio": parts.kd_ratio, "fused": True, "args": parts.args}
     data = {"train_dataset": parts.train_dataset, "data_collator": parts.data_collator}
     with pytest.raises(ValueError, match="served replaces the teacher model, and cannot serve on-policy"):
