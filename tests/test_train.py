@@ -271,7 +271,8 @@ def test_kd_is_normalised_by_the_tokens_the_loss_really_kept(tmp_path):
     report = trainer.loss_fn.last_report
     assert report.valid_tokens == valid and report.kept_tokens == max(1, math.floor(valid * 0.3 + 1e-6))
     assert report.kept_tokens != valid * 0.3  # so that r × valid (the old normaliser) would give another value
-    assert loss.item() == pytest.approx(report.loss.item() / report.kept_tokens, rel=1e-6)  # the mean over kept
+    # The mean over kept: the loss's L_t, Σ_kept τ²·D / k (its report's loss is now the mixed, returned value).
+    assert loss.item() == pytest.approx(report.mean_loss, rel=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -153,3 +153,38 @@ def test_the_manifest_reports_the_teachers_mass_outside_the_top_k(tmp_path, caps
     assert 0 < manifest["tail_mass"]["mean"] < manifest["tail_mass"]["max"] < 1
     whole = json.loads((_cache(tmp_path, STUDENT_ROWS, name="all") / "manifest.json").read_text())
     assert whole["tail_mass"] == {"mean": 0.0, "max": 0.0}  # k = V: nothing outside the support
+
+
+def test_any_sparse_source_is_a_teacher_and_trains_as_the_cache(tmp_path):
+    """A third source of a sparse teacher (e.g. a teacher served over HTTP) is one class: a ``SparseSource`` that
+    returns the batch's ``SparseTeacher``, passed as the trainer's teacher, trains exactly as ``teacher_cache=True``,
+    and is refused on-policy generation like the cache."""
+    from adakd.sparse import SparseTeacher
+    from adakd.train import AdaKDTrainer
+    from adakd.train.teacher import SparseSource
+
+    class Served(SparseSource):
+        name = "served"
+        asked = 0
+
+        def sparse(self, inputs):
+            Served.asked += 1
+            return SparseTeacher(inputs["teacher_ids"], inputs["teacher_logprobs"], inputs["teacher_tail"])
+
+    cache = _cache(tmp_path, 8)
+    flag = _train(tmp_path, "flag", f"teacher.cache={cache}", "loss.fused=true")
+    overrides = [f"training.output_dir={tmp_path / 'served'}", *COMMON, f"teacher.cache={cache}", "loss.fused=true"]
+    parts = build_trainer(load_config(TINY, overrides))
+    common = {"loss_fn": parts.loss_fn, "kd_ratio": parts.kd_ratio, "fused": True, "args": parts.args}
+    data = {"train_dataset": parts.train_dataset, "data_collator": parts.data_collator}
+    with pytest.raises(ValueError, match="served replaces the teacher model, and cannot serve on-policy"):
+        AdaKDTrainer(parts.model, Served(), onpolicy=object(), **common, **data)
+    served = AdaKDTrainer(parts.model, Served(), **common, **data, processing_class=parts.processing_class)
+    assert served.teacher is None and not served.teacher_cache and served.distils
+    served.train()
+    assert Served.asked == 4  # one micro-batch per step
+    assert served.loss_fn.ratio == flag.loss_fn.ratio < 1.0
+    flag_rows = [r for r in flag.state.log_history if "loss" in r]
+    served_rows = [r for r in served.state.log_history if "loss" in r]
+    for a, b in zip(flag_rows, served_rows, strict=True):
+        assert b["loss"] == a["loss"] and b["adakd/kept_tokens"] == a["adakd/kept_tokens"]

@@ -8,7 +8,8 @@ the hub, its logging); the per-token loss on the completion tokens TRL marks bec
 - KD = Σ_kept τ²·D over the micro-batch, divided by the accumulation window's completion-token count (all
   micro-batches and ranks: TRL's ``num_items_in_batch``) times the micro-batch's kept share;
 - LATF advances once per optimizer step (a callback at ``on_step_end``) with L_t averaged over the step's
-  micro-batches and all-reduced over ranks (:func:`adakd.integrations.step_latf`);
+  micro-batches and all-reduced over ranks (:func:`adakd.integrations.step_latf`, through ``adakd train``'s
+  :class:`adakd.train.callbacks.LossStateCallback`);
 - the loss state is written into every ``checkpoint-N`` as ``adakd_state.pt`` (:mod:`adakd.train.checkpoints`)
   and restored by ``train(resume_from_checkpoint=...)``;
 - ``adakd/ratio``, ``adakd/kept_tokens``, ``adakd/valid_tokens``, ``adakd/tau_mean|min|max`` go through TRL's
@@ -27,7 +28,6 @@ The subclass overrides TRL hooks that are not public API (``compute_loss``, ``_g
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import random
 import warnings
@@ -44,16 +44,17 @@ except ModuleNotFoundError as e:  # the optional extra
     raise ModuleNotFoundError(f"adakd.integrations.trl needs TRL: pip install 'adakd[trl]' ({e})", name=e.name) from e
 except ImportError as e:  # a TRL without the DistillationTrainer (before 1.16)
     raise ImportError(f"adakd.integrations.trl needs trl>=1.16 (found an older TRL: {e})") from e
-from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..errors import ConfigError, InputError
-from ..loss import AdaKDLoss
-from ..memory import release_freed_memory, trim_interval
+from ..loss import AdaKDLoss, LossReport, Mix
+from ..train.callbacks import LossStateCallback
 from ..train.checkpoints import load_loss_state, resolve_checkpoint, save_loss_state
-from ..train.engines import call_through, check_linear_head, full_parameters
+from ..train.engines import call_through, check_linear_head
+from ..train.step import hidden_loss
+from ..train.teacher import TeacherPart
 from ..train.trainer import LOGGED
-from . import step_latf, window_mean
+from .trl_checks import build_loss, check_arguments
 
 __all__ = ["AdaKDDistillationTrainer"]
 
@@ -71,36 +72,6 @@ _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "s
 _ENTROPY_CHUNK = 1024  # rows per chunk of the (metric-only) entropy, to bound its [rows, V] temporaries
 
 
-def _build_loss(adakd_loss: AdaKDLoss | dict[str, Any] | None) -> AdaKDLoss:
-    """The trainer's loss: an ``AdaKDLoss(reduction="sum")`` as given, or built from a dict of its arguments."""
-    if adakd_loss is None:
-        adakd_loss = {}
-    if isinstance(adakd_loss, dict):
-        if adakd_loss.get("reduction", "sum") != "sum":
-            raise InputError(
-                f"adakd_loss: reduction={adakd_loss['reduction']!r}; the trainer normalises over the accumulation "
-                "window itself: leave reduction out"
-            )
-        try:
-            return AdaKDLoss(**{**adakd_loss, "reduction": "sum"})
-        except InputError as e:  # the loss checks its own options; name the argument they came from
-            raise InputError(f"adakd_loss: {e}") from e
-    if not isinstance(adakd_loss, AdaKDLoss):
-        raise InputError(f"adakd_loss: expected an adakd.AdaKDLoss or a dict of its arguments, got {adakd_loss!r}")
-    if adakd_loss.reduction != "sum":
-        raise InputError(
-            f"adakd_loss: AdaKDLoss(reduction={adakd_loss.reduction!r}); the trainer needs reduction='sum' (it "
-            "normalises over the accumulation window itself), or pass the loss's arguments as a dict"
-        )
-    return adakd_loss
-
-
-def _columns(dataset: Any) -> list[str] | None:
-    """A dataset's column names when it declares them (``datasets.Dataset``, a typed ``IterableDataset``)."""
-    names = getattr(dataset, "column_names", None)
-    return list(names) if isinstance(names, list | tuple) else None
-
-
 def _entropy_sum(logits: torch.Tensor) -> torch.Tensor:
     """Σ over rows of the softmax entropy of ``logits [N, V]`` (nats), chunked, without gradient."""
     total = torch.zeros((), dtype=torch.float32, device=logits.device)
@@ -109,19 +80,6 @@ def _entropy_sum(logits: torch.Tensor) -> torch.Tensor:
             logp = logits[start : start + _ENTROPY_CHUNK].float().log_softmax(-1)
             total += -(logp.exp() * logp).sum()
     return total
-
-
-class _AdaKDCallback(TrainerCallback):
-    """Advances LATF after every optimizer step (before the step's log and checkpoint)."""
-
-    def __init__(self, trainer: AdaKDDistillationTrainer) -> None:
-        self.trainer = trainer
-
-    def on_step_end(self, args, state, control, **kwargs):
-        every = trim_interval()
-        if every and state.global_step % every == 0:
-            release_freed_memory()  # glibc keeps freed CPU memory: see adakd.memory
-        step_latf(self.trainer.loss_fn, self.trainer.accelerator)
 
 
 class AdaKDDistillationTrainer(DistillationTrainer):
@@ -154,6 +112,7 @@ class AdaKDDistillationTrainer(DistillationTrainer):
 
     _tag_names = ["trl", "distillation", "adakd"]
     _name = "AdaKD Distillation"
+    distils = True  # always a teacher and a KD term: LATF steps after every optimizer step
 
     def __init__(
         self,
@@ -170,31 +129,9 @@ class AdaKDDistillationTrainer(DistillationTrainer):
         chunk_size: int | None = None,
         **trl_kwargs: Any,
     ) -> None:
-        self.loss_fn = _build_loss(adakd_loss)
-        if isinstance(lmbda, bool) or not isinstance(lmbda, int | float) or not 0.0 <= lmbda <= 1.0:
-            raise InputError(f"lmbda: must be a number in [0, 1], got {lmbda!r}")
-        if teacher_model is None:
-            raise InputError("teacher_model: AdaKDDistillationTrainer needs a teacher (a hub id, a path or a model)")
-        if args is not None:
-            default_beta = {f.name: f.default for f in dataclasses.fields(DistillationConfig)}["beta"]
-            if args.beta != default_beta:
-                raise InputError(
-                    f"DistillationConfig.beta={args.beta}: TRL's choice of divergence, which AdaKD replaces; leave "
-                    "beta at its default and choose the divergence with adakd_loss={'base': ...} (e.g. 'jsd' with "
-                    "base_params={'lam': 1 - beta})"
-                )
-        if lmbda < 1 and trl_kwargs.get("tools"):
-            raise InputError("tools: only with lmbda=1 (the dataset's completions carry no tool-call masks)")
-        if lmbda < 1:
-            for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
-                columns = _columns(dataset)
-                if columns is not None and "completion" not in columns:
-                    raise InputError(
-                        f"{name}: lmbda={lmbda} trains on the dataset's completions, but it has no 'completion' "
-                        f"column (columns: {', '.join(columns)}); use TRL's prompt-completion format, or lmbda=1"
-                    )
-        if chunk_size is not None and (type(chunk_size) is not int or chunk_size < 1):
-            raise InputError(f"chunk_size: must be a positive int, got {chunk_size!r}")
+        self.loss_fn = build_loss(adakd_loss)
+        datasets = {"train_dataset": train_dataset, "eval_dataset": eval_dataset}
+        check_arguments(args, teacher_model, lmbda, chunk_size, datasets, trl_kwargs.get("tools"))
         self.lmbda = float(lmbda)
         self.fused = bool(fused)
         self.chunk_size = chunk_size
@@ -210,9 +147,9 @@ class AdaKDDistillationTrainer(DistillationTrainer):
                 try:
                     check_linear_head(module, role)
                 except ConfigError as e:  # worded for the YAML key there; name the argument here
-                    reason = str(e).removeprefix("loss.fused: ").replace("set loss.fused: false", "use fused=False")
-                    raise InputError(f"fused=True: {reason}") from e
-        self.add_callback(_AdaKDCallback(self))
+                    why = f"{e.reason}: use fused=False"
+                    raise InputError(f"fused=True: {why}") from e
+        self.add_callback(LossStateCallback(self))
 
     # ----------------------------------------------------------------------------------------------------------
     # Completions: the student's samples (TRL) or the dataset's (lmbda < 1).
@@ -275,8 +212,11 @@ class AdaKDDistillationTrainer(DistillationTrainer):
             prompt_ids, _, _ = self._tokenize_prompts(prompts)  # what TRL's sampling starts from
             full = self.processing_class.apply_chat_template(
                 conversation=[list(p) + list(c) for p, c in zip(prompts, completions, strict=True)],
-                chat_template=self.chat_template, tokenize=True, return_dict=True, **self.chat_template_kwargs,
-            )["input_ids"]  # fmt: skip
+                chat_template=self.chat_template,
+                tokenize=True,
+                return_dict=True,
+                **self.chat_template_kwargs,
+            )["input_ids"]
         else:
             eos = self._tokenizer.eos_token
             prompt_ids = self.processing_class(text=list(prompts))["input_ids"]
@@ -327,48 +267,49 @@ class AdaKDDistillationTrainer(DistillationTrainer):
             kwargs["logits_to_keep"] = keep + 1  # the last position predicts past the sequence
         return module(**kwargs).logits[:, :-1][:, -keep:]
 
-    def _logits_terms(self, model: Any, inputs: dict[str, Any], labels: torch.Tensor) -> tuple:
-        """(Σ KD, the loss's report, Σ student entropy over valid positions) on materialised completion logits."""
+    def _logits_terms(self, model: Any, inputs: dict[str, Any], labels: torch.Tensor, mix: Mix) -> tuple:
+        """(the window's KD share, the loss's report, Σ student entropy over valid positions) on materialised
+        completion logits."""
         student = self._completion_logits(model, self.model_kwarg_keys, inputs)
         self.teacher_model.eval()
         with torch.no_grad():
             teacher = self._completion_logits(self.teacher_model, self.teacher_kwarg_keys, inputs)
-        kd_sum, report = self.loss_fn(student, teacher, labels, return_report=True)
+        loss, report = self.loss_fn(student, teacher, labels, mix=mix, return_report=True)
         valid = labels != self.loss_fn.ignore_index
-        return kd_sum, report, _entropy_sum(student.detach()[valid])
+        return loss, report, _entropy_sum(student.detach()[valid])
 
-    def _fused_kd(self, unwrapped_student: Any, inputs: dict[str, Any], labels: torch.Tensor) -> torch.Tensor:
-        """Σ KD from hidden states and lm_head weights, as TRL's own chunked loss gets them: the backbones run
-        inside their wrappers' forwards (TRL's forward redirection); the loss then runs inside the student lm_head's
-        own forward (:func:`adakd.train.engines.call_through`, as ``adakd train``'s fused path), where DeepSpeed
-        ZeRO-3 and FSDP2 hold its full weight and attach their backward hooks to the loss."""
-        from torch.distributed.tensor import DTensor
-
+    def _fused_kd(
+        self, unwrapped_student: Any, inputs: dict[str, Any], labels: torch.Tensor, mix: Mix
+    ) -> tuple[torch.Tensor, LossReport]:
+        """The window's KD share and its report from hidden states and lm_head weights, as TRL's own chunked loss
+        gets them: the backbones run inside their wrappers' forwards (TRL's forward redirection); the loss then runs
+        inside the student lm_head's own forward (:func:`adakd.train.engines.call_through`, with ``adakd train``'s
+        head path :func:`adakd.train.step.hidden_loss`), where DeepSpeed ZeRO-3 and FSDP2 hold its full weight and
+        attach their backward hooks to the loss."""
         input_ids, attention_mask, keep, multimodal = self._sequence(inputs)
         hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, keep, **multimodal)
         self.teacher_model.eval()
         unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
         with torch.no_grad():
             teacher_hidden = self._forward_redirection(
-                self.teacher_model, unwrapped_teacher, self._get_last_hidden_state, unwrapped_teacher,
-                input_ids, attention_mask, keep, **multimodal,
-            )  # fmt: skip
-        head, t_head = unwrapped_student.get_output_embeddings(), unwrapped_teacher.get_output_embeddings()
+                self.teacher_model,
+                unwrapped_teacher,
+                self._get_last_hidden_state,
+                unwrapped_teacher,
+                input_ids,
+                attention_mask,
+                keep,
+                **multimodal,
+            )
+        teacher = TeacherPart(teacher_hidden, unwrapped_teacher.get_output_embeddings())
+        head = unwrapped_student.get_output_embeddings()
 
-        def head_loss(student_hidden: torch.Tensor) -> torch.Tensor:
-            weight, bias = head.weight, head.bias
-            if isinstance(weight, DTensor):  # a head FSDP2 left sharded: one differentiable all-gather
-                weight = weight.full_tensor()
-                bias = None if bias is None else bias.full_tensor()
-            dtype = teacher_hidden.dtype
-            with full_parameters(t_head.weight, t_head.bias) as (t_weight, t_bias):
-                # Under autocast the hidden states may be half precision: the differentiable cast the model's own
-                # lm_head call would do.
-                return self.loss_fn.forward_hidden(
-                    student_hidden, weight.to(student_hidden.dtype), teacher_hidden, t_weight.to(dtype), labels,
-                    student_bias=None if bias is None else bias.to(student_hidden.dtype),
-                    teacher_bias=None if t_bias is None else t_bias.to(dtype), chunk_size=self.chunk_size,
-                )  # fmt: skip
+        def head_loss(student_hidden: torch.Tensor) -> tuple[torch.Tensor, LossReport]:
+            with teacher.head_parameters() as t_head:
+                values = teacher.values
+                return hidden_loss(
+                    self.loss_fn, student_hidden, head, values, t_head, labels, chunk_size=self.chunk_size, mix=mix
+                )
 
         return call_through(head, head_loss, hidden)
 
@@ -404,17 +345,14 @@ class AdaKDDistillationTrainer(DistillationTrainer):
         # Evaluation forwards must not move LATF: the loss counts L_t towards its next step in training mode only.
         self.loss_fn.train(training)
         labels = self._labels(inputs)
+        # KD alone (no CE), normalised by the window's tokens (None: this micro-batch's own valid tokens).
+        mix = Mix(1.0, num_items_in_batch)
         entropy = None
         if self.fused:
             unwrapped = self.accelerator.unwrap_model(model)
-            # Only the tensor crosses the wrapper's forward; the report is read back from the loss.
-            kd_sum = self._forward_redirection(model, unwrapped, self._fused_kd, unwrapped, inputs, labels)
-            report = self.loss_fn.last_report
+            loss, report = self._forward_redirection(model, unwrapped, self._fused_kd, unwrapped, inputs, labels, mix)
         else:
-            kd_sum, report, entropy = self._logits_terms(model, inputs, labels)
-        if num_items_in_batch is None:
-            num_items_in_batch = max(report.valid_tokens, 1)
-        loss = window_mean(kd_sum, report, num_items_in_batch)
+            loss, report, entropy = self._logits_terms(model, inputs, labels, mix)
 
         stats = report.as_dict()
         for key in LOGGED:

@@ -29,6 +29,7 @@ from ..errors import ConfigError
 
 __all__ = [
     "ENGINES",
+    "autocast",
     "call_through",
     "check_linear_head",
     "engine_of",
@@ -165,29 +166,43 @@ def check_linear_head(model: torch.nn.Module, role: str) -> None:
 
     Known transformations are read from the config (soft-capping, logit scaling); any other difference is caught
     by comparing the model's logits with the fused path's product on a short probe sequence (skipped when the
-    parameters are already sharded, e.g. built under ``deepspeed.zero.Init``). Raises :class:`ConfigError`.
+    parameters are already sharded, e.g. built under ``deepspeed.zero.Init``).
+
+    Raises:
+        ConfigError: ``key="loss.fused"``, its ``reason`` naming the role and what its output layer does.
     """
     base = unwrap(model)
     config = getattr(base, "config", None)
+    name = type(base).__name__
     for attr, what in _HEAD_TRANSFORMS.items():
         value = getattr(config, attr, None)
         neutral = value is None or (attr != "final_logit_softcapping" and value == 1)
         if not neutral:
+            reason = (
+                f"the {role} ({name}) applies {what} to its logits ({attr}={value}); the fused loss computes "
+                "hidden @ lm_head.weightᵀ only"
+            )
             raise ConfigError(
-                f"loss.fused: the {role} ({type(base).__name__}) applies {what} to its logits ({attr}={value}); "
-                "the fused loss computes hidden @ lm_head.weightᵀ only: set loss.fused: false"
+                f"loss.fused: the {role} ({name}) applies {what} to its logits ({attr}={value}); the fused loss "
+                "computes hidden @ lm_head.weightᵀ only: set loss.fused: false",
+                key="loss.fused",
+                reason=reason,
             )
     head = base.get_output_embeddings()
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     if head is None or decoder is None or not isinstance(head, torch.nn.Linear):
         raise ConfigError(
-            f"loss.fused: the {role} ({type(base).__name__}) exposes no decoder and linear output layer; "
-            "set loss.fused: false"
+            f"loss.fused: the {role} ({name}) exposes no decoder and linear output layer; set loss.fused: false",
+            key="loss.fused",
+            reason=f"the {role} ({name}) exposes no decoder and linear output layer",
         )
     if type(head.weight).__name__ in ("Params4bit", "Int8Params"):  # bitsandbytes packs the weight it quantises
+        kind = type(head).__name__
         raise ConfigError(
-            f"loss.fused: the {role}'s output layer is quantised ({type(head).__name__}); the fused loss needs its "
-            "dense weight: set loss.fused: false, or keep lm_head out of the quantisation"
+            f"loss.fused: the {role}'s output layer is quantised ({kind}); the fused loss needs its dense weight: "
+            "set loss.fused: false, or keep lm_head out of the quantisation",
+            key="loss.fused",
+            reason=f"the {role}'s output layer is quantised ({kind}); the fused loss needs its dense weight",
         )
     params = list(base.parameters())
     if any(is_sharded(p) or p.is_meta for p in params):
@@ -196,8 +211,19 @@ def check_linear_head(model: torch.nn.Module, role: str) -> None:
         # A quantised body with a dense lm_head (bitsandbytes skips it by default): the logits are head(hidden) as
         # the checks above establish, and bitsandbytes' CPU kernels fail on the probe's tiny inputs.
         return
-    device = head.weight.device
-    ids = torch.arange(1, 5, device=device).unsqueeze(0) % head.weight.shape[0]
+    if not _head_matches(base, decoder, head):
+        raise ConfigError(
+            f"loss.fused: the {role} ({name}) computes logits other than hidden @ lm_head.weightᵀ (+ bias); the fused "
+            "loss would optimise another objective: set loss.fused: false",
+            key="loss.fused",
+            reason=f"the {role} ({name}) computes logits other than hidden @ lm_head.weightᵀ (+ bias); the fused "
+            "loss would optimise another objective",
+        )
+
+
+def _head_matches(base: torch.nn.Module, decoder: torch.nn.Module, head: torch.nn.Linear) -> bool:
+    """Whether the model's logits are ``hidden @ Wᵀ (+ b)`` on a short probe sequence (eval mode, no gradient)."""
+    ids = torch.arange(1, 5, device=head.weight.device).unsqueeze(0) % head.weight.shape[0]
     was_training = base.training
     base.eval()
     try:
@@ -207,13 +233,9 @@ def check_linear_head(model: torch.nn.Module, role: str) -> None:
             product = torch.nn.functional.linear(hidden, head.weight, head.bias).float()
     finally:
         base.train(was_training)
-    if logits.shape != product.shape or not torch.allclose(
+    return logits.shape == product.shape and torch.allclose(
         logits, product, rtol=1e-4, atol=1e-5 * float(product.abs().max().clamp_min(1))
-    ):
-        raise ConfigError(
-            f"loss.fused: the {role} ({type(base).__name__}) computes logits other than hidden @ lm_head.weightᵀ "
-            "(+ bias); the fused loss would optimise another objective: set loss.fused: false"
-        )
+    )
 
 
 def save_final(trainer: Any, folder: str | Path) -> None:
@@ -232,3 +254,13 @@ def save_final(trainer: Any, folder: str | Path) -> None:
         if trainer.processing_class is not None:
             trainer.processing_class.save_pretrained(folder)
     accelerator.wait_for_everyone()
+
+
+def autocast(accelerator: Any) -> contextlib.AbstractContextManager:
+    """The accelerator's autocast (a no-op without mixed precision, or without an accelerator).
+
+    Why: accelerate applies mixed precision by wrapping the model's forward, which :func:`call_through` replaces
+    for the call; functions run through it enter the same autocast explicitly."""
+    if accelerator is None or not accelerator.native_amp:
+        return contextlib.nullcontext()
+    return accelerator.autocast()

@@ -21,6 +21,7 @@ checkpoint saved at that step, with the same seed and settings.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
@@ -36,7 +37,8 @@ from ..divergences import DivergenceFn, log_probs
 from ..fused import default_chunk_size, linear
 from ..labels import IGNORE_INDEX
 from ..shapes import align_vocab
-from .engines import call_through, full_parameters, unwrap
+from .engines import unwrap
+from .step import head_call, student_head
 
 __all__ = [
     "SUM_COLUMNS",
@@ -273,9 +275,15 @@ class RougeDuringTraining:
             with torch.random.fork_rng(devices=_rng_devices(device)):
                 backend = HFBackend(model, tokenizer, device=device)  # sets eval mode, as adakd eval does
                 results = evaluate(
-                    backend, [self.eval_set], [self.seed], generation, Path(output) / f"step-{step}.json",
-                    f"step {step}", show_progress=False, chat_template=self.chat_template,
-                )  # fmt: skip
+                    backend,
+                    [self.eval_set],
+                    [self.seed],
+                    generation,
+                    Path(output) / f"step-{step}.json",
+                    f"step {step}",
+                    show_progress=False,
+                    chat_template=self.chat_template,
+                )
         finally:
             model.train(was_training)
         return float(results["average"]["mean"])
@@ -286,44 +294,39 @@ class EvaluationMixin:
     bases): the Trainer's own ``evaluate`` and loop (model preparation, eval dataloader, speed metrics, ``log``,
     ``on_evaluate``) with our per-batch step, and ROUGE-L. The Trainer's per-batch loss average is not used: a
     mean of batch means is not token-weighted. It reads the trainer's ``loss_fn`` (its base divergence only),
-    ``teacher``, ``kd_ratio``, ``fused``, ``chunk_size`` and ``rouge``."""
+    ``teacher`` and ``teacher_source``, ``kd_ratio``, ``fused``, ``chunk_size``, ``accelerator`` and ``rouge``."""
 
     def _eval_sums(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-sequence ``[B, 4]`` float64 sums (tokens, Σ CE, Σ KD, Σ Hellinger) of one eval batch
-        (:mod:`adakd.train.evaluation`), through the engine's wrappers as in training; the loss is not called."""
-        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        (:mod:`adakd.train.evaluation`), through the engine's wrappers as in training (the step's student forward
+        and the teacher object's part); the loss is not called. A teacher without a model (a cache) is not used."""
         labels = inputs["labels"][:, 1:]
         div, vocab = self.loss_fn.div, self.loss_fn.vocab_size
+        teacher = self.teacher_source if self.teacher is not None else None
         if not self.fused:
-            student = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-            teacher = None if self.teacher is None else self.teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
-            return sequence_sums(student, teacher, labels, div, vocab, self.chunk_size)
-        base = unwrap(model)
-        decoder, head = base.get_decoder(), base.get_output_embeddings()
-        teacher_hidden = t_head = None
-        if self.teacher is not None:
-            teacher_hidden = self._teacher_hidden(ids, mask)
-            t_head = unwrap(self.teacher).get_output_embeddings()
+            student = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits[:, :-1]
+            t_logits = None if teacher is None else teacher.part(inputs, hidden=False).values
+            return sequence_sums(student, t_logits, labels, div, vocab, self.chunk_size)
+        part = None if teacher is None else teacher.part(inputs, hidden=True)
+        head = unwrap(model).get_output_embeddings()
 
         def head_forward(hidden: torch.Tensor) -> torch.Tensor:
             # As in training: the student's lm_head is full inside its own forward; the teacher's is gathered.
-            t_params = (t_head.weight, t_head.bias) if t_head is not None else (None, None)
-            with full_parameters(*t_params) as (t_weight, t_bias):
-                bias = None if head.bias is None else head.bias.to(hidden.dtype)
-                if teacher_hidden is not None:
-                    dtype = teacher_hidden.dtype
-                    t_weight, t_bias = t_weight.to(dtype), None if t_bias is None else t_bias.to(dtype)
+            with part.head_parameters() if part is not None else contextlib.nullcontext((None, None)) as t_head:
+                weight, bias = student_head(head, hidden.dtype)
                 return sequence_sums_hidden(
-                    hidden, head.weight.to(hidden.dtype), bias, teacher_hidden, t_weight, t_bias, labels, div, vocab,
-                    self.chunk_size,
-                )  # fmt: skip
+                    hidden,
+                    weight,
+                    bias,
+                    None if part is None else part.values,
+                    *t_head,
+                    labels,
+                    divergence=div,
+                    vocab_size=vocab,
+                    chunk_size=self.chunk_size,
+                )
 
-        def forward(input_ids, attention_mask=None):
-            with self._autocast():
-                hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
-            return call_through(head, head_forward, hidden)
-
-        return call_through(model, forward, input_ids=ids, attention_mask=mask)
+        return head_call(model, inputs, head_forward, self.accelerator)
 
     def prediction_step(
         self,
