@@ -47,6 +47,7 @@ except ImportError as e:  # a TRL without the DistillationTrainer (before 1.16)
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..errors import ConfigError, InputError
+from ..fused import entropy_sum
 from ..loss import AdaKDLoss, LossReport, Mix
 from ..train.callbacks import LossStateCallback
 from ..train.checkpoints import load_loss_state, resolve_checkpoint, save_loss_state
@@ -69,17 +70,6 @@ if tuple(int(x) for x in trl.__version__.split(".")[:2]) != (1, 16):
 # Multimodal fields TRL splits per micro-batch and passes to the models' forward (distillation_trainer.py).
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
                     "token_type_ids", "mm_token_type_ids", "image_position_ids")  # fmt: skip
-_ENTROPY_CHUNK = 1024  # rows per chunk of the (metric-only) entropy, to bound its [rows, V] temporaries
-
-
-def _entropy_sum(logits: torch.Tensor) -> torch.Tensor:
-    """Σ over rows of the softmax entropy of ``logits [N, V]`` (nats), chunked, without gradient."""
-    total = torch.zeros((), dtype=torch.float32, device=logits.device)
-    with torch.no_grad():
-        for start in range(0, logits.shape[0], _ENTROPY_CHUNK):
-            logp = logits[start : start + _ENTROPY_CHUNK].float().log_softmax(-1)
-            total += -(logp.exp() * logp).sum()
-    return total
 
 
 class AdaKDDistillationTrainer(DistillationTrainer):
@@ -276,7 +266,7 @@ class AdaKDDistillationTrainer(DistillationTrainer):
             teacher = self._completion_logits(self.teacher_model, self.teacher_kwarg_keys, inputs)
         loss, report = self.loss_fn(student, teacher, labels, mix=mix, return_report=True)
         valid = labels != self.loss_fn.ignore_index
-        return loss, report, _entropy_sum(student.detach()[valid])
+        return loss, report, entropy_sum(student.detach()[valid])
 
     def _fused_kd(
         self, unwrapped_student: Any, inputs: dict[str, Any], labels: torch.Tensor, mix: Mix

@@ -24,19 +24,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
-from ..adaptive import score_fn
-from ..divergences import DivergenceFn, log_probs
-from ..fused import default_chunk_size, linear
-from ..labels import IGNORE_INDEX
-from ..shapes import align_vocab
+from ..fused import evaluation_sums, evaluation_sums_hidden
 from .engines import unwrap
 from .step import head_call, student_head
 
@@ -45,134 +40,9 @@ __all__ = [
     "EvaluationMixin",
     "RougeDuringTraining",
     "eval_metrics",
-    "sequence_sums",
-    "sequence_sums_hidden",
-    "token_terms",
 ]
 
 SUM_COLUMNS = ("tokens", "ce", "kd", "hellinger")  # the columns of the per-sequence sums
-
-# rows [n] of the flattened [B·T] positions -> (student logits [n, V_s], teacher logits [n, V_t] or None)
-RowLogits = Callable[[Tensor], tuple[Tensor, "Tensor | None"]]
-
-
-@torch.no_grad()
-def token_terms(
-    student_logits: Tensor,
-    teacher_logits: Tensor | None,
-    targets: Tensor,
-    divergence: DivergenceFn,
-    vocab_size: int | None = None,
-) -> Tensor:
-    """Per-token CE, KD at τ = 1 and Hellinger difficulty, computed and returned in float64 ``[n, 3]``.
-
-    float64 throughout (training computes in float32): a measurement should not carry the float32 rounding of
-    a log-space mixture (JSD, skewed KL), which reaches ~1e-5 relative on small divergences.
-
-    Args:
-        student_logits: ``[n, V_s]``.
-        teacher_logits: ``[n, V_t]``, V_t ≥ V_s (its padding rows are cropped, as the loss does), or None: the KD
-            and Hellinger columns are then 0.
-        targets: ``[n]`` label ids (no -100 here: the caller passes valid positions only).
-        divergence: the run's base divergence (``AdaKDLoss.div``), ``f(student_log_probs, teacher_log_probs)``.
-        vocab_size: the tokenizer's size, checked by :func:`adakd.align_vocab`.
-    """
-    lq = log_probs(student_logits, 1.0, torch.float64)
-    ce = -lq.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    if teacher_logits is None:
-        zeros = torch.zeros_like(ce)
-        return torch.stack([ce, zeros, zeros], -1)
-    _, teacher_logits = align_vocab(student_logits, teacher_logits, vocab_size)
-    lp = log_probs(teacher_logits, 1.0, torch.float64)
-    kd = divergence(lq, lp)
-    # The difficulty score LATF ranks tokens by (Eq. 3); it works in place on its inputs, which are spent by now.
-    hellinger = score_fn("hellinger")(lq, lp, None)
-    return torch.stack([ce, kd, hellinger], -1)
-
-
-def _sums(labels: Tensor, row_logits: RowLogits, divergence: DivergenceFn, vocab_size: int | None, chunk: int):
-    """Per-sequence ``[B, 4]`` sums over the valid positions of ``labels [B, T]``, ``chunk`` rows of logits at a
-    time (float64 ``[chunk, V]`` buffers, never ``[B·T, V]`` beyond what the model itself returned)."""
-    width = labels.shape[1]
-    flat = labels.reshape(-1)
-    rows = (flat != IGNORE_INDEX).nonzero().squeeze(1)
-    terms = torch.zeros(labels.shape[0], 3, dtype=torch.float64, device=labels.device)
-    for start in range(0, rows.numel(), chunk):
-        r = rows[start : start + chunk]
-        student, teacher = row_logits(r)
-        terms.index_add_(0, r // width, token_terms(student, teacher, flat[r], divergence, vocab_size))
-    tokens = (labels != IGNORE_INDEX).sum(1).double()
-    return torch.cat([tokens.unsqueeze(1), terms], 1)
-
-
-@torch.no_grad()
-def sequence_sums(
-    student_logits: Tensor,
-    teacher_logits: Tensor | None,
-    labels: Tensor,
-    divergence: DivergenceFn,
-    vocab_size: int | None = None,
-    chunk_size: int | None = None,
-) -> Tensor:
-    """Per-sequence sums of one eval batch on materialised logits.
-
-    Args:
-        student_logits: ``[B, T, V_s]``, shifted: position i predicts ``labels[:, i]``.
-        teacher_logits: ``[B, T, V_t]`` or None (plain SFT: CE only).
-        labels: ``[B, T]``, -100 where there is no target.
-        divergence: the run's base divergence (``AdaKDLoss.div``).
-        vocab_size: the tokenizer's size (for the teacher's crop check).
-        chunk_size: rows of logits per chunk; default half of :func:`adakd.fused.default_chunk_size` (float64).
-
-    Returns:
-        ``[B, 4]`` float64: tokens, Σ CE, Σ KD, Σ Hellinger (:data:`SUM_COLUMNS`) of each sequence.
-    """
-    v = student_logits.shape[-1]
-    student = student_logits.reshape(-1, v)
-    teacher = None if teacher_logits is None else teacher_logits.reshape(-1, teacher_logits.shape[-1])
-
-    def row_logits(r: Tensor) -> tuple[Tensor, Tensor | None]:
-        return student.index_select(0, r), None if teacher is None else teacher.index_select(0, r)
-
-    chunk = chunk_size or max(1, default_chunk_size(v, student.device) // 2)
-    return _sums(labels, row_logits, divergence, vocab_size, chunk)
-
-
-@torch.no_grad()
-def sequence_sums_hidden(
-    student_hidden: Tensor,
-    student_weight: Tensor,
-    student_bias: Tensor | None,
-    teacher_hidden: Tensor | None,
-    teacher_weight: Tensor | None,
-    teacher_bias: Tensor | None,
-    labels: Tensor,
-    divergence: DivergenceFn,
-    vocab_size: int | None = None,
-    chunk_size: int | None = None,
-) -> Tensor:
-    """:func:`sequence_sums` from final hidden states and lm_head weights (the fused path): the logits of each
-    chunk of valid rows are computed here, ``hidden @ Wᵀ (+ b)``, and never for the whole batch.
-
-    Args:
-        student_hidden: ``[B, T, H_s]``; student_weight ``[V_s, H_s]``; student_bias ``[V_s]`` or None.
-        teacher_hidden: ``[B, T, H_t]`` or None; teacher_weight ``[V_t, H_t]``; teacher_bias ``[V_t]`` or None.
-        labels: ``[B, T]``, -100 where there is no target.
-
-    Returns:
-        ``[B, 4]`` float64, as :func:`sequence_sums`.
-    """
-    hs = student_hidden.reshape(-1, student_hidden.shape[-1])
-    ht = None if teacher_hidden is None else teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-
-    def row_logits(r: Tensor) -> tuple[Tensor, Tensor | None]:
-        student = linear(hs.index_select(0, r), student_weight, student_bias)
-        if ht is None:
-            return student, None
-        return student, linear(ht.index_select(0, r), teacher_weight, teacher_bias)
-
-    chunk = chunk_size or max(1, default_chunk_size(student_weight.shape[0], hs.device) // 2)
-    return _sums(labels, row_logits, divergence, vocab_size, chunk)
 
 
 def eval_metrics(totals: Sequence[float], kd_ratio: float, with_teacher: bool, prefix: str = "eval") -> dict[str, Any]:
@@ -306,7 +176,7 @@ class EvaluationMixin:
         if not self.fused:
             student = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits[:, :-1]
             t_logits = None if teacher is None else teacher.part(inputs, hidden=False).values
-            return sequence_sums(student, t_logits, labels, div, vocab, self.chunk_size)
+            return evaluation_sums(student, t_logits, labels, div, vocab, self.chunk_size)
         part = None if teacher is None else teacher.part(inputs, hidden=True)
         head = unwrap(model).get_output_embeddings()
 
@@ -314,16 +184,9 @@ class EvaluationMixin:
             # As in training: the student's lm_head is full inside its own forward; the teacher's is gathered.
             with part.head_parameters() if part is not None else contextlib.nullcontext((None, None)) as t_head:
                 weight, bias = student_head(head, hidden.dtype)
-                return sequence_sums_hidden(
-                    hidden,
-                    weight,
-                    bias,
-                    None if part is None else part.values,
-                    *t_head,
-                    labels,
-                    divergence=div,
-                    vocab_size=vocab,
-                    chunk_size=self.chunk_size,
+                t_parts = None if part is None else (part.values, *t_head)
+                return evaluation_sums_hidden(
+                    (hidden, weight, bias), t_parts, labels, div, vocab_size=vocab, chunk_size=self.chunk_size
                 )
 
         return head_call(model, inputs, head_forward, self.accelerator)

@@ -35,10 +35,10 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from .. import AdaKDLoss
 from ..errors import ConfigError, StorageError
 from ..files import storage_reason, write_json
 from ..labels import IGNORE_INDEX
+from ..loss import AdaKDLoss
 from .callbacks import LossStateCallback
 from .checkpoints import (
     SETTINGS_FILE,
