@@ -331,7 +331,9 @@ class CachedTeacherCollator:
     """
 
     def __init__(self, collator: Any, cache: TeacherCache) -> None:
-        self.collator, self.cache = collator, cache
+        from ..train.teacher import CachedTeacher  # the reader of these keys owns their names
+
+        self.collator, self.cache, self.keys = collator, cache, CachedTeacher.KEYS
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         from ..errors import ConfigError
@@ -356,4 +358,4 @@ class CachedTeacherCollator:
             ids[b, where] = torch.from_numpy(rows[0])
             logprobs[b, where] = torch.from_numpy(rows[1])
             tail[b, where] = torch.from_numpy(rows[2])
-        return {**batch, "teacher_ids": ids, "teacher_logprobs": logprobs, "teacher_tail": tail}
+        return {**batch, **dict(zip(self.keys, (ids, logprobs, tail), strict=True))}

@@ -17,6 +17,7 @@ from .hub import check_hub, hub_target, push_final, trainer_training, write_mode
 from .inputs import RunInputs, optimizer_steps, resolve_inputs, vocab_rows
 from .onpolicy import OnPolicyController
 from .run_folder import check_fresh_run, check_resume, check_unfinished, delete_earlier_run
+from .teacher import CachedTeacher
 from .trainer import AdaKDTrainer, save_loss_state
 
 __all__ = ["build_trainer", "restore_finished", "run", "teacher_cache", "write_final"]
@@ -92,7 +93,7 @@ def build_trainer(config: DistillConfig) -> AdaKDTrainer:
         collator, train_dataset = CachedTeacherCollator(collator, cache), IndexedExamples(examples)
     return AdaKDTrainer(
         inputs.student,
-        inputs.teacher,
+        CachedTeacher() if cache is not None else inputs.teacher,
         loss_fn=loss_fn,
         kd_ratio=config.loss.kd_ratio,
         fused=config.loss.fused,
@@ -100,7 +101,6 @@ def build_trainer(config: DistillConfig) -> AdaKDTrainer:
         onpolicy=onpolicy,
         nonfinite=config.loss.nonfinite,
         rouge=inputs.rouge,
-        teacher_cache=cache is not None,
         args=inputs.args,
         train_dataset=train_dataset,
         eval_dataset=inputs.eval_dataset,
