@@ -81,20 +81,3 @@ def test_no_import_cycles():
     for n in sorted(graph):
         if n not in state:
             visit(n)
-
-
-# The circles that function-local imports close: issue 24 removed the last one (adakd.cache -> adakd.cache.build ->
-# adakd.train.runner), so none may come back.
-KNOWN_CIRCLES = []
-
-
-def test_no_new_import_circle_through_function_local_imports():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "architecture", Path(__file__).parents[1] / "tools" / "architecture.py"
-    )
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    assert tool.circles(local=False) == []
-    assert tool.circles(local=True) == KNOWN_CIRCLES

@@ -164,14 +164,20 @@ def packed_calls() -> list[str]:
         text = path.read_text()
         lines = text.splitlines()
         for node in ast.walk(ast.parse(text)):
-            spans = isinstance(node, ast.Call | ast.FunctionDef) and node.end_lineno > node.lineno
-            if spans and "# fmt: skip" in lines[node.end_lineno - 1]:
+            if isinstance(node, ast.Call):
+                closing = node.end_lineno
+            elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                closing = node.body[0].lineno - 1  # the signature's last line
+            else:
+                continue
+            if closing > node.lineno and "# fmt: skip" in lines[closing - 1]:
                 found.append(f"{name}:{node.lineno}")
     return sorted(set(found))
 
 
 def chunk_loops() -> dict[str, int]:
-    """Module -> its loops over row chunks: ``for`` over ``range(start, stop, step)`` or over ``x.split(n)``."""
+    """Module -> its stepped loops (over row chunks of logits, batches or shards): ``for`` over
+    ``range(start, stop, step)`` or over ``x.split(n)``."""
     found: dict[str, int] = {}
     for name, (path, _) in modules().items():
         for node in ast.walk(ast.parse(path.read_text())):
@@ -296,7 +302,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {where}")
     print(f"calls whose arguments '# fmt: skip' packs: {len(m['packed_calls'])}")
     loops = m["chunk_loops"]
-    print(f"chunk loops: {sum(loops.values())} (" + ", ".join(f"{k} {v}" for k, v in sorted(loops.items())) + ")")
+    print(
+        f"stepped loops (over row chunks, batches or shards): {sum(loops.values())} ("
+        + ", ".join(f"{k} {v}" for k, v in sorted(loops.items()))
+        + ")"
+    )
     print(f"autograd.Function classes: {m['autograd_functions']}; '# fmt: skip' lines: {m['fmt_skip_lines']}")
     return 0
 
