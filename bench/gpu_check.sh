@@ -32,7 +32,7 @@ timeout 150 python "$here/fused_bench.py" --device cuda --compile --json "$out/f
 timeout 50 python "$here/loss_bench.py" --device cuda --tokens 8192 --vocab 151936 --json "$out/loss_bench.json" 2>&1 \
   | tee "$out/loss_bench.txt" || status=1
 # 4. The engines at world size 1 on the GPU, fused loss: FSDP2 and DeepSpeed ZeRO-3 (when installed) against a plain
-#    run of the tiny config; the parameters after 4 steps must agree (tests/distributed/worker.py, as the CPU tests).
+#    run of the tiny config; the parameters after 4 steps must agree (tests/train/distributed/worker.py, as the CPU tests).
 smoke="loss.fused=true loss.selection=all loss.temperature=fixed training.max_steps=4 training.save_strategy=no"
 smoke="$smoke training.use_cpu=false training.ddp_backend=nccl training.disable_tqdm=true data.synthetic_size=64"
 smoke="$smoke training.per_device_train_batch_size=8"
@@ -40,7 +40,7 @@ engines="single fsdp2"
 python -c "import deepspeed" 2>/dev/null && engines="$engines deepspeed" || echo "deepspeed not installed: no ZeRO-3 smoke"
 for engine in $engines; do
   # shellcheck disable=SC2086
-  timeout 60 torchrun --nproc_per_node=1 --master_port=29650 "$root/tests/distributed/worker.py" --engine "$engine" \
+  timeout 60 torchrun --nproc_per_node=1 --master_port=29650 "$root/tests/train/distributed/worker.py" --engine "$engine" \
     --out "$out/engines/$engine" training.output_dir="$out/engines/$engine/run" $smoke 2>&1 \
     | tail -n 3 | tee -a "$out/engines.txt" || status=1
 done

@@ -18,7 +18,7 @@ from adakd.sparse import (
 )
 
 from . import reference as ref
-from .test_fused import _LargestTensor
+from .fused.test_forward_hidden import _LargestTensor
 
 N, H_S, H_T, V = 29, 11, 17, 40
 

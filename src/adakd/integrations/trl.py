@@ -23,7 +23,7 @@ behaviour. The decision is a function of the seed and the step, so every rank an
 The subclass overrides TRL hooks that are not public API (``compute_loss``, ``_generate``,
 ``_generate_and_score_completions``, ``_save_checkpoint``; it calls ``_tokenize_prompts``,
 ``_get_last_hidden_state``, ``_forward_redirection``); they are pinned against TRL 1.16 by
-``tests/test_integration_trl.py``.
+``tests/integrations/test_trl.py``.
 """
 
 from __future__ import annotations

@@ -200,9 +200,10 @@ class AdaKDTrainer(EvaluationMixin, Trainer):
         return self.teacher_source is not None and self.kd_ratio > 0
 
     # ----------------------------------------------------------------------------------------------------------
-    # Private hooks kept on purpose (pinned by tests/test_train.py::test_the_private_trainer_hooks_adakd_overrides_
-    # behave_as_relied_on): no callback may replace a step's batches before the Trainer counts their tokens, nor
-    # choose the folder a checkpoint is written into, which the atomic save below needs.
+    # Private hooks kept on purpose (pinned by tests/train/test_trainer.py::
+    # test_the_private_trainer_hooks_adakd_overrides_behave_as_relied_on): no callback may replace a step's batches
+    # before the Trainer counts their tokens, nor choose the folder a checkpoint is written into, which the atomic
+    # save below needs.
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
         """The Trainer's micro-batches of one optimizer step; on-policy modes may replace them (one decision for the
         whole step), and then the window's label tokens are counted again on the batches actually trained on."""

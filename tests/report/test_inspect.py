@@ -471,7 +471,7 @@ def test_cli_reads_the_runs_own_settings_from_its_final_folder(tmp_path, capsys)
     from adakd.train.trainer import save_loss_state
 
     config = load_config(
-        Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml",
+        Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml",
         [f"training.output_dir={tmp_path / 'run'}", "training.max_steps=1", "loss.c=0.9", "loss.tau_base=1.5",
          "loss.selection=fixed", "loss.ratio=0.4"],
     )  # fmt: skip

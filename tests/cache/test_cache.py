@@ -34,9 +34,9 @@ from adakd.train.examples import training_examples  # noqa: E402
 from adakd.train.inputs import load_tokenizer, training_arguments  # noqa: E402
 from adakd.train.models import load_model  # noqa: E402
 
-from .faults.common import cli, one_line_error  # noqa: E402
+from ..faults.common import cli, one_line_error  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 _PORTS = itertools.count(29900 + os.getpid() % 90)
 K = 8
 FLAGS = ["--top-k", str(K), "--dtype", "float32", "--shard-examples", "4", "--batch-size", "3"]

@@ -2,7 +2,7 @@
 loss paths. The property proven is the one users need: after training, every rank's student parameters are the same
 and equal a single-process run over the same global batches (not merely a shared LATF ratio).
 
-Each test launches ``tests/distributed/worker.py`` with ``torchrun --nproc_per_node=2``; the single-process
+Each test launches ``tests/train/distributed/worker.py`` with ``torchrun --nproc_per_node=2``; the single-process
 reference is the same worker under plain ``python`` with twice the per-device batch. ``selection: all`` and
 ``temperature: fixed`` make the loss independent of how a batch is split, so the runs must agree to float error.
 """
@@ -21,8 +21,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parents[1]
-WORKER = ROOT / "tests" / "distributed" / "worker.py"
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = ROOT / "tests" / "train" / "distributed" / "worker.py"
 _PORTS = itertools.count(29600 + os.getpid() % 200)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]

@@ -16,7 +16,7 @@ from adakd import fused
 from adakd.sparse import sparse_from_logits
 
 N, H_S, H_T, V_S, V_T = 37, 13, 19, 50, 56
-SRC = Path(__file__).resolve().parents[1] / "src" / "adakd"
+SRC = Path(__file__).resolve().parents[2] / "src" / "adakd"
 
 
 def _inputs(seed: int = 0, dtype=torch.float32):

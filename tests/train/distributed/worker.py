@@ -4,7 +4,7 @@ single-process reference): the tiny config under DDP, FSDP2 or DeepSpeed ZeRO-3,
 Each rank writes ``OUT/rank<R>.pt``: the student's full parameters after training (gathered with the engine's own
 API), the LATF ratio, and evidence that the engine really sharded the student and the teacher.
 
-    torchrun --nproc_per_node=2 tests/distributed/worker.py --engine fsdp2 --out DIR [--fused] [overrides...]
+    torchrun --nproc_per_node=2 tests/train/distributed/worker.py --engine fsdp2 --out DIR [--fused] [overrides...]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TINY = ROOT / "configs" / "tiny-cpu.yaml"
 
 ZERO3 = {

@@ -22,7 +22,7 @@ from adakd.train.checkpoints import STAGING_DIR  # noqa: E402
 from adakd.train.config import ConfigError  # noqa: E402
 from adakd.train.hub import TAGS, UploadError, model_card  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny-cpu.yaml"
 SECRET = "hf_not_a_real_token_123"
 

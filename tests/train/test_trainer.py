@@ -21,7 +21,7 @@ from transformers import TrainerCallback  # noqa: E402
 from adakd.train import build_trainer, load_config, run  # noqa: E402
 from adakd.train.trainer import STATE_FILE  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny-cpu.yaml"
 
 

@@ -15,7 +15,7 @@ from adakd.cli import main  # noqa: E402
 from adakd.errors import InputError, NonFiniteLossError  # noqa: E402
 from adakd.models import load_causal_lm  # noqa: E402
 
-from .faults.common import TINY, cli, one_line_error  # noqa: E402
+from ..faults.common import TINY, cli, one_line_error  # noqa: E402
 
 
 def _train(tmp_path, *overrides: str) -> list[str]:

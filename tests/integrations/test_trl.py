@@ -33,7 +33,7 @@ from adakd.integrations.trl import AdaKDDistillationTrainer  # noqa: E402
 from adakd.train import AdaKDTrainer  # noqa: E402
 from adakd.train.checkpoints import STATE_FILE, CheckpointError  # noqa: E402
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "trl.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "trl.md"
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|endoftext|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -424,7 +424,7 @@ def test_evaluation_scores_the_eval_set_without_moving_latf(tmp_path):
 _DDP_WORKER = """
 import json, os, sys
 sys.path.insert(0, sys.argv[1])
-from tests.test_integration_trl import _RecordingTrainer, _trl_args, _trl_trainer
+from tests.integrations.test_trl import _RecordingTrainer, _trl_args, _trl_trainer
 from pathlib import Path
 
 out = Path(sys.argv[2])

@@ -24,7 +24,7 @@ from adakd.train.onpolicy import (  # noqa: E402
 )
 from adakd.train.trainer import STATE_FILE  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GKD = ROOT / "configs" / "tiny-cpu-gkd.yaml"
 DISTILLM = ROOT / "configs" / "tiny-cpu-distillm.yaml"
 

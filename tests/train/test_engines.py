@@ -132,7 +132,7 @@ def test_fused_training_refuses_a_softcapped_student(tmp_path):
     from adakd.train import build_trainer, load_config
     from adakd.train.config import DistillConfig
 
-    from .faults.common import TINY
+    from ..faults.common import TINY
 
     config = load_config(TINY, [f"training.output_dir={tmp_path}", "loss.fused=true", "data.synthetic_size=16"])
     assert isinstance(config, DistillConfig)

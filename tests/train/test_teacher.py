@@ -15,7 +15,7 @@ from adakd.cli import main as cli  # noqa: E402
 from adakd.train import build_trainer, load_config  # noqa: E402
 from adakd.train.config import ConfigError  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny-cpu.yaml"
 STUDENT_ROWS = 288  # the tiny student's lm_head rows: the teacher's 320 are cropped to them, live or cached
 COMMON = [

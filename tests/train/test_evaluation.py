@@ -21,10 +21,10 @@ from adakd.train import build_trainer, load_config  # noqa: E402
 from adakd.train.config import ConfigError, ModelSection  # noqa: E402
 from adakd.train.models import load_model  # noqa: E402
 
-from . import reference as ref  # noqa: E402
-from .faults.common import one_line_error  # noqa: E402
+from .. import reference as ref  # noqa: E402
+from ..faults.common import one_line_error  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny-cpu.yaml"
 # An answer of single letters and digits: a random tiny model's byte soup hits some of them, so ROUGE-L is > 0
 # and its equality with adakd eval's is not the trivial 0 == 0.

@@ -33,7 +33,7 @@ from adakd.prune import (  # noqa: E402
 )
 from adakd.prune.calibration import batches, read_calibration  # noqa: E402
 
-from .faults.common import cli, one_line_error  # noqa: E402
+from ..faults.common import cli, one_line_error  # noqa: E402
 
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"

@@ -44,9 +44,9 @@ from adakd.train.config import ConfigError  # noqa: E402
 from adakd.train.examples import ExampleDataset, training_examples  # noqa: E402
 from adakd.train.inputs import training_arguments  # noqa: E402
 
-from .faults.common import TINY, one_line_error  # noqa: E402
+from ..faults.common import TINY, one_line_error  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("ADAKD_SHARED_DATA", ROOT.parent / "shared" / "data"))
 IGNORE = -100
 

@@ -37,7 +37,7 @@ from adakd.data import (
 from adakd.data.templates import MINILLM_PROMPT_NO_INPUT, MINILLM_PROMPT_WITH_INPUT
 from adakd.errors import InputError
 
-SHARED = Path(os.environ.get("ADAKD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SHARED = Path(os.environ.get("ADAKD_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 EVAL_FILES = {  # file -> record count (see each folder's SOURCE.md)
     "dolly/dev.jsonl": 1000,
     "dolly/valid.jsonl": 500,

@@ -15,7 +15,7 @@ from adakd.eval.rouge import lcs_length, tokenize
 
 rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
 SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-SHARED = Path(os.environ.get("ADAKD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SHARED = Path(os.environ.get("ADAKD_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 EVAL_DIR = SHARED / "minillm-eval"
 
 
@@ -347,7 +347,7 @@ def test_chat_template_by_name_and_a_real_generation(chat_model, tiny_model, tmp
 
 
 def test_chat_template_refusals_are_one_line(chat_model, tiny_model, tmp_path, capsys):
-    from .faults.common import one_line_error
+    from ..faults.common import one_line_error
 
     folder, data, _ = chat_model
     # A tokenizer without a chat template.
