@@ -64,6 +64,27 @@ def test_benchmarks_run(tmp_path, script, args, variants):
     assert "ratios against" in proc.stdout
 
 
+@pytest.mark.slow
+def test_step_bench_compares_two_checkouts_variant_by_variant(tmp_path):
+    """``--compare OLD_SRC``: every variant timed under both sources in every round; a folder without adakd is one
+    line. Here the "old" source is a copy of this one, so both columns time the same code."""
+    old = tmp_path / "old"
+    import shutil
+
+    shutil.copytree(Path(__file__).resolve().parents[1] / "src" / "adakd", old / "adakd")
+    out = tmp_path / "compare.json"
+    cmd = [sys.executable, str(BENCH / "step_bench.py"), "--steps", "1", "--warmup", "1", "--batch-size", "2",
+           "--rounds", "2", "--variants", "plain-kd/fused", "--compare", str(old), "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(out.read_text())
+    assert row["variant"] == "plain-kd/fused" and len(row["round_ratios"]) == 2
+    assert row["old_ms"] > 0 and row["new_ms"] > 0 and row["ratio"] > 0
+    assert f"old: {old}" in proc.stdout and "| new / old (median of rounds) |" in proc.stdout
+    bad = subprocess.run([*cmd[:-4], "--compare", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "no adakd package there" in bad.stderr
+
+
 def test_cache_fidelity_metrics_are_perfect_for_a_whole_vocabulary_cache():
     bench = _load("cache_fidelity")
     g = torch.Generator().manual_seed(0)

@@ -163,8 +163,8 @@ class IDTS:
 
     def __post_init__(self) -> None:
         if self.mode not in TEMPERATURES:
-            reason = f"unknown {self.mode!r}; valid: {', '.join(TEMPERATURES)}"
-            raise OptionError("temperature", reason, f"unknown temperature {reason.removeprefix('unknown ')}")
+            valid = f"{self.mode!r}; valid: {', '.join(TEMPERATURES)}"
+            raise OptionError("temperature", f"unknown {valid}", f"unknown temperature {valid}")
 
     @property
     def fixed(self) -> bool:

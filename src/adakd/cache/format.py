@@ -132,7 +132,7 @@ def tokenizer_info(name: str | None, tokenizer: Any) -> dict[str, Any]:
 
 def template_info(template: str | None, tokenizer: Any, conversations: bool) -> dict[str, Any]:
     """``data.template``, whether the examples are conversations, and for conversations the sha256 of the chat
-    template they were rendered with (after :func:`adakd.train.run.training_examples`, the tokenizer's own)."""
+    template they were rendered with (after :func:`adakd.train.examples.training_examples`, the tokenizer's own)."""
     from ..data.templates import TEMPLATES
 
     used = _chat_template(tokenizer)

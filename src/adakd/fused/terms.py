@@ -47,8 +47,8 @@ class KDTerm:
 
     def __post_init__(self) -> None:
         if self.impl not in IMPLS:
-            reason = f"unknown {self.impl!r}; valid: {', '.join(IMPLS)}"
-            raise OptionError("impl", reason, f"unknown impl {reason.removeprefix('unknown ')}")
+            valid = f"{self.impl!r}; valid: {', '.join(IMPLS)}"
+            raise OptionError("impl", f"unknown {valid}", f"unknown impl {valid}")
         grad_and_value = torch.func.grad_and_value(self._value, argnums=(0, 2) if self.tau_grad else 0)
         dtype, tau_grad = self.dtype, self.tau_grad
 

@@ -142,7 +142,7 @@ class AdaKDTrainer(EvaluationMixin, Trainer):
         super().__init__(model=model, **kwargs)
         self.loss_fn = loss_fn
         # The run's settings (checkpoints.run_settings), saved in each checkpoint and compared on --resume; set by
-        # adakd.train.run, None for a trainer built by hand.
+        # adakd.train.runner, None for a trainer built by hand.
         self.run_settings: dict[str, Any] | None = None
         self.onpolicy = onpolicy
         self.nonfinite = nonfinite
