@@ -398,9 +398,16 @@ def test_rouge_with_the_chat_template_equals_adakd_eval_chat_template(tmp_path, 
     run = _config(tmp_path, files, "eval.rouge_every=1", f"eval.rouge_examples={files['rouge']}")
     eval_set = load_eval_set("rouge", files["rouge"], limit=3)
     generation = GenerationConfig(max_length=440, max_prompt_length=400, batch_size=2)
-    assert RougeDuringTraining.from_config(run, eval_set, generation, tok).chat_template is None  # off by default
+    assert (
+        RougeDuringTraining.from_sections(
+            run.eval, run.data, run.student, eval_set=eval_set, generation=generation, tokenizer=tok
+        ).chat_template
+        is None
+    )  # off by default
     run.eval.chat_template = True  # what `eval.chat_template: true` sets
-    rouge = RougeDuringTraining.from_config(run, eval_set, generation, tok)
+    rouge = RougeDuringTraining.from_sections(
+        run.eval, run.data, run.student, eval_set=eval_set, generation=generation, tokenizer=tok
+    )
     assert rouge.chat_template.source == "tokenizer" and rouge.seed == run.eval.seed == 10
     value = rouge.score(model, tok, torch.device("cpu"), tmp_path / "rouge", step=1)
 
@@ -435,7 +442,9 @@ def test_chat_template_during_training_refusals_name_the_key(tmp_path, files):
     eval_set = load_eval_set("rouge", files["rouge"], limit=2)
     generation = GenerationConfig()
     with pytest.raises(ConfigError, match=r"^eval\.chat_template: the tokenizer 'byte' has no chat template"):
-        RougeDuringTraining.from_config(run, eval_set, generation, tokenizer_for("byte"))
+        RougeDuringTraining.from_sections(
+            run.eval, run.data, run.student, eval_set=eval_set, generation=generation, tokenizer=tokenizer_for("byte")
+        )
     tok = tokenizer_for("byte")
     tok.chat_template = CHATML
     bad = tmp_path / "bad.jsonl"
@@ -443,7 +452,14 @@ def test_chat_template_during_training_refusals_name_the_key(tmp_path, files):
         files["rouge"].read_text().splitlines()[0] + "\n" + json.dumps({"prompt": "Q?", "output": "a"}) + "\n"
     )
     with pytest.raises(ConfigError, match=rf"^{bad}:2: eval\.chat_template needs the record's 'instruction'"):
-        RougeDuringTraining.from_config(run, load_eval_set("bad", bad), generation, tok)
+        RougeDuringTraining.from_sections(
+            run.eval, run.data, run.student, eval_set=load_eval_set("bad", bad), generation=generation, tokenizer=tok
+        )
     # data.template names the chat template the data was rendered with: that one, not the tokenizer's.
     run.data.template = "qwen2"
-    assert RougeDuringTraining.from_config(run, eval_set, generation, tok).chat_template.source == "qwen2"
+    assert (
+        RougeDuringTraining.from_sections(
+            run.eval, run.data, run.student, eval_set=eval_set, generation=generation, tokenizer=tok
+        ).chat_template.source
+        == "qwen2"
+    )

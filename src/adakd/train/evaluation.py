@@ -96,9 +96,18 @@ class RougeDuringTraining:
     chat_template: Any = None  # adakd.eval.sets.ChatTemplate | None
 
     @classmethod
-    def from_config(cls, config: Any, eval_set: Any, generation: Any, tokenizer: Any) -> RougeDuringTraining:
+    def from_sections(
+        cls,
+        eval_section: Any,
+        data_section: Any,
+        student_section: Any,
+        *,
+        eval_set: Any,
+        generation: Any,
+        tokenizer: Any,
+    ) -> RougeDuringTraining:
         """The scorer a run's ``eval`` section asks for: ``eval.rouge_every``, ``eval.seed`` and
-        ``eval.chat_template``.
+        ``eval.chat_template`` (the ``data`` section's template and the ``student`` section's name serve the last).
 
         With ``eval.chat_template: true`` the template is the one the training data was rendered with when that is a
         chat template (``data.template``: ``qwen2`` or a Jinja file), else the student tokenizer's own; every record
@@ -111,13 +120,15 @@ class RougeDuringTraining:
         from ..errors import ConfigError, InputError
         from ..eval.sets import chat_template_for, user_turns
 
-        ev = config.eval
+        ev = eval_section
         chat = None
         if ev.chat_template:
             key = "eval.chat_template"
             # The instruction template "minillm" is no chat template; "qwen2" is both (the same ChatML text).
-            spec = None if config.data.template in (None, "minillm") else config.data.template
-            name = config.student.tokenizer or config.student.name_or_path or config.student.gguf_file or "student"
+            template = data_section.template
+            spec = None if template in (None, "minillm") else template
+            st = student_section
+            name = st.tokenizer or st.name_or_path or st.gguf_file or "student"
             try:
                 chat = chat_template_for(tokenizer, spec, name, option=key)
                 user_turns(eval_set, option=key)

@@ -97,7 +97,9 @@ def resolve_inputs(config: DistillConfig) -> RunInputs:
     found = rouge_examples(config.eval, config.data)
     if found is not None:
         eval_set, generation = found
-        rouge = RougeDuringTraining.from_config(config, eval_set, generation, tokenizer)
+        rouge = RougeDuringTraining.from_sections(
+            config.eval, config.data, config.student, eval_set=eval_set, generation=generation, tokenizer=tokenizer
+        )
         shown = f"{len(eval_set.records)} examples of {Path(config.eval.rouge_examples)}"
         _log(args, f"ROUGE-L every {config.eval.rouge_every} steps on {shown}")
     teaching = teacher if distils and config.loss.kd_ratio > 0 and not cached else None
