@@ -53,8 +53,10 @@ def run(args: argparse.Namespace) -> int:
     if args.accept_changes and not args.resume:
         raise InputError("--accept-changes: applies only with --resume")
     summary = run_training(config, resume=args.resume, overwrite=args.overwrite, accept_changes=args.accept_changes)
-    # Every rank reports, so that a multi-process run shows each rank's final ratio.
-    print(f"[adakd] rank {summary['rank']}: " + json.dumps(summary), file=sys.stderr, flush=True)
+    # Every rank reports, so that a multi-process run shows each rank's final ratio. One write of the whole line:
+    # print() writes the text and the newline apart, and two ranks sharing a pipe then glue their lines together.
+    sys.stderr.write(f"[adakd] rank {summary['rank']}: {json.dumps(summary)}\n")
+    sys.stderr.flush()
     _close_process_group()
     return 0
 
