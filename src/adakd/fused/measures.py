@@ -84,7 +84,10 @@ def evaluation_sums_hidden(
     Args:
         student: ``(hidden [B, T, H_s], weight [V_s, H_s], bias [V_s] | None)``.
         teacher: ``(hidden [B, T, H_t], weight [V_t, H_t], bias [V_t] | None)`` or None.
-        labels, divergence, vocab_size, chunk_size: as :func:`evaluation_sums`.
+        labels: ``[B, T]``, -100 where there is no target.
+        divergence: the run's base divergence, as in :func:`evaluation_sums`.
+        vocab_size: the tokenizer's size (for the teacher's crop check).
+        chunk_size: rows of logits per chunk; default half of :func:`default_chunk_size` (float64).
 
     Returns:
         ``[B, 4]`` float64, as :func:`evaluation_sums`.
