@@ -188,3 +188,6 @@ def test_any_sparse_source_is_a_teacher_and_trains_as_the_cache(tmp_path):
     served_rows = [r for r in served.state.log_history if "loss" in r]
     for a, b in zip(flag_rows, served_rows, strict=True):
         assert b["loss"] == a["loss"] and b["adakd/kept_tokens"] == a["adakd/kept_tokens"]
+    trained = dict(flag.model.named_parameters())
+    for name, p in served.model.named_parameters():  # the same student at the end, parameter by parameter
+        assert torch.equal(p, trained[name]), name

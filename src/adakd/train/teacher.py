@@ -16,6 +16,7 @@ cannot do (on-policy generation without a model, the fused path's head check) is
 from __future__ import annotations
 
 import contextlib
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -62,7 +63,7 @@ class TeacherPart:
             yield weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
-class Teacher:
+class Teacher(ABC):
     """What a training step asks of its teacher. ``model`` is the live model (on-policy generation, evaluation),
     None for a source of data."""
 
@@ -70,18 +71,21 @@ class Teacher:
 
     def prepare(self, accelerator: Any) -> None:
         """Place the teacher for the run's engine, once the trainer's accelerator exists."""
+        return None  # a source without a model has nothing to place
 
     def check_onpolicy(self) -> None:
         """Raise ``ValueError`` when the teacher cannot serve on-policy generation."""
+        return None  # a model serves it
 
     def check_fused(self) -> None:
         """Raise :class:`adakd.errors.ConfigError` (``key="loss.fused"``) when the fused loss would not compute this
         teacher's distributions exactly."""
+        return None  # a source that hands over distributions, not a head, has nothing to check
 
+    @abstractmethod
     def part(self, inputs: dict[str, Tensor], hidden: bool) -> TeacherPart:
         """The teacher's part of the micro-batch ``inputs`` (``input_ids``, ``attention_mask`` ``[B, T]``, and
         whatever the source's collator adds), without gradient; ``hidden``: for the fused loss."""
-        raise NotImplementedError
 
 
 class LiveTeacher(Teacher):
@@ -133,9 +137,9 @@ class SparseSource(Teacher):
     def part(self, inputs: dict[str, Tensor], hidden: bool) -> TeacherPart:
         return TeacherPart(self.sparse(inputs))
 
+    @abstractmethod
     def sparse(self, inputs: dict[str, Tensor]) -> SparseTeacher:
         """The batch's sparse teacher ``[B, T−1, k]``, aligned with the shifted labels."""
-        raise NotImplementedError
 
 
 class CachedTeacher(SparseSource):
