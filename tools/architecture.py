@@ -105,7 +105,7 @@ MATH_MODULES = (
 )
 LAYER_OF = {
     **dict.fromkeys(MATH_MODULES, "math"),
-    **dict.fromkeys(("adakd.files", "adakd.markdown", "adakd.memory", "adakd.models"), "support"),
+    **dict.fromkeys(("adakd.files", "adakd.markdown", "adakd.memory", "adakd.models", "adakd.serving"), "support"),
     **dict.fromkeys(
         ("adakd.data", "adakd.generation", "adakd.eval", "adakd.analysis", "adakd.prune", "adakd.report"), "domain"
     ),

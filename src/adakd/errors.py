@@ -7,7 +7,15 @@ exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-__all__ = ["AdakdError", "ConfigError", "InputError", "NonFiniteLossError", "OptionError", "StorageError"]
+__all__ = [
+    "AdakdError",
+    "ConfigError",
+    "InputError",
+    "NonFiniteLossError",
+    "OptionError",
+    "ServerError",
+    "StorageError",
+]
 
 
 class AdakdError(Exception):
@@ -44,3 +52,9 @@ class NonFiniteLossError(AdakdError, ValueError):
 class StorageError(AdakdError, OSError):
     """The file system refused a write (no space left, quota, read-only). The message names the path, what was kept
     and how to go on; an ``OSError``, so that callers of the Python API can catch it as one."""
+
+
+class ServerError(AdakdError, ConnectionError):
+    """A server adakd talks to over HTTP (a teacher or a generator served by vLLM) stayed unreachable, kept timing out
+    or kept failing after every retry. The message names the URL, the tries and the last reason; a ``ConnectionError``,
+    so that callers of the Python API can catch it as one."""
