@@ -17,7 +17,6 @@ import datetime
 from typing import Any
 
 from ..files import write_json
-from ..shapes import check_vocab_sizes
 from .folder import CacheFolder, OutputLock, file_errors, note
 from .format import (
     FORMAT,
@@ -32,7 +31,8 @@ from .format import (
     template_info,
     tokenizer_info,
 )
-from .writer import compute_shard, linear_head, student_vocab_rows, vocab_rows, write_shard
+from .teachers import teacher_rows_of
+from .writer import compute_shard, student_vocab_rows, write_shard
 
 __all__ = ["LOGPROB_DTYPES", "build_cache", "check_cache_config"]
 
@@ -80,17 +80,24 @@ def _plan(t: Any, d: Any, tokenizer: Any, digest: Any, conversations: bool, **fi
     ``shards``): of the ``teacher`` section ``t``, the ``data`` section ``d``, the student ``tokenizer`` and the
     examples' ``digest``. ``fields``: ``tokenizer_source`` (where the tokenizer came from), ``top_k``,
     ``logprob_dtype``, ``shard_examples``, and once the teacher is loaded ``vocab_size`` and ``id_dtype``."""
-    teacher = {
-        "name_or_path": t.name_or_path,
-        "revision": t.model_kwargs.get("revision"),
-        "dtype": t.dtype,
-        "adapter": t.adapter,
-        "quantization": t.quantization,
-        "config": t.config,
-    }
-    if t.gguf_file is not None:  # only then: a manifest written before the key existed keeps its plan
+    server = getattr(t, "server", None)
+    teacher = (
+        {"server": {"url": server.url, "model": server.model}}
+        if server is not None
+        else {
+            "name_or_path": t.name_or_path,
+            "revision": t.model_kwargs.get("revision"),
+            "dtype": t.dtype,
+            "adapter": t.adapter,
+            "quantization": t.quantization,
+            "config": t.config,
+        }
+    )
+    if (
+        server is None and t.gguf_file is not None
+    ):  # only then: a manifest written before the key existed keeps its plan
         teacher["gguf_file"] = t.gguf_file
-    if t.config is not None:
+    if server is None and t.config is not None:
         teacher["seed"] = t.seed  # an inline teacher's weights are drawn from it
     plan = {"format": FORMAT, "teacher": teacher}
     keys = ("vocab_size", "teacher_vocab_size", "top_k", "logprob_dtype", "id_dtype")
@@ -179,17 +186,6 @@ def _prepare(folder: CacheFolder, plan: dict[str, Any], overwrite: bool, ranks: 
     ranks.barrier()
 
 
-def _teacher(section: Any, args: Any) -> Any:
-    """The teacher alone, on the run's device, in eval mode, without gradients."""
-    from ..train.models import check_quantization_backend, load_model
-
-    check_quantization_backend(section, "teacher", args.device)
-    model = load_model(section, "teacher", device=args.device)
-    if not getattr(model, "is_quantized", False):  # a quantised model was loaded onto its device
-        model = model.to(args.device)
-    return model.eval().requires_grad_(False)
-
-
 def _shards(digest: Any, shard_examples: int) -> list[tuple[int, int, int]]:
     """``(first example, examples, positions)`` of each shard."""
     out = []
@@ -200,7 +196,7 @@ def _shards(digest: Any, shard_examples: int) -> list[tuple[int, int, int]]:
 
 
 def _compute(
-    model: Any, examples: Any, shards: list, folder: CacheFolder, plan: dict, ranks: _Ranks, **options: Any
+    rows: Any, examples: Any, shards: list, folder: CacheFolder, plan: dict, ranks: _Ranks, **options: Any
 ) -> int:
     """Compute and write this process's missing shards (shard s belongs to rank s % world); returns their count.
     ``options``: :func:`~adakd.cache.writer.compute_shard`'s keywords. Each shard's header records ``plan`` and its
@@ -215,7 +211,7 @@ def _compute(
     with tqdm(total=total, desc="adakd cache", unit="ex", disable=not ranks.main) as progress:
         for s in todo:
             first, count, positions = shards[s]
-            tensors = compute_shard(model, examples, first, count, progress=progress, **options)
+            tensors = compute_shard(rows, examples, first, count, progress=progress, **options)
             if int(tensors["offsets"][-1]) != positions:  # the collator masks as the digest counts: a bug otherwise
                 raise RuntimeError(f"shard {s}: {int(tensors['offsets'][-1])} rows for {positions} positions")
             place = {"index": s, "first_example": first, "examples": count, "positions": positions}
@@ -332,7 +328,6 @@ def build_cache(
 def _build(config: Any, args: Any, ranks: _Ranks, output: str, options: _Options) -> dict[str, Any]:
     """:func:`build_cache` once the folder is locked."""
     from ..data import DistillCollator
-    from ..errors import ConfigError
     from ..train.examples import training_examples
     from ..train.inputs import check_tokenizers, load_tokenizer
     from ..train.models import tokenizer_source
@@ -354,33 +349,17 @@ def _build(config: Any, args: Any, ranks: _Ranks, output: str, options: _Options
         _log(ranks, f"cache: {output} is complete already; nothing to compute")
         return _summary(folder.manifest, output, 0, ranks.rank)
     vocab = student_vocab_rows(config.student)  # the rows training compares over: the teacher is cropped to them
-    model = _teacher(config.teacher, args)
-    teacher_vocab = vocab_rows(model)
-    try:
-        check_vocab_sizes(vocab, teacher_vocab, len(tokenizer))
-    except ValueError as e:
-        raise ConfigError(f"teacher: {e}") from e
-    fields.update(top_k=min(top_k, vocab), vocab_size=vocab, teacher_vocab_size=teacher_vocab, id_dtype=id_dtype(vocab))
+    rows, teacher_vocab = teacher_rows_of(config.teacher, args, tokenizer, vocab, min(top_k, vocab))
+    fields.update(top_k=min(top_k, vocab), vocab_size=vocab, id_dtype=id_dtype(vocab))
+    if teacher_vocab is not None:
+        fields["teacher_vocab_size"] = teacher_vocab
     plan = folder.check(_plan(config.teacher, config.data, tokenizer, digest, conversations, **fields))
     folder.verify(plan, shards)  # the headers against the whole plan (the bytes were read once, above)
     ranks.barrier()  # every process has read the folder before rank 0 changes it
     _prepare(folder, plan, overwrite, ranks)
-    head = linear_head(model)
-    computed = _compute(
-        model,
-        examples,
-        shards,
-        folder,
-        plan,
-        ranks,
-        k=fields["top_k"],
-        batch_size=options.batch_size,
-        head=head,
-        collate=DistillCollator(tokenizer.pad_token_id),
-        id_dtype=fields["id_dtype"],
-        logprob_dtype=dtype,
-        width=vocab,
-    )
+    collate = DistillCollator(tokenizer.pad_token_id)
+    kwargs = {"batch_size": options.batch_size, "collate": collate, "id_dtype": fields["id_dtype"]}
+    computed = _compute(rows, examples, shards, folder, plan, ranks, logprob_dtype=dtype, **kwargs)
     ranks.barrier()
     summary = {"computed_shards": computed, "rank": ranks.rank}
     if ranks.main:

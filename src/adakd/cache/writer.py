@@ -126,29 +126,31 @@ def teacher_rows(
 
 
 def compute_shard(
-    model: torch.nn.Module,
+    rows: Callable[[dict[str, torch.Tensor]], SparseTeacher],
     examples: Any,
     first: int,
     count: int,
     *,
-    k: int,
     collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
     batch_size: int,
-    head: LinearHead | None,
     id_dtype: str,
     logprob_dtype: str,
     progress: Any = None,
-    width: int | None = None,
 ) -> dict[str, np.ndarray]:
     """The tensors of the shard holding examples ``first .. first + count − 1``: ``ids``, ``logprobs``, ``tail`` and
     ``offsets`` (see :mod:`adakd.cache.format`). Batches are consecutive examples of the shard, right-padded by
-    ``collate``, so that computing a shard again gives the same bytes."""
+    ``collate``, so that computing a shard again gives the same bytes.
+
+    ``rows``: the teacher, as a function of a batch (``input_ids``, ``attention_mask``, ``labels`` ``[B, T]``) to its
+    top-k at the supervised positions, flat ``[N, k]`` in row-major order: :func:`teacher_rows` of a model, or a
+    served teacher's :meth:`adakd.serving.TeacherServer.rows`.
+    """
     ids, logprobs, tails = [], [], []
     offsets = np.zeros(count + 1, dtype=np.int64)
     for start in range(first, first + count, batch_size):
         stop = min(start + batch_size, first + count)
         batch = collate([examples[i] for i in range(start, stop)])
-        sparse = teacher_rows(model, batch, k, head, width)
+        sparse = rows(batch)
         per_example = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).numpy()
         offsets[start - first + 1 : stop - first + 1] = per_example
         ids.append(sparse.ids.cpu().numpy().astype(id_dtype))
