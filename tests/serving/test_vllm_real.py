@@ -25,7 +25,8 @@ import yaml
 pytest.importorskip("transformers")
 
 from adakd.errors import ConfigError  # noqa: E402
-from adakd.serving import Endpoint, TeacherServer  # noqa: E402
+from adakd.serving.http import Endpoint  # noqa: E402
+from adakd.serving.teacher import TeacherServer  # noqa: E402
 
 from .real_vllm import vllm_server  # noqa: E402,F401 (the fixture)
 
