@@ -206,3 +206,22 @@ def test_an_unreachable_server_stops_the_run_before_the_first_step(tmp_path, cap
     assert code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("adakd: error: teacher.server.url http://127.0.0.1:9: no answer to /v1")
+
+
+def test_the_lookahead_pulls_depth_ahead_once_per_epoch_iterator():
+    from types import SimpleNamespace
+
+    from adakd.train.prefetch import Prefetcher
+
+    submitted: list[int] = []
+    prefetcher = Prefetcher(SimpleNamespace(prefetch=2, submit=submitted.append))
+    epoch = iter(range(5))
+    ahead = prefetcher.wrap(epoch)
+    assert prefetcher.wrap(epoch) is ahead  # every step of the epoch pulls from the same lookahead
+    assert next(ahead) == 0 and submitted == [0, 1, 2]  # the batch handed out and two beyond it
+    assert next(ahead) == 1 and submitted == [0, 1, 2, 3]
+    assert list(ahead) == [2, 3, 4] and submitted == [0, 1, 2, 3, 4]  # the same batches, in order, each once
+    following = iter(range(10, 12))
+    assert prefetcher.wrap(following) is not ahead and list(prefetcher.wrap(following)) == [10, 11]
+    assert Prefetcher(SimpleNamespace(prefetch=0, submit=submitted.append)).wrap(epoch) is epoch
+    assert Prefetcher(None).wrap(epoch) is epoch
