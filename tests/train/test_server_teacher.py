@@ -157,6 +157,8 @@ def test_a_server_that_dies_mid_run_ends_it_in_one_line_and_resume_continues_exa
     assert err[0].endswith("rerun the same command with --resume once the server is back")
     assert (tmp_path / "broken" / "checkpoint-2").is_dir() and (tmp_path / "broken" / "checkpoint-4").is_dir()
     assert cli([*broken, "--resume"]) == 0
+    card = (tmp_path / "broken" / "final" / "README.md").read_text()
+    assert "(its top-8 distributions, served by vLLM)" in card
     whole = load_file(tmp_path / "whole" / "final" / "model.safetensors")
     resumed = load_file(tmp_path / "broken" / "final" / "model.safetensors")
     assert whole.keys() == resumed.keys()

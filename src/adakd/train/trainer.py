@@ -178,7 +178,9 @@ class AdaKDTrainer(EvaluationMixin, Trainer):
     # save below needs.
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
         """The Trainer's micro-batches of one optimizer step; on-policy modes may replace them (one decision for the
-        whole step), and then the window's label tokens are counted again on the batches actually trained on."""
+        whole step), and then the window's label tokens are counted again on the batches actually trained on. A
+        teacher that prefetches (``teacher.server``) gets the next micro-batches as they are pulled, ahead
+        (:mod:`.prefetch`)."""
         batches, num_items = super().get_batch_samples(self.prefetcher.wrap(epoch_iterator), num_batches, device)
         if self.onpolicy is None or not batches:
             return batches, num_items
