@@ -227,3 +227,26 @@ def test_the_lookahead_pulls_depth_ahead_once_per_epoch_iterator():
     assert prefetcher.wrap(following) is not ahead and list(prefetcher.wrap(following)) == [10, 11]
     assert Prefetcher(SimpleNamespace(prefetch=0, submit=submitted.append)).wrap(epoch) is epoch
     assert Prefetcher(None).wrap(epoch) is epoch
+
+
+def test_closing_stops_a_request_retrying_in_the_background():
+    """A prefetch thread retrying a dead server ends when the run ends, not after its whole backoff (the process
+    waits for its threads before it exits)."""
+    import time
+
+    from adakd.serving.http import Endpoint
+    from adakd.serving.teacher import TeacherServer
+
+    endpoint = Endpoint("http://127.0.0.1:9", retries=5, backoff=30.0, key="teacher.server.url")
+    teacher = ServerTeacher(TeacherServer(endpoint, "m", 4, vocab_rows=288), prefetch=1)
+    ids = torch.tensor([[1, 2, 3]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    teacher.submit(batch)
+    (future,) = teacher._pending.values()
+    time.sleep(0.2)  # the first try is refused: the thread is in its 30 s backoff
+    assert not future.done()
+    started = time.monotonic()
+    teacher.close()
+    with pytest.raises(Exception, match="the run ended while a request was retried"):
+        future.result(timeout=10)
+    assert time.monotonic() - started < 5

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import ServerError
 from ..labels import IGNORE_INDEX
 from ..sparse import SparseTeacher
 from .teacher import SparseSource
@@ -56,6 +57,22 @@ class ServerTeacher(SparseSource):
         self._lock = threading.Lock()
         self.waited = 0.0  # seconds the steps were blocked on the server
         self.positions = 0  # supervised positions fetched
+        self._closed = threading.Event()
+        endpoint = getattr(server, "endpoint", None)
+        if endpoint is not None:  # a request retrying in the background stops when the run ends
+            endpoint.sleep = self._interruptible(endpoint.sleep)
+
+    def _interruptible(self, sleep: Any) -> Any:
+        """``sleep`` between retries, cut short by :meth:`close`: a prefetch thread still retrying a dead server
+        would otherwise keep the process alive for the whole backoff after the run has ended."""
+        wait = self._closed.wait if sleep is time.sleep else sleep
+
+        def between_tries(seconds: float) -> None:
+            wait(seconds)
+            if self._closed.is_set():
+                raise ServerError(f"{self.name}: the run ended while a request was retried")
+
+        return between_tries
 
     @property
     def pending(self) -> int:
@@ -105,7 +122,9 @@ class ServerTeacher(SparseSource):
         }
 
     def close(self) -> None:
-        """Drop the requests in flight and release the threads (a request already sent finishes on its own)."""
+        """Drop the requests in flight and release the threads (a request already sent finishes on its own, without
+        retrying)."""
+        self._closed.set()
         for future in self._pending.values():
             future.cancel()
         self._pending.clear()
