@@ -250,3 +250,14 @@ def test_closing_stops_a_request_retrying_in_the_background():
     with pytest.raises(Exception, match="the run ended while a request was retried"):
         future.result(timeout=10)
     assert time.monotonic() - started < 5
+
+
+def test_resume_compares_what_the_server_teaches_not_how_it_is_reached(tmp_path):
+    from types import SimpleNamespace
+
+    from adakd.train.checkpoints import run_settings
+
+    served = _served(SimpleNamespace(url="http://h:1"))
+    settings = run_settings(load_config(TINY, [f"training.output_dir={tmp_path}", *served]))
+    assert settings["teacher.server.model"] == "tiny-teacher" and settings["teacher.server.top_k"] == K
+    assert not any(key in settings for key in ("teacher.server.url", "teacher.server.prefetch"))
