@@ -15,18 +15,18 @@ tokens before it (entry 0 is null), a mapping ``{"<id>": {"logprob", "rank", "de
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..errors import ConfigError, ServerError
+from ..labels import IGNORE_INDEX
 from ..sparse import SparseTeacher
 from .http import Endpoint, Refusal
 
 __all__ = ["PROBES", "TeacherServer", "parse_prompt_logprobs"]
-
-IGNORE_INDEX = -100  # the labels' value at unsupervised positions (adakd.labels; not imported: a layer above)
 
 # Strings whose token ids must be the same on the server and in the run's tokenizer: plain ASCII, accents, digits,
 # code, runs of whitespace, CJK and an emoji (bytes a byte-level BPE splits), so that another vocabulary, another
@@ -91,6 +91,8 @@ class TeacherServer:
         if top_k < 1:
             raise ConfigError(f"teacher.server.top_k: must be >= 1, got {top_k}", key="teacher.server.top_k")
         self.endpoint, self.model, self.top_k, self.vocab_rows = endpoint, model, top_k, vocab_rows
+        self.requests = 0  # completions requests of rows() (counted under the lock: several threads may ask)
+        self._lock = threading.Lock()
 
     @property
     def where(self) -> str:
@@ -166,8 +168,7 @@ class TeacherServer:
     def _completion(self, prompts: list[list[int]], what: str, logprobs: int = 1) -> Any:
         """One ``/v1/completions`` request with ``prompt_logprobs``; a refusal as one ConfigError line (``what``: the
         check it serves)."""
-        body = {"model": self.model, "prompt": prompts, "max_tokens": 1, "prompt_logprobs": logprobs,
-                "temperature": 0.0}  # fmt: skip
+        body = {"model": self.model, "prompt": prompts, "max_tokens": 1, "prompt_logprobs": logprobs, "temperature": 0}
         try:
             return self.endpoint.post("/v1/completions", body)
         except Refusal as e:
@@ -183,8 +184,8 @@ class TeacherServer:
                     "than the student's tokenizer",
                     key="teacher.server.model",
                 ) from None
-            raise ConfigError(f"teacher.server.model: {self.model!r} refuses {what} ({e.detail})",
-                              key="teacher.server.model") from None  # fmt: skip
+            message = f"teacher.server.model: {self.model!r} refuses {what} ({e.detail})"
+            raise ConfigError(message, key="teacher.server.model") from None
 
     # ------------------------------------------------------------------------------------------------------------
     def rows(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor) -> SparseTeacher:
@@ -221,8 +222,7 @@ class TeacherServer:
                 continue
             end = where[-1] + 2  # through the last supervised label
             if mask is not None and not bool(mask[b, :end].all()):
-                raise ValueError(f"TeacherServer.rows: example {b} is not right-padded (attention_mask 0 before its "
-                                 "last label)")  # fmt: skip
+                raise ValueError(f"TeacherServer.rows: example {b} is not right-padded (mask 0 before its last label)")
             prompts.append(ids_cpu[b, :end].tolist())
             positions.append(where)
         if not prompts:
@@ -234,8 +234,8 @@ class TeacherServer:
             raise ServerError(f"{self.where}: {len(choices)} choices for {len(prompts)} prompts")
         all_ids, all_lp = [], []
         for choice, where in zip(choices, positions, strict=True):
-            row_ids, row_lp = parse_prompt_logprobs(choice.get("prompt_logprobs") or [], where, k, self.vocab_rows,
-                                                    self.where)  # fmt: skip
+            entries = choice.get("prompt_logprobs") or []
+            row_ids, row_lp = parse_prompt_logprobs(entries, where, k, self.vocab_rows, self.where)
             all_ids += row_ids
             all_lp += row_lp
         logprobs = torch.tensor(all_lp, dtype=torch.float64)
@@ -247,8 +247,10 @@ class TeacherServer:
 
     def _ask(self, prompts: list[list[int]]) -> Any:
         """The completions request of :meth:`rows`; a refusal names the server (an InputError: retrying cannot help)."""
-        body = {"model": self.model, "prompt": prompts, "max_tokens": 1, "prompt_logprobs": self.k,
-                "temperature": 0.0}  # fmt: skip
+        # greedy: the one token generated is never used
+        body = {"model": self.model, "prompt": prompts, "max_tokens": 1, "prompt_logprobs": self.k, "temperature": 0}
+        with self._lock:
+            self.requests += 1
         try:
             return self.endpoint.post("/v1/completions", body)
         except Refusal as e:

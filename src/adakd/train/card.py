@@ -189,6 +189,9 @@ def _what(student: ModelSection, teacher: ModelSection | None, kd_ratio: float, 
     if teacher.cache is not None:
         teacher_name = _model_name(teacher) or "a teacher"
         teacher_name += " (its top-k distributions, read from an `adakd cache` folder)"
+    elif teacher.server is not None:
+        teacher_name = _model_name(teacher) or f"`{teacher.server.model}`"
+        teacher_name += f" (its top-{teacher.server.top_k} distributions, served by vLLM)"
     return f"{kind} distilled from the teacher {teacher_name} into the student {student_name}"
 
 

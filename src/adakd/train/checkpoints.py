@@ -157,6 +157,8 @@ TRAJECTORY_KEYS = ("learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", 
                    "fp16")  # fmt: skip
 _COMPARED_SECTIONS = ("student", "teacher", "data", "loss", "onpolicy")
 _SECRETS = ("hub_token", "token", "api_key")
+# How the run reaches its teacher server, not what it teaches: may change between a run and its --resume.
+_TRANSPORT = tuple(f"teacher.server.{k}" for k in ("url", "timeout", "retries", "backoff", "api_key_env", "prefetch"))
 
 
 def _flat(prefix: str, value: Any, out: dict[str, Any]) -> None:
@@ -181,6 +183,7 @@ def run_settings(config: Any) -> dict[str, Any]:
         if key in config.training:
             flat[f"training.{key}"] = config.training[key]
     flat = {k: v for k, v in flat.items() if not k.startswith("data.eval_") and k.rsplit(".", 1)[-1] not in _SECRETS}
+    flat = {k: v for k, v in flat.items() if k not in _TRANSPORT}  # how to reach the server, not what it teaches
     return json.loads(json.dumps(flat, default=str))  # as it reads back from the file
 
 

@@ -35,6 +35,7 @@ from .config_sections import (
     LossSection,
     ModelSection,
     OnPolicySection,
+    ServerSection,
 )
 from .typed_yaml import build, parse_yaml
 
@@ -54,6 +55,7 @@ __all__ = [
     "LossSection",
     "ModelSection",
     "OnPolicySection",
+    "ServerSection",
     "apply_overrides",
     "check_training",
     "load_config",
@@ -176,9 +178,25 @@ class DistillConfig:
             raise self.error("eval.max_prompt_length", f"need 0 < it < max_length, got {prompt} and {length}")
 
     def _validate_cache(self) -> None:
-        """``teacher.cache``: what a teacher read from disk cannot do (docs/cache.md)."""
-        if self.teacher is None or self.teacher.cache is None:
+        """``teacher.cache`` and ``teacher.server``: what a teacher read from disk (docs/cache.md) or asked of a server
+        (docs/serving.md) cannot do."""
+        if self.teacher is None or (self.teacher.cache is None and self.teacher.server is None):
             return
+        if self.teacher.cache is not None and self.teacher.server is not None:
+            raise self.error("teacher.server", "give one of teacher.cache and teacher.server, not both")
+        if self.teacher.server is not None:
+            refused = (
+                (self.loss.kd_ratio == 0, "loss.kd_ratio is 0: nothing would ask the server"),
+                (
+                    self.onpolicy.mode != "off",
+                    f"replaces the teacher model, and cannot serve on-policy generation (onpolicy.mode "
+                    f"{self.onpolicy.mode!r}): set onpolicy.mode: off, or give teacher.name_or_path instead",
+                ),
+            )
+            for refuse, message in refused:
+                if refuse:
+                    raise self.error("teacher.server", message)
+            return  # unlike a cache, a server answers any batch: eval sets and data.streaming work
         refusals = (
             (self.loss.kd_ratio == 0, "loss.kd_ratio is 0: nothing would read the cache"),
             (

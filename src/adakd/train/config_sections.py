@@ -32,6 +32,7 @@ __all__ = [
     "LossSection",
     "ModelSection",
     "OnPolicySection",
+    "ServerSection",
 ]
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -61,6 +62,31 @@ class LoraSection:
 
 
 @dataclass
+class ServerSection:
+    """A teacher served by vLLM over HTTP (docs/serving.md): its top-k log-probabilities, asked at every step."""
+
+    url: str  # the server's root, http://host:8000 (a trailing /v1 is accepted)
+    model: str  # the served model name (vllm ... --served-model-name)
+    top_k: int = 32  # log-probabilities per position; at most the server's --max-logprobs
+    timeout: float = 60.0  # seconds per request
+    retries: int = 5  # tries after the first, on no connection, a timeout, HTTP 408, 429 or 5xx
+    backoff: float = 1.0  # seconds before the first retry, doubling
+    api_key_env: str | None = None  # the environment variable holding the API key (vllm --api-key)
+    prefetch: int = 2  # micro-batches asked for ahead of the step; 0: each when needed
+
+    def check(self, error: ErrorFactory) -> None:
+        """The section's values (that the server answers as configured is checked before the first step)."""
+        if not self.url.strip().startswith(("http://", "https://")):
+            raise error("teacher.server.url", f"{self.url!r} is not an http:// or https:// URL")
+        for key, low in (("top_k", 1), ("timeout", 0), ("retries", 0), ("backoff", 0), ("prefetch", 0)):
+            value = getattr(self, key)
+            if value < low or (key == "timeout" and value == 0):
+                raise error(f"teacher.server.{key}", f"must be {'>' if key == 'timeout' else '>='} {low}, got {value}")
+        if self.api_key_env is not None and not self.api_key_env.isidentifier():
+            raise error("teacher.server.api_key_env", f"the name of an environment variable, got {self.api_key_env!r}")
+
+
+@dataclass
 class ModelSection:
     """A model: a hub id or local path, or an inline transformers config for a randomly initialised model."""
 
@@ -84,14 +110,19 @@ class ModelSection:
     # teacher only: a folder written by `adakd cache` (docs/cache.md); training reads the teacher's top-k
     # distributions from it and loads no teacher model (name_or_path and config may then be left out)
     cache: str | None = None
+    # teacher only: a vLLM server (docs/serving.md) answering the teacher's top-k at every step; no model loaded
+    server: ServerSection | None = None
 
     def check(self, role: str, error: ErrorFactory) -> None:
         """The section of ``role`` (``student`` or ``teacher``): where the model comes from, its dtype and tokenizer,
         and its loading keys (:func:`.model_checks.check_loading`). A cached teacher without a model is left alone."""
-        if self.cache is not None and role == "student":
-            raise error("student.cache", "only the teacher can be read from a cache (teacher.cache)")
-        if self.cache is not None and self.name_or_path is None and self.config is None:
-            return  # a cached teacher needs no model
+        for key, value in (("cache", self.cache), ("server", self.server)):
+            if value is not None and role == "student":
+                raise error(f"student.{key}", f"only the teacher can be read from a {key} (teacher.{key})")
+        if self.server is not None:
+            self.server.check(error)
+        if (self.cache or self.server) is not None and self.name_or_path is None and self.config is None:
+            return  # a cached or served teacher needs no model
         if self.gguf_file is not None and self.config is not None:
             raise error(f"{role}.gguf_file", "a GGUF file is a pretrained model: drop config (inline)")
         if self.gguf_file is None and (self.name_or_path is None) == (self.config is None):

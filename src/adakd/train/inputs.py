@@ -51,8 +51,10 @@ class RunInputs:
         eval_dataset: the eval set for ``training.eval_strategy``, or None.
         rouge: the ROUGE-L scorer (:class:`~.evaluation.RougeDuringTraining`), or None.
         student: the student model (with its LoRA adapters when configured).
-        teacher: the teacher model; None without one, with ``loss.kd_ratio: 0`` or with ``teacher.cache``.
+        teacher: the teacher model; None without one, with ``loss.kd_ratio: 0``, ``teacher.cache`` or
+            ``teacher.server``.
         cached_teacher: the teacher is read from ``teacher.cache`` (which the caller opens: :mod:`adakd.cache`).
+        served_teacher: the teacher is asked of ``teacher.server`` (which the caller checks: the runner).
     """
 
     args: Any
@@ -64,6 +66,7 @@ class RunInputs:
     student: Any
     teacher: Any
     cached_teacher: bool
+    served_teacher: bool = False
 
 
 def _log(args: Any, message: str) -> None:
@@ -85,6 +88,7 @@ def resolve_inputs(config: DistillConfig) -> RunInputs:
     teacher = config.teacher
     distils = teacher is not None and config.loss.kd_ratio != 0
     cached = distils and teacher.cache is not None
+    served = distils and teacher.server is not None
     args = training_arguments(config.training, origin=config.origin, cached_teacher=cached)
     check_output_dir(args.output_dir)
     tokenizer = load_tokenizer(config.student)
@@ -102,7 +106,7 @@ def resolve_inputs(config: DistillConfig) -> RunInputs:
         )
         shown = f"{len(eval_set.records)} examples of {Path(config.eval.rouge_examples)}"
         _log(args, f"ROUGE-L every {config.eval.rouge_every} steps on {shown}")
-    teaching = teacher if distils and config.loss.kd_ratio > 0 and not cached else None
+    teaching = teacher if distils and config.loss.kd_ratio > 0 and not (cached or served) else None
     student, teacher_model = load_models(config.student, teaching, args, tokenizer)
     align_special_tokens(student, tokenizer, args, say=config.student.config is None)
     return RunInputs(
@@ -115,6 +119,7 @@ def resolve_inputs(config: DistillConfig) -> RunInputs:
         student=student,
         teacher=teacher_model,
         cached_teacher=cached,
+        served_teacher=served,
     )
 
 
@@ -173,7 +178,8 @@ def load_tokenizer(section: ModelSection) -> Any:
 
 def check_tokenizers(teacher: ModelSection | None, loss: LossSection, tokenizer: Any) -> None:
     """Teacher and student must share a vocabulary (logit KD compares token ids); ``loss.allow_tokenizer_mismatch``
-    skips the check, and so do ``loss.kd_ratio: 0`` and a ``teacher.cache``. The teacher's tokenizer is
+    skips the check, and so do ``loss.kd_ratio: 0``, a ``teacher.cache`` and a ``teacher.server`` (whose check asks
+    the server's own ``/tokenize``: :meth:`adakd.serving.teacher.TeacherServer.check`). The teacher's tokenizer is
     ``teacher.tokenizer``, else its own files when it has any. ``tokenizer``: the student's.
 
     Raises:
@@ -183,7 +189,7 @@ def check_tokenizers(teacher: ModelSection | None, loss: LossSection, tokenizer:
 
     if teacher is None or loss.kd_ratio == 0 or loss.allow_tokenizer_mismatch:
         return
-    if teacher.cache is not None:  # the cache's manifest holds the tokenizer it was made with (open_cache checks)
+    if teacher.cache is not None or teacher.server is not None:  # the cache's manifest, the server's /tokenize
         return
     key = "teacher." + ("tokenizer" if teacher.tokenizer else ("gguf_file" if teacher.gguf_file else "name_or_path"))
     source = tokenizer_source(teacher)

@@ -1,6 +1,7 @@
 """Running a distillation from a DistillConfig: the run's inputs (:mod:`.inputs`), its teacher cache
-(:mod:`adakd.cache`), loss and trainer, the output folder's rules (:mod:`.run_folder`), the final save and the hub
-upload (:mod:`.hub`). This module composes them and sits above all of them."""
+(:mod:`adakd.cache`) or server (:mod:`.server_teacher`), loss and trainer, the output folder's rules
+(:mod:`.run_folder`), the final save and the hub upload (:mod:`.hub`). This module composes them and sits above all
+of them."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from .hub import check_hub, hub_target, push_final, trainer_training, write_mode
 from .inputs import RunInputs, optimizer_steps, resolve_inputs, vocab_rows
 from .onpolicy import OnPolicyController
 from .run_folder import check_fresh_run, check_resume, check_unfinished, delete_earlier_run
+from .server_teacher import serve_teacher
 from .teacher import CachedTeacher
 from .trainer import AdaKDTrainer, save_loss_state
 
@@ -63,7 +65,7 @@ def teacher_cache(config: DistillConfig, inputs: RunInputs) -> Any:
 
 def build_trainer(config: DistillConfig) -> AdaKDTrainer:
     """Everything a run needs, checked before any training step: output folder, tokenizer, data, models,
-    vocabularies (:func:`~.inputs.resolve_inputs`), the teacher cache, loss.
+    vocabularies (:func:`~.inputs.resolve_inputs`), the teacher cache or server, loss.
 
     Raises:
         InputError: (a :class:`ConfigError` for most) anything in the config, its files or its models that the run
@@ -74,6 +76,11 @@ def build_trainer(config: DistillConfig) -> AdaKDTrainer:
     inputs = resolve_inputs(config)
     tokenizer, examples = inputs.tokenizer, inputs.examples
     cache = teacher_cache(config, inputs)
+    teacher = CachedTeacher() if cache is not None else inputs.teacher
+    if inputs.served_teacher:  # checked here, before the first step, by every rank (each asks for its own rows)
+        rows, max_length = vocab_rows(inputs.student), config.data.max_length
+        teacher, line = serve_teacher(config.teacher.server, tokenizer, rows, max_length)
+        _log(inputs.args, line)
     loss_fn = config.build_loss(total_steps=optimizer_steps(inputs.args, len(examples)), vocab_size=len(tokenizer))
     onpolicy = None
     if config.onpolicy.mode != "off":
@@ -93,7 +100,7 @@ def build_trainer(config: DistillConfig) -> AdaKDTrainer:
         collator, train_dataset = CachedTeacherCollator(collator, cache), IndexedExamples(examples)
     return AdaKDTrainer(
         inputs.student,
-        CachedTeacher() if cache is not None else inputs.teacher,
+        teacher,
         loss_fn=loss_fn,
         kd_ratio=config.loss.kd_ratio,
         fused=config.loss.fused,

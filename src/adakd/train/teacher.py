@@ -8,8 +8,10 @@ Two sources today, each a class with one method that matters, :meth:`Teacher.par
 - :class:`CachedTeacher`: the top-k distributions an ``adakd cache`` folder holds, which
   :class:`adakd.cache.CachedTeacherCollator` adds to every batch under :data:`CachedTeacher.KEYS`.
 
-Any other source of a sparse teacher (a teacher served over HTTP) is one more subclass of :class:`SparseSource`
-implementing :meth:`SparseSource.sparse`: the step, the trainer and the checks stay as they are. What a source
+Any other source of a sparse teacher is one more subclass of :class:`SparseSource` implementing
+:meth:`SparseSource.sparse`: the step, the trainer and the checks stay as they are. A teacher served by vLLM over
+HTTP is one (:class:`adakd.train.server_teacher.ServerTeacher`), which also fetches the next micro-batches' rows
+while the student trains (:meth:`Teacher.submit`, :mod:`adakd.train.prefetch`). What a source
 cannot do (on-policy generation without a model, the fused path's head check) is refused once, here.
 """
 
@@ -68,6 +70,8 @@ class Teacher(ABC):
     None for a source of data."""
 
     model: torch.nn.Module | None = None
+    #: micro-batches asked for ahead of the step (:meth:`submit`; :mod:`.prefetch`); 0: none
+    prefetch: int = 0
 
     def prepare(self, accelerator: Any) -> None:
         """Place the teacher for the run's engine, once the trainer's accelerator exists."""
@@ -81,6 +85,19 @@ class Teacher(ABC):
         """Raise :class:`adakd.errors.ConfigError` (``key="loss.fused"``) when the fused loss would not compute this
         teacher's distributions exactly."""
         return None  # a source that hands over distributions, not a head, has nothing to check
+
+    def submit(self, inputs: dict[str, Tensor]) -> None:
+        """Start computing the part of a micro-batch that a later step will ask for (``inputs`` as :meth:`part`
+        gets them); a source with ``prefetch > 0`` overlaps it with the training of the batches before."""
+        return None  # a model computes its part when asked
+
+    def close(self) -> None:
+        """Release what the teacher holds for the run (threads, connections); called when training ends or fails."""
+        return None
+
+    def log_metrics(self) -> dict[str, float]:
+        """The teacher's own counters for the training logs (``teacher_server/...``); none by default."""
+        return {}
 
     @abstractmethod
     def part(self, inputs: dict[str, Tensor], hidden: bool) -> TeacherPart:

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from ..errors import ConfigError, StorageError
+from ..errors import ConfigError, ServerError, StorageError
 from ..files import storage_reason, write_json
 from ..labels import IGNORE_INDEX
 from ..loss import AdaKDLoss
@@ -53,47 +53,18 @@ from .checkpoints import (
     resolve_checkpoint,
     save_loss_state,
 )
-from .config import NONFINITE_POLICIES
-from .engines import check_linear_head, engine_of
+from .engines import engine_of
 from .evaluation import EvaluationMixin, RougeDuringTraining
 from .onpolicy import OnPolicyController
+from .prefetch import Prefetcher, stopped_by_server
 from .step import LossStep, Nonfinite, StepTerms, Window
 from .teacher import CachedTeacher, Teacher, as_teacher
+from .trainer_checks import auto_fused, check_arguments, check_fused
 
 # The checkpoint names are re-exported: callers read STATE_FILE and CheckpointError next to the trainer.
 __all__ = ["STAGING_DIR", "STATE_FILE", "AdaKDTrainer", "CheckpointError", "complete_checkpoints", "save_loss_state"]
 
 LOGGED = ("ratio", "kept_tokens", "valid_tokens", "tau_mean", "tau_min", "tau_max")
-
-
-def auto_fused(student: torch.nn.Module, teacher: torch.nn.Module | Teacher | None) -> tuple[bool, str]:
-    """``loss.fused: auto``: the fused path where it computes exactly the models' logits (each output layer is
-    ``hidden @ Wᵀ (+ b)``, :func:`adakd.train.engines.check_linear_head`), else the logits path; with the reason."""
-    try:
-        check_fused(student, as_teacher(teacher))
-    except ConfigError as e:
-        return False, e.reason
-    return True, "the output layers are hidden @ Wᵀ (+ b)"
-
-
-def check_fused(student: torch.nn.Module, teacher: Teacher | None) -> None:
-    """Refuse the fused path for a student or teacher whose logits it would not compute exactly (``ConfigError``
-    with ``key="loss.fused"`` and the ``reason``)."""
-    check_linear_head(student, "student")
-    if teacher is not None:
-        teacher.check_fused()
-
-
-def _check_arguments(loss_fn: AdaKDLoss, teacher: Teacher | None, kd_ratio: float, fused: Any, nonfinite: str) -> None:
-    """The trainer's arguments that do not depend on the Trainer (``ValueError`` naming the argument)."""
-    if loss_fn.reduction != "sum":
-        raise ValueError("AdaKDTrainer needs AdaKDLoss(reduction='sum'): it normalises over the whole window")
-    if teacher is None and kd_ratio > 0:
-        raise ValueError("no teacher: kd_ratio must be 0 (plain SFT)")
-    if nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(f"nonfinite: unknown policy {nonfinite!r}; valid: {', '.join(NONFINITE_POLICIES)}")
-    if fused not in (True, False, "auto"):
-        raise ValueError(f"fused must be True, False or 'auto', got {fused!r}")
 
 
 class AdaKDTrainer(EvaluationMixin, Trainer):
@@ -136,7 +107,7 @@ class AdaKDTrainer(EvaluationMixin, Trainer):
         **kwargs: Any,
     ) -> None:
         teacher = as_teacher(teacher_model, cache=teacher_cache)
-        _check_arguments(loss_fn, teacher, kd_ratio, fused, nonfinite)
+        check_arguments(loss_fn, teacher, kd_ratio, fused, nonfinite)
         if teacher is not None and onpolicy is not None:
             teacher.check_onpolicy()
         super().__init__(model=model, **kwargs)
@@ -166,6 +137,7 @@ class AdaKDTrainer(EvaluationMixin, Trainer):
         if teacher is not None:
             teacher.prepare(self.accelerator)
         self.teacher_source = teacher
+        self.prefetcher = Prefetcher(teacher)  # the next micro-batches' teacher rows, asked while this one trains
         policy = Nonfinite(nonfinite, engine=self.engine, shards=self.engine_shards_params, device=self.args.device)
         settings = {"fused": bool(fused), "chunk_size": chunk_size, "accelerator": self.accelerator}
         self.loss_step = LossStep(loss_fn, float(kd_ratio), nonfinite=policy, **settings)
@@ -206,8 +178,10 @@ class AdaKDTrainer(EvaluationMixin, Trainer):
     # save below needs.
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
         """The Trainer's micro-batches of one optimizer step; on-policy modes may replace them (one decision for the
-        whole step), and then the window's label tokens are counted again on the batches actually trained on."""
-        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        whole step), and then the window's label tokens are counted again on the batches actually trained on. A
+        teacher that prefetches (``teacher.server``) gets the next micro-batches as they are pulled, ahead
+        (:mod:`.prefetch`)."""
+        batches, num_items = super().get_batch_samples(self.prefetcher.wrap(epoch_iterator), num_batches, device)
         if self.onpolicy is None or not batches:
             return batches, num_items
         teacher = getattr(self.teacher, "module", self.teacher)  # a DeepSpeed inference engine wraps the model
@@ -312,6 +286,8 @@ class AdaKDTrainer(EvaluationMixin, Trainer):
             logs["adakd/skipped_nonfinite"] = self.skipped_nonfinite
         if "loss" in logs and self.onpolicy is not None:
             logs.update(self.onpolicy.log_metrics())
+        if "loss" in logs and self.teacher_source is not None:
+            logs.update(self.teacher_source.log_metrics())
         super().log(logs, *args, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------------
@@ -389,6 +365,8 @@ class AdaKDTrainer(EvaluationMixin, Trainer):
         Raises:
             CheckpointError: the checkpoint to resume from is missing, incomplete or corrupted.
             NonFiniteLossError: a non-finite loss under ``nonfinite="error"``.
+            ServerError: the teacher's server stopped answering; the message adds the step and the last complete
+                checkpoint to resume from.
         """
         if resume_from_checkpoint:
             resume_from_checkpoint = self.resolve_checkpoint(resume_from_checkpoint)
@@ -397,4 +375,11 @@ class AdaKDTrainer(EvaluationMixin, Trainer):
             load_loss_state(self.loss_fn, resume_from_checkpoint)
             if self.onpolicy is not None:
                 self.onpolicy.load(resume_from_checkpoint, rank=self.args.process_index)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        except ServerError as e:  # the teacher's server: what was saved stays, --resume goes on from it
+            found = complete_checkpoints(self.args.output_dir, need_state=self.kd_ratio > 0)
+            raise stopped_by_server(e, self.state.global_step + 1, [str(f) for f in found]) from e
+        finally:
+            if self.teacher_source is not None:
+                self.teacher_source.close()
