@@ -176,7 +176,9 @@ def train_part(args: argparse.Namespace) -> dict[str, Any]:
             rows[name] = {"median_step_s": statistics.median(kept), "steps": len(times)}
             if hasattr(trainer.teacher_source, "stats"):
                 rows[name]["teacher_stats"] = trainer.teacher_source.stats()
-            print(f"  {name:<20} {rows[name]['median_step_s']:.3f} s/step ({1 / rows[name]['median_step_s']:.2f} steps/s)")
+            print(
+                f"  {name:<20} {rows[name]['median_step_s']:.3f} s/step ({1 / rows[name]['median_step_s']:.2f} steps/s)"
+            )
     return rows
 
 

@@ -40,7 +40,10 @@ PAIRS = [
     ("Who wrote Hamlet, and when?", "William Shakespeare wrote Hamlet around 1600."),
     ("Summarise: the sun is a star at the centre of the solar system.", "The sun is our solar system's star."),
     ("Translate 'good morning' into French.", "Good morning in French is 'bonjour'."),
-    ("Write a haiku about rain.", "Soft rain on the roof,\nquiet streets shine in grey light,\nthe world breathes slowly."),
+    (
+        "Write a haiku about rain.",
+        "Soft rain on the roof,\nquiet streets shine in grey light,\nthe world breathes slowly.",
+    ),
 ]
 
 
@@ -126,18 +129,33 @@ def test_each_check_fails_on_the_real_server_with_one_line_naming_its_key(vllm_s
 def _config(root: Path, data: Path, teacher: dict, folder: Path, name: str) -> Path:
     config = {
         "student": {
-            "config": {"model_type": "llama", "vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128,
-                       "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                       "tie_word_embeddings": True},  # fmt: skip
+            "config": {
+                "model_type": "llama",
+                "vocab_size": 49152,
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "tie_word_embeddings": True,
+            },  # fmt: skip
             "tokenizer": str(folder),
             "seed": 0,
         },
         "teacher": teacher,
         "data": {"source": "hf", "path": str(data), "format": "messages", "max_length": 96, "max_prompt_length": 48},
         "loss": {"base": "rkl", "indicator": "hellinger", "selection": "latf", "temperature": "inverse"},
-        "training": {"output_dir": str(root / name), "max_steps": 20, "per_device_train_batch_size": 2,
-                     "learning_rate": 1e-3, "save_strategy": "no", "logging_steps": 5, "report_to": "none",
-                     "use_cpu": True, "seed": 0},  # fmt: skip
+        "training": {
+            "output_dir": str(root / name),
+            "max_steps": 20,
+            "per_device_train_batch_size": 2,
+            "learning_rate": 1e-3,
+            "save_strategy": "no",
+            "logging_steps": 5,
+            "report_to": "none",
+            "use_cpu": True,
+            "seed": 0,
+        },  # fmt: skip
     }
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -182,8 +200,16 @@ def test_twenty_adakd_steps_from_the_server_equal_the_cached_runs(vllm_server, t
     for name in a:
         # the server's rows through the loss live or from the cache: the same numbers, the same training
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
-    # against the in-process teacher: ~1e-5 apart in log-probability, which 20 Adam steps carry into the weights
-    # at a small fraction of how far training moved them
-    moved = max(float((a[n] - c[n]).abs().max()) for n in a)
-    print(f"\nlargest parameter difference, server vs in-process cache: {moved:.2e}")
-    assert moved < 1e-3
+    # Against the in-process teacher: ~1e-5 apart in log-probability. Adam normalises each gradient coordinate, so a
+    # weight whose gradient is near zero (the embedding row of a token the data barely holds) moves by about the
+    # learning rate whatever the sign noise: the elementwise difference is no measure. The whole update is: the two
+    # runs' updates differ by a small fraction of their size.
+    from adakd.train import load_config
+    from adakd.train.models import load_model
+
+    init = load_model(load_config(str(live), []).student, "student").state_dict()
+    assert set(a) <= set(init)
+    update = torch.sqrt(sum(((a[n] - init[n].float()) ** 2).sum() for n in a))
+    apart = torch.sqrt(sum(((a[n] - c[n]) ** 2).sum() for n in a))
+    print(f"\nserver vs in-process cache after 20 steps: ‖Δθ‖ / ‖θ − θ₀‖ = {apart / update:.2e}")
+    assert apart / update < 0.01

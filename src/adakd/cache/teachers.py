@@ -32,7 +32,7 @@ def teacher_rows_of(section: Any, args: Any, tokenizer: Any, vocab: int, k: int)
     from ..errors import ConfigError
 
     if getattr(section, "server", None) is not None:
-        from ..serving import TeacherServer
+        from ..serving.teacher import TeacherServer
 
         server = TeacherServer.from_section(section.server, top_k=k)
         info = server.check(tokenizer, vocab)

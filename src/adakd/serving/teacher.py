@@ -94,6 +94,21 @@ class TeacherServer:
         self.requests = 0  # completions requests of rows() (counted under the lock: several threads may ask)
         self._lock = threading.Lock()
 
+    @classmethod
+    def from_section(cls, section: Any, top_k: int | None = None) -> TeacherServer:
+        """The server of a ``teacher.server`` config section (``url``, ``model``, ``top_k``, ``timeout``, ``retries``,
+        ``backoff``, ``api_key_env``); ``top_k`` overrides the section's (``adakd cache --top-k``).
+
+        Raises:
+            InputError: ``api_key_env`` names an unset variable, or ``url`` is not an http(s) URL.
+        """
+        from .http import api_key_from_env
+
+        key = api_key_from_env(section.api_key_env, "teacher.server.api_key_env")
+        transport = {"timeout": section.timeout, "retries": section.retries, "backoff": section.backoff}
+        endpoint = Endpoint(section.url, api_key=key, key="teacher.server.url", **transport)
+        return cls(endpoint, section.model, section.top_k if top_k is None else top_k)
+
     @property
     def where(self) -> str:
         """The server as messages name it."""

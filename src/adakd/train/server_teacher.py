@@ -144,13 +144,10 @@ def serve_teacher(section: Any, tokenizer: Any, vocab_rows: int, max_length: int
         ServerError: the server does not answer (the message names ``teacher.server.url``).
     """
     from ..errors import ConfigError
-    from ..serving.http import Endpoint, api_key_from_env
     from ..serving.teacher import TeacherServer
 
-    key = api_key_from_env(section.api_key_env, "teacher.server.api_key_env")
-    transport = {"timeout": section.timeout, "retries": section.retries, "backoff": section.backoff}
-    endpoint = Endpoint(section.url, api_key=key, key="teacher.server.url", **transport)
-    server = TeacherServer(endpoint, section.model, section.top_k)
+    server = TeacherServer.from_section(section)
+    endpoint = server.endpoint
     info = server.check(tokenizer, vocab_rows)
     longest = info.get("max_model_len")
     if longest is not None and max_length + 1 > longest:  # the prompt and the one token generated
