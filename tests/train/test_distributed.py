@@ -183,6 +183,31 @@ def test_ddp_from_a_whole_vocabulary_cache_equals_the_single_process_live_run(tm
     assert rank0["ratio"] == rank1["ratio"] == reference["ratio"]
 
 
+def test_ddp_from_a_served_teacher_equals_the_single_process_live_run(tmp_path):
+    # teacher.server under two processes: each rank asks the server for its own micro-batches (nothing is rank 0's
+    # alone). With top_k = the vocabulary the served teacher is the whole distribution, so both ranks' parameters
+    # equal a single-process run with the live teacher.
+    from adakd.data import tokenizer_for
+    from adakd.train import load_config
+    from adakd.train.models import load_model
+
+    from ..serving.fake_vllm import FakeVLLM
+
+    same = ["teacher.config.vocab_size=288", "loss.fused=true"]  # no padding rows the server could not crop
+    config = load_config(ROOT / "configs" / "tiny-cpu.yaml", [*COMMON, *same, f"training.output_dir={tmp_path}"])
+    teacher = load_model(config.teacher, "teacher", device="cpu")  # the weights the workers would build
+    reference = launch(tmp_path / "single", "single", *same)[0]
+    with FakeVLLM(teacher, tokenizer_for("byte"), name="tiny", max_logprobs=288) as fake:
+        served = [f"teacher.server.url={fake.url}", "teacher.server.model=tiny", "teacher.server.top_k=288"]
+        rank0, rank1 = launch(tmp_path / "ddp", "ddp", *same, *served)
+        asked = sum(path == "/v1/completions" for path in fake.log)
+    assert rank0["teacher"] is None and rank0["world"] == 2
+    assert asked >= 2 * STEPS  # every rank's micro-batch of every step, plus the checks
+    assert max_diff(rank0["params"], rank1["params"]) == 0.0
+    assert_close_params(rank0["params"], reference["params"])
+    assert rank0["ratio"] == rank1["ratio"] == reference["ratio"]
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_final_model_loads_with_from_pretrained(engine, engine_run):
     from transformers import AutoModelForCausalLM
