@@ -1,18 +1,23 @@
-"""vLLM's offline engine (``vllm.LLM``, in this process): ``adakd eval --backend vllm``.
+"""vLLM's offline engine (``vllm.LLM``, in this process): ``adakd eval --backend vllm``, and the on-policy generator
+that samples for GKD / DistiLLM from a copy of the training student (``onpolicy.generator: vllm``).
 
 vLLM is optional: this module imports it only when an engine is made, so adakd imports and runs without it.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from ..errors import InputError
 from . import GenerationConfig, _decode_answers, _encode_prompts, _stop_ids
 
-__all__ = ["VLLMBackend", "make_engine", "sampling_params"]
+__all__ = ["VLLMBackend", "VLLMGenerator", "make_engine", "sampling_params"]
 
 
 def make_engine(model: str, *, flag: str, dtype: str = "auto", seed: int = 0, **engine_kwargs: Any):
@@ -99,3 +104,84 @@ class VLLMBackend:
         if progress is not None:
             progress.update(len(prompts))
         return _decode_answers(self.tokenizer, answers, stops, config.stats)
+
+
+class VLLMGenerator:
+    """A vLLM copy of a training student, in this process, that samples on-policy generations: the student's weights
+    are pushed into it before each generation (TRL's "colocate" mode; ``onpolicy.generator: vllm``).
+
+    The engine is built once from the student as it is (its config and weights saved to a temporary folder), without
+    a tokenizer (prompts and answers are token ids), and runs in this process
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that :meth:`push` reaches its model: ``LLM.apply_model`` calls the
+    model's own ``load_weights`` with the student's state dict, the loader that reads a checkpoint (it fuses q/k/v and
+    gate/up and skips a tied ``lm_head``).
+
+    Args:
+        student: a ``transformers`` causal LM of an architecture vLLM serves (Llama, Qwen2, ...), without LoRA.
+        max_length: the longest prompt + answer (the engine's ``max_model_len``).
+        seed: the engine's sampling seed.
+        engine_kwargs: more ``vllm.LLM`` arguments.
+
+    Raises:
+        InputError: several processes, a LoRA student, or vllm not installed (naming ``onpolicy.generator``).
+    """
+
+    def __init__(self, student, *, max_length: int, seed: int = 0, **engine_kwargs: Any) -> None:
+        import torch.distributed as dist
+
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        world = max(world, int(os.environ.get("WORLD_SIZE", "1")))
+        if world > 1:
+            raise InputError(f"onpolicy.generator: vllm runs in one process, this run has {world}; use hf")
+        if hasattr(student, "peft_config"):
+            raise InputError("onpolicy.generator: vllm needs a student without LoRA (student.lora); use hf")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine's model in this process, for push()
+        self._folder = tempfile.TemporaryDirectory(prefix="adakd-vllm-student-")
+        student.save_pretrained(self._folder.name)
+        dtype = str(next(student.parameters()).dtype).removeprefix("torch.")
+        self.vocab_rows = int(student.config.vocab_size)
+        self.llm = make_engine(
+            self._folder.name,
+            flag="onpolicy.generator",
+            dtype=dtype,
+            seed=seed,
+            max_model_len=max_length,
+            skip_tokenizer_init=True,
+            enforce_eager=True,  # no compiled graphs to hold the old weights, no compile time
+            **engine_kwargs,
+        )
+
+    @torch.no_grad()
+    def push(self, student) -> None:
+        """Copy ``student``'s current weights into the engine's model, and drop the prompt KV cached with the old."""
+        weights = [(name, tensor.detach()) for name, tensor in student.state_dict().items()]
+        self.llm.apply_model(lambda model: model.load_weights(weights))
+        self.llm.reset_prefix_cache()
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int,
+        stops: list[int],
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        vocab_size: int | None = None,
+    ) -> list[list[int]]:
+        """As :func:`adakd.generation.generate_ids`: the new tokens of each prompt, cut after the first of ``stops``
+        (kept); never an id at or beyond ``vocab_size``."""
+        from vllm import TokensPrompt
+
+        params = sampling_params(
+            greedy=False,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=0,
+            max_tokens=max_new_tokens,
+            seed=None,
+            stops=stops,
+        )
+        if vocab_size is not None and vocab_size < self.vocab_rows:  # an lm_head with padding rows
+            params.allowed_token_ids = list(range(vocab_size))
+        results = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        return [list(r.outputs[0].token_ids) for r in results]

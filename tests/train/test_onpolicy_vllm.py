@@ -1,0 +1,94 @@
+"""``onpolicy.generator: vllm``: GKD steps whose student generations come from a vLLM copy of the student, its
+weights pushed from the training student before each generation. Skipped where vllm is not installed."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from adakd.train import build_trainer, load_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+GKD = ROOT / "configs" / "tiny-cpu-gkd.yaml"
+
+
+def test_the_generator_key_is_checked(tmp_path):
+    from adakd.train import ConfigError
+
+    with pytest.raises(ConfigError, match=r"onpolicy\.generator: unknown 'sglang'; valid: hf, vllm"):
+        load_config(GKD, [f"training.output_dir={tmp_path}", "onpolicy.generator=sglang"])
+
+
+def _vllm_params(engine) -> dict[str, torch.Tensor]:
+    return engine.llm.apply_model(lambda m: {n: p.detach().clone() for n, p in m.named_parameters()})[0]
+
+
+def _as_vllm(student) -> dict[str, torch.Tensor]:
+    """The student's weights under vLLM's names: q/k/v and gate/up fused as vLLM's loader fuses them."""
+    out = {"model.embed_tokens.weight": student.model.embed_tokens.weight}
+    for i, layer in enumerate(student.model.layers):
+        a, m, pre = layer.self_attn, layer.mlp, f"model.layers.{i}."
+        out[pre + "self_attn.qkv_proj.weight"] = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+        out[pre + "self_attn.o_proj.weight"] = a.o_proj.weight
+        out[pre + "mlp.gate_up_proj.weight"] = torch.cat([m.gate_proj.weight, m.up_proj.weight])
+        out[pre + "mlp.down_proj.weight"] = m.down_proj.weight
+    return {k: v.detach() for k, v in out.items()}
+
+
+@pytest.mark.slow
+def test_gkd_with_the_vllm_generator_pushes_the_students_weights_and_trains(tmp_path):
+    pytest.importorskip("vllm")
+    config = load_config(
+        GKD,
+        [
+            f"training.output_dir={tmp_path / 'run'}",
+            "training.logging_steps=1",
+            "training.disable_tqdm=true",
+            "training.save_strategy=no",
+            "training.max_steps=3",
+            "data.synthetic_size=32",
+            "onpolicy.max_new_tokens=16",
+            "onpolicy.lmbda=1",
+            "onpolicy.generator=vllm",
+            # vLLM's CPU attention takes head sizes of 32 and up: 2 heads of 64
+            "student.config.hidden_size=128",
+            "student.config.num_attention_heads=2",
+            "student.config.num_key_value_heads=1",
+        ],
+    )
+    trainer = build_trainer(config)
+    initial = _as_vllm(trainer.model)
+    generated = []
+    original = trainer.onpolicy._generate
+    trainer.onpolicy._generate = lambda model, batch, engine=None: (
+        generated.append(engine) or original(model, batch, engine)
+    )
+    trainer.train()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    engine = trainer.onpolicy.engine
+    assert engine is not None and len(generated) == 3 and all(e is engine for e in generated)
+    # After a push the copy holds the trained student's weights (which training has moved from the initial ones).
+    engine.push(trainer.model)
+    copy, trained = _vllm_params(engine), _as_vllm(trainer.model)
+    for name, tensor in trained.items():
+        assert torch.equal(copy[name], tensor), name
+    assert any(not torch.equal(initial[n], trained[n]) for n in trained)
+    # The copy answers as the student: the log-probabilities of a prompt's tokens (vLLM's prompt_logprobs).
+    from vllm import SamplingParams, TokensPrompt
+
+    ids = list(range(40, 72))
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+    out = engine.llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)[0]
+    theirs = [next(iter(d.values())).logprob for d in out.prompt_logprobs[1:]]
+    with torch.no_grad():
+        logits = trainer.model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+    ours = torch.log_softmax(logits, -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    torch.testing.assert_close(torch.tensor(theirs), ours, atol=1e-3, rtol=0)
