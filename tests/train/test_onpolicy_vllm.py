@@ -76,10 +76,14 @@ def test_gkd_with_the_vllm_generator_pushes_the_students_weights_and_trains(tmp_
     engine = trainer.onpolicy.engine
     assert engine is not None and len(generated) == 3 and all(e is engine for e in generated)
     # After a push the copy holds the trained student's weights (which training has moved from the initial ones).
+    # vLLM's CPU build repacks the linear layers' weights for its kernels and keeps only their packed form: the
+    # embedding is compared as a parameter, the rest through the log-probabilities below.
     engine.push(trainer.model)
     copy, trained = _vllm_params(engine), _as_vllm(trainer.model)
-    for name, tensor in trained.items():
-        assert torch.equal(copy[name], tensor), name
+    compared = [n for n, t in trained.items() if n in copy and copy[n].numel() > 0]
+    assert "model.embed_tokens.weight" in compared, {n: tuple(t.shape) for n, t in copy.items()}
+    for name in compared:  # vLLM pads the vocabulary rows to a multiple of 64
+        assert torch.equal(copy[name][: len(trained[name])], trained[name]), name
     assert any(not torch.equal(initial[n], trained[n]) for n in trained)
     # The copy answers as the student: the log-probabilities of a prompt's tokens (vLLM's prompt_logprobs).
     from vllm import SamplingParams, TokensPrompt

@@ -112,9 +112,10 @@ class VLLMGenerator:
 
     The engine is built once from the student as it is (its config and weights saved to a temporary folder), without
     a tokenizer (prompts and answers are token ids), and runs in this process
-    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that :meth:`push` reaches its model: ``LLM.apply_model`` calls the
-    model's own ``load_weights`` with the student's state dict, the loader that reads a checkpoint (it fuses q/k/v and
-    gate/up and skips a tied ``lm_head``).
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that :meth:`push` hands it the student's tensors without copying them
+    to another process: the worker's ``reload_weights`` (``LLM.collective_rpc``) loads the student's state dict as a
+    checkpoint (the model's own loader fuses q/k/v and gate/up and skips a tied ``lm_head``) and processes the
+    weights again as after the first load.
 
     Args:
         student: a ``transformers`` causal LM of an architecture vLLM serves (Llama, Qwen2, ...), without LoRA.
@@ -155,7 +156,10 @@ class VLLMGenerator:
     def push(self, student) -> None:
         """Copy ``student``'s current weights into the engine's model, and drop the prompt KV cached with the old."""
         weights = [(name, tensor.detach()) for name, tensor in student.state_dict().items()]
-        self.llm.apply_model(lambda model: model.load_weights(weights))
+        # reload_weights, not the model's load_weights alone: after loading, vLLM's CPU build repacks every linear
+        # layer's weight for its GEMM kernel and drops the parameter; the layerwise reload restores the parameters,
+        # loads the checkpoint-format weights and runs that processing again.
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
 
     def generate(
