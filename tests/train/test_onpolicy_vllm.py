@@ -25,6 +25,65 @@ def test_the_generator_key_is_checked(tmp_path):
         load_config(GKD, [f"training.output_dir={tmp_path}", "onpolicy.generator=sglang"])
 
 
+class _FakeEngine:
+    """Stands for the vLLM copy: records each push (a clone of one student weight) and each generation."""
+
+    def __init__(self, eos: int) -> None:
+        self.eos, self.events = eos, []
+
+    def push(self, student) -> None:
+        self.events.append(("push", student.model.embed_tokens.weight.detach().clone()))
+
+    def generate(self, prompts, *, max_new_tokens, stops, temperature, top_p, vocab_size):
+        self.events.append(("generate", (len(prompts), max_new_tokens, stops, temperature, top_p, vocab_size)))
+        return [[70 + i % 3, 71, self.eos] for i in range(len(prompts))]
+
+
+def test_student_generations_come_from_the_engine_after_a_push_each_step(tmp_path):
+    config = load_config(
+        GKD,
+        [
+            f"training.output_dir={tmp_path / 'run'}",
+            "training.disable_tqdm=true",
+            "training.save_strategy=no",
+            "training.max_steps=2",
+            "training.gradient_accumulation_steps=2",
+            "data.synthetic_size=64",
+            "training.warmup_steps=0",  # the first step moves the weights
+            "onpolicy.lmbda=1",
+            "onpolicy.generator=vllm",
+            "onpolicy.max_new_tokens=16",
+            "onpolicy.top_p=0.9",
+        ],
+    )
+    trainer = build_trainer(config)
+    eos = trainer.processing_class.eos_token_id
+    fake = trainer.onpolicy.engine = _FakeEngine(eos)
+    trained = []
+    original = trainer.get_batch_samples
+
+    def record(*args, **kwargs):
+        batches, n = original(*args, **kwargs)
+        trained.extend(batches)
+        return batches, n
+
+    trainer.get_batch_samples = record
+    trainer.train()
+    kinds = [kind for kind, _ in fake.events]
+    assert kinds == ["push", "generate", "generate"] * 2  # one push per step, before its micro-batches' generations
+    first, second = fake.events[0][1], fake.events[3][1]
+    assert not torch.equal(first, second)  # the second push carries the weights the first step trained
+    vocab = len(trainer.processing_class)
+    for _, (n, max_new, stops, temperature, top_p, vocab_size) in fake.events[1:3]:
+        assert (n, max_new, stops, temperature, top_p, vocab_size) == (8, 16, [eos], 1.0, 0.9, vocab)
+    assert len(trained) == 4
+    for batch in trained:  # the labels are the engine's tokens
+        for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True):
+            ids, labels = ids[: int(mask.sum())], labels[: int(mask.sum())]
+            answer = labels[labels != -100].tolist()
+            assert answer[1:] == [71, eos] and answer[0] in (70, 71, 72) and ids[-3:].tolist() == answer
+
+
 def _vllm_params(engine) -> dict[str, torch.Tensor]:
     return engine.llm.apply_model(lambda m: {n: p.detach().clone() for n, p in m.named_parameters()})[0]
 
