@@ -13,11 +13,15 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    from .server import ServerBackend
+    from .vllm_engine import VLLMBackend
 
 __all__ = ["BACKENDS", "GenerationConfig", "HFBackend", "generate_ids", "load_backend"]
 
@@ -203,7 +207,7 @@ def load_backend(
     server_model: str | None = None,
     server_api_key_env: str | None = None,
     server_timeout: float = 600.0,
-):
+) -> HFBackend | ServerBackend | VLLMBackend:
     """Load the model to evaluate: a full model directory (or hub id), or a LoRA adapter on ``base_model``; with
     ``vllm-server``, the server at ``server_url`` serving ``server_model``, and ``model_path`` is only the tokenizer's
     source (the served model's folder or hub id) unless ``tokenizer`` is given.
