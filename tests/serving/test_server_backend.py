@@ -165,3 +165,15 @@ def test_unreachable_server_and_a_refused_request(server):
     client.model = "gone"  # the server stopped serving it between the check and the request
     with pytest.raises(InputError, match=r"^--server-url .*refused the completion request: The model `gone`"):
         client.complete([[1, 2]], [4], Sampling())
+
+
+def test_the_vllm_backend_without_vllm_is_one_line(data, tmp_path, capsys, monkeypatch):
+    import sys
+
+    from adakd.cli import main
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as if not installed
+    folder, _ = data
+    argv = ["eval", "--backend", "vllm", "--model", "byte", "--data-dir", str(folder), "--datasets", "dolly"]
+    assert main([*argv, "--output", str(tmp_path / "r.json"), "--quiet"]) == 2
+    assert _error(capsys) == "adakd: error: --backend vllm: vllm is not installed (pip install vllm)"

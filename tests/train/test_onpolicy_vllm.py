@@ -155,3 +155,23 @@ def test_gkd_with_the_vllm_generator_pushes_the_students_weights_and_trains(tmp_
         logits = trainer.model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
     ours = torch.log_softmax(logits, -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
     torch.testing.assert_close(torch.tensor(theirs), ours, atol=1e-3, rtol=0)
+
+
+def test_the_generator_refuses_several_processes_and_lora(monkeypatch):
+    import transformers
+
+    from adakd.errors import InputError
+    from adakd.generation.vllm_engine import VLLMGenerator
+
+    config = transformers.Qwen2Config(
+        vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1,
+        num_key_value_heads=1,
+    )  # fmt: skip
+    student = transformers.Qwen2ForCausalLM(config)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(InputError, match=r"^onpolicy\.generator: vllm runs in one process, this run has 2; use hf$"):
+        VLLMGenerator(student, max_length=32)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    student.peft_config = {"default": None}  # what a peft-wrapped student carries
+    with pytest.raises(InputError, match=r"^onpolicy\.generator: vllm needs a student without LoRA"):
+        VLLMGenerator(student, max_length=32)
