@@ -34,6 +34,9 @@ class _FakeEngine:
     def push(self, student) -> None:
         self.events.append(("push", student.model.embed_tokens.weight.detach().clone()))
 
+    def close(self) -> None:
+        self.events.append(("close", None))
+
     def generate(self, prompts, *, max_new_tokens, stops, temperature, top_p, vocab_size):
         self.events.append(("generate", (len(prompts), max_new_tokens, stops, temperature, top_p, vocab_size)))
         return [[70 + i % 3, 71, self.eos] for i in range(len(prompts))]
@@ -82,6 +85,8 @@ def test_student_generations_come_from_the_engine_after_a_push_each_step(tmp_pat
             ids, labels = ids[: int(mask.sum())], labels[: int(mask.sum())]
             answer = labels[labels != -100].tolist()
             assert answer[1:] == [71, eos] and answer[0] in (70, 71, 72) and ids[-3:].tolist() == answer
+    trainer.onpolicy.close()  # what adakd train does once training ends
+    assert fake.events[-1][0] == "close" and trainer.onpolicy.engine is None
 
 
 def _vllm_params(engine) -> dict[str, torch.Tensor]:

@@ -162,6 +162,12 @@ class VLLMGenerator:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
 
+    def close(self) -> None:
+        """Shut the engine down now, with the process group it made in this process: left to the interpreter's exit,
+        vLLM's teardown would find the group already destroyed by the training's own teardown."""
+        self.llm.llm_engine.engine_core.shutdown()
+        self._folder.cleanup()
+
     def generate(
         self,
         prompts: list[list[int]],

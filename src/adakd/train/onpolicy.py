@@ -208,7 +208,7 @@ class OnPolicyController:
     def _engine(self, student):
         """The vLLM copy of ``student`` (``onpolicy.generator: vllm``; built at the first use), its weights now the
         student's; None with the ``hf`` generator."""
-        if getattr(self.cfg, "generator", "hf") != "vllm":
+        if self.cfg.generator != "vllm":
             return None
         if self.engine is None:
             from ..generation.vllm_engine import VLLMGenerator
@@ -216,6 +216,12 @@ class OnPolicyController:
             self.engine = VLLMGenerator(student, max_length=self.max_length, seed=self.cfg.seed)
         self.engine.push(student)
         return self.engine
+
+    def close(self) -> None:
+        """Shut the vLLM generator's engine down (a no-op without one); a later generation builds a new one."""
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
 
     def _generate(self, model, batch: dict[str, torch.Tensor], engine=None) -> list[Example]:
         """Sample responses to ``batch``'s prompts from ``model`` (or from ``engine``, its vLLM copy)."""
