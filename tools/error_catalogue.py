@@ -56,9 +56,11 @@ FIXES = {
     "prune": "Fix the `adakd prune` flag the message names (`--layers`, `--keep`, `--method`, `--calibration`) or "
     "give another `--output` (or `--overwrite`); see [pruning a student](prune.md).",
     "analysis.py": "Fix the `adakd inspect` flag the message names.",
-    "generation.py": "Fix the generation flag the message names (`--backend`, `--temperature`, ...).",
+    "generation": "Fix the generation flag the message names (`--backend`, `--temperature`, ...) or the "
+    "`onpolicy.generator` key ([serving with vLLM](serving.md)).",
     "serving": "Check the server the message names: that it runs and is reachable at that URL, serves the model "
-    "named, with the student's tokenizer and a `--max-logprobs` at least `top_k` ([serving](serving.md)); a server "
+    "named, with the student's tokenizer (`adakd eval --backend vllm-server`: the `--model` / `--tokenizer` given) "
+    "and a `--max-logprobs` at least `top_k` ([serving](serving.md)); a server "
     "that went down mid-run: start it again, then rerun the same command with `--resume`.",
     "files.py": "Fix the file at the line named: one JSON object per line, UTF-8.",
     "integrations": "Fix the trainer argument the message names.",

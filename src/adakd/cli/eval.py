@@ -53,7 +53,16 @@ def add_parser(sub) -> None:
         help="for chat models: each record's instruction (+ input) as one user turn of the tokenizer's chat template "
         "(or NAME: qwen2, or a Jinja file), generating from the assistant's turn; default: the raw MiniLLM prompt",
     )
-    p.add_argument("--backend", default="hf", help="hf (default) or vllm")
+    p.add_argument(
+        "--backend",
+        default="hf",
+        help="hf (default), vllm (vLLM's engine in this process) or vllm-server (a running vLLM server: --server-url; "
+        "--model then only names the tokenizer, the served model's folder or hub id)",
+    )
+    p.add_argument("--server-url", default=None, help="vllm-server: the server's root, http://host:port")
+    p.add_argument("--server-model", default=None, help="vllm-server: the served model's name (default: the only one)")
+    p.add_argument("--server-api-key-env", default=None, help="vllm-server: the variable holding the API key, if any")
+    p.add_argument("--server-timeout", type=float, default=600.0, help="vllm-server: seconds one request may take")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     p.add_argument("--output", required=True, help="results JSON; predictions go to <stem>.predictions/")
@@ -111,6 +120,10 @@ def run(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer,
         device=args.device,
         dtype=args.dtype,
+        server_url=args.server_url,
+        server_model=args.server_model,
+        server_api_key_env=args.server_api_key_env,
+        server_timeout=args.server_timeout,
     )
     if args.chat_template is not None:
         name = args.tokenizer or args.model

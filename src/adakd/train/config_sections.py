@@ -38,6 +38,7 @@ __all__ = [
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 DATA_SOURCES = ("synthetic", "minillm_jsonl", "instructions", "shards", "hf")
 ONPOLICY_MODES = ("off", "gkd", "distillm")
+ONPOLICY_GENERATORS = ("hf", "vllm")
 REPLAY_RATIOS = ("decreasing", "constant", "increasing")
 NONFINITE_POLICIES = ("error", "skip")
 
@@ -323,6 +324,9 @@ class OnPolicySection:
     top_p: float = 1.0
     max_new_tokens: int = 256  # also capped by data.max_length
     seed: int = 0  # the on-policy decisions' and the replay buffer's own RNG
+    # hf: the student's generate; vllm: a vLLM copy of the student in this process, weights pushed before each
+    # generation (one process only; no LoRA). The teacher's generations (GKD seq_kd) use generate either way.
+    generator: str = "hf"
     # GKD
     lmbda: float = 0.5  # probability that a step trains on student generations
     seq_kd: bool = False  # otherwise, train on teacher generations instead of the dataset's responses
@@ -341,6 +345,8 @@ class OnPolicySection:
             raise error("onpolicy.mode", f"unknown mode {self.mode!r}; valid: {', '.join(ONPOLICY_MODES)}")
         if self.mode == "off":
             return
+        if self.generator not in ONPOLICY_GENERATORS:
+            raise error("onpolicy.generator", f"unknown {self.generator!r}; valid: {', '.join(ONPOLICY_GENERATORS)}")
         if not self.temperature > 0:
             raise error("onpolicy.temperature", f"must be > 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:

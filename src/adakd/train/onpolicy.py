@@ -198,15 +198,45 @@ class OnPolicyController:
             if self.mode == "distillm"
             else None
         )
+        self.engine = None  # onpolicy.generator vllm: the student's vLLM copy (adakd.generation.vllm_engine)
         self.steps = 0  # optimizer steps decided
         self.student_steps = 0  # of which on student generations (fresh or replayed)
         self._seconds = 0.0  # generation time since the last log
         self._logged_steps = 0
 
     # ------------------------------------------------------------------------------------------------------
-    def _generate(self, model, batch: dict[str, torch.Tensor]) -> list[Example]:
+    def _engine(self, student):
+        """The vLLM copy of ``student`` (``onpolicy.generator: vllm``; built at the first use), its weights now the
+        student's; None with the ``hf`` generator."""
+        if self.cfg.generator != "vllm":
+            return None
+        if self.engine is None:
+            from ..generation.vllm_engine import VLLMGenerator
+
+            self.engine = VLLMGenerator(student, max_length=self.max_length, seed=self.cfg.seed)
+        self.engine.push(student)
+        return self.engine
+
+    def close(self) -> None:
+        """Shut the vLLM generator's engine down (a no-op without one); a later generation builds a new one."""
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+    def _generate(self, model, batch: dict[str, torch.Tensor], engine=None) -> list[Example]:
+        """Sample responses to ``batch``'s prompts from ``model`` (or from ``engine``, its vLLM copy)."""
         prompts = split_prompts(batch)
         room = self.max_length - min(len(p) for p in prompts)
+        if engine is not None:
+            responses = engine.generate(
+                prompts,
+                max_new_tokens=max(1, min(self.cfg.max_new_tokens, room)),
+                stops=[self.eos_token_id],
+                temperature=self.cfg.temperature,
+                top_p=self.cfg.top_p,
+                vocab_size=self.vocab_size,
+            )
+            return relabel(prompts, responses, self.max_length)
         was_training = model.training
         model.eval()  # no dropout while sampling; the KV cache is on (gradient checkpointing disables it in training)
         try:
@@ -235,14 +265,15 @@ class OnPolicyController:
             if self.cfg.seq_kd and teacher is not None:
                 out = [self.collate(self._generate(teacher, b)) for b in out]
             if r < self.cfg.lmbda:
-                out = [self.collate(self._generate(student, b)) for b in out]
+                engine = self._engine(student)
+                out = [self.collate(self._generate(student, b, engine)) for b in out]
                 self.student_steps += 1
         else:
             action = self.schedule.decide(r, step, total, len(self.buffer), self.buffer.capacity)
             if action == "generate":
-                fresh = []
+                fresh, engine = [], self._engine(student)
                 for b in out:
-                    examples = self._generate(student, b)
+                    examples = self._generate(student, b, engine)
                     self.buffer.add(examples)
                     fresh.append(self.collate(examples))
                 out = fresh

@@ -144,7 +144,11 @@ def run(
     delete_earlier_run(config.training["output_dir"], earlier)
     trainer.accelerator.wait_for_everyone()
     if finished is None:
-        result = trainer.train(resume_from_checkpoint=resume)
+        try:
+            result = trainer.train(resume_from_checkpoint=resume)
+        finally:
+            if trainer.onpolicy is not None:
+                trainer.onpolicy.close()  # a vLLM generator's engine, before the process group goes
         train_loss = result.training_loss
     else:  # the run ended but final/ was not written (a full disk): write it from the last checkpoint
         train_loss = restore_finished(trainer, finished)

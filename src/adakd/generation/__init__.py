@@ -1,5 +1,6 @@
 """Sampling from a causal LM: :func:`generate_ids`, shared by evaluation and on-policy training, and the text-level
-backends of ``adakd eval``: Hugging Face ``generate`` (default, tested) and vLLM (when installed).
+backends of ``adakd eval``: Hugging Face ``generate`` (default), vLLM's offline engine (when installed:
+:mod:`adakd.generation.vllm_engine`) and a running vLLM server (:mod:`adakd.generation.server`).
 
 It lives outside both ``eval/`` and ``train/`` so that training samples exactly as evaluation does without importing
 the evaluation package. The paper's protocol: sampling with temperature 1.0, top-p 1.0, top-k 0 (off), total length
@@ -12,15 +13,19 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 
-__all__ = ["BACKENDS", "GenerationConfig", "HFBackend", "VLLMBackend", "generate_ids", "load_backend"]
+if TYPE_CHECKING:
+    from .server import ServerBackend
+    from .vllm_engine import VLLMBackend
 
-BACKENDS = ("hf", "vllm")
+__all__ = ["BACKENDS", "GenerationConfig", "HFBackend", "generate_ids", "load_backend"]
+
+BACKENDS = ("hf", "vllm", "vllm-server")
 
 
 @dataclass
@@ -44,6 +49,24 @@ def _encode_prompts(tokenizer: Any, prompts: list[str], config: GenerationConfig
     """Each prompt's ids, without added special tokens (a rendered chat prompt holds its own), cut to its last
     ``config.max_prompt_length`` tokens; both backends encode alike, so they see the same prompts."""
     return [tokenizer(p, add_special_tokens=False)["input_ids"][-config.max_prompt_length :] for p in prompts]
+
+
+def _stop_ids(tokenizer: Any, stop_token_ids: Sequence[int]) -> list[int]:
+    """The tokens that end an answer: the tokenizer's eos, then ``stop_token_ids`` (no repeats)."""
+    return list(dict.fromkeys(i for i in (tokenizer.eos_token_id, *stop_token_ids) if i is not None))
+
+
+def _decode_answers(tokenizer: Any, answers: list[list[int]], stops: list[int], stats: dict[str, float]) -> list[str]:
+    """Each answer's text without the stop token that ended it (``decode(skip_special_tokens=True).strip()``), the
+    way every backend decodes; ``stats`` counts the decoded tokens (the stop token included) and the kept ones."""
+    texts = []
+    for ids in answers:
+        stats["tokens"] += len(ids)
+        if ids and ids[-1] in stops:
+            ids = ids[:-1]
+        stats["answer_tokens"] = stats.get("answer_tokens", 0.0) + len(ids)
+        texts.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+    return texts
 
 
 class HFBackend:
@@ -74,7 +97,7 @@ class HFBackend:
         """
         tok = self.tokenizer
         encoded = self._encode(prompts, config)
-        stops = list(dict.fromkeys(i for i in (tok.eos_token_id, *stop_token_ids) if i is not None))
+        stops = _stop_ids(tok, stop_token_ids)
         # One id as before (HF's own default); several: a list, which generate stops at any of.
         eos = stops[0] if len(stops) == 1 else stops or None
         pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0] if stops else None
@@ -95,12 +118,7 @@ class HFBackend:
                 top_k=config.top_k,
             )
             config.stats["seconds"] += time.perf_counter() - start_time
-            for ids in new:
-                config.stats["tokens"] += len(ids)
-                if ids and ids[-1] in stops:
-                    ids = ids[:-1]
-                config.stats["answer_tokens"] = config.stats.get("answer_tokens", 0.0) + len(ids)
-                outputs.append(tok.decode(ids, skip_special_tokens=True).strip())
+            outputs.extend(_decode_answers(tok, new, stops, config.stats))
             if progress is not None:
                 progress.update(len(batch))
         return outputs
@@ -177,57 +195,6 @@ def generate_ids(
     return result
 
 
-class VLLMBackend:
-    """vLLM's offline engine, when installed (not installed or tested in this project's CI)."""
-
-    def __init__(self, model_path: str, tokenizer=None, **engine_kwargs) -> None:
-        try:
-            from vllm import LLM
-        except ImportError:
-            raise InputError("--backend vllm: vllm is not installed (pip install vllm)") from None
-        self.llm = LLM(model=model_path, **engine_kwargs)
-        self.tokenizer = tokenizer or self.llm.get_tokenizer()
-
-    def generate(
-        self,
-        prompts: list[str],
-        seed: int,
-        config: GenerationConfig,
-        progress=None,
-        stop_token_ids: Sequence[int] = (),
-    ) -> list[str]:
-        """As :meth:`HFBackend.generate`; prompt i samples with seed ``seed + i`` (vLLM seeds per request)."""
-        from vllm import SamplingParams, TokensPrompt
-
-        encoded = _encode_prompts(self.tokenizer, prompts, config)
-        requests = [TokensPrompt(prompt_token_ids=ids) for ids in encoded]
-        params = [
-            SamplingParams(
-                temperature=0.0 if config.greedy else config.temperature,
-                top_p=config.top_p,
-                top_k=-1 if config.top_k == 0 else config.top_k,  # vLLM's "off" is -1
-                max_tokens=max(1, config.max_length - len(ids)),
-                seed=seed + i,
-                stop_token_ids=list(stop_token_ids) or None,  # besides the eos, which vLLM stops at anyway
-            )
-            for i, ids in enumerate(encoded)
-        ]
-        start_time = time.perf_counter()
-        results = self.llm.generate(requests, params, use_tqdm=progress is not None)
-        config.stats["seconds"] += time.perf_counter() - start_time
-        texts = []
-        ends = {*stop_token_ids, self.tokenizer.eos_token_id}
-        for r in results:
-            ids = list(r.outputs[0].token_ids)  # with the token that ended the answer, as the HF backend counts
-            config.stats["tokens"] += len(ids)
-            kept = len(ids) - (1 if ids and ids[-1] in ends else 0)
-            config.stats["answer_tokens"] = config.stats.get("answer_tokens", 0.0) + kept
-            texts.append(r.outputs[0].text.strip())
-        if progress is not None:
-            progress.update(len(prompts))
-        return texts
-
-
 def load_backend(
     backend: str,
     model_path: str,
@@ -236,23 +203,47 @@ def load_backend(
     tokenizer: str | None = None,
     device: str = "cpu",
     dtype: str = "auto",
-) -> HFBackend | VLLMBackend:
-    """Load the model to evaluate: a full model directory (or hub id), or a LoRA adapter on ``base_model``.
+    server_url: str | None = None,
+    server_model: str | None = None,
+    server_api_key_env: str | None = None,
+    server_timeout: float = 600.0,
+) -> HFBackend | ServerBackend | VLLMBackend:
+    """Load the model to evaluate: a full model directory (or hub id), or a LoRA adapter on ``base_model``; with
+    ``vllm-server``, the server at ``server_url`` serving ``server_model``, and ``model_path`` is only the tokenizer's
+    source (the served model's folder or hub id) unless ``tokenizer`` is given.
+
+    Returns:
+        an :class:`HFBackend`, a :class:`~adakd.generation.vllm_engine.VLLMBackend` or a
+        :class:`~adakd.generation.server.ServerBackend`.
 
     Raises:
         InputError: an unknown backend, a LoRA adapter with vLLM, or a model or tokenizer that cannot be loaded
-            (the message names the flag, ``--model`` or ``--tokenizer``, and the path).
+            (the message names the flag, ``--model`` or ``--tokenizer``, and the path); for the server, a missing
+            ``--server-url``, a model it does not serve, a tokenizer other than the served model's.
+        adakd.errors.ServerError: the server does not answer.
     """
-    from .data import tokenizer_for
-    from .models import load_causal_lm
+    from ..data import tokenizer_for
+    from ..models import load_causal_lm
 
     if backend not in BACKENDS:
         raise InputError(f"--backend: unknown {backend!r}; valid: {', '.join(BACKENDS)}")
+    if backend != "hf" and base_model is not None:
+        raise InputError(f"--backend {backend}: merge the LoRA adapter first (--base-model is for --backend hf)")
+    if backend == "vllm-server" and not server_url:
+        raise InputError("--backend vllm-server: give the server's --server-url (http://host:port)")
     flag, source = ("--tokenizer", tokenizer) if tokenizer is not None else ("--model", model_path)
     tok = tokenizer_for(source, label=flag)
+    if backend == "vllm-server":
+        from ..serving.completions import CompletionsClient
+        from ..serving.http import Endpoint, api_key_from_env
+        from .server import ServerBackend
+
+        key = api_key_from_env(server_api_key_env, "--server-api-key-env")
+        endpoint = Endpoint(server_url, api_key=key, timeout=server_timeout, key="--server-url")
+        return ServerBackend(CompletionsClient(endpoint, server_model), tok, tokenizer_flag=flag)
     if backend == "vllm":
-        if base_model is not None:
-            raise InputError("--backend vllm: merge the LoRA adapter first (--base-model is for --backend hf)")
-        return VLLMBackend(model_path, tokenizer=tok)
+        from .vllm_engine import VLLMBackend
+
+        return VLLMBackend(model_path, tokenizer=tok, dtype=dtype)
     model = load_causal_lm(model_path, base=base_model, dtype=dtype, name="--model")
     return HFBackend(model, tok, device=device)
