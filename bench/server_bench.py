@@ -119,7 +119,7 @@ def training_config(args: argparse.Namespace, output: Path, teacher: dict[str, A
     data = (
         {"source": "hf", "path": args.chats, "format": "messages", "max_length": 256, "max_prompt_length": 128}
         if args.chats
-        else {"source": "synthetic", "max_length": 128}
+        else {"source": "synthetic", "synthetic_size": 64, "max_length": 320, "max_prompt_length": 256}
     )
     student = {
         "config": {

@@ -218,3 +218,39 @@ def test_real_study_tables_pair_by_training_seed():
     differences = real.differences_table(rows)
     assert "| rkl-adakd − rkl | +0.00 " in differences and "+1.10 [" in differences and "] *" in differences
     assert "| importance | 0, 2 | 6.70 |" in real.prune_table(rows)
+
+
+@pytest.mark.slow
+def test_server_bench_runs_against_a_fake_vllm_server(tmp_path):
+    """bench/server_bench.py end to end at tiny shapes, against the fake vLLM server serving the very weights the
+    in-process side loads: the fidelity it reports is exact, and all three training variants ran."""
+    import transformers
+
+    from adakd.data import tokenizer_for
+
+    from .serving.fake_vllm import FakeVLLM
+
+    tokenizer = tokenizer_for("byte")
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    folder = tmp_path / "teacher"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "server.json"
+    with FakeVLLM(model, tokenizer, name="tiny") as fake:
+        cmd = [sys.executable, str(BENCH / "server_bench.py"), "--url", fake.url, "--model", "tiny", "--folder",
+               str(folder), "--k", "8", "--batches", "2", "--batch-size", "2", "--length", "48", "--steps", "3",
+               "--train-batch-size", "2", "--vocab", str(len(tokenizer)), "--json", str(out)]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    teacher = result["teacher"]
+    assert teacher["positions"] == 2 * 2 * 47 and teacher["topk_sets_equal"] == 1.0
+    assert teacher["max_logprob_diff"] < 1e-5 and teacher["max_tail_mass_diff"] < 1e-5
+    assert set(teacher["positions_per_s"]) == {"server", "in-process"}
+    training = result["training"]
+    assert set(training) == {"server, prefetch 0", "server, prefetch 2", "in-process teacher"}
+    assert training["server, prefetch 2"]["teacher"]["teacher_server/requests"] >= 3
+    assert "positions/s" in proc.stdout and "s/step" in proc.stdout

@@ -155,6 +155,7 @@ def test_adakd_eval_end_to_end_and_deterministic(tiny_model, tmp_path, capsys):
         assert d["rougeL"]["mean"] == pytest.approx(sum(values) / 2)
     assert results["datasets"]["uinst"]["path"].endswith("uinst-subset1050/valid.jsonl")
     assert results["generation"]["tokens_per_second"] > 0
+    assert results["generation"]["backend"] == "hf" and "server" not in results["generation"]
     printed = capsys.readouterr()
     assert "| average |" in printed.out and "tokens/s" in printed.err
     pred = out.with_name("a.predictions") / "dolly.seed1.jsonl"

@@ -88,6 +88,8 @@ def test_sampling_requests_carry_the_protocol_and_texts_decode_as_hf(server, dat
     kept = sum(len(_bytes(_answer_text(ids).strip())) + 2 for ids in cut) * 2  # + the two spaces stripped
     assert results["generation"]["answer_tokens"] == kept
     assert results["generation"]["generated_tokens"] == kept + 2 * len(cut)  # + each answer's eos
+    assert results["generation"]["backend"] == "vllm-server"
+    assert results["generation"]["server"]["url"] == server.url and results["generation"]["server"]["model"] == "tiny"
 
 
 def test_greedy_batches_share_a_request_and_each_answer_keeps_its_own_room(data, tmp_path):

@@ -59,7 +59,8 @@ def evaluate(
         ``{"model", "datasets": {name: {"n", "path", "rougeL": {"mean", "std", "per_seed"}}}, "average",
         "generation"}``, as written to ``output`` (ROUGE-L × 100). ``generation.chat_template`` records the
         rendering: null (the raw prompts), ``"tokenizer"`` (the tokenizer's own template), or a template's name or
-        file; ``generation.stop_tokens`` the tokens that ended an answer.
+        file; ``generation.stop_tokens`` the tokens that ended an answer; ``generation.backend`` what generated them
+        (``hf``, ``vllm``, ``vllm-server``, the last with ``generation.server``: its URL and served model).
 
     Raises:
         InputError: with ``chat_template``, a record that cannot be one user turn (naming its file and line).
@@ -100,6 +101,8 @@ def evaluate(
     averages = [statistics.fmean(v) for v in per_seed_avg.values() if v]
     results["average"] = mean_std(averages) if averages else {"mean": 0.0, "std": 0.0}
     results["generation"] = {
+        "backend": getattr(backend, "name", type(backend).__name__),
+        **({"server": backend.served} if hasattr(backend, "served") else {}),
         **_generation_settings(config, seeds, chat_template),
         "stop_tokens": tokenizer.convert_ids_to_tokens(
             list(dict.fromkeys(i for i in (tokenizer.eos_token_id, *stops) if i is not None))

@@ -72,6 +72,8 @@ def _decode_answers(tokenizer: Any, answers: list[list[int]], stops: list[int], 
 class HFBackend:
     """Batched ``model.generate`` with the KV cache and left padding (so every prompt ends where decoding starts)."""
 
+    name = "hf"  # recorded in adakd eval's results (generation.backend)
+
     def __init__(self, model, tokenizer, device: str | torch.device = "cpu") -> None:
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer

@@ -31,9 +31,16 @@ class ServerBackend:
         tokenizer_flag: the flag that named the tokenizer, for messages.
     """
 
+    name = "vllm-server"  # recorded in adakd eval's results (generation.backend), with the server
+
     def __init__(self, client: CompletionsClient, tokenizer: Any, tokenizer_flag: str = "--tokenizer") -> None:
         self.client, self.tokenizer = client, tokenizer
         client.check_tokenizer(lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer_flag)
+
+    @property
+    def served(self) -> dict[str, Any]:
+        """The server and the model that generated: ``{"url", "model", "root"}`` (``root``: what the server loaded)."""
+        return {"url": self.client.endpoint.url, "model": self.client.model, "root": self.client.root}
 
     def generate(
         self,

@@ -66,6 +66,8 @@ class VLLMBackend:
         engine_kwargs: more ``vllm.LLM`` arguments.
     """
 
+    name = "vllm"  # recorded in adakd eval's results (generation.backend)
+
     def __init__(self, model_path: str, tokenizer=None, dtype: str = "auto", **engine_kwargs) -> None:
         self.llm = make_engine(model_path, flag="--backend vllm", dtype=dtype, **engine_kwargs)
         self.tokenizer = tokenizer or self.llm.get_tokenizer()
