@@ -20,11 +20,9 @@ from typing import Any
 
 from ..errors import InputError, ServerError
 from .http import Endpoint, Refusal
+from .served import served_models, tokenizer_mismatch
 
-__all__ = ["PROBE_TEXT", "Completion", "CompletionsClient", "Sampling"]
-
-# Encoded by the server (/tokenize) and by the local tokenizer: different ids mean a different tokenizer.
-PROBE_TEXT = "Below is an instruction that describes a task.\n\n### Response: naïve café 42"
+__all__ = ["Completion", "CompletionsClient", "Sampling"]
 
 
 @dataclass(frozen=True)
@@ -67,7 +65,7 @@ class CompletionsClient:
 
     def __init__(self, endpoint: Endpoint, model: str | None = None, model_flag: str = "--server-model") -> None:
         self.endpoint, self.model_flag = endpoint, model_flag
-        served = self._served()
+        served = served_models(endpoint)
         names = [m["id"] for m in served]
         if model is None and len(names) != 1:
             raise InputError(f"{model_flag}: {self.where} serves {len(names)} models ({', '.join(names)}); name one")
@@ -84,29 +82,21 @@ class CompletionsClient:
         """``--server-url http://...``, for messages."""
         return f"{self.endpoint.key} {self.endpoint.url}"
 
-    def _served(self) -> list[dict[str, Any]]:
-        reply = self.endpoint.get("/v1/models")
-        data = reply.get("data") if isinstance(reply, dict) else None
-        if not isinstance(data, list) or not all(isinstance(m, dict) and "id" in m for m in data):
-            raise ServerError(f"{self.where}: /v1/models did not answer a model list (not an OpenAI server?)")
-        return data
-
     def check_tokenizer(self, encode: Callable[[str], list[int]], tokenizer_flag: str) -> None:
-        """Compare the server's encoding of :data:`PROBE_TEXT` (vLLM's ``/tokenize``) with ``encode``'s; a server
-        without ``/tokenize`` is not checked.
+        """Compare the server's encoding of :data:`adakd.serving.served.PROBES` (vLLM's ``/tokenize``) with
+        ``encode``'s; a server without ``/tokenize`` is not checked.
 
         Raises:
             InputError: the ids differ (the message names ``tokenizer_flag`` and the served model).
         """
-        body = {"model": self.model, "prompt": PROBE_TEXT, "add_special_tokens": False}
         try:
-            served = self.endpoint.post("/tokenize", body).get("tokens")
+            found = tokenizer_mismatch(self.endpoint, self.model, encode)
         except Refusal:
             return  # not a vLLM server: nothing to compare with
-        if served is not None and list(served) != list(encode(PROBE_TEXT)):
+        if found is not None:
             raise InputError(
-                f"{tokenizer_flag}: its ids differ from those of the served model {self.model!r} at {self.where}; "
-                "give the served model's tokenizer"
+                f"{tokenizer_flag}: its ids differ from those of the served model {self.model!r} at {self.where} "
+                f"(on {found[0]!r}); give the served model's tokenizer"
             )
 
     def complete(

@@ -25,20 +25,9 @@ from ..errors import ConfigError, ServerError
 from ..labels import IGNORE_INDEX
 from ..sparse import SparseTeacher
 from .http import Endpoint, Refusal
+from .served import PROBES, served_models, tokenizer_mismatch
 
 __all__ = ["PROBES", "TeacherServer", "parse_prompt_logprobs"]
-
-# Strings whose token ids must be the same on the server and in the run's tokenizer: plain ASCII, accents, digits,
-# code, runs of whitespace, CJK and an emoji (bytes a byte-level BPE splits), so that another vocabulary, another
-# normalisation or another pre-tokenizer shows in at least one.
-PROBES = (
-    "Hello world, this is a test.",
-    "Café naïve façade — déjà vu",
-    "3.14159 + 2718 = 12345678",
-    "def f(x):\n    return x ** 2  # square",
-    "  two  spaces\tand\ttabs\n\n",
-    "日本語のテキスト 🙂👍",
-)
 
 
 def _short(ids: list[int], keep: int = 12) -> str:
@@ -136,7 +125,7 @@ class TeacherServer:
         """
         self.vocab_rows = vocab_rows
         try:
-            served = self.endpoint.get("/v1/models").get("data", [])
+            served = served_models(self.endpoint)
         except Refusal as e:
             if e.status not in (401, 403):
                 raise
@@ -165,20 +154,21 @@ class TeacherServer:
 
     def _check_tokenizer(self, tokenizer: Any) -> None:
         """The server's ``/tokenize`` of every probe equals the student tokenizer's ids."""
-        for probe in PROBES:
-            ours = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
-            body = {"model": self.model, "prompt": probe, "add_special_tokens": False}
-            try:
-                theirs = list(self.endpoint.post("/tokenize", body)["tokens"])
-            except Refusal as e:
-                message = f"teacher.server.model: /tokenize refused: {e.detail}"
-                raise ConfigError(message, key="teacher.server.model") from None
-            if theirs != ours:
-                raise ConfigError(
-                    f"teacher.server.model: {self.model!r} tokenizes {probe!r} as {_short(theirs)}, the student's "
-                    f"tokenizer as {_short(ours)}: the served model must use the student's tokenizer",
-                    key="teacher.server.model",
-                )
+        try:
+            found = tokenizer_mismatch(
+                self.endpoint, self.model, lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]
+            )
+        except Refusal as e:
+            raise ConfigError(
+                f"teacher.server.model: /tokenize refused: {e.detail}", key="teacher.server.model"
+            ) from None
+        if found is not None:
+            probe, theirs, ours = found
+            raise ConfigError(
+                f"teacher.server.model: {self.model!r} tokenizes {probe!r} as {_short(theirs)}, the student's "
+                f"tokenizer as {_short(ours)}: the served model must use the student's tokenizer",
+                key="teacher.server.model",
+            )
 
     def _completion(self, prompts: list[list[int]], what: str, logprobs: int = 1) -> Any:
         """One ``/v1/completions`` request with ``prompt_logprobs``; a refusal as one ConfigError line (``what``: the
